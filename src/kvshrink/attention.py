@@ -1,0 +1,200 @@
+"""kvshrink's attention for Llama, Qwen2, Qwen3 and Mistral decoders.
+
+`install(model)` swaps each layer's `self_attn` for a `KVAttention` that owns the same projection
+modules (so the state dict keeps its names) and reads three kinds of cache:
+- a kvshrink `KVCache`: tokens go into the slot store and attention reads only live slots;
+- no cache (training, scoring a whole sequence): DMS applies the delayed-eviction mask;
+- any other transformers `Cache` (e.g. `DynamicCache`): the model's usual attention, unchanged.
+Nothing global is patched: only the model passed in changes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .cache import KVCache
+from .dms.config import DMSConfig
+from .dms.mask import delayed_eviction_bias, hard_log_keep, soft_log_keep
+from .dms.retention import adapter_logits, borrowed_channel_keep, forced_logits, gumbel_sigmoid, neuron_logits
+from .errors import KVShrinkError
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos, sin: (B, T, D) from the model's rotary embedding (HF's half-split convention)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def new_token_validity(attention_mask: torch.Tensor | None, batch: int, q_len: int, device) -> torch.Tensor:
+    """(B, Q) bool: which new tokens are real (not padding), read off the model's 4D mask.
+
+    The last query row of a causal mask shows every new column; left padding is the only way a
+    new column is hidden from it. No mask means no padding.
+    """
+    if attention_mask is None:
+        return torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    row = attention_mask[:, 0, -1, -q_len:]
+    return row if row.dtype == torch.bool else row == 0
+
+
+class KVAttention(nn.Module):
+    """Self-attention with optional DMS eviction decisions (see `kvshrink.dms`)."""
+
+    def __init__(self, hf_attn: nn.Module, config):
+        super().__init__()
+        self.config = config
+        self.layer_idx = hf_attn.layer_idx
+        self.head_dim = hf_attn.head_dim
+        self.scaling = hf_attn.scaling
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.n_heads // self.n_kv_heads  # read by HF's attention functions
+        self.attention_dropout = hf_attn.attention_dropout
+        self.is_causal = True
+        self.sliding_window = getattr(hf_attn, "sliding_window", None)
+        if config.model_type == "mistral":
+            self.sliding_window = getattr(config, "sliding_window", None)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj, hf_attn.o_proj
+        self.q_norm = getattr(hf_attn, "q_norm", None)  # Qwen3
+        self.k_norm = getattr(hf_attn, "k_norm", None)
+        self.dms: DMSConfig | None = None  # set by kvshrink.dms.attach_dms
+        self.dms_proj_alpha_norm: nn.Module | None = None  # adapter variant (release names)
+        self.dms_proj_alpha: nn.Linear | None = None
+        self.train(hf_attn.training)  # a new module starts in training mode; follow the model's
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        shape = (B, T, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+
+        dms = None if kwargs.get("dms_teacher") else self.dms
+        logits = None
+        if dms is not None and dms.decision == "neuron":
+            logits, q = neuron_logits(q, self.n_kv_heads, dms)
+        elif dms is not None:
+            logits = adapter_logits(self.dms_proj_alpha_norm, self.dms_proj_alpha, kwargs["dms_residual"], dms)
+
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if dms is not None and dms.decision == "neuron":
+            q = q * borrowed_channel_keep(q, self.n_kv_heads)  # RoPE mixed it back in from its rotary pair
+
+        if dms is not None and (dms.disable_eviction or kwargs.get("dms_disable_eviction")):
+            logits = None
+        elif dms is not None:
+            if dms.forced_keep_every:
+                logits = forced_logits(self._positions(kwargs, past_key_values, B, T, q.device), self.n_kv_heads, dms.forced_keep_every)
+            if dms.alpha_per == "layer":
+                logits = logits[:, :1].expand_as(logits)
+
+        if isinstance(past_key_values, KVCache):
+            out = self._cached_attention(q, k, v, logits, attention_mask, past_key_values)
+        elif logits is not None:
+            out = self._dms_full_attention(q, k, v, logits, attention_mask, past_key_values, kwargs)
+        else:
+            out = self._hf_attention(q, k, v, attention_mask, past_key_values, kwargs)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(out), None
+
+    # -- the three paths ------------------------------------------------------------------------------
+    def _cached_attention(self, q, k, v, logits, attention_mask, cache: KVCache):
+        B, _, T, _ = q.shape
+        if self.sliding_window and cache.layers[self.layer_idx].seen + T > self.sliding_window:
+            raise KVShrinkError(
+                f"this model uses sliding-window attention ({self.sliding_window} tokens), which kvshrink's cache "
+                f"does not implement; keep prompt + generation within {self.sliding_window} tokens"
+            )
+        if cache.policy.needs_dms and logits is None and self.dms is None:
+            raise KVShrinkError("policy 'dms' needs a DMS model; retrofit one with `kvshrink retrofit MODEL --out DIR`")
+        valid = new_token_validity(attention_mask, B, T, q.device)
+        decisions = (logits > 0) if (logits is not None and cache.policy.needs_dms) else None
+        return cache.attend(self.layer_idx, q, k, v, self.scaling, valid, decisions)
+
+    def _dms_full_attention(self, q, k, v, logits, attention_mask, hf_cache, kwargs):
+        """Whole-sequence DMS attention with the delayed-eviction mask (training and reference scoring)."""
+        if isinstance(hf_cache, Cache):
+            if hf_cache.get_seq_length(self.layer_idx) > 0:
+                raise KVShrinkError(
+                    "a DMS model decodes only with a kvshrink cache: pass past_key_values=kvshrink.DMSCache(model) "
+                    "or use kvshrink.generate"
+                )
+            hf_cache.update(k, v, self.layer_idx)
+        B, H, T, D = q.shape
+        if self.training:
+            uniform = kwargs.get("dms_uniform")
+            z, hard = gumbel_sigmoid(logits, self.dms.tau, None if uniform is None else uniform[self.layer_idx])
+            log_keep = soft_log_keep(z)
+        else:
+            hard = (logits > 0).to(q.dtype)
+            log_keep = hard_log_keep(logits > 0)
+        collect = kwargs.get("dms_collect")
+        if collect is not None:
+            collect.append({"layer": self.layer_idx, "flags": hard, "logits": logits})
+        bias = delayed_eviction_bias(log_keep, self.dms.window).to(q.dtype)  # (B, Hkv, T, T)
+        if attention_mask is not None:  # padding: hide padded keys (a query still sees itself)
+            pad = ~new_token_validity(attention_mask, B, T, q.device)
+            bias = bias.masked_fill(pad[:, None, None, :] & ~torch.eye(T, dtype=torch.bool, device=q.device), float("-inf"))
+        G = H // self.n_kv_heads
+        qg = q.reshape(B, self.n_kv_heads, G * T, D)
+        mask = bias[:, :, None].expand(B, self.n_kv_heads, G, T, T).reshape(B, self.n_kv_heads, G * T, T)
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling, dropout_p=dropout)
+        return out.view(B, H, T, -1)
+
+    def _hf_attention(self, q, k, v, attention_mask, hf_cache, kwargs):
+        """The model's own attention (any transformers cache, or none)."""
+        if hf_cache is not None:
+            k, v = hf_cache.update(k, v, self.layer_idx)
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        passthrough = {key: val for key, val in kwargs.items() if not key.startswith("dms_")}
+        if self.sliding_window:
+            passthrough["sliding_window"] = self.sliding_window
+        out, _ = fn(
+            self, q, k, v, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **passthrough,
+        )
+        return out.transpose(1, 2)  # HF returns (B, T, H, D)
+
+    def _positions(self, kwargs, cache, B, T, device) -> torch.Tensor:
+        """Token positions (step index, padding included) of this forward's tokens, for forced decisions."""
+        start = cache.get_seq_length(self.layer_idx) if isinstance(cache, Cache) else 0
+        return (torch.arange(T, device=device) + start).expand(B, T)
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    return model.model.layers
+
+
+def check_family(config) -> None:
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise KVShrinkError(
+            f"unsupported model family {family!r}: kvshrink supports {', '.join(SUPPORTED_FAMILIES)} decoders"
+        )
+
+
+def install(model):
+    """Give `model` kvshrink's attention (idempotent). Returns the model."""
+    check_family(model.config)
+    if model.config._attn_implementation not in ("sdpa", "eager"):
+        model.set_attn_implementation("sdpa")
+    for layer in decoder_layers(model):
+        if not isinstance(layer.self_attn, KVAttention):
+            layer.self_attn = KVAttention(layer.self_attn, model.config)
+    return model

@@ -1,0 +1,241 @@
+"""KVCache: a slot store in which every (sequence, KV head) keeps its own set of live tokens.
+
+Layout per layer (nothing is ever masked-and-kept: an evicted token's slot is free and reused):
+    keys, values  (B, Hkv, S, D)   post-RoPE keys at absolute positions, so attention is order-free
+    live          (B, Hkv, S) bool  slot holds a token that may still be attended
+    pos           (B, Hkv, S) int32 position of the token in the slot (step index, padding included)
+    flag          (B, Hkv, S) bool  marked for delayed eviction (DMS)
+S, the capacity, grows by `chunk` slots only when some row has every slot taken.
+
+Attention is read here too, next to the layout (gpt-fast/nano-vllm style): queries are grouped per KV
+head, (B, H, Q, D) -> (B, Hkv, G*Q, D), so one SDPA call reads each KV row once, with no repeat_kv.
+Decode (Q = 1) passes a (B, Hkv, 1, S) additive mask (0 live, -inf free) that broadcasts over the
+group; a multi-token forward (prefill chunk, new user turn) passes a (B, Hkv, G*Q, S) boolean mask.
+
+The cache also drives the one accounting layer (`Accounting`) that every policy is measured with.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .errors import KVShrinkError
+from .policies.base import CachePolicy
+
+DEFAULT_CHUNK = 64
+
+
+class Accounting:
+    """KV reads and live tokens per sequence, averaged over (layer, KV head) pairs (SPEC section 3).
+
+    After every full forward (all layers), `last_reads` (B, Q) holds each query's number of attended
+    cached tokens (itself included; 0 for padding) and the peaks are updated. Counts stay on the device.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int):
+        self.n_layers = n_layers
+        self.pairs = n_layers * n_kv_heads
+        self.last_reads: torch.Tensor | None = None
+        self.peak_tokens_per_seq: torch.Tensor | None = None  # (B,) max over time of live tokens
+        self.peak_tokens_total: torch.Tensor | None = None  # max over time of live tokens summed over sequences
+        self.peak_bytes = 0
+        self._reads = None
+        self._live = None
+
+    def record(self, layer_idx: int, reads: torch.Tensor, live: torch.Tensor) -> None:
+        """reads: (B, Q) summed over this layer's KV heads; live: (B,) live slots summed over heads."""
+        if layer_idx == 0:
+            self._reads, self._live = reads.to(torch.float64), live.to(torch.float64)
+        else:
+            self._reads = self._reads + reads
+            self._live = self._live + live
+        if layer_idx == self.n_layers - 1:
+            self.last_reads = self._reads / self.pairs
+            live_now = self._live / self.pairs
+            if self.peak_tokens_per_seq is None:
+                self.peak_tokens_per_seq, self.peak_tokens_total = live_now, live_now.sum()
+            else:
+                self.peak_tokens_per_seq = torch.maximum(self.peak_tokens_per_seq, live_now)
+                self.peak_tokens_total = torch.maximum(self.peak_tokens_total, live_now.sum())
+
+    def note_bytes(self, allocated: int) -> None:
+        self.peak_bytes = max(self.peak_bytes, allocated)
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer of a `KVCache` (see the module docstring for the layout)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: "KVCache", layer_idx: int):
+        super().__init__()
+        self.cache, self.layer_idx = cache, layer_idx
+        self.seen = 0  # tokens written so far, padding included: the position of the next token
+        self.live_upper = 0  # host-side upper bound on the fullest row, so capacity checks rarely sync
+
+    # -- storage ---------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.keys = key_states.new_zeros(B, H, 0, D)
+        self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        self.live = torch.zeros(B, H, 0, dtype=torch.bool, device=key_states.device)
+        self.flag = torch.zeros_like(self.live)
+        self.pos = torch.zeros(B, H, 0, dtype=torch.int32, device=key_states.device)
+        self.last_slot = torch.zeros(B, H, dtype=torch.long, device=key_states.device)
+        self.is_initialized = True
+        if self.cache.reserve:
+            self._grow(self.cache.reserve)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.nbytes for t in (self.keys, self.values, self.live, self.flag, self.pos))
+
+    def _grow(self, need: int) -> None:
+        chunk = self.cache.chunk
+        extra = -(-need // chunk) * chunk - self.capacity
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(*t.shape[:2], extra, *t.shape[3:])], dim=2)
+
+        self.keys, self.values = pad(self.keys), pad(self.values)
+        self.live, self.flag, self.pos = pad(self.live), pad(self.flag), pad(self.pos)
+        self.cache.accounting.note_bytes(self.cache.allocated_bytes())
+
+    def _allocate(self, n: int) -> torch.Tensor:
+        """n free slots per row, lowest index first -> (B, Hkv, n)."""
+        if self.live_upper + n > self.capacity:
+            self.live_upper = int(self.live.sum(-1).max()) if self.capacity else 0
+            if self.live_upper + n > self.capacity:
+                self._grow(self.live_upper + n)
+        self.live_upper += n
+        taken = self.live.to(torch.uint8)
+        if n == 1:
+            return taken.argmin(-1, keepdim=True)  # first free slot
+        return torch.sort(taken, dim=-1, stable=True).indices[..., :n]
+
+    # -- the write + visibility rule ----------------------------------------------------------------
+    def write(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, decisions: torch.Tensor | None) -> torch.Tensor:
+        """Store Q new tokens and return the attention mask for their queries.
+
+        k, v: (B, Hkv, Q, D); valid: (B, Q) bool (False = padding, never live);
+        decisions: (B, Hkv, Q) bool, decision at each new position (marks the token before it), or None.
+        """
+        policy = self.cache.policy
+        B, H, Q, _ = k.shape
+        t0 = self.seen
+        qpos = torch.arange(t0, t0 + Q, device=k.device, dtype=torch.int32)
+
+        new_flags = torch.zeros(B, H, Q, dtype=torch.bool, device=k.device)
+        if decisions is not None:
+            if t0 > 0:  # the first new decision marks the previous forward's last token
+                self.flag.scatter_(2, self.last_slot[..., None], decisions[..., :1])
+            new_flags[..., :-1] = decisions[..., 1:]
+
+        gone = policy.expired(self, t0)
+        if gone is not None:
+            self.live &= ~gone
+
+        slots = self._allocate(Q)
+        self.keys.scatter_(2, slots[..., None].expand(-1, -1, -1, k.shape[-1]), k)
+        self.values.scatter_(2, slots[..., None].expand(-1, -1, -1, v.shape[-1]), v)
+        self.pos.scatter_(2, slots, qpos.expand(B, H, Q))
+        self.flag.scatter_(2, slots, new_flags)
+        self.live.scatter_(2, slots, valid[:, None, :].expand(B, H, Q))
+        self.last_slot = slots[..., -1]
+        self.seen += Q
+
+        if Q == 1:  # every live slot is visible: expiry already ran for this query
+            reads = self.live.sum(-1, keepdim=True)  # (B, H, 1)
+            mask = torch.zeros(B, H, 1, self.capacity, dtype=k.dtype, device=k.device)
+            mask.masked_fill_(~self.live[:, :, None, :], float("-inf"))
+            mask.scatter_(3, slots[:, :, None, :], 0.0)  # own slot, as below
+        else:
+            visible = self.live[:, :, None, :] & (self.pos[:, :, None, :] <= qpos[None, None, :, None])
+            hidden = policy.hidden(self, qpos)
+            if hidden is not None:
+                visible &= ~hidden
+            reads = visible.sum(-1)  # (B, H, Q)
+            # a query always sees its own slot, so padded rows stay finite (their output is discarded;
+            # a NaN there would poison every later read of its slot through 0 * NaN)
+            mask = visible.scatter_(3, slots[..., None], True)
+        self.cache.accounting.record(self.layer_idx, reads.sum(1) * valid, self.live.sum((1, 2)))
+        return mask
+
+    # -- transformers Cache API --------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise KVShrinkError(
+            "KVCache is read by kvshrink's attention; load the model with kvshrink.load() or call "
+            "kvshrink.install(model) first"
+        )
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length  # transformers < 5.15
+
+    def reset(self) -> None:
+        self.__init__(self.cache, self.layer_idx)
+
+    def reorder_cache(self, beam_idx):
+        raise KVShrinkError("beam search is not supported with KVCache; use greedy or sampling")
+
+    def crop(self, *args, **kwargs):
+        raise KVShrinkError("KVCache cannot be cropped (assisted decoding is not supported)")
+
+
+class KVCache(Cache):
+    """A transformers `Cache` whose memory follows the policy: evicted tokens free their slots.
+
+    Works with `model.generate(..., past_key_values=KVCache(model, policy))` and with a plain forward
+    loop, on models prepared by `kvshrink.install` (done by `kvshrink.load`).
+    reserve: slots preallocated per row (a dense preallocated cache when the policy keeps everything).
+    """
+
+    def __init__(self, model, policy: CachePolicy | None = None, reserve: int = 0, chunk: int = DEFAULT_CHUNK):
+        config = getattr(model, "config", model)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.policy = policy or CachePolicy()
+        self.reserve, self.chunk = reserve, chunk
+        self.accounting = Accounting(config.num_hidden_layers, config.num_key_value_heads)
+        super().__init__(layers=[SlotLayer(self, i) for i in range(config.num_hidden_layers)])
+
+    def allocated_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def attend(self, layer_idx: int, q, k, v, scaling: float, valid: torch.Tensor, decisions=None) -> torch.Tensor:
+        """Write this forward's keys/values for one layer and attend over the layer's live slots.
+
+        q: (B, H, Q, D) post-RoPE; k, v: (B, Hkv, Q, D). Returns (B, H, Q, Dv).
+        """
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        mask = layer.write(k, v, valid, decisions)
+        B, H, Q, D = q.shape
+        Hkv = k.shape[1]
+        G = H // Hkv
+        qg = q.reshape(B, Hkv, G * Q, D)  # heads h = kv * G + g share KV head kv
+        if Q > 1:
+            mask = mask[:, :, None].expand(B, Hkv, G, Q, mask.shape[-1]).reshape(B, Hkv, G * Q, -1)
+        out = F.scaled_dot_product_attention(qg, layer.keys, layer.values, attn_mask=mask, scale=scaling)
+        return out.view(B, H, Q, -1)
+
+    def live_tokens(self) -> torch.Tensor:
+        """(L, B, Hkv) live tokens per layer, sequence and KV head."""
+        return torch.stack([layer.live.sum(-1) for layer in self.layers])

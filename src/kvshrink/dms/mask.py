@@ -1,0 +1,40 @@
+"""Delayed-eviction attention mask for full-sequence forwards (training, and the dense reference).
+
+Query i sees key j <= i with additive bias 0 when i - j <= w, otherwise log(1 - p_{j+1}), where p_{j+1} is
+the eviction probability predicted at token j+1 (the decision at t+1 marks token t). With hard decisions,
+log(1 - p) is 0 or -inf. The mask is per KV head and shared by the query heads of its group.
+
+Cost: it materialises a (B, Hkv, T, T) float mask, so SDPA runs its masked kernel and memory grows as T^2;
+fine for training windows (T <= a few thousand), not for long prefill, which goes through the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def delayed_eviction_bias(log_keep: torch.Tensor, window: int) -> torch.Tensor:
+    """log_keep: (B, Hkv, T), log(1 - p) for the decision that marks each key (0 = keep).
+    Returns the additive mask (B, Hkv, T, T)."""
+    T = log_keep.shape[-1]
+    idx = torch.arange(T, device=log_keep.device)
+    dist = idx[:, None] - idx[None, :]  # (T, T): i - j
+    bias = torch.where(dist > window, log_keep[:, :, None, :], torch.zeros((), dtype=log_keep.dtype, device=log_keep.device))
+    return bias.masked_fill(dist < 0, float("-inf"))
+
+
+def soft_log_keep(z: torch.Tensor) -> torch.Tensor:
+    """Training: z (B, Hkv, T) noisy tempered logits at each position -> log(1 - p) for the key each one marks."""
+    return shift_to_marked_token(F.logsigmoid(-z), fill=0.0)
+
+
+def hard_log_keep(evict: torch.Tensor) -> torch.Tensor:
+    """Inference: evict (B, Hkv, T) bool decisions at each position -> 0 / -inf for the key each one marks."""
+    log_keep = torch.zeros(evict.shape, dtype=torch.float32, device=evict.device).masked_fill(evict, float("-inf"))
+    return shift_to_marked_token(log_keep, fill=0.0)
+
+
+def shift_to_marked_token(x: torch.Tensor, fill: float) -> torch.Tensor:
+    """The value computed at position t+1 belongs to token t; the last token has no decision yet."""
+    return F.pad(x[..., 1:], (0, 1), value=fill)

@@ -1,0 +1,34 @@
+"""The cache-policy interface: a policy decides which cached tokens go; the cache does everything else.
+
+The cache (`kvshrink.cache.KVCache`) owns the slot storage, writes, attention over live slots and the
+accounting. At each forward of Q new tokens at positions t0 .. t0+Q-1 of one layer it asks the policy:
+
+1. `expired(layer, t0)`: which live slots are gone for the first new query (freed before the new
+   tokens are written, so their slots can be reused at once);
+2. `hidden(layer, query_pos)`: for multi-token forwards only, which still-stored slots a later query
+   of the same chunk must not see (a token can expire in the middle of a chunk).
+
+A layer exposes per-slot metadata: `live` (B, Hkv, S) bool, `pos` (B, Hkv, S) int32 token positions,
+and `flag` (B, Hkv, S) bool "marked for delayed eviction".
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CachePolicy:
+    """Base class: keeps everything (vanilla attention)."""
+
+    name = "none"
+    #: set when the policy needs per-token eviction decisions from a DMS model
+    needs_dms = False
+
+    def expired(self, layer, first_query_pos: int) -> torch.Tensor | None:
+        return None
+
+    def hidden(self, layer, query_pos: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def describe(self) -> dict:
+        return {"policy": self.name}

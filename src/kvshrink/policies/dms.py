@@ -1,0 +1,40 @@
+"""DMS: learned per-head eviction with a delay window.
+
+Łańcucki et al., "Inference-Time Hyper-Scaling with KV Cache Compression", arXiv 2506.05345 (NeurIPS 2025).
+Release: NVIDIA Model-Optimizer `experimental/dms`.
+
+The model flags tokens (the decision at t+1 marks token t, see `kvshrink.dms.retention`); a flagged
+token j stays visible to query i while i - j <= window and is then dropped, its slot reused. Prefill and
+decode follow the same rule. `window=0` is the paper's immediate-eviction ablation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import KVShrinkError
+from .base import CachePolicy
+
+
+@dataclass
+class DMSPolicy(CachePolicy):
+    window: int
+    name = "dms"
+    needs_dms = True
+
+    def __post_init__(self):
+        if self.window < 0:
+            raise KVShrinkError(f"--window must be >= 0 (got {self.window})")
+
+    def expired(self, layer, first_query_pos: int) -> torch.Tensor:
+        return layer.live & layer.flag & (first_query_pos - layer.pos > self.window)
+
+    def hidden(self, layer, query_pos: torch.Tensor) -> torch.Tensor:
+        # (B, Hkv, Q, S): flagged and older than the window for that query
+        age = query_pos[None, None, :, None] - layer.pos[:, :, None, :]
+        return layer.flag[:, :, None, :] & (age > self.window)
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "window": self.window}
