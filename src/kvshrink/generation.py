@@ -1,0 +1,223 @@
+"""Batched generation through a `KVCache`, with the accounting every policy is compared on.
+
+Prompts are left-padded; the prompt is prefilled in chunks (same eviction rule as decode), then tokens
+are decoded one at a time. Stats follow SPEC sections 3 and 7:
+- kv_reads: over every generated token (the first comes from the prompt's last position), the cached
+  tokens its query attends, itself included, averaged over (layer, KV head), summed over sequences;
+- prefill_kv_reads: the same for the other prompt positions;
+- peak_kv_tokens: max over time of live cached tokens (averaged over (layer, KV head)) summed over the
+  sequences in flight. The last generated token is never written to the cache, so vanilla's peak is
+  prompt + generated - 1 per sequence;
+- compression_ratio: vanilla kv_reads for the same token sequences / the policy's kv_reads;
+- cache_bytes: peak bytes the cache actually allocated (keys, values and slot metadata).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache
+from .errors import KVShrinkError
+from .policies import CachePolicy, make_policy
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    tokens: list[list[int]]
+    stats: dict
+    per_sequence: dict = field(default_factory=dict, repr=False)  # tensors (B,): reads, peak tokens, lengths
+
+
+def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = None, window: int | None = None) -> CachePolicy:
+    """Name -> policy for this model. On a DMS model the default is 'dms'; its CR is trained, so a
+    disagreeing --cr is refused; --window overrides the trained window with a warning."""
+    from .dms.attach import dms_config
+
+    if isinstance(policy, CachePolicy):
+        return policy
+    if window is not None and window < 0:
+        raise KVShrinkError(f"--window must be >= 0 (got {window})")
+    if cr is not None and cr < 1:
+        raise KVShrinkError(f"--cr must be >= 1 (got {cr}); 1 means no compression")
+    cfg = dms_config(model)
+    name = policy or ("dms" if cfg is not None else "none")
+    dms_window = None
+    if name == "dms" and cfg is not None:
+        if cr is not None and cfg.target_cr is not None and abs(cr - cfg.target_cr) > 1e-9:
+            raise KVShrinkError(
+                f"this DMS model was trained for CR {cfg.target_cr:g}; drop --cr or pass --cr {cfg.target_cr:g}"
+            )
+        dms_window = cfg.window
+        if window is not None and window != cfg.window:
+            warnings.warn(f"--window {window} overrides the trained DMS window {cfg.window}", stacklevel=2)
+            dms_window = window
+    return make_policy(name, dms_window=dms_window, cr=cr)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(cut, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    prompt_ids: list[list[int]],
+    policy: CachePolicy,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int = 0,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    reserve: int = 0,
+) -> tuple[list[list[int]], dict, dict]:
+    """Generate for token-id prompts. Returns (generated ids per sequence, stats, per-sequence tensors)."""
+    if max_new_tokens < 1:
+        raise KVShrinkError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    if temperature < 0:
+        raise KVShrinkError(f"--temperature must be >= 0 (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise KVShrinkError(f"--top-p must be in (0, 1] (got {top_p})")
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise KVShrinkError("empty prompt: give at least one token of text")
+    device = next(model.parameters()).device
+    eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), device=device)
+    B = len(prompt_ids)
+    lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
+    P = int(lengths.max())
+    input_ids = torch.full((B, P), pad_token_id, dtype=torch.long, device=device)
+    attn = torch.zeros(B, P, dtype=torch.long, device=device)
+    for i, p in enumerate(prompt_ids):
+        input_ids[i, P - len(p):] = torch.tensor(p, device=device)
+        attn[i, P - len(p):] = 1
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+
+    cache = KVCache(model, policy, reserve=reserve)
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    reads = torch.zeros(B, dtype=torch.float64, device=device)
+    prefill_reads = torch.zeros(B, dtype=torch.float64, device=device)
+    start = time.perf_counter()
+
+    for s in range(0, P, prefill_chunk):
+        e = min(P, s + prefill_chunk)
+        out = model(input_ids[:, s:e], attention_mask=attn[:, :e], position_ids=positions[:, s:e],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        step_reads = cache.accounting.last_reads
+        if e == P:
+            reads += step_reads[:, -1]
+            prefill_reads += step_reads[:, :-1].sum(-1)
+        else:
+            prefill_reads += step_reads.sum(-1)
+    prefill_seconds = time.perf_counter() - start
+
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    n_generated = torch.zeros(B, dtype=torch.long, device=device)
+    generated = []
+    last_pos = positions[:, -1]
+    token = _sample(out.logits[:, -1], temperature, top_p, generator)
+    for step in range(max_new_tokens):
+        generated.append(token)
+        n_generated += (~finished).long()
+        finished |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        valid = ~finished
+        attn = torch.cat([attn, valid.long()[:, None]], dim=1)
+        last_pos = last_pos + 1
+        out = model(token[:, None], attention_mask=attn, position_ids=last_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        reads += cache.accounting.last_reads[:, 0]
+        token = _sample(out.logits[:, -1], temperature, top_p, generator)
+    seconds = time.perf_counter() - start
+
+    tokens = torch.stack(generated, dim=1).tolist()
+    tokens = [row[: int(n)] for row, n in zip(tokens, n_generated.tolist())]
+    real_prompt = lengths.to(torch.float64)
+    n_gen = n_generated.to(torch.float64)
+    vanilla_reads = n_gen * real_prompt + n_gen * (n_gen - 1) / 2  # sum_k (P + k - 1), k = 1..N
+    total_reads = float(reads.sum())
+    stats = {
+        "prompt_tokens": int(lengths.sum()),
+        "generated_tokens": int(n_generated.sum()),
+        "kv_reads": total_reads,
+        "prefill_kv_reads": float(prefill_reads.sum()),
+        "peak_kv_tokens": float(cache.accounting.peak_tokens_total),
+        "cache_bytes": int(cache.accounting.peak_bytes),
+        "compression_ratio": float(vanilla_reads.sum()) / total_reads if total_reads else 1.0,
+        "seconds": seconds,
+        "prefill_seconds": prefill_seconds,
+        "decode_tokens_per_second": (float(n_generated.sum()) - B) / max(seconds - prefill_seconds, 1e-9),
+        **policy.describe(),
+    }
+    per_sequence = {
+        "kv_reads": reads.cpu(),
+        "vanilla_kv_reads": vanilla_reads.cpu(),
+        "prefill_kv_reads": prefill_reads.cpu(),
+        "peak_kv_tokens": cache.accounting.peak_tokens_per_seq.cpu(),
+        "prompt_tokens": lengths.cpu(),
+        "generated_tokens": n_generated.cpu(),
+    }
+    return tokens, stats, per_sequence
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:
+    if any(not p or not p.strip() for p in prompts):
+        raise KVShrinkError("empty prompt: give some text to continue")
+    if chat:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False) for p in prompts]
+    return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: str | list[str],
+    policy: str | CachePolicy | None = None,
+    cr: float | None = None,
+    *,
+    window: int | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    n: int = 1,
+    seed: int = 0,
+    chat: bool = False,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    reserve: int = 0,
+) -> GenerationResult:
+    """Generate `n` continuations per prompt under a cache policy; greedy when temperature == 0.
+
+    policy: 'none', 'dms', or a `CachePolicy`; default 'dms' on a DMS model, else 'none'.
+    `texts`/`tokens` hold the generated part only, one entry per sequence (prompt-major, n per prompt).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if n < 1:
+        raise KVShrinkError(f"--n must be >= 1 (got {n})")
+    pol = resolve_policy(model, policy, cr, window)
+    ids = encode_prompts(tokenizer, prompts, chat)
+    ids = [p for p in ids for _ in range(n)]
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    tokens, stats, per_seq = generate_ids(
+        model, ids, pol, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        eos_token_id=eos, pad_token_id=pad, prefill_chunk=prefill_chunk, reserve=reserve,
+    )
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return GenerationResult(texts=texts, tokens=tokens, stats=stats, per_sequence=per_seq)

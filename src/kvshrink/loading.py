@@ -1,0 +1,112 @@
+"""Loading a model by folder: any local HF checkpoint of a supported family; DMS comes back attached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .attention import check_family, install
+from .dms.config import DMSConfig
+from .errors import KVShrinkError
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise KVShrinkError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KVShrinkError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 on CPU, bf16 on CUDA, unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise KVShrinkError(f"unknown dtype {dtype!r}: use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def check_model_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise KVShrinkError(f"model {str(path)!r} not found: give a local Hugging Face model folder (config.json + weights)")
+    if not (path / "config.json").is_file():
+        raise KVShrinkError(f"{path} has no config.json: is it a Hugging Face model folder?")
+    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        raise KVShrinkError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def load_dms_weights(model, path: Path) -> None:
+    """Copy the DMS adapter tensors (`...self_attn.dms_proj_alpha*`) from a checkpoint folder into `model`.
+
+    transformers does not know these names and skips them when it loads the base model.
+    """
+    from safetensors import safe_open
+
+    wanted = {name: p for name, p in model.named_parameters() if ".dms_proj_alpha" in name}
+    found = set()
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    name = key if key in wanted else next((n for n in wanted if key.endswith(n)), None)
+                    if name is not None:
+                        with torch.no_grad():
+                            wanted[name].copy_(f.get_tensor(key))
+                        found.add(name)
+        except Exception as exc:  # a truncated or corrupt file
+            raise KVShrinkError(f"cannot read {file}: {exc}; the checkpoint is corrupt, re-save or re-download it") from exc
+    missing = set(wanted) - found
+    if missing:
+        raise KVShrinkError(f"{path}: the config says DMS adapter, but {len(missing)} adapter tensors are missing (e.g. {sorted(missing)[0]})")
+
+
+def load(name_or_path: str | Path, device: str | None = "auto", dtype: str | torch.dtype | None = "auto"):
+    """Load a model and its tokenizer, with kvshrink's attention installed and DMS attached if configured.
+
+    Returns (model, tokenizer); the model is in eval mode.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .dms.attach import attach_dms
+
+    path = Path(name_or_path)
+    check_model_folder(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise KVShrinkError(f"cannot read {path}/config.json: {str(exc).splitlines()[0]}") from exc
+    check_family(config)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # DMS adapter keys are "unexpected" to HF; we load them below
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise KVShrinkError(f"cannot load {path}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+    install(model)
+    dms = DMSConfig.from_hf(model.config)
+    if dms is not None:
+        attach_dms(model, dms)
+        if dms.decision == "adapter":
+            load_dms_weights(model, path)
+    return model.to(dev).eval(), tokenizer
