@@ -37,7 +37,7 @@ def test_memory_follows_forced_eviction_and_peak_equals_brute_force():
     tokens_cached = prefill + decode - 1
     assert tokens_cached == 2000
     L, H, D = 2, 2, 16
-    bytes_per_token_per_head = 2 * D * 4 + 1 + 1 + 4  # fp32 key + value, live + flag bools, int32 position
+    bytes_per_token_per_head = 2 * D * 4 + 4 + 1 + 1 + 4  # fp32 key + value, fp32 bias, live + flag bools, int32 position
     bound = (tokens_cached // keep_every + w + DEFAULT_CHUNK) * bytes_per_token_per_head * L * H
     assert stats["cache_bytes"] <= bound
     vanilla_bytes = tokens_cached * bytes_per_token_per_head * L * H

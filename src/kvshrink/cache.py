@@ -3,9 +3,12 @@
 Layout per layer (nothing is ever masked-and-kept: an evicted token's slot is free and reused):
     keys, values  (B, Hkv, S, D)   post-RoPE keys at absolute positions, so attention is order-free
     live          (B, Hkv, S) bool  slot holds a token that may still be attended
+    bias          (B, Hkv, S)       0 where live, -inf where free: decode's attention mask, kept current
     pos           (B, Hkv, S) int32 position of the token in the slot (step index, padding included)
     flag          (B, Hkv, S) bool  marked for delayed eviction (DMS)
-S, the capacity, grows by `chunk` slots only when some row has every slot taken.
+S, the capacity, grows by `chunk` slots only when some row has every slot taken, and shrinks back
+(live slots moved to the front) after a multi-token forward, whose tokens are all stored before the
+window thins them.
 
 Attention is read here too, next to the layout (gpt-fast/nano-vllm style): queries are grouped per KV
 head, (B, H, Q, D) -> (B, Hkv, G*Q, D), so one SDPA call reads each KV row once, with no repeat_kv.
@@ -76,12 +79,14 @@ class SlotLayer(CacheLayerMixin):
         self.cache, self.layer_idx = cache, layer_idx
         self.seen = 0  # tokens written so far, padding included: the position of the next token
         self.live_upper = 0  # host-side upper bound on the fullest row, so capacity checks rarely sync
+        self.compact_pending = False  # the last write was multi-token: shrink once its evictions are known
 
     # -- storage ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
         self.keys = key_states.new_zeros(B, H, 0, D)
         self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        self.bias = key_states.new_zeros(B, H, 0)  # additive attention bias: 0 live, -inf free
         self.live = torch.zeros(B, H, 0, dtype=torch.bool, device=key_states.device)
         self.flag = torch.zeros_like(self.live)
         self.pos = torch.zeros(B, H, 0, dtype=torch.int32, device=key_states.device)
@@ -89,6 +94,9 @@ class SlotLayer(CacheLayerMixin):
         self.is_initialized = True
         if self.cache.reserve:
             self._grow(self.cache.reserve)
+
+    def _slot_tensors(self) -> tuple[str, ...]:
+        return ("keys", "values", "bias", "live", "flag", "pos")
 
     @property
     def capacity(self) -> int:
@@ -98,18 +106,37 @@ class SlotLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return sum(t.nbytes for t in (self.keys, self.values, self.live, self.flag, self.pos))
+        return sum(getattr(self, name).nbytes for name in self._slot_tensors())
 
     def _grow(self, need: int) -> None:
-        chunk = self.cache.chunk
-        extra = -(-need // chunk) * chunk - self.capacity
-
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t, t.new_zeros(*t.shape[:2], extra, *t.shape[3:])], dim=2)
-
-        self.keys, self.values = pad(self.keys), pad(self.values)
-        self.live, self.flag, self.pos = pad(self.live), pad(self.flag), pad(self.pos)
+        extra = self._round(need) - self.capacity
+        for name in self._slot_tensors():
+            t = getattr(self, name)
+            fill = float("-inf") if name == "bias" else 0
+            setattr(self, name, torch.cat([t, t.new_full((*t.shape[:2], extra, *t.shape[3:]), fill)], dim=2))
         self.cache.accounting.note_bytes(self.cache.allocated_bytes())
+
+    def _round(self, n: int) -> int:
+        return -(-n // self.cache.chunk) * self.cache.chunk
+
+    def _compact(self, need: int) -> None:
+        """Move live slots (and the last token's, which a later decision may still flag) to the front and
+        shrink the capacity to `need` rounded up to a chunk. Runs after multi-token writes, whose
+        tokens are all stored before the window thins them."""
+        keep = self.live.clone()
+        keep.scatter_(2, self.last_slot[..., None], True)
+        order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+        new_cap = self._round(max(need, int(keep.sum(-1).max())))
+        if new_cap >= self.capacity:
+            return
+        inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        self.last_slot = inverse.gather(-1, self.last_slot[..., None]).squeeze(-1)
+        idx = order[..., :new_cap]
+        for name in self._slot_tensors():
+            t = getattr(self, name)
+            i = idx if t.dim() == 3 else idx[..., None].expand(-1, -1, -1, t.shape[-1])
+            setattr(self, name, t.gather(2, i))
+        self.live_upper = int(self.live.sum(-1).max())
 
     def _allocate(self, n: int) -> torch.Tensor:
         """n free slots per row, lowest index first -> (B, Hkv, n)."""
@@ -118,10 +145,13 @@ class SlotLayer(CacheLayerMixin):
             if self.live_upper + n > self.capacity:
                 self._grow(self.live_upper + n)
         self.live_upper += n
-        taken = self.live.to(torch.uint8)
         if n == 1:
-            return taken.argmin(-1, keepdim=True)  # first free slot
-        return torch.sort(taken, dim=-1, stable=True).indices[..., :n]
+            return self.bias.argmin(-1, keepdim=True)  # the first free slot (-inf)
+        return torch.sort(self.live.to(torch.uint8), dim=-1, stable=True).indices[..., :n]
+
+    def _free(self, gone: torch.Tensor) -> None:
+        self.live.masked_fill_(gone, False)
+        self.bias.masked_fill_(gone, float("-inf"))
 
     # -- the write + visibility rule ----------------------------------------------------------------
     def write(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, decisions: torch.Tensor | None) -> torch.Tensor:
@@ -129,47 +159,55 @@ class SlotLayer(CacheLayerMixin):
 
         k, v: (B, Hkv, Q, D); valid: (B, Q) bool (False = padding, never live);
         decisions: (B, Hkv, Q) bool, decision at each new position (marks the token before it), or None.
+        Only real tokens decide: a padding token never flags its predecessor.
         """
         policy = self.cache.policy
         B, H, Q, _ = k.shape
         t0 = self.seen
-        qpos = torch.arange(t0, t0 + Q, device=k.device, dtype=torch.int32)
-
-        new_flags = torch.zeros(B, H, Q, dtype=torch.bool, device=k.device)
         if decisions is not None:
+            decisions = decisions & valid[:, None, :]
             if t0 > 0:  # the first new decision marks the previous forward's last token
                 self.flag.scatter_(2, self.last_slot[..., None], decisions[..., :1])
-            new_flags[..., :-1] = decisions[..., 1:]
 
         gone = policy.expired(self, t0)
         if gone is not None:
-            self.live &= ~gone
+            self._free(gone)
+        if self.compact_pending:
+            self._compact(int(self.live.sum(-1).max()) + Q)
+        self.compact_pending = Q > 1
 
         slots = self._allocate(Q)
         self.keys.scatter_(2, slots[..., None].expand(-1, -1, -1, k.shape[-1]), k)
         self.values.scatter_(2, slots[..., None].expand(-1, -1, -1, v.shape[-1]), v)
-        self.pos.scatter_(2, slots, qpos.expand(B, H, Q))
-        self.flag.scatter_(2, slots, new_flags)
-        self.live.scatter_(2, slots, valid[:, None, :].expand(B, H, Q))
+        live_new = valid[:, None, :].expand(B, H, Q)
+        self.live.scatter_(2, slots, live_new)
+        self.bias.scatter_(2, slots, torch.zeros((), dtype=self.bias.dtype, device=k.device).masked_fill(~live_new, float("-inf")))
         self.last_slot = slots[..., -1]
         self.seen += Q
 
         if Q == 1:  # every live slot is visible: expiry already ran for this query
-            reads = self.live.sum(-1, keepdim=True)  # (B, H, 1)
-            mask = torch.zeros(B, H, 1, self.capacity, dtype=k.dtype, device=k.device)
-            mask.masked_fill_(~self.live[:, :, None, :], float("-inf"))
-            mask.scatter_(3, slots[:, :, None, :], 0.0)  # own slot, as below
-        else:
-            visible = self.live[:, :, None, :] & (self.pos[:, :, None, :] <= qpos[None, None, :, None])
-            hidden = policy.hidden(self, qpos)
-            if hidden is not None:
-                visible &= ~hidden
-            reads = visible.sum(-1)  # (B, H, Q)
-            # a query always sees its own slot, so padded rows stay finite (their output is discarded;
-            # a NaN there would poison every later read of its slot through 0 * NaN)
-            mask = visible.scatter_(3, slots[..., None], True)
+            self.pos.scatter_(2, slots, torch.full_like(slots, t0, dtype=torch.int32))
+            if decisions is not None:
+                self.flag.scatter_(2, slots, torch.zeros_like(slots, dtype=torch.bool))
+            live_per_head = self.live.sum(-1)  # (B, H)
+            self.cache.accounting.record(self.layer_idx, live_per_head.sum(1, keepdim=True) * valid, live_per_head.sum(1))
+            return self.bias[:, :, None, :]
+
+        qpos = torch.arange(t0, t0 + Q, device=k.device, dtype=torch.int32)
+        self.pos.scatter_(2, slots, qpos.expand(B, H, Q))
+        new_flags = torch.zeros(B, H, Q, dtype=torch.bool, device=k.device)
+        if decisions is not None:
+            new_flags[..., :-1] = decisions[..., 1:]
+        self.flag.scatter_(2, slots, new_flags)
+        visible = self.live[:, :, None, :] & (self.pos[:, :, None, :] <= qpos[None, None, :, None])
+        hidden = policy.hidden(self, qpos)
+        if hidden is not None:
+            visible &= ~hidden
+        reads = visible.sum(-1)  # (B, H, Q)
         self.cache.accounting.record(self.layer_idx, reads.sum(1) * valid, self.live.sum((1, 2)))
-        return mask
+        # a query always sees its own slot, so padded rows stay finite (their output is discarded;
+        # a NaN there would poison every later read of its slot through 0 * NaN)
+        return visible.scatter_(3, slots[..., None], True)
 
     # -- transformers Cache API --------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):

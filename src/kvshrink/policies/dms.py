@@ -29,7 +29,8 @@ class DMSPolicy(CachePolicy):
             raise KVShrinkError(f"--window must be >= 0 (got {self.window})")
 
     def expired(self, layer, first_query_pos: int) -> torch.Tensor:
-        return layer.live & layer.flag & (first_query_pos - layer.pos > self.window)
+        # free slots may match too (stale flags): freeing them again is harmless and saves an op per step
+        return layer.flag & (layer.pos < first_query_pos - self.window)
 
     def hidden(self, layer, query_pos: torch.Tensor) -> torch.Tensor:
         # (B, Hkv, Q, S): flagged and older than the window for that query

@@ -1,0 +1,256 @@
+"""Decode speed and memory: vanilla (HF's default cache, and our preallocated dense cache) vs DMS.
+
+    python benchmarks/decode.py                         # CPU, fp32 -> docs/results/decode.md + decode.png
+    python benchmarks/decode.py --device cuda --dtype bfloat16 --tag cuda
+
+Model: a random-init Llama of ~17M parameters (6 layers, d=512, 8 heads, 2 KV heads, head_dim 64, vocab
+2048). DMS decisions are forced to evict 7 of every 8 tokens (w = 64): this measures the cache, not a
+trained model.
+
+For each context C and batch B the cache is first brought to the state it has after C tokens, by
+writing random keys/values through the cache's own write path (for DMS: the real eviction rule, slot
+reuse included), without running the model over the prompt (a C-token prefill per point would take
+minutes on 2 cores and is not what is timed). Then `--steps` decode steps run through the real model
+forward and are timed. Per point:
+- decode tokens/s (B tokens per step);
+- cache bytes actually allocated (keys, values and, for ours, slot metadata);
+- bytes-ideal speedup = (weight bytes + vanilla KV bytes read per step) / (weight bytes + DMS KV bytes
+  read per step), the gain of a purely bandwidth-bound decoder;
+- share of the bandwidth roofline = (bytes read per step / measured read bandwidth) / measured step time.
+The vanilla baseline of every speed ratio is the faster of the two vanilla caches (SPEC section 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from kvshrink.attention import install  # noqa: E402
+from kvshrink.cache import KVCache  # noqa: E402
+from kvshrink.dms.attach import attach_dms  # noqa: E402
+from kvshrink.dms.config import DMSConfig  # noqa: E402
+from kvshrink.dms.retention import forced_logits  # noqa: E402
+from kvshrink.policies import CachePolicy, DMSPolicy  # noqa: E402
+
+WINDOW, KEEP_EVERY = 64, 8
+
+
+def bench_model(device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1280, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=65536)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def read_bandwidth(device, dtype) -> float:
+    """Bytes/s of a large reduction: what a decode step's reads can reach at best here."""
+    x = torch.randn(256 * 1024 * 1024 // 4, device=device).to(dtype)  # 256 MB in fp32
+    for _ in range(2):
+        x.sum()
+    sync(device)
+    start = time.perf_counter()
+    reps = 5
+    for _ in range(reps):
+        x.sum()
+    sync(device)
+    return x.numel() * x.element_size() * reps / (time.perf_counter() - start)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fill_ours(cache: KVCache, model, batch: int, context: int, forced: bool, device, dtype):
+    """Write `context` random tokens into every layer through the cache's own write path."""
+    cfg = model.config
+    hkv, d = cfg.num_key_value_heads, cfg.head_dim
+    chunk = 1024
+    for s in range(0, context, chunk):  # chunk by chunk, every layer in order, as a forward would
+        q = min(chunk, context - s)
+        decisions = None
+        if forced:
+            pos = torch.arange(s, s + q, device=device).expand(batch, q)
+            decisions = forced_logits(pos, hkv, KEEP_EVERY) > 0
+        for layer in cache.layers:
+            k = torch.randn(batch, hkv, q, d, device=device, dtype=dtype)
+            v = torch.randn(batch, hkv, q, d, device=device, dtype=dtype)
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, v)
+            layer.write(k, v, torch.ones(batch, q, dtype=torch.bool, device=device), decisions)
+
+
+def fill_hf(model, batch, context, device, dtype):
+    from transformers import DynamicCache
+
+    cfg = model.config
+    cache = DynamicCache(config=cfg)
+    for i in range(cfg.num_hidden_layers):
+        k = torch.randn(batch, cfg.num_key_value_heads, context, cfg.head_dim, device=device, dtype=dtype)
+        cache.update(k, torch.randn_like(k), i)
+    return cache
+
+
+def hf_cache_bytes(cache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+@torch.no_grad()
+def time_decode(model, cache, batch, context, steps, device, blocks: int = 3) -> float:
+    """Seconds per decode step (full model forward + greedy pick): the best of `blocks` blocks of
+    `steps` steps, after 5 warm-up steps (the first touches of freshly written cache memory are slow)."""
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = context
+    best = float("inf")
+    for block in range(blocks + 1):
+        n = 5 if block == 0 else steps
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            out = model(token, position_ids=torch.full((batch, 1), pos, device=device), past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            pos += 1
+        sync(device)
+        if block:
+            best = min(best, (time.perf_counter() - start) / n)
+    return best
+
+
+def live_kv_bytes(cache: KVCache, dtype) -> float:
+    """KV bytes a bandwidth-bound decoder must read: live tokens x (key + value) per (layer, row)."""
+    layer = cache.layers[0]
+    per_token = 2 * layer.keys.shape[-1] * torch.tensor([], dtype=dtype).element_size()
+    return float(cache.live_tokens().sum()) * per_token
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads) if device.type == "cpu" else None
+    model = bench_model(device, dtype)
+    hf_model = model  # HF's own attention with its DynamicCache
+    ours = install(copy.deepcopy(model))
+    dms = attach_dms(copy.deepcopy(ours), DMSConfig(window=WINDOW, forced_keep_every=KEEP_EVERY))
+    weight_bytes = sum(p.nbytes for p in model.parameters())
+    bw = read_bandwidth(device, dtype)
+    print(f"params {sum(p.numel() for p in model.parameters())/1e6:.1f}M, weights {weight_bytes/1e6:.1f} MB, read bandwidth {bw/1e9:.1f} GB/s", flush=True)
+    rows = []
+    for context in args.contexts:
+        for batch in args.batches:
+            point = {"context": context, "batch": batch}
+            hf_cache = fill_hf(hf_model, batch, context, device, dtype)
+            point["hf_s"] = time_decode(hf_model, hf_cache, batch, context, args.steps, device)
+            point["hf_bytes"] = hf_cache_bytes(hf_cache)
+            del hf_cache
+            dense = KVCache(ours, CachePolicy(), reserve=context + args.steps + 8)
+            fill_ours(dense, ours, batch, context, False, device, dtype)
+            point["dense_s"] = time_decode(ours, dense, batch, context, args.steps, device)
+            point["dense_bytes"] = dense.allocated_bytes()
+            vanilla_kv = live_kv_bytes(dense, dtype)
+            del dense
+            cache = KVCache(dms, DMSPolicy(WINDOW))
+            fill_ours(cache, dms, batch, context, True, device, dtype)
+            point["dms_s"] = time_decode(dms, cache, batch, context, args.steps, device)
+            point["dms_bytes"] = cache.allocated_bytes()
+            dms_kv = live_kv_bytes(cache, dtype)
+            del cache
+            point["vanilla_s"] = min(point["hf_s"], point["dense_s"])
+            point["ideal"] = (weight_bytes + vanilla_kv) / (weight_bytes + dms_kv)
+            point["speedup"] = point["vanilla_s"] / point["dms_s"]
+            point["roof_vanilla"] = (weight_bytes + vanilla_kv) / bw / point["vanilla_s"]
+            point["roof_dms"] = (weight_bytes + dms_kv) / bw / point["dms_s"]
+            rows.append(point)
+            print(fmt_row(point), flush=True)
+    return rows, {"weight_bytes": weight_bytes, "bandwidth": bw}
+
+
+def fmt_row(p) -> str:
+    tps = lambda s: p["batch"] / s  # noqa: E731
+    return (f"| {p['context']:,} | {p['batch']} | {tps(p['hf_s']):,.0f} | {tps(p['dense_s']):,.0f} | {tps(p['dms_s']):,.0f} "
+            f"| {p['speedup']:.2f}x | {p['ideal']:.2f}x | {p['speedup']/p['ideal']:.0%} "
+            f"| {p['hf_bytes']/1e6:,.1f} | {p['dense_bytes']/1e6:,.1f} | {p['dms_bytes']/1e6:,.1f} | {p['dms_bytes']/p['hf_bytes']:.3f} "
+            f"| {p['roof_vanilla']:.0%} | {p['roof_dms']:.0%} |")
+
+
+HEADER = ("| context | batch | HF default tok/s | dense (ours) tok/s | DMS tok/s | DMS speedup | bytes-ideal | share of ideal "
+          "| HF MB | dense MB | DMS MB | DMS/vanilla bytes | roofline vanilla | roofline DMS |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def write_report(rows, meta, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = ROOT / "docs" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"-{args.tag}" if args.tag else ""
+    fig, axes = plt.subplots(1, len(args.batches), figsize=(5 * len(args.batches), 3.5), squeeze=False)
+    for ax, batch in zip(axes[0], args.batches):
+        pts = [p for p in rows if p["batch"] == batch]
+        ctx = [p["context"] for p in pts]
+        for key, label in (("hf_s", "vanilla, HF default cache"), ("dense_s", "vanilla, our dense cache"), ("dms_s", "DMS 8x (forced), w=64")):
+            ax.plot(ctx, [batch / p[key] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"batch {batch} ({args.device}, {args.dtype})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = out / f"decode{tag}.png"
+    fig.savefig(png, dpi=110)
+    cmd = "python benchmarks/decode.py " + " ".join(sys.argv[1:])
+    text = [
+        f"# Decode benchmark ({args.device}, {args.dtype}{', ' + args.tag if args.tag else ''})",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads() if args.device == 'cpu' else torch.cuda.get_device_name()} "
+        f"{'threads' if args.device == 'cpu' else ''}; no other job was running.  ",
+        f"Model: random-init Llama, 6 layers, d=512, 8 heads / 2 KV heads, head_dim 64 "
+        f"({meta['weight_bytes']/1e6:.1f} MB of weights). DMS: decisions forced to evict 7 of 8 tokens, w = {WINDOW}.  ",
+        f"Measured read bandwidth: {meta['bandwidth']/1e9:.1f} GB/s. Time per step: best of 3 blocks of {args.steps} decode steps, after 5 warm-up steps; "
+        "the cache is brought to its state at the given context through its own write path (see the script's docstring).",
+        "",
+        "DMS speedup is against the faster vanilla cache; bytes-ideal = (weights + vanilla KV read) / (weights + DMS KV read); "
+        "roofline = (bytes read per step / read bandwidth) / measured step time.",
+        "",
+        HEADER,
+        *[fmt_row(p) for p in rows],
+        "",
+        f"![decode]({png.name})",
+        "",
+    ]
+    md = out / f"decode{tag}.md"
+    md.write_text("\n".join(text))
+    print(f"wrote {md} and {png}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    rows, meta = run(args)
+    write_report(rows, meta, args)
+
+
+if __name__ == "__main__":
+    main()
