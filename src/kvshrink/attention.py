@@ -71,6 +71,7 @@ class KVAttention(nn.Module):
         self.dms: DMSConfig | None = None  # set by kvshrink.dms.attach_dms
         self.dms_proj_alpha_norm: nn.Module | None = None  # adapter variant (release names)
         self.dms_proj_alpha: nn.Linear | None = None
+        self._keep = None  # cached borrowed-channel multiplier (neuron variant)
         self.train(hf_attn.training)  # a new module starts in training mode; follow the model's
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
@@ -86,14 +87,15 @@ class KVAttention(nn.Module):
         dms = None if kwargs.get("dms_teacher") else self.dms
         logits = None
         if dms is not None and dms.decision == "neuron":
-            logits, q = neuron_logits(q, self.n_kv_heads, dms)
+            logits = neuron_logits(q, self.n_kv_heads, dms)
+            q = q * self._channel_keep(q)
         elif dms is not None:
             logits = adapter_logits(self.dms_proj_alpha_norm, self.dms_proj_alpha, kwargs["dms_residual"], dms)
 
         cos, sin = position_embeddings
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if dms is not None and dms.decision == "neuron":
-            q = q * borrowed_channel_keep(q, self.n_kv_heads)  # RoPE mixed it back in from its rotary pair
+            q = q * self._channel_keep(q)  # RoPE mixed it back in from its rotary pair
 
         if dms is not None and (dms.disable_eviction or kwargs.get("dms_disable_eviction")):
             logits = None
@@ -111,6 +113,11 @@ class KVAttention(nn.Module):
             out = self._hf_attention(q, k, v, attention_mask, past_key_values, kwargs)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(out), None
+
+    def _channel_keep(self, q: torch.Tensor) -> torch.Tensor:
+        if self._keep is None or self._keep.dtype != q.dtype or self._keep.device != q.device:
+            self._keep = borrowed_channel_keep(self.n_heads, self.n_kv_heads, self.head_dim, q.dtype, q.device)
+        return self._keep
 
     # -- the three paths ------------------------------------------------------------------------------
     def _cached_attention(self, q, k, v, logits, attention_mask, cache: KVCache):

@@ -48,15 +48,15 @@ class Accounting:
         self._live = None
 
     def record(self, layer_idx: int, reads: torch.Tensor, live: torch.Tensor) -> None:
-        """reads: (B, Q) summed over this layer's KV heads; live: (B,) live slots summed over heads."""
+        """reads: (B, Q) integer counts summed over this layer's KV heads; live: (B,) live slots summed over heads."""
         if layer_idx == 0:
-            self._reads, self._live = reads.to(torch.float64), live.to(torch.float64)
+            self._reads, self._live = reads, live
         else:
             self._reads = self._reads + reads
             self._live = self._live + live
         if layer_idx == self.n_layers - 1:
-            self.last_reads = self._reads / self.pairs
-            live_now = self._live / self.pairs
+            self.last_reads = self._reads.to(torch.float64) / self.pairs
+            live_now = self._live.to(torch.float64) / self.pairs
             if self.peak_tokens_per_seq is None:
                 self.peak_tokens_per_seq, self.peak_tokens_total = live_now, live_now.sum()
             else:

@@ -18,22 +18,18 @@ from torch import nn
 from .config import DMSConfig
 
 
-def neuron_logits(q: torch.Tensor, n_kv_heads: int, cfg: DMSConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read the borrowed channel and remove it from the queries.
-
-    q: (B, H, T, D) after q-norm, before RoPE. Returns logits (B, Hkv, T) and q with channel
-    D-1 of the first head of every KV group zeroed (the caller zeroes it again after RoPE).
-    """
+def neuron_logits(q: torch.Tensor, n_kv_heads: int, cfg: DMSConfig) -> torch.Tensor:
+    """q: (B, H, T, D) after q-norm, before RoPE -> logits (B, Hkv, T) from the last channel of the
+    first query head of every KV group. The caller removes that channel from q (`borrowed_channel_keep`)
+    before RoPE and again after it."""
     group = q.shape[1] // n_kv_heads
-    logits = q[:, ::group, :, -1] * cfg.alpha_scale - cfg.alpha_offset  # (B, Hkv, T)
-    return logits, q * borrowed_channel_keep(q, n_kv_heads)
+    return q[:, ::group, :, -1] * cfg.alpha_scale - cfg.alpha_offset
 
 
-def borrowed_channel_keep(q: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+def borrowed_channel_keep(n_heads: int, n_kv_heads: int, head_dim: int, dtype, device) -> torch.Tensor:
     """A (1, H, 1, D) multiplier that is 0 on the borrowed channel and 1 elsewhere (no in-place edits, so autograd is happy)."""
-    group = q.shape[1] // n_kv_heads
-    keep = torch.ones(1, q.shape[1], 1, q.shape[-1], dtype=q.dtype, device=q.device)
-    keep[:, ::group, :, -1] = 0
+    keep = torch.ones(1, n_heads, 1, head_dim, dtype=dtype, device=device)
+    keep[:, :: n_heads // n_kv_heads, :, -1] = 0
     return keep
 
 
