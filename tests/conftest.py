@@ -13,7 +13,7 @@ FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def tiny_model(family: str = "llama", layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-               vocab: int = 128, seed: int = 0, max_pos: int = 4096):
+               vocab: int = 128, seed: int = 0, max_pos: int = 4096, init_scale: float = 5.0):
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -36,7 +36,7 @@ def tiny_model(family: str = "llama", layers: int = 2, hidden: int = 64, heads: 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.mul_(5.0)
+                p.mul_(init_scale)
     model.generation_config.eos_token_id = None
     return model
 

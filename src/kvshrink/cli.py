@@ -70,6 +70,54 @@ def generate(
 
 
 @app.command()
+def retrofit(
+    model: str = typer.Argument(..., help="local HF model folder (Llama, Qwen2, Qwen3, Mistral)"),
+    out: Path = typer.Option(..., "--out", help="output folder: checkpoints, metrics.jsonl, final HF model"),
+    target_cr: float = typer.Option(8.0, help="compression ratio to reach (>= 1)"),
+    window: int = typer.Option(256, help="delayed-eviction window w (>= 0)"),
+    steps: int = typer.Option(1000, help="optimizer steps"),
+    data: Optional[str] = typer.Option(None, help="text/jsonl file, folder, datasets folder, or teacher:FILE"),
+    batch_size: int = typer.Option(2, help="sequences per step, over all processes"),
+    grad_accum: int = typer.Option(1, help="gradient accumulation micro-steps"),
+    seq_len: int = typer.Option(512, help="tokens per sequence"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-5 adapter, 1e-5 all)"),
+    warmup: int = typer.Option(0, help="linear warm-up steps"),
+    train: str = typer.Option("all", help="all (the paper) | adapter (the release: base frozen)"),
+    decision: Optional[str] = typer.Option(None, help="neuron | adapter (default: neuron with all, adapter with adapter)"),
+    neuron_decay: str = typer.Option("instant", help="instant | linear: how the borrowed q_proj row is zeroed"),
+    aim_context: Optional[int] = typer.Option(None, help="context at which the reads-based CR should hit the target (default 32*w)"),
+    save_every: int = typer.Option(50, help="checkpoint every N steps"),
+    seed: int = typer.Option(0, help="data order and Gumbel noise seed"),
+    max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
+    stop_at: Optional[int] = typer.Option(None, help="checkpoint and stop after this step (resume later)"),
+    fsdp: bool = typer.Option(False, help="shard with FSDP instead of DDP (multi-process)"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Retrofit DMS into a model by distilling from itself (KL + compression loss, CR ramped up).
+
+    Multi-process: `accelerate launch --num_processes N -m kvshrink retrofit ...` (DDP; add --fsdp to shard).
+    """
+    from .train.retrofit import RetrofitConfig, retrofit as run
+
+    cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
+                         batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, train=train,
+                         decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, save_every=save_every,
+                         seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device)
+    last = run(cfg)
+    if last:
+        print(json.dumps(last))
+
+
+@app.command("plot-training")
+def plot_training_cmd(run_dir: Path = typer.Argument(..., help="a retrofit --out folder")):
+    """Plot loss, KL and achieved vs target CR from RUN_DIR/metrics.jsonl (writes RUN_DIR/training.png)."""
+    from .train.retrofit import plot_training
+
+    print(plot_training(run_dir))
+
+
+@app.command()
 def demo(
     quick: bool = typer.Option(False, help="a tiny run (seconds), for smoke tests"),
     out: Path = typer.Option(Path("demo-output"), help="where the PNG goes"),

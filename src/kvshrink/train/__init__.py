@@ -1,0 +1,1 @@
+"""Training: the DMS retrofit (distillation with a ramped compression target)."""

@@ -1,0 +1,126 @@
+"""Retrofit data: text in, packed token blocks out, tokenized once and cached.
+
+Sources (`--data`):
+- a text file (any extension but .jsonl), a `.jsonl` file (field "text", or "prompt" + "response"),
+- a folder of such files (read in sorted order), or a folder written by `datasets.save_to_disk`,
+- `teacher:FILE`: one prompt per line of FILE; the teacher writes the continuations (the paper distils
+  on the teacher's own outputs), which are cached with the blocks.
+Documents are joined with the EOS token and cut into blocks of `seq_len` tokens (the tail is dropped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import KVShrinkError
+
+TEXT_SUFFIXES_SKIP = {".safetensors", ".bin", ".pt", ".png", ".jpg", ".gz", ".zip", ".arrow", ".parquet"}
+
+
+def read_documents(src: str) -> list[str]:
+    path = Path(src)
+    if not path.exists():
+        raise KVShrinkError(f"--data {src!r} not found: give a text/jsonl file, a folder of them, or teacher:FILE")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            return _read_hf_dataset(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix not in TEXT_SUFFIXES_SKIP)
+        docs = [d for f in files for d in read_documents(str(f))]
+    elif path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(_read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise KVShrinkError(f"{path}:{n} is not valid JSON ({exc.msg}); one JSON object per line") from exc
+            text = row.get("text") or (row.get("prompt", "") + row.get("response", ""))
+            if text:
+                docs.append(text)
+    else:
+        docs = [_read_text(path)]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise KVShrinkError(f"--data {src!r} holds no text")
+    return docs
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KVShrinkError(f"cannot read {path} as UTF-8 text: {exc}") from exc
+
+
+def _read_hf_dataset(path: Path) -> list[str]:
+    try:
+        from datasets import load_from_disk
+    except ImportError as exc:
+        raise KVShrinkError("reading a datasets folder needs the `datasets` package: pip install datasets") from exc
+    ds = load_from_disk(str(path))
+    if hasattr(ds, "keys"):  # a DatasetDict: take the train split, else the first
+        ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
+    if "text" not in ds.column_names:
+        raise KVShrinkError(f"{path}: the dataset has no 'text' column (columns: {ds.column_names})")
+    return list(ds["text"])
+
+
+def pack(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Tensor:
+    stream: list[int] = []
+    for doc in token_docs:
+        stream.extend(doc)
+        if eos is not None:
+            stream.append(eos)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise KVShrinkError(f"the data has {len(stream)} tokens, fewer than one block of --seq-len {seq_len}")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def teacher_documents(prompts_file: str, model, tokenizer, max_new_tokens: int, seed: int) -> list[str]:
+    """Prompts + the teacher's own sampled continuations (temperature 1)."""
+    from ..generation import generate
+    from ..policies import CachePolicy
+
+    prompts = [p for p in _read_text(Path(prompts_file)).splitlines() if p.strip()]
+    if not prompts:
+        raise KVShrinkError(f"{prompts_file} holds no prompts (one per line)")
+    docs = []
+    for i in range(0, len(prompts), 8):
+        batch = prompts[i:i + 8]
+        out = generate(model, tokenizer, batch, CachePolicy(), max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + i)
+        docs.extend(p + t for p, t in zip(batch, out.texts))
+    return docs
+
+
+def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=None, seed: int = 0) -> torch.Tensor:
+    """(N, seq_len) token blocks for `src`, cached in `cache_dir` by source, tokenizer and length."""
+    is_teacher = src.startswith("teacher:")
+    real = src[len("teacher:"):] if is_teacher else src
+    path = Path(real)
+    if not path.exists():
+        raise KVShrinkError(f"--data {real!r} not found: give a text/jsonl file, a folder of them, or teacher:FILE")
+    stamp = [src, seq_len, getattr(tokenizer, "name_or_path", ""), len(tokenizer), seed]
+    for f in ([path] if path.is_file() else sorted(path.rglob("*"))):
+        if f.is_file():
+            st = f.stat()
+            stamp += [str(f), st.st_size, st.st_mtime_ns]
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+    cache_file = cache_dir / f"data-{key}.pt"
+    if cache_file.exists():
+        return torch.load(cache_file)
+    if is_teacher:
+        docs = teacher_documents(real, teacher, tokenizer, max_new_tokens=seq_len, seed=seed)
+    else:
+        docs = read_documents(real)
+    blocks = pack([tokenizer(d)["input_ids"] for d in docs], tokenizer.eos_token_id, seq_len)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    torch.save(blocks, tmp)
+    tmp.replace(cache_file)
+    return blocks

@@ -1,0 +1,403 @@
+"""DMS retrofit: logit distillation from the model itself, with a compression target ramped up.
+
+Student = MODEL with DMS attached; teacher = the same weights with eviction off (and, for the neuron
+variant, the borrowed channel intact). Per step (SPEC section 2, dms-notes section 3):
+
+    loss = KL(student || teacher), averaged over tokens
+         + mean over sequences of clamp(target_flag_rate(step) - mean hard flag, 0)
+
+target_flag_rate follows a CR ramped linearly from 1 to --target-cr, reached after 80% of the steps.
+The flag rate aimed at is the one that makes the reads-based CR reach the target at `aim_context`
+tokens (default 32 * window, where SPEC section 7 measures CR): with window w, a query at position L
+reads about w + (1 - f)(L - w) tokens, so f = 1 - (L / CR - w) / (L - w) (slightly above 1 - 1/CR).
+
+Gumbel noise is seeded by (seed, step, global sample index), never by process rank, so one and two
+processes see the same noise and data. Checkpoints are written to a temporary folder and renamed, then
+`checkpoints/latest` is replaced atomically: an interrupted write never leaves a checkpoint that loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import KVShrinkError
+
+ADAPTER_LR, ALL_LR = 3e-5, 1e-5
+
+
+@dataclass
+class RetrofitConfig:
+    model: str
+    out: str
+    target_cr: float = 8.0
+    window: int = 256
+    steps: int = 1000
+    data: str | None = None
+    batch_size: int = 2  # sequences per optimizer step, over all processes
+    grad_accum: int = 1
+    seq_len: int = 512
+    lr: float | None = None  # default: 3e-5 (adapter, the release), 1e-5 (all)
+    warmup: int = 0
+    grad_clip: float = 1.0
+    train: str = "all"  # all (the paper) | adapter (the release)
+    decision: str | None = None  # default: neuron with --train all, adapter with --train adapter
+    neuron_decay: str = "instant"  # instant | linear (over the first 10% of steps, as DMC)
+    aim_context: int | None = None  # default 32 * window
+    save_every: int = 50
+    seed: int = 0
+    max_minutes: float | None = None  # wall-clock ceiling: checkpoint and stop
+    stop_at: int | None = None  # checkpoint and stop after this step (to split a run into sessions)
+    fsdp: bool = False
+    resume: bool = False
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.target_cr < 1:
+            raise KVShrinkError(f"--target-cr must be >= 1 (got {self.target_cr}); 1 means no compression")
+        if self.steps <= 0:
+            raise KVShrinkError(f"--steps must be > 0 (got {self.steps})")
+        if self.window < 0:
+            raise KVShrinkError(f"--window must be >= 0 (got {self.window})")
+        if self.train not in ("all", "adapter"):
+            raise KVShrinkError(f"--train must be 'all' or 'adapter' (got {self.train!r})")
+        if self.decision is None:
+            self.decision = "neuron" if self.train == "all" else "adapter"
+        if self.decision not in ("neuron", "adapter"):
+            raise KVShrinkError(f"--decision must be 'neuron' or 'adapter' (got {self.decision!r})")
+        if self.train == "adapter" and self.decision == "neuron":
+            raise KVShrinkError("--train adapter --decision neuron trains nothing: the neuron variant needs --train all")
+        if self.neuron_decay not in ("instant", "linear"):
+            raise KVShrinkError(f"--neuron-decay must be 'instant' or 'linear' (got {self.neuron_decay!r})")
+        if self.batch_size < 1 or self.seq_len < 2 or self.grad_accum < 1:
+            raise KVShrinkError("--batch-size, --grad-accum must be >= 1 and --seq-len >= 2")
+        if self.lr is None:
+            self.lr = ADAPTER_LR if self.train == "adapter" else ALL_LR
+        if self.aim_context is None:
+            self.aim_context = max(32 * self.window, 2)
+
+
+def ramped_cr(step: int, cfg: RetrofitConfig) -> float:
+    """CR target after `step` completed steps: linear from 1, reaching target_cr at 80% of the steps."""
+    ramp = max(1, int(0.8 * cfg.steps))
+    return 1.0 + (cfg.target_cr - 1.0) * min(1.0, (step + 1) / ramp)
+
+
+def flag_rate_for(cr: float, window: int, context: int) -> float:
+    """Eviction-flag rate that makes a query at `context` read context / cr tokens (window included)."""
+    if context <= window:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - (context / cr - window) / (context - window)))
+
+
+def noise_for(seed: int, step: int, global_indices: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """U(0,1) draws (L, B, Hkv, T) for the Gumbel-sigmoid, one generator per (step, global sample)."""
+    draws = []
+    for g in global_indices:
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + g)
+        draws.append(torch.rand(shape, generator=gen))
+    return torch.stack(draws, dim=1)
+
+
+def kl_student_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(student || teacher) = sum_v p_s (log p_s - log p_t)."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return (s.exp() * (s - t)).sum(-1).mean()
+
+
+def borrowed_rows(model) -> list[list[int]]:
+    """Per layer, the q_proj output rows the neuron variant borrows (last channel, first head of each group)."""
+    attn = model.model.layers[0].self_attn
+    group, d = attn.n_heads // attn.n_kv_heads, attn.head_dim
+    return [[(kv * group) * d + d - 1 for kv in range(attn.n_kv_heads)] for _ in model.model.layers]
+
+
+class Checkpoints:
+    """`out/checkpoints/step-N/` folders, `latest` naming the newest complete one."""
+
+    def __init__(self, out: Path):
+        self.dir = out / "checkpoints"
+
+    def latest(self) -> Path | None:
+        pointer = self.dir / "latest"
+        if not pointer.exists():
+            return None
+        path = self.dir / pointer.read_text().strip()
+        if not path.is_dir():
+            raise KVShrinkError(f"{pointer} names {path.name}, which is missing; delete {pointer} to start over")
+        return path
+
+    def save(self, step: int, trainable: dict, optimizer_state: dict, extra: dict) -> Path:
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:06d}"
+        tmp = self.dir / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(extra, tmp / "state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        final = self.dir / name
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer_tmp = self.dir / ".latest.tmp"
+        pointer_tmp.write_text(name)
+        pointer_tmp.replace(self.dir / "latest")
+        for old in sorted(self.dir.glob("step-*"))[:-2]:  # keep the two newest
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load(path: Path) -> tuple[dict, dict, dict]:
+        from safetensors.torch import load_file
+
+        files = {"trainable": path / "trainable.safetensors", "optimizer": path / "optimizer.pt", "state": path / "state.pt"}
+        for f in files.values():
+            if not f.is_file():
+                raise KVShrinkError(f"checkpoint file {f} is missing; delete {path} to resume from the one before")
+        try:
+            trainable = load_file(str(files["trainable"]))
+        except Exception as exc:
+            raise KVShrinkError(f"checkpoint file {files['trainable']} is corrupt or truncated ({exc}); delete {path}") from exc
+        out = [trainable]
+        for key in ("optimizer", "state"):
+            try:
+                out.append(torch.load(files[key], weights_only=False))
+            except Exception as exc:
+                raise KVShrinkError(f"checkpoint file {files[key]} is corrupt or truncated ({exc}); delete {path}") from exc
+        return tuple(out)
+
+
+def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
+    """Run (or resume) a retrofit; writes a loadable HF folder to cfg.out. Returns the last metrics."""
+    from accelerate import Accelerator
+
+    from ..dms.attach import attach_dms, dms_config
+    from ..dms.config import DMSConfig
+    from ..loading import load
+    from .data import token_blocks
+
+    out = Path(cfg.out)
+    checkpoints = Checkpoints(out)
+    resume_from = checkpoints.latest() if cfg.resume else None
+    if not cfg.resume and checkpoints.latest() is not None:
+        raise KVShrinkError(f"{out} already holds a retrofit; pass --resume to continue it or choose another --out")
+
+    plugin = None
+    if cfg.fsdp:
+        from accelerate import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16", fsdp_plugin=plugin)
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise KVShrinkError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum = {world * cfg.grad_accum}")
+    local_batch = cfg.batch_size // (world * cfg.grad_accum)
+
+    model, tokenizer = load(cfg.model, device="cpu", dtype="float32")
+    if dms_config(model) is not None:
+        raise KVShrinkError(f"{cfg.model} already has DMS; retrofit its base model instead")
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.train == "all" else None
+    if cfg.data is None:
+        raise KVShrinkError("--data is required: a text/jsonl file, a folder, or teacher:FILE")
+    blocks = token_blocks(cfg.data, tokenizer, cfg.seq_len, out / "data-cache", teacher=model, seed=cfg.seed)
+
+    attach_dms(model, DMSConfig(window=cfg.window, decision=cfg.decision, target_cr=cfg.target_cr))
+    rows = borrowed_rows(model)
+    original_rows = [layer.self_attn.q_proj.weight.detach()[r].clone() for layer, r in zip(model.model.layers, rows)]
+    for name, p in model.named_parameters():
+        p.requires_grad_(cfg.train == "all" or ".dms_proj_alpha" in name)
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    start_step = 0
+    if resume_from is None and cfg.decision == "neuron" and cfg.neuron_decay == "instant":
+        _shift_borrowed_rows(model, rows, original_rows, 1.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if resume_from is not None:
+        trainable, opt_state, state = Checkpoints.load(resume_from)
+        missing = set(trainable_names) - set(trainable)
+        if missing:
+            raise KVShrinkError(f"checkpoint {resume_from} lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}): it belongs to another run")
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name in trainable_names:
+                params[name].copy_(trainable[name])
+        optimizer.load_state_dict(opt_state)
+        start_step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+    model.to(acc.device)
+    if teacher is not None:
+        teacher.to(acc.device)
+    model, optimizer = acc.prepare(model, optimizer)
+    model.train()
+    inner = acc.unwrap_model(model)
+
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "retrofit.json").write_text(json.dumps(asdict(cfg), indent=1))
+    metrics_path = out / "metrics.jsonl"
+    if acc.is_main_process and metrics_path.exists():  # drop lines past the checkpoint we resume from
+        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed))
+    n_layers = inner.config.num_hidden_layers
+    n_kv = inner.config.num_key_value_heads
+    decay_steps = max(1, int(0.1 * cfg.steps))
+    began = time.perf_counter()
+    last = {}
+    bar = _progress_bar(acc.is_main_process and progress, cfg.steps, start_step)
+    step = start_step
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        cr_target = ramped_cr(step, cfg)
+        flag_target = flag_rate_for(cr_target, cfg.window, cfg.aim_context)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        totals = torch.zeros(4, device=acc.device)  # loss, kl, compression loss, flag rate
+        for micro in range(cfg.grad_accum):
+            first = micro * world * local_batch + rank * local_batch
+            g_idx = [step * cfg.batch_size + first + i for i in range(local_batch)]
+            ids = blocks[order[torch.tensor(g_idx) % len(blocks)]].to(acc.device)
+            uniform = noise_for(cfg.seed, step, g_idx, (n_layers, n_kv, cfg.seq_len)).to(acc.device)
+            with torch.no_grad(), acc.autocast():
+                teacher_logits = (teacher(ids, use_cache=False) if teacher is not None
+                                  else model(ids, use_cache=False, dms_teacher=True)).logits
+            collected = []
+            sync = micro == cfg.grad_accum - 1
+            with acc.autocast(), (torch.enable_grad() if sync else acc.no_sync(model)):
+                student_logits = model(ids, use_cache=False, dms_uniform=uniform, dms_collect=collected).logits
+                kl = kl_student_teacher(student_logits, teacher_logits)
+                flags = torch.stack([c["flags"] for c in collected]).float()  # (L, B, Hkv, T), straight-through
+                per_seq = flags.mean(dim=(0, 2, 3))
+                comp = (flag_target - per_seq).clamp(min=0).mean()
+                loss = (kl + comp) / cfg.grad_accum
+                acc.backward(loss)
+            totals += torch.stack([loss.detach() * cfg.grad_accum, kl.detach(), comp.detach(), per_seq.detach().mean()]) / cfg.grad_accum
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.decision == "neuron" and cfg.neuron_decay == "linear" and step < decay_steps:
+            _shift_borrowed_rows(inner, rows, original_rows, 1.0 / decay_steps)
+        totals = acc.reduce(totals, reduction="mean")
+        seconds = time.perf_counter() - t0
+        flag_rate = float(totals[3])
+        last = {
+            "step": step + 1, "loss": float(totals[0]), "kl": float(totals[1]), "compression_loss": float(totals[2]),
+            "flag_rate": flag_rate, "target_flag_rate": flag_target, "target_cr": cr_target,
+            "flag_cr": 1.0 / max(1e-9, 1.0 - flag_rate), "lr": lr, "seconds": seconds,
+            "tokens_per_second": cfg.batch_size * cfg.seq_len / seconds, "processes": world,
+        }
+        if acc.is_main_process:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(last) + "\n")
+            _advance(bar, last)
+        done = step + 1 == cfg.steps
+        out_of_time = (cfg.max_minutes is not None and (time.perf_counter() - began) / 60 > cfg.max_minutes) or (
+            cfg.stop_at is not None and step + 1 >= cfg.stop_at)
+        if done or out_of_time or (step + 1) % cfg.save_every == 0:
+            _save_checkpoint(acc, checkpoints, inner, optimizer, trainable_names, step + 1)
+        if out_of_time and not done:
+            if acc.is_main_process:
+                print(f"stopped after step {step + 1} (--max-minutes / --stop-at); continue with --resume")
+            break
+    if bar is not None:
+        bar.stop()
+    if acc.is_main_process and last.get("step") == cfg.steps:
+        inner.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    acc.wait_for_everyone()
+    return last
+
+
+def _shift_borrowed_rows(model, rows, original_rows, fraction: float) -> None:
+    """Remove `fraction` of the borrowed q_proj rows' original weights (and biases), keeping what training added."""
+    with torch.no_grad():
+        for layer, r, orig in zip(model.model.layers, rows, original_rows):
+            q = layer.self_attn.q_proj
+            q.weight[r] -= fraction * orig.to(q.weight.device)
+            if q.bias is not None and fraction >= 1.0:
+                q.bias[r] = 0
+
+
+def _save_checkpoint(acc, checkpoints: Checkpoints, model, optimizer, trainable_names, step: int) -> None:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        params = dict(model.named_parameters())
+        state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        checkpoints.save(step, {n: params[n] for n in trainable_names}, optimizer.state_dict(), state)
+    acc.wait_for_everyone()
+
+
+def _progress_bar(enabled: bool, total: int, done: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]retrofit"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[info]}"))
+    bar.start()
+    bar.task = bar.add_task("retrofit", total=total, completed=done, info="")
+    return bar
+
+
+def _advance(bar, m: dict) -> None:
+    if bar is None:
+        return
+    info = (f"loss {m['loss']:.4f}  KL {m['kl']:.4f}  evict {m['flag_rate']:.3f}/{m['target_flag_rate']:.3f} "
+            f"(CR {m['flag_cr']:.2f}/{m['target_cr']:.2f})  {m['tokens_per_second']:.0f} tok/s")
+    bar.update(bar.task, advance=1, info=info)
+
+
+def plot_training(run_dir: str | Path) -> Path:
+    """PNG of loss/KL and achieved (flag-based) vs target CR from `run_dir/metrics.jsonl`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise KVShrinkError(f"{path} not found: is {run_dir} a retrofit output folder?")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise KVShrinkError(f"{path} is empty")
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(steps, [r["loss"] for r in rows], label="loss")
+    a.plot(steps, [r["kl"] for r in rows], label="KL(student||teacher)")
+    a.set_yscale("log")
+    a.set_xlabel("step")
+    a.legend()
+    b.plot(steps, [r["flag_cr"] for r in rows], label="achieved 1/(1-flag rate)")
+    b.plot(steps, [r["target_cr"] for r in rows], label="target CR", linestyle="--")
+    b.plot(steps, [1 / max(1e-9, 1 - r["target_flag_rate"]) for r in rows], label="aimed 1/(1-target flag)", linestyle=":")
+    b.set_xlabel("step")
+    b.legend()
+    fig.tight_layout()
+    png = Path(run_dir) / "training.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+__all__ = ["RetrofitConfig", "retrofit", "plot_training", "ramped_cr", "flag_rate_for"]
