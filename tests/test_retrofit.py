@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -127,13 +128,16 @@ def test_two_processes_match_one(base_dir, tmp_path):
     retrofit(config(base_dir, single, steps=20, seq_len=64, save_every=20), progress=False)
     double = tmp_path / "double"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port: the default one may still be held by an earlier run
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", port, "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kvshrink", "retrofit", str(base_dir), "--out",
          str(double), *common],
         capture_output=True, text=True, timeout=300, env=env,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[:3000]
     load = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     a, b = load(single), load(double)
     assert len(a) == len(b) == 20
