@@ -164,3 +164,28 @@ def test_model_folder_without_weights(tmp_path, base_dir):
     (tmp_path / "config.json").write_text((base_dir / "config.json").read_text())
     with pytest.raises(KVShrinkError, match="no weights"):
         retrofit(config(base_dir, tmp_path / "o", model=str(tmp_path)), progress=False)
+
+
+def test_interrupted_checkpoint_write_is_ignored(base_dir, tmp_path):
+    """A write killed half-way leaves only a `.tmp-*` folder, which `latest` never names."""
+    out = tmp_path / "run"
+    retrofit(config(base_dir, out, steps=10, save_every=5, stop_at=5), progress=False)
+    partial = out / "checkpoints" / ".tmp-step-000010"
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"\x00" * 10)
+    last = retrofit(config(base_dir, out, steps=10, save_every=5, resume=True), progress=False)
+    assert last["step"] == 10
+
+
+def test_teacher_data_and_plot(base_dir, tmp_path, retrofitted):
+    from kvshrink.train.data import token_blocks
+    from kvshrink.train.retrofit import plot_training
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("t1 w4 w5\nt2 w8\nt3 w12 w13 w14\n")
+    model, tok = kvshrink.load(base_dir)
+    blocks = token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=model)
+    assert blocks.shape[1] == 16 and blocks.shape[0] >= 3
+    assert torch.equal(token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=None), blocks)  # cached
+    png = plot_training(retrofitted[0])
+    assert png.stat().st_size > 10_000
