@@ -158,11 +158,17 @@ class KVAttention(nn.Module):
             pad = ~new_token_validity(attention_mask, B, T, q.device)
             bias = bias.masked_fill(pad[:, None, None, :] & ~torch.eye(T, dtype=torch.bool, device=q.device), float("-inf"))
         G = H // self.n_kv_heads
-        qg = q.reshape(B, self.n_kv_heads, G * T, D)
+        qg = q.reshape(B, self.n_kv_heads, G * T, D)  # query heads grouped per KV head: no repeat_kv
         mask = bias[:, :, None].expand(B, self.n_kv_heads, G, T, T).reshape(B, self.n_kv_heads, G * T, T)
-        dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling, dropout_p=dropout)
-        return out.view(B, H, T, -1)
+        if mask.requires_grad:
+            # training: the retention gradient flows through the mask. GPU fused kernels either take no
+            # mask or fail on a mask gradient in this layout, so the plain math runs here.
+            scores = (qg @ k.transpose(-1, -2)) * self.scaling + mask
+            probs = F.dropout(torch.softmax(scores.float(), dim=-1).to(v.dtype), self.attention_dropout, training=True)
+            out = probs @ v
+        else:
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
+        return out.reshape(B, H, T, -1)
 
     def _hf_attention(self, q, k, v, attention_mask, hf_cache, kwargs):
         """The model's own attention (any transformers cache, or none)."""

@@ -272,7 +272,7 @@ class KVCache(Cache):
         if Q > 1:
             mask = mask[:, :, None].expand(B, Hkv, G, Q, mask.shape[-1]).reshape(B, Hkv, G * Q, -1)
         out = F.scaled_dot_product_attention(qg, layer.keys, layer.values, attn_mask=mask, scale=scaling)
-        return out.view(B, H, Q, -1)
+        return out.reshape(B, H, Q, -1)  # some GPU kernels return a non-contiguous output
 
     def live_tokens(self) -> torch.Tensor:
         """(L, B, Hkv) live tokens per layer, sequence and KV head."""
