@@ -35,7 +35,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Generate text under a cache policy and report KV reads, peak tokens, bytes and compression ratio."""
-    from .generation import encode_prompts, generate as run, resolve_policy
+    from .generation import generate as run
     from .loading import load
     from .policies import POLICY_NAMES
 
@@ -48,7 +48,6 @@ def generate(
     if policy is not None and policy not in POLICY_NAMES:
         raise KVShrinkError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
     m, tok = load(model, device=device, dtype=dtype)
-    resolve_policy(m, policy, cr, window)  # validate before any work
     result = run(m, tok, prompt, policy, cr, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, n=n, seed=seed, chat=chat)
     if as_json:

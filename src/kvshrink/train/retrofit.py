@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -60,7 +60,6 @@ class RetrofitConfig:
     fsdp: bool = False
     resume: bool = False
     device: str = "auto"
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.target_cr < 1:
