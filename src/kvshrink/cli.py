@@ -117,6 +117,20 @@ def plot_training_cmd(run_dir: Path = typer.Argument(..., help="a retrofit --out
 
 
 @app.command()
+def export(
+    model: str = typer.Argument(..., help="a shipped name (e.g. smollm2-dms8) or a local model folder"),
+    out: Path = typer.Argument(..., help="folder to write: config.json + safetensors + tokenizer"),
+):
+    """Write a full standard HF folder (for AutoModelForCausalLM and other tools; DMS settings stay in config.json)."""
+    from .loading import load
+
+    m, tok = load(model, device="cpu", dtype="float32")
+    m.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(out)
+
+
+@app.command()
 def demo(
     quick: bool = typer.Option(False, help="a tiny run (seconds), for smoke tests"),
     out: Path = typer.Option(Path("demo-output"), help="where the PNG goes"),

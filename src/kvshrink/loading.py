@@ -73,11 +73,11 @@ def load_dms_weights(model, path: Path) -> None:
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """A shipped model's name (e.g. 'smollm2') -> its folder; anything else is a local folder path."""
-    from .zoo import SHIPPED
+    """A shipped base's name (e.g. 'smollm2') -> its folder; anything else is a local folder path."""
+    from .zoo import BASES
 
-    if str(name_or_path) in SHIPPED and not Path(name_or_path).exists():
-        return SHIPPED[str(name_or_path)]()
+    if str(name_or_path) in BASES and not Path(name_or_path).exists():
+        return BASES[str(name_or_path)]()
     return Path(name_or_path)
 
 
@@ -89,7 +89,14 @@ def load(name_or_path: str | Path, device: str | None = "auto", dtype: str | tor
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .dms.attach import attach_dms
+    from .zoo import MODELS_DIR, adapter_names, adapter_spec
 
+    if str(name_or_path) in adapter_names() and not Path(name_or_path).exists():  # a shipped DMS adapter
+        spec = adapter_spec(str(name_or_path))
+        model, tokenizer = load(spec["base"], device=device, dtype=dtype)
+        attach_dms(model, DMSConfig(**spec["dms"]))
+        load_dms_weights(model, MODELS_DIR / str(name_or_path))
+        return model.eval(), tokenizer
     path = resolve_model(name_or_path)
     check_model_folder(path)
     try:

@@ -91,8 +91,9 @@ def teacher_documents(prompts_file: str, model, tokenizer, max_new_tokens: int, 
     if not prompts:
         raise KVShrinkError(f"{prompts_file} holds no prompts (one per line)")
     docs = []
-    for i in range(0, len(prompts), 8):
-        batch = prompts[i:i + 8]
+    batch_size = 32 if next(model.parameters()).is_cuda else 8
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
         out = generate(model, tokenizer, batch, CachePolicy(), max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + i)
         docs.extend(p + t for p, t in zip(batch, out.texts))
     return docs

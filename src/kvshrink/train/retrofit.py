@@ -60,6 +60,7 @@ class RetrofitConfig:
     fsdp: bool = False
     resume: bool = False
     device: str = "auto"
+    data_cache: str | None = None  # where tokenized blocks are cached (default OUT/data-cache)
 
     def __post_init__(self):
         if self.target_cr < 1:
@@ -215,7 +216,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.train == "all" else None
     if cfg.data is None:
         raise KVShrinkError("--data is required: a text/jsonl file, a folder, or teacher:FILE")
-    blocks = token_blocks(cfg.data, tokenizer, cfg.seq_len, out / "data-cache", teacher=model, seed=cfg.seed)
+    cache_dir = Path(cfg.data_cache) if cfg.data_cache else out / "data-cache"
+    blocks = token_blocks(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed)
 
     attach_dms(model, DMSConfig(window=cfg.window, decision=cfg.decision, target_cr=cfg.target_cr))
     rows = borrowed_rows(model)

@@ -1,0 +1,95 @@
+"""Retrofit SmolLM2-135M-Instruct with DMS adapters (the release recipe) and pack them for shipping.
+
+    python benchmarks/smollm2_retrofit.py --crs 8 4 --steps 1000 --work runs/smollm2 [--device cuda]
+
+Recipe: `--train adapter --decision adapter --window 64`, 2 x 512-token steps, lr 3e-5 (the release's),
+distilling on the teacher's own sampled continuations of 256-token prompts cut from the train part of
+the Python docs (`kvshrink.train.text`). Each run is packed (adapter tensors + DMS settings, not the
+base) into `--pack/smollm2-dms{CR}` with `results.json`: wall time, reads-based CR of greedy generation
+after held-out prompts of 2,048 tokens (= 32 w), the last step's flag-based CR, and held-out perplexity
+of the base and the DMS model on 8 windows of 1,024 tokens (teacher forcing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import kvshrink  # noqa: E402
+from kvshrink.generation import generate_ids  # noqa: E402
+from kvshrink.policies import DMSPolicy  # noqa: E402
+from kvshrink.train.retrofit import RetrofitConfig, retrofit  # noqa: E402
+from kvshrink.train.text import write_pydoc_data  # noqa: E402
+from kvshrink.zoo import pack_adapter  # noqa: E402
+
+WINDOW = 64
+
+
+@torch.no_grad()
+def perplexity(model, windows: list[list[int]], device) -> float:
+    nll, n = 0.0, 0
+    for w in windows:
+        ids = torch.tensor([w], device=device)
+        logits = model(ids, use_cache=False).logits.float()
+        nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
+        n += len(w) - 1
+    return math.exp(nll / n)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--crs", type=float, nargs="+", default=[8.0, 4.0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--work", type=Path, default=Path("runs/smollm2"))
+    parser.add_argument("--pack", type=Path, default=ROOT / "src" / "kvshrink" / "zoo" / "models")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--n-prompts", type=int, default=256, help="teacher prompts (the train part holds ~240)")
+    args = parser.parse_args()
+    base, tok = kvshrink.load("smollm2", device=args.device)
+    device = next(base.parameters()).device
+    info = write_pydoc_data(args.work / "pydoc", tok, n_prompts=args.n_prompts)
+    held = tok((args.work / "pydoc" / "heldout.txt").read_text())["input_ids"]
+    windows = [held[i * 1024:(i + 1) * 1024] for i in range(8)]
+    prompts = [held[20_000 + i * 2048:20_000 + (i + 1) * 2048] for i in range(4)]
+    base_ppl = perplexity(base, windows, device)
+    print(f"data {info}; base held-out perplexity {base_ppl:.3f}", flush=True)
+    for cr in args.crs:
+        name = f"smollm2-dms{cr:g}"
+        cfg = RetrofitConfig(model="smollm2", out=str(args.work / name), target_cr=cr, window=WINDOW, steps=args.steps,
+                             data=f"teacher:{args.work / 'pydoc' / 'prompts.txt'}", batch_size=2, seq_len=512, lr=args.lr,
+                             train="adapter", decision="adapter", save_every=100, device=args.device,
+                             data_cache=str(args.work / "data-cache"), max_minutes=args.max_minutes,
+                             resume=(args.work / name / "checkpoints" / "latest").exists())
+        start = time.perf_counter()
+        last = retrofit(cfg, progress=False)
+        seconds = time.perf_counter() - start
+        if last.get("step") != args.steps:
+            print(f"{name}: stopped at step {last.get('step')}; rerun to resume", flush=True)
+            continue
+        dest = pack_adapter(args.work / name, args.pack / name, base="smollm2")
+        model, _ = kvshrink.load(args.work / name, device=args.device)
+        _, stats, _ = generate_ids(model, prompts, DMSPolicy(WINDOW), max_new_tokens=32)
+        results = {
+            "target_cr": cr, "steps": args.steps, "lr": args.lr, "device": str(device),
+            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "wall_seconds": seconds,
+            "seconds_per_step": seconds / args.steps, "reads_based_cr_2048": stats["compression_ratio"],
+            "flag_based_cr_last_step": last["flag_cr"], "final_kl": last["kl"],
+            "heldout_ppl_base": base_ppl, "heldout_ppl_dms": perplexity(model, windows, device), "data": info,
+        }
+        (dest / "results.json").write_text(json.dumps(results, indent=1))
+        print(name, json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
