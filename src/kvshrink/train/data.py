@@ -83,19 +83,28 @@ def pack(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Te
 
 
 def teacher_documents(prompts_file: str, model, tokenizer, max_new_tokens: int, seed: int) -> list[str]:
-    """Prompts + the teacher's own sampled continuations (temperature 1)."""
-    from ..generation import generate
-    from ..policies import CachePolicy
+    """Prompts + the teacher's own sampled continuations (temperature 1), with transformers' generate:
+    the teacher is the vanilla model, and its generate loop is the fastest one available for it."""
+    import torch
+    from transformers import DynamicCache
 
     prompts = [p for p in _read_text(Path(prompts_file)).splitlines() if p.strip()]
     if not prompts:
         raise KVShrinkError(f"{prompts_file} holds no prompts (one per line)")
+    device = next(model.parameters()).device
+    batch_size = 32 if device.type == "cuda" else 16
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     docs = []
-    batch_size = 32 if next(model.parameters()).is_cuda else 8
+    torch.manual_seed(seed)
     for i in range(0, len(prompts), batch_size):
-        batch = prompts[i:i + batch_size]
-        out = generate(model, tokenizer, batch, CachePolicy(), max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + i)
-        docs.extend(p + t for p, t in zip(batch, out.texts))
+        batch = [tokenizer(p)["input_ids"] for p in prompts[i:i + batch_size]]
+        width = max(len(b) for b in batch)
+        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
+                                 top_k=0, pad_token_id=pad, past_key_values=DynamicCache(config=model.config))
+        docs.extend(p + tokenizer.decode(o[width:], skip_special_tokens=True) for p, o in zip(prompts[i:i + batch_size], out))
     return docs
 
 
