@@ -3,6 +3,7 @@ from the safetensors), and its cache also drives transformers' own generate."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import kvshrink
@@ -36,3 +37,31 @@ def test_dms_cache_with_transformers_generate():
                         past_key_values=DMSCache(model))[0, len(prompt):].tolist()
     assert hf == ours[0]
     assert stats["compression_ratio"] > 1.2
+
+
+def test_compare_vanilla_and_dms(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import json
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from kvshrink.cli import main
+    from kvshrink.compare import leading_agreement
+
+    assert leading_agreement([1, 2, 3, 4], [1, 2, 5, 4]) == 2
+    model = with_random_dms(tiny_model("llama"), window=3, evict_bias=8.0)
+    model.save_pretrained(tmp_path / "dms")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "dms")
+    text = tmp_path / "passage.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 120}" for i in range(200)))
+    monkeypatch.setattr(sys, "argv", ["kvshrink", "compare", str(tiny_model_dir), str(tmp_path / "dms"), "--text", str(text),
+                                      "--prompt-tokens", "64", "--max-new-tokens", "8", "--json"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code in (0, None)
+    result = json.loads(capsys.readouterr().out)
+    runs = list(result["runs"].values())
+    assert result["prompt_tokens"] == 64 and 0 <= result["agreement"] <= 8
+    assert runs[0]["stats"]["policy"] == "none" and runs[1]["stats"]["policy"] == "dms"
+    assert runs[1]["stats"]["kv_reads"] < runs[0]["stats"]["kv_reads"]
+    assert result["agreement"] == leading_agreement(runs[0]["tokens"], runs[1]["tokens"])

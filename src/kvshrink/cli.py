@@ -131,6 +131,38 @@ def export(
 
 
 @app.command()
+def compare(
+    model_a: str = typer.Argument(..., help="first model (e.g. smollm2)"),
+    model_b: str = typer.Argument(..., help="second model (e.g. smollm2-dms8)"),
+    text: Path = typer.Option(..., "--text", help="a text file: its first --prompt-tokens tokens are the prompt"),
+    prompt_tokens: int = typer.Option(1024, help="prompt length in tokens"),
+    max_new_tokens: int = typer.Option(64, help="greedy tokens to generate"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Continue the same passage with two models (each with its default cache policy) and compare."""
+    from .compare import compare as run
+
+    result = run(model_a, model_b, text, prompt_tokens, max_new_tokens, device)
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['prompt_tokens']} prompt tokens; leading agreement {result['agreement']} tokens")
+    table.add_column("")
+    for name in result["runs"]:
+        table.add_column(name)
+    rows = (("policy", "policy", "{}"), ("compression ratio", "compression_ratio", "{:.2f}"), ("cache bytes", "cache_bytes", "{:,}"),
+            ("peak KV tokens", "peak_kv_tokens", "{:,.0f}"), ("decode tok/s", "decode_tokens_per_second", "{:.1f}"))
+    for label, key, fmt in rows:
+        table.add_row(label, *(fmt.format(r["stats"][key]) for r in result["runs"].values()))
+    table.add_row("continuation", *(r["text"] for r in result["runs"].values()))
+    Console().print(table)
+
+
+@app.command()
 def demo(
     quick: bool = typer.Option(False, help="a tiny run (seconds), for smoke tests"),
     out: Path = typer.Option(Path("demo-output"), help="where the PNG goes"),

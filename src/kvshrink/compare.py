@@ -1,0 +1,40 @@
+"""Two models (typically vanilla vs DMS) continuing the same passage: cost side by side, and how long
+their greedy continuations agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import KVShrinkError
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    """Number of leading tokens two continuations share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def compare(model_a: str, model_b: str, text_file: Path, prompt_tokens: int = 1024, max_new_tokens: int = 64,
+            device: str = "auto") -> dict:
+    from .generation import generate_ids, resolve_policy
+    from .loading import load
+
+    if not Path(text_file).is_file():
+        raise KVShrinkError(f"--text {text_file} not found")
+    runs = {}
+    prompt = None
+    for name in (model_a, model_b):
+        model, tok = load(name, device=device)
+        if prompt is None:
+            ids = tok(Path(text_file).read_text())["input_ids"]
+            if len(ids) < 2:
+                raise KVShrinkError(f"{text_file} holds no text")
+            prompt = ids[:prompt_tokens]
+        tokens, stats, _ = generate_ids(model, [prompt], resolve_policy(model, None), max_new_tokens=max_new_tokens)
+        runs[name] = {"tokens": tokens[0], "text": tok.decode(tokens[0], skip_special_tokens=True), "stats": stats}
+    a, b = runs[model_a], runs[model_b]
+    return {"prompt_tokens": len(prompt), "agreement": leading_agreement(a["tokens"], b["tokens"]), "runs": runs}
