@@ -189,3 +189,24 @@ def test_teacher_data_and_plot(base_dir, tmp_path, retrofitted):
     assert torch.equal(token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=None), blocks)  # cached
     png = plot_training(retrofitted[0])
     assert png.stat().st_size > 10_000
+
+
+def test_data_sources(tmp_path, base_dir):
+    """Text, jsonl, folder and datasets-folder sources all become the same packed blocks."""
+    from datasets import Dataset
+
+    from kvshrink.train.data import token_blocks
+
+    _, tok = kvshrink.load(base_dir)
+    docs = ["t1 w4 w5 w6 .", "t2 w8 w9 .", "t3 w12 w13 w14 ."] * 4
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_text(docs[0])
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "hf"))
+    from_jsonl = token_blocks(str(tmp_path / "d.jsonl"), tok, 8, tmp_path / "c")
+    from_hf = token_blocks(str(tmp_path / "hf"), tok, 8, tmp_path / "c")
+    assert torch.equal(from_jsonl, from_hf) and from_jsonl.shape[1] == 8
+    assert token_blocks(str(tmp_path / "folder"), tok, 4, tmp_path / "c").shape == (1, 4)  # 6 tokens + EOS -> one block of 4
+    (tmp_path / "bad.jsonl").write_text("{not json")
+    with pytest.raises(KVShrinkError, match="bad.jsonl:1 is not valid JSON"):
+        token_blocks(str(tmp_path / "bad.jsonl"), tok, 8, tmp_path / "c")
