@@ -82,21 +82,27 @@ def pack(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Te
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def teacher_documents(prompts_file: str, model, tokenizer, max_new_tokens: int, seed: int) -> list[str]:
+def teacher_documents(prompts_file: str, model, tokenizer, max_new_tokens: int, seed: int, progress_file: Path | None = None) -> list[str]:
     """Prompts + the teacher's own sampled continuations (temperature 1), with transformers' generate:
-    the teacher is the vanilla model, and its generate loop is the fastest one available for it."""
+    the teacher is the vanilla model, and its generate loop is the fastest one available for it.
+
+    progress_file: finished documents are appended there batch by batch (jsonl), so an interrupted
+    run picks up where it stopped instead of sampling everything again.
+    """
     import torch
     from transformers import DynamicCache
 
     prompts = [p for p in _read_text(Path(prompts_file)).splitlines() if p.strip()]
     if not prompts:
         raise KVShrinkError(f"{prompts_file} holds no prompts (one per line)")
-    device = next(model.parameters()).device
-    batch_size = 32 if device.type == "cuda" else 16
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     docs = []
-    torch.manual_seed(seed)
-    for i in range(0, len(prompts), batch_size):
+    if progress_file is not None and progress_file.exists():
+        docs = [json.loads(line)["text"] for line in progress_file.read_text().splitlines() if line.strip()]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch_size = 16
+    for i in range(len(docs) // batch_size * batch_size, len(prompts), batch_size):
+        device = next(model.parameters()).device
+        torch.manual_seed(seed + i)  # per batch, so a resumed run samples what an uninterrupted one would
         batch = [tokenizer(p)["input_ids"] for p in prompts[i:i + batch_size]]
         width = max(len(b) for b in batch)
         ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
@@ -104,7 +110,12 @@ def teacher_documents(prompts_file: str, model, tokenizer, max_new_tokens: int, 
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
                                  top_k=0, pad_token_id=pad, past_key_values=DynamicCache(config=model.config))
-        docs.extend(p + tokenizer.decode(o[width:], skip_special_tokens=True) for p, o in zip(prompts[i:i + batch_size], out))
+        new = [p + tokenizer.decode(o[width:], skip_special_tokens=True) for p, o in zip(prompts[i:i + batch_size], out)]
+        docs = docs[:i] + new
+        if progress_file is not None:
+            progress_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(progress_file, "a") as fh:
+                fh.write("".join(json.dumps({"text": d}) + "\n" for d in new))
     return docs
 
 
@@ -125,7 +136,8 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
     if cache_file.exists():
         return torch.load(cache_file)
     if is_teacher:
-        docs = teacher_documents(real, teacher, tokenizer, max_new_tokens=seq_len, seed=seed)
+        docs = teacher_documents(real, teacher, tokenizer, max_new_tokens=seq_len, seed=seed,
+                                 progress_file=cache_dir / f"teacher-{key}.partial.jsonl")
     else:
         docs = read_documents(real)
     blocks = pack([tokenizer(d)["input_ids"] for d in docs], tokenizer.eos_token_id, seq_len)
