@@ -100,7 +100,7 @@ def teacher_documents(prompts_file: str, model, tokenizer, max_new_tokens: int, 
         docs = [json.loads(line)["text"] for line in progress_file.read_text().splitlines() if line.strip()]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch_size = 16
-    for i in range(len(docs) // batch_size * batch_size, len(prompts), batch_size):
+    for i in range(len(docs), len(prompts), batch_size):  # batches are saved whole: resume after the last
         device = next(model.parameters()).device
         torch.manual_seed(seed + i)  # per batch, so a resumed run samples what an uninterrupted one would
         batch = [tokenizer(p)["input_ids"] for p in prompts[i:i + batch_size]]
