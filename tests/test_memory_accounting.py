@@ -88,3 +88,17 @@ def test_gradient_reaches_retention_predictor(decision):
         grad = attn.dms_proj_alpha.weight.grad
     assert torch.isfinite(grad).all()
     assert grad.abs().sum() > 0
+
+
+def test_cache_reset_clears_accounting():
+    from kvshrink.cache import KVCache
+
+    model = forced_dms(tiny_model("llama", layers=1, heads=2, kv_heads=1), window=2, keep_every=2)
+    cache = KVCache(model, DMSPolicy(2))
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7, 8, 9, 10]]), past_key_values=cache)
+    assert float(cache.accounting.peak_tokens_total) == 6
+    cache.reset()
+    with torch.no_grad():
+        model(torch.tensor([[5, 6]]), past_key_values=cache)
+    assert float(cache.accounting.peak_tokens_total) == 2 and cache.get_seq_length() == 2

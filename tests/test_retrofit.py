@@ -152,6 +152,7 @@ def test_two_processes_match_one(base_dir, tmp_path):
         (["--steps", "0"], "--steps must be > 0"),
         (["--data", "/no/such/file.txt"], "not found"),
         (["--train", "adapter", "--decision", "neuron"], "needs --train all"),
+        (["--fsdp"], "--fsdp is not available yet"),
     ],
 )
 def test_bad_input_exit_2(base_dir, tmp_path, args, message):
@@ -213,3 +214,24 @@ def test_data_sources(tmp_path, base_dir):
     (tmp_path / "bad.jsonl").write_text("{not json")
     with pytest.raises(KVShrinkError, match="bad.jsonl:1 is not valid JSON"):
         token_blocks(str(tmp_path / "bad.jsonl"), tok, 8, tmp_path / "c")
+
+
+def test_linear_neuron_decay_removes_weight_and_bias():
+    """Zeroing the borrowed q_proj rows over several steps reaches the same rows as zeroing at once (Qwen2 has a q bias)."""
+    from conftest import tiny_model
+
+    from kvshrink.train.retrofit import _shift_borrowed_rows, borrowed_rows
+
+    model = attach_dms(tiny_model("qwen2"), DMSConfig(window=4))
+    with torch.no_grad():  # HF initialises biases to zero; give them something to remove
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_()
+    rows = borrowed_rows(model)
+    q0 = model.model.layers[0].self_attn.q_proj
+    assert q0.bias is not None and q0.bias[rows[0]].abs().sum() > 0
+    original = [(l.self_attn.q_proj.weight.detach()[r].clone(), l.self_attn.q_proj.bias.detach()[r].clone())
+                for l, r in zip(model.model.layers, rows)]
+    for _ in range(4):
+        _shift_borrowed_rows(model, rows, original, 0.25)
+    for layer, r in zip(model.model.layers, rows):
+        assert layer.self_attn.q_proj.weight[r].abs().max() < 1e-6 and layer.self_attn.q_proj.bias[r].abs().max() < 1e-6

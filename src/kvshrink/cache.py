@@ -253,6 +253,10 @@ class KVCache(Cache):
         self.accounting = Accounting(config.num_hidden_layers, config.num_key_value_heads)
         super().__init__(layers=[SlotLayer(self, i) for i in range(config.num_hidden_layers)])
 
+    def reset(self) -> None:
+        super().reset()
+        self.accounting = Accounting(self.accounting.n_layers, self.accounting.pairs // self.accounting.n_layers)
+
     def allocated_bytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
 

@@ -89,13 +89,13 @@ def retrofit(
     seed: int = typer.Option(0, help="data order and Gumbel noise seed"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
     stop_at: Optional[int] = typer.Option(None, help="checkpoint and stop after this step (resume later)"),
-    fsdp: bool = typer.Option(False, help="shard with FSDP instead of DDP (multi-process)"),
+    fsdp: bool = typer.Option(False, help="shard with FSDP instead of DDP (not available yet: refused)"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Retrofit DMS into a model by distilling from itself (KL + compression loss, CR ramped up).
 
-    Multi-process: `accelerate launch --num_processes N -m kvshrink retrofit ...` (DDP; add --fsdp to shard).
+    Multi-process: `accelerate launch --multi_gpu --num_processes N -m kvshrink retrofit ...` (DDP).
     """
     from .train.retrofit import RetrofitConfig, retrofit as run
 

@@ -198,13 +198,10 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     if not cfg.resume and checkpoints.latest() is not None:
         raise KVShrinkError(f"{out} already holds a retrofit; pass --resume to continue it or choose another --out")
 
-    plugin = None
     if cfg.fsdp:
-        from accelerate import FullyShardedDataParallelPlugin
-
-        plugin = FullyShardedDataParallelPlugin()
+        raise KVShrinkError("--fsdp is not available yet (checkpoints do not gather sharded state); use the default DDP")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16", fsdp_plugin=plugin)
+    acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise KVShrinkError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum = {world * cfg.grad_accum}")
@@ -226,7 +223,9 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
     attach_dms(model, DMSConfig(window=cfg.window, decision=cfg.decision, target_cr=cfg.target_cr))
     rows = borrowed_rows(model)
-    original_rows = [layer.self_attn.q_proj.weight.detach()[r].clone() for layer, r in zip(model.model.layers, rows)]
+    original_rows = [(layer.self_attn.q_proj.weight.detach()[r].clone(),
+                      None if layer.self_attn.q_proj.bias is None else layer.self_attn.q_proj.bias.detach()[r].clone())
+                     for layer, r in zip(model.model.layers, rows)]
     for name, p in model.named_parameters():
         p.requires_grad_(cfg.train == "all" or ".dms_proj_alpha" in name)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -270,7 +269,6 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     began = time.perf_counter()
     last = {}
     bar = _progress_bar(acc.is_main_process and progress, cfg.steps, start_step)
-    step = start_step
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         cr_target = ramped_cr(step, cfg)
@@ -336,13 +334,13 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
 
 def _shift_borrowed_rows(model, rows, original_rows, fraction: float) -> None:
-    """Remove `fraction` of the borrowed q_proj rows' original weights (and biases), keeping what training added."""
+    """Remove `fraction` of the borrowed q_proj rows' original weights and biases, keeping what training added."""
     with torch.no_grad():
-        for layer, r, orig in zip(model.model.layers, rows, original_rows):
+        for layer, r, (weight, bias) in zip(model.model.layers, rows, original_rows):
             q = layer.self_attn.q_proj
-            q.weight[r] -= fraction * orig.to(q.weight.device)
-            if q.bias is not None and fraction >= 1.0:
-                q.bias[r] = 0
+            q.weight[r] -= fraction * weight.to(q.weight.device)
+            if bias is not None:
+                q.bias[r] -= fraction * bias.to(q.bias.device)
 
 
 def _save_checkpoint(acc, checkpoints: Checkpoints, model, optimizer, trainable_names, step: int) -> None:
