@@ -137,7 +137,7 @@ def test_two_processes_match_one(base_dir, tmp_path):
          str(double), *common],
         capture_output=True, text=True, timeout=300, env=env,
     )
-    assert proc.returncode == 0, proc.stderr[:3000]
+    assert proc.returncode == 0, proc.stderr[-6000:]
     load = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     a, b = load(single), load(double)
     assert len(a) == len(b) == 20

@@ -187,8 +187,7 @@ class SlotLayer(CacheLayerMixin):
 
         if Q == 1:  # every live slot is visible: expiry already ran for this query
             self.pos.scatter_(2, slots, torch.full_like(slots, t0, dtype=torch.int32))
-            if decisions is not None:
-                self.flag.scatter_(2, slots, torch.zeros_like(slots, dtype=torch.bool))
+            self.flag.scatter_(2, slots, torch.zeros_like(slots, dtype=torch.bool))  # the new token's flag is pending
             live_per_head = self.live.sum(-1)  # (B, H)
             self.cache.accounting.record(self.layer_idx, live_per_head.sum(1, keepdim=True) * valid, live_per_head.sum(1))
             return self.bias[:, :, None, :]

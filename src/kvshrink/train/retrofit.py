@@ -215,10 +215,11 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         raise KVShrinkError("--data is required: a text/jsonl file, a folder, or teacher:FILE")
     cache_dir = Path(cfg.data_cache) if cfg.data_cache else out / "data-cache"
     model.to(acc.device)  # teacher samples are generated on the training device
-    if acc.is_main_process:  # one process tokenizes (and samples); the others read its cache
-        token_blocks(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed)
+    # one process tokenizes (and samples); the others read its cache
+    blocks = token_blocks(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed) if acc.is_main_process else None
     acc.wait_for_everyone()
-    blocks = token_blocks(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed)
+    if blocks is None:
+        blocks = token_blocks(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed)
     model.to("cpu")
 
     attach_dms(model, DMSConfig(window=cfg.window, decision=cfg.decision, target_cr=cfg.target_cr))
