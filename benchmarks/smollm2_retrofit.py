@@ -28,7 +28,7 @@ import kvshrink  # noqa: E402
 from kvshrink.generation import generate_ids  # noqa: E402
 from kvshrink.policies import DMSPolicy  # noqa: E402
 from kvshrink.train.retrofit import RetrofitConfig, retrofit  # noqa: E402
-from kvshrink.train.text import write_pydoc_data  # noqa: E402
+from kvshrink.train.text import write_if_changed, write_pydoc_data  # noqa: E402
 from kvshrink.zoo import pack_adapter  # noqa: E402
 
 WINDOW = 64
@@ -55,20 +55,30 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--n-prompts", type=int, default=256, help="teacher prompts (the train part holds ~240)")
+    parser.add_argument("--teacher-prompts", type=int, default=None,
+                        help="distil on the teacher's continuations of only the first N prompts (saves sampling time)")
+    parser.add_argument("--train", choices=["adapter", "all"], default="adapter",
+                        help="adapter: the release recipe (shipped); all: the paper's recipe (compared, not shipped)")
     args = parser.parse_args()
     base, tok = kvshrink.load("smollm2", device=args.device)
     device = next(base.parameters()).device
     info = write_pydoc_data(args.work / "pydoc", tok, n_prompts=args.n_prompts)
+    prompts_file = args.work / "pydoc" / "prompts.txt"
+    if args.teacher_prompts:
+        lines = prompts_file.read_text().splitlines()[:args.teacher_prompts]
+        prompts_file = args.work / "pydoc" / f"prompts-{len(lines)}.txt"
+        write_if_changed(prompts_file, "\n".join(lines) + "\n")
+        info["prompts"] = len(lines)
     held = tok((args.work / "pydoc" / "heldout.txt").read_text())["input_ids"]
     windows = [held[i * 1024:(i + 1) * 1024] for i in range(8)]
     prompts = [held[20_000 + i * 2048:20_000 + (i + 1) * 2048] for i in range(4)]
     base_ppl = perplexity(base, windows, device)
     print(f"data {info}; base held-out perplexity {base_ppl:.3f}", flush=True)
     for cr in args.crs:
-        name = f"smollm2-dms{cr:g}"
+        name = f"smollm2-dms{cr:g}" + ("" if args.train == "adapter" else "-all")
         cfg = RetrofitConfig(model="smollm2", out=str(args.work / name), target_cr=cr, window=WINDOW, steps=args.steps,
-                             data=f"teacher:{args.work / 'pydoc' / 'prompts.txt'}", batch_size=2, seq_len=512, lr=args.lr,
-                             train="adapter", decision="adapter", save_every=100, device=args.device,
+                             data=f"teacher:{prompts_file}", batch_size=2, seq_len=512, lr=args.lr,
+                             train=args.train, decision="adapter", save_every=100, device=args.device,
                              data_cache=str(args.work / "data-cache"), max_minutes=args.max_minutes,
                              resume=(args.work / name / "checkpoints" / "latest").exists())
         start = time.perf_counter()
@@ -77,11 +87,11 @@ def main():
         if last.get("step") != args.steps:
             print(f"{name}: stopped at step {last.get('step')}; rerun to resume", flush=True)
             continue
-        dest = pack_adapter(args.work / name, args.pack / name, base="smollm2")
+        dest = pack_adapter(args.work / name, args.pack / name, base="smollm2") if args.train == "adapter" else args.work / name
         model, _ = kvshrink.load(args.work / name, device=args.device)
         _, stats, _ = generate_ids(model, prompts, DMSPolicy(WINDOW), max_new_tokens=32)
         results = {
-            "target_cr": cr, "steps": args.steps, "lr": args.lr, "device": str(device),
+            "target_cr": cr, "train": args.train, "steps": args.steps, "lr": args.lr, "device": str(device),
             "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "wall_seconds": seconds,
             "seconds_per_step": seconds / args.steps, "reads_based_cr_2048": stats["compression_ratio"],
             "flag_based_cr_last_step": last["flag_cr"], "final_kl": last["kl"],

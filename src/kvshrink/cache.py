@@ -37,8 +37,12 @@ class Accounting:
     cached tokens (itself included; 0 for padding) and the peaks are updated. Counts stay on the device.
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int):
+    def __init__(self, n_layers: int, n_kv_heads: int, groups: torch.Tensor | None = None):
+        """groups: (B,) problem index of each sequence (W samples of one problem share one), so that a
+        problem's peak is the max over time of its samples' live tokens summed."""
         self.n_layers = n_layers
+        self.groups = groups
+        self.peak_tokens_per_group: torch.Tensor | None = None
         self.pairs = n_layers * n_kv_heads
         self.last_reads: torch.Tensor | None = None
         self.peak_tokens_per_seq: torch.Tensor | None = None  # (B,) max over time of live tokens
@@ -62,6 +66,10 @@ class Accounting:
             else:
                 self.peak_tokens_per_seq = torch.maximum(self.peak_tokens_per_seq, live_now)
                 self.peak_tokens_total = torch.maximum(self.peak_tokens_total, live_now.sum())
+            if self.groups is not None:
+                per_group = torch.zeros(int(self.groups.max()) + 1, dtype=live_now.dtype, device=live_now.device)
+                per_group.index_add_(0, self.groups.to(live_now.device), live_now)
+                self.peak_tokens_per_group = per_group if self.peak_tokens_per_group is None else torch.maximum(self.peak_tokens_per_group, per_group)
 
     def note_bytes(self, allocated: int) -> None:
         self.peak_bytes = max(self.peak_bytes, allocated)
@@ -254,7 +262,7 @@ class KVCache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        self.accounting = Accounting(self.accounting.n_layers, self.accounting.pairs // self.accounting.n_layers)
+        self.accounting = Accounting(self.accounting.n_layers, self.accounting.pairs // self.accounting.n_layers, self.accounting.groups)
 
     def allocated_bytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)

@@ -37,16 +37,10 @@ def generate(
     """Generate text under a cache policy and report KV reads, peak tokens, bytes and compression ratio."""
     from .generation import generate as run
     from .loading import load
-    from .policies import POLICY_NAMES
 
     if not prompt.strip():
         raise KVShrinkError("empty prompt: give some text to continue")
-    if cr is not None and cr < 1:
-        raise KVShrinkError(f"--cr must be >= 1 (got {cr}); 1 means no compression")
-    if window is not None and window < 0:
-        raise KVShrinkError(f"--window must be >= 0 (got {window})")
-    if policy is not None and policy not in POLICY_NAMES:
-        raise KVShrinkError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
+    _check_policy_options(policy, cr, window)
     m, tok = load(model, device=device, dtype=dtype)
     result = run(m, tok, prompt, policy, cr, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, n=n, seed=seed, chat=chat)
@@ -68,6 +62,62 @@ def generate(
     console.print(table)
 
 
+def _check_policy_options(policy: str | None, cr: float | None, window: int | None) -> None:
+    """Fail on bad policy options before a model is loaded (loading takes seconds)."""
+    from .policies import POLICY_NAMES
+
+    if cr is not None and cr < 1:
+        raise KVShrinkError(f"--cr must be >= 1 (got {cr}); 1 means no compression")
+    if window is not None and window < 0:
+        raise KVShrinkError(f"--window must be >= 0 (got {window})")
+    if policy is not None and policy not in POLICY_NAMES:
+        raise KVShrinkError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="a shipped name (e.g. tiny-dms8) or a local model folder"),
+    task: str = typer.Option(..., help="arith | vt | niah | hops"),
+    policy: Optional[str] = typer.Option(None, help="cache policy (default: dms on a DMS model, else none)"),
+    cr: Optional[float] = typer.Option(None, help="target compression ratio (>= 1)"),
+    window: Optional[int] = typer.Option(None, help="DMS window override (>= 0)"),
+    problems: int = typer.Option(100, help="number of problems"),
+    seed: int = typer.Option(0, help="problem seed (held out: training uses seeds >= 1,000,000)"),
+    difficulty: Optional[int] = typer.Option(None, help="task difficulty (default: the task's default)"),
+    width: int = typer.Option(1, help="samples per problem W (majority vote)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="generation length L (default: twice the longest worked solution + 16)"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
+    batch_size: int = typer.Option(8, help="problems per batch"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Accuracy and KV cost of a model on a synthetic task (greedy, batched, exact grading)."""
+    from .loading import load
+    from .tasks import task_module
+    from .tasks.evaluate import evaluate
+
+    task_module(task)
+    _check_policy_options(policy, cr, window)
+    m, tok = load(model, device=device)
+    result = evaluate(m, tok, task, policy, cr=cr, window=window, problems=problems, seed=seed, difficulty=difficulty,
+                      width=width, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      batch_size=batch_size, progress=not as_json)
+    summary = {k: v for k, v in result.items() if k != "results"}
+    if as_json:
+        print(json.dumps(summary))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model} on {task} (difficulty {result['difficulty']}, {result['problems']} problems)")
+    for key in ("accuracy", "pass_at_w", "kv_reads", "prefill_kv_reads", "peak_kv_tokens", "cache_bytes",
+                "compression_ratio", "seconds"):
+        value = summary[key]
+        table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else f"{value:,}")
+    Console().print(table)
+
+
 @app.command()
 def retrofit(
     model: str = typer.Argument(..., help="local HF model folder (Llama, Qwen2, Qwen3, Mistral)"),
@@ -75,7 +125,7 @@ def retrofit(
     target_cr: float = typer.Option(8.0, help="compression ratio to reach (>= 1)"),
     window: int = typer.Option(256, help="delayed-eviction window w (>= 0)"),
     steps: int = typer.Option(1000, help="optimizer steps"),
-    data: Optional[str] = typer.Option(None, help="text/jsonl file, folder, datasets folder, or teacher:FILE"),
+    data: Optional[str] = typer.Option(None, help="text/jsonl file, folder, datasets folder, teacher:FILE (teacher continues each line) or task:NAME[,NAME][:N] (teacher answers N generated problems per task)"),
     batch_size: int = typer.Option(2, help="sequences per step, over all processes"),
     grad_accum: int = typer.Option(1, help="gradient accumulation micro-steps"),
     seq_len: int = typer.Option(512, help="tokens per sequence"),
@@ -89,7 +139,7 @@ def retrofit(
     seed: int = typer.Option(0, help="data order and Gumbel noise seed"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
     stop_at: Optional[int] = typer.Option(None, help="checkpoint and stop after this step (resume later)"),
-    fsdp: bool = typer.Option(False, help="shard with FSDP instead of DDP (not available yet: refused)"),
+    fsdp: bool = typer.Option(False, help="shard weights, gradients and optimizer state with FSDP2 instead of DDP (under accelerate launch)"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):

@@ -86,8 +86,13 @@ def generate_ids(
     pad_token_id: int = 0,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     reserve: int = 0,
+    group: int = 1,
 ) -> tuple[list[list[int]], dict, dict]:
-    """Generate for token-id prompts. Returns (generated ids per sequence, stats, per-sequence tensors)."""
+    """Generate for token-id prompts. Returns (generated ids per sequence, stats, per-sequence tensors).
+
+    group: consecutive sequences that sample one problem (W = group); per_sequence["group_peak_kv_tokens"]
+    then holds each problem's peak of its samples' live tokens summed (SPEC 7).
+    """
     if max_new_tokens < 1:
         raise KVShrinkError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     if temperature < 0:
@@ -108,7 +113,10 @@ def generate_ids(
         attn[i, P - len(p):] = 1
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
 
+    if group < 1 or B % group:
+        raise KVShrinkError(f"{B} sequences do not split into problems of {group} samples")
     cache = KVCache(model, policy, reserve=reserve)
+    cache.accounting.groups = torch.arange(B, device=device) // group
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     reads = torch.zeros(B, dtype=torch.float64, device=device)
     prefill_reads = torch.zeros(B, dtype=torch.float64, device=device)
@@ -172,6 +180,7 @@ def generate_ids(
         "peak_kv_tokens": cache.accounting.peak_tokens_per_seq.cpu(),
         "prompt_tokens": lengths.cpu(),
         "generated_tokens": n_generated.cpu(),
+        "group_peak_kv_tokens": cache.accounting.peak_tokens_per_group.cpu(),
     }
     return tokens, stats, per_sequence
 
@@ -217,7 +226,7 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     tokens, stats, per_seq = generate_ids(
         model, ids, pol, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        eos_token_id=eos, pad_token_id=pad, prefill_chunk=prefill_chunk, reserve=reserve,
+        eos_token_id=eos, pad_token_id=pad, prefill_chunk=prefill_chunk, reserve=reserve, group=n,
     )
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return GenerationResult(texts=texts, tokens=tokens, stats=stats, per_sequence=per_seq)

@@ -5,6 +5,8 @@ Sources (`--data`):
 - a folder of such files (read in sorted order), or a folder written by `datasets.save_to_disk`,
 - `teacher:FILE`: one prompt per line of FILE; the teacher writes the continuations (the paper distils
   on the teacher's own outputs), which are cached with the blocks.
+- `task:NAME[,NAME...][:N]`: N generated problems per task (`kvshrink.tasks`, training seeds), chat-
+  formatted, answered by the teacher in the same way.
 Documents are joined with the EOS token and cut into blocks of `seq_len` tokens (the tail is dropped).
 """
 
@@ -18,6 +20,7 @@ import torch
 
 from ..errors import KVShrinkError
 
+TRAIN_SEED = 1_000_000  # task problems for training use seeds from here; evaluation's stay below
 TEXT_SUFFIXES_SKIP = {".safetensors", ".bin", ".pt", ".png", ".jpg", ".gz", ".zip", ".arrow", ".parquet"}
 
 
@@ -82,7 +85,7 @@ def pack(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Te
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def teacher_documents(prompts_file: str, model, tokenizer, max_new_tokens: int, seed: int, progress_file: Path | None = None) -> list[str]:
+def teacher_documents(prompts: list[str], model, tokenizer, max_new_tokens: int, seed: int, progress_file: Path | None = None) -> list[str]:
     """Prompts + the teacher's own sampled continuations (temperature 1), with transformers' generate:
     the teacher is the vanilla model, and its generate loop is the fastest one available for it.
 
@@ -92,9 +95,6 @@ def teacher_documents(prompts_file: str, model, tokenizer, max_new_tokens: int, 
     import torch
     from transformers import DynamicCache
 
-    prompts = [p for p in _read_text(Path(prompts_file)).splitlines() if p.strip()]
-    if not prompts:
-        raise KVShrinkError(f"{prompts_file} holds no prompts (one per line)")
     docs = []
     if progress_file is not None and progress_file.exists():
         docs = [json.loads(line)["text"] for line in progress_file.read_text().splitlines() if line.strip()]
@@ -119,27 +119,52 @@ def teacher_documents(prompts_file: str, model, tokenizer, max_new_tokens: int, 
     return docs
 
 
+def data_key(src: str, tokenizer, seq_len: int, seed: int) -> str:
+    """Cache key of a data source: its spec, the tokenizer, the block length and its files' stamps."""
+    stamp = [src, seq_len, getattr(tokenizer, "name_or_path", ""), len(tokenizer), seed]
+    if not src.startswith("task:"):
+        path = Path(src[len("teacher:"):] if src.startswith("teacher:") else src)
+        for f in ([path] if path.is_file() else sorted(path.rglob("*"))):
+            if f.is_file():
+                st = f.stat()
+                stamp += [str(f), st.st_size, st.st_mtime_ns]
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+
+
+def task_prompts(spec: str, tokenizer, seed: int) -> list[str]:
+    """`NAME[,NAME...][:N]` -> N chat-formatted problems per task (default 64), from training seeds
+    (TRAIN_SEED + seed), which evaluation's seeds (< TRAIN_SEED) never reach."""
+    from ..tasks import make_problems
+
+    names, _, count = spec.partition(":")
+    if count and not count.isdigit():
+        raise KVShrinkError(f"--data task:{spec}: give task:NAME[,NAME...][:N] with N a number of problems")
+    n = int(count) if count else 64
+    problems = [p for name in names.split(",") for p in make_problems(name.strip(), n, seed=TRAIN_SEED + seed)]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=False)
+            for p in problems]
+
+
 def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=None, seed: int = 0) -> torch.Tensor:
     """(N, seq_len) token blocks for `src`, cached in `cache_dir` by source, tokenizer and length."""
-    is_teacher = src.startswith("teacher:")
-    real = src[len("teacher:"):] if is_teacher else src
-    path = Path(real)
-    if not path.exists():
-        raise KVShrinkError(f"--data {real!r} not found: give a text/jsonl file, a folder of them, or teacher:FILE")
-    stamp = [src, seq_len, getattr(tokenizer, "name_or_path", ""), len(tokenizer), seed]
-    for f in ([path] if path.is_file() else sorted(path.rglob("*"))):
-        if f.is_file():
-            st = f.stat()
-            stamp += [str(f), st.st_size, st.st_mtime_ns]
-    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+    kind, _, rest = src.partition(":") if src.startswith(("teacher:", "task:")) else ("", "", src)
+    if kind != "task" and not Path(rest).exists():
+        raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, teacher:FILE or task:NAME")
+    key = data_key(src, tokenizer, seq_len, seed)
     cache_file = cache_dir / f"data-{key}.pt"
     if cache_file.exists():
         return torch.load(cache_file)
-    if is_teacher:
-        docs = teacher_documents(real, teacher, tokenizer, max_new_tokens=seq_len, seed=seed,
+    if kind:
+        if kind == "task":
+            prompts = task_prompts(rest, tokenizer, seed)
+        else:
+            prompts = [p for p in _read_text(Path(rest)).splitlines() if p.strip()]
+            if not prompts:
+                raise KVShrinkError(f"{rest} holds no prompts (one per line)")
+        docs = teacher_documents(prompts, teacher, tokenizer, max_new_tokens=seq_len, seed=seed,
                                  progress_file=cache_dir / f"teacher-{key}.partial.jsonl")
     else:
-        docs = read_documents(real)
+        docs = read_documents(rest)
     blocks = pack([tokenizer(d)["input_ids"] for d in docs], tokenizer.eos_token_id, seq_len)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")

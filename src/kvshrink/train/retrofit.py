@@ -79,6 +79,9 @@ class RetrofitConfig:
             raise KVShrinkError("--train adapter --decision neuron trains nothing: the neuron variant needs --train all")
         if self.neuron_decay not in ("instant", "linear"):
             raise KVShrinkError(f"--neuron-decay must be 'instant' or 'linear' (got {self.neuron_decay!r})")
+        if self.fsdp and self.decision == "neuron" and self.neuron_decay == "linear":
+            raise KVShrinkError("--neuron-decay linear edits weight rows in place, which sharded weights do not allow: "
+                                "use --neuron-decay instant with --fsdp")
         if self.batch_size < 1 or self.seq_len < 2 or self.grad_accum < 1:
             raise KVShrinkError("--batch-size, --grad-accum must be >= 1 and --seq-len >= 2")
         if self.lr is None:
@@ -198,10 +201,10 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     if not cfg.resume and checkpoints.latest() is not None:
         raise KVShrinkError(f"{out} already holds a retrofit; pass --resume to continue it or choose another --out")
 
-    if cfg.fsdp:
-        raise KVShrinkError("--fsdp is not available yet (checkpoints do not gather sharded state); use the default DDP")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
+    acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16", fsdp_plugin=_fsdp_plugin() if cfg.fsdp else None)
+    if cfg.fsdp and acc.num_processes < 2:
+        raise KVShrinkError("--fsdp shards over processes: start it with `accelerate launch --multi_gpu --num_processes N`")
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise KVShrinkError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum = {world * cfg.grad_accum}")
@@ -212,7 +215,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         raise KVShrinkError(f"{cfg.model} already has DMS; retrofit its base model instead")
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.train == "all" else None
     if cfg.data is None:
-        raise KVShrinkError("--data is required: a text/jsonl file, a folder, or teacher:FILE")
+        raise KVShrinkError("--data is required: a text/jsonl file, a folder, teacher:FILE or task:NAME")
     cache_dir = Path(cfg.data_cache) if cfg.data_cache else out / "data-cache"
     model.to(acc.device)  # teacher samples are generated on the training device
     # one process tokenizes (and samples); the others read its cache
@@ -244,7 +247,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
             params = dict(model.named_parameters())
             for name in trainable_names:
                 params[name].copy_(trainable[name])
-        optimizer.load_state_dict(opt_state)
+        if not cfg.fsdp:
+            optimizer.load_state_dict(opt_state)
         start_step = state["step"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -252,6 +256,11 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     if teacher is not None:
         teacher.to(acc.device)
     model, optimizer = acc.prepare(model, optimizer)
+    if resume_from is not None and cfg.fsdp:  # the saved state is the unsharded optimizer's: shard it now
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, _named_optimizer_state(opt_state, trainable_names),
+                                 options=StateDictOptions(full_state_dict=True))
     model.train()
     inner = acc.unwrap_model(model)
 
@@ -320,16 +329,18 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         out_of_time = (cfg.max_minutes is not None and (time.perf_counter() - began) / 60 > cfg.max_minutes) or (
             cfg.stop_at is not None and step + 1 >= cfg.stop_at)
         if done or out_of_time or (step + 1) % cfg.save_every == 0:
-            _save_checkpoint(acc, checkpoints, inner, optimizer, trainable_names, step + 1)
+            _save_checkpoint(acc, checkpoints, model, optimizer, trainable_names, step + 1, cfg.fsdp)
         if out_of_time and not done:
             if acc.is_main_process:
                 print(f"stopped after step {step + 1} (--max-minutes / --stop-at); continue with --resume")
             break
     if bar is not None:
         bar.stop()
-    if acc.is_main_process and last.get("step") == cfg.steps:
-        inner.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+    if last.get("step") == cfg.steps:
+        full = _full_model_state(model) if cfg.fsdp else None  # every process takes part in gathering shards
+        if acc.is_main_process:
+            inner.save_pretrained(out, state_dict=full, safe_serialization=True)
+            tokenizer.save_pretrained(out)
     acc.wait_for_everyone()
     return last
 
@@ -344,12 +355,49 @@ def _shift_borrowed_rows(model, rows, original_rows, fraction: float) -> None:
                 q.bias[r] -= fraction * bias.to(q.bias.device)
 
 
-def _save_checkpoint(acc, checkpoints: Checkpoints, model, optimizer, trainable_names, step: int) -> None:
+def _fsdp_plugin():
+    """FSDP2, one shard unit per decoder layer (the model's `_no_split_modules`)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
+
+
+def _full_model_state(model) -> dict:
+    """The unsharded state dict of an FSDP model: a collective (every process calls it; the main one gets it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _named_optimizer_state(indexed: dict, names: list[str]) -> dict:
+    """Plain `optimizer.state_dict()` (parameters by position) -> the same keyed by parameter name."""
+    return {"state": {names[i]: s for i, s in indexed["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in indexed["param_groups"]]}
+
+
+def _indexed_optimizer_state(named: dict, names: list[str]) -> dict:
+    position = {n: i for i, n in enumerate(names)}
+    return {"state": {position[n]: s for n, s in named["state"].items()},
+            "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in named["param_groups"]]}
+
+
+def _save_checkpoint(acc, checkpoints: Checkpoints, model, optimizer, trainable_names, step: int, fsdp: bool) -> None:
+    """Checkpoints always hold the unsharded state (what one process would have), so a run can resume
+    with another number of processes, with or without FSDP."""
     acc.wait_for_everyone()
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = _full_model_state(model)
+        named = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        opt_state = _indexed_optimizer_state(named, trainable_names) if acc.is_main_process else None
+    else:
+        full = dict(acc.unwrap_model(model).named_parameters())
+        opt_state = optimizer.state_dict()
     if acc.is_main_process:
-        params = dict(model.named_parameters())
         state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-        checkpoints.save(step, {n: params[n] for n in trainable_names}, optimizer.state_dict(), state)
+        checkpoints.save(step, {n: full[n] for n in trainable_names}, opt_state, state)
     acc.wait_for_everyone()
 
 

@@ -1,0 +1,321 @@
+"""Vanilla SmolLM2-135M-Instruct vs its DMS retrofits on held-out Python-docs text (never trained on).
+
+    python benchmarks/smollm2_eval.py --models smollm2-dms4 smollm2-dms8 [--work runs/smollm2-eval]
+        [--parts ppl agree passkey speed] [--device cpu] [--max-minutes M]
+
+Every result is appended to WORK/records.jsonl as soon as it exists, keyed by (part, model, item), so an
+interrupted or time-limited run continues where it stopped and the passkey trials can be split across
+runs; `--report` (the default at the end) turns the records into docs/results/smollm2.md + .png.
+
+Parts (vanilla = the same base with no eviction, teacher = vanilla in every comparison):
+- ppl: teacher forcing over the whole held-out text cut into 4,096-token windows (51,309 scored tokens):
+  perplexity, and mean per-token KL(vanilla || model), by position bucket in the window (contexts up
+  to 4k). DMS models run the whole-sequence delayed-eviction mask with their hard decisions, which the
+  tests prove equal to the cache; the flag-based CR is reported.
+- agree: 100 prompts of 512 held-out tokens (>= 4 w), 128 greedy tokens each through the kvshrink cache;
+  the number of leading tokens identical to vanilla's.
+- passkey: a 5-digit key hidden at a random depth of held-out filler, asked for through the chat
+  template; context L = prompt + 32 new tokens; 100 trials at 1k and 2k, 30 at 4k and 8k, the same
+  trials for every model (paired). Success = the key appears in the answer.
+- speed: one 8,160-token prompt, 64 greedy tokens: reads-based CR, peak cache bytes, decode tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import kvshrink  # noqa: E402
+from kvshrink.compare import leading_agreement  # noqa: E402
+from kvshrink.generation import generate_ids, resolve_policy  # noqa: E402
+from kvshrink.train.text import pydoc_split  # noqa: E402
+
+VANILLA = "smollm2"
+WINDOW_TOKENS = 4096
+BUCKETS = [(0, 1024), (1024, 2048), (2048, 4096)]
+PASSKEY_TRIALS = {1024: 100, 2048: 100, 4096: 30, 8192: 30}
+PASSKEY_NEW = 32
+AGREE_PROMPTS, AGREE_LEN, AGREE_NEW = 100, 512, 128
+SPEED_PROMPT, SPEED_NEW = 8160, 64
+
+
+class Records:
+    """Append-only results file: one JSON object per finished item."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        self.done = {(r["part"], r["model"], r["item"]) for r in self.rows}
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.done.add((row["part"], row["model"], row["item"]))
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def get(self, part: str) -> list[dict]:
+        return [r for r in self.rows if r["part"] == part]
+
+
+# -- items -----------------------------------------------------------------------------------------------
+def ppl_windows(held_ids: list[int]) -> list[list[int]]:
+    return [held_ids[i:i + WINDOW_TOKENS] for i in range(0, len(held_ids), WINDOW_TOKENS) if len(held_ids[i:i + WINDOW_TOKENS]) > 1]
+
+
+def agree_prompts(held_ids: list[int]) -> list[list[int]]:
+    stride = (len(held_ids) - AGREE_LEN) // AGREE_PROMPTS
+    return [held_ids[i * stride:i * stride + AGREE_LEN] for i in range(AGREE_PROMPTS)]
+
+
+def passkey_prompt(tok, held_ids: list[int], context: int, trial: int) -> tuple[list[int], str]:
+    """A chat prompt of context - PASSKEY_NEW tokens hiding a 5-digit key at a random depth."""
+    rng = random.Random(context * 100_003 + trial)
+    key = str(rng.randint(10_000, 99_999))
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "\n\nWhat is the pass key? Answer with the number only."
+    intro = "There is a pass key hidden inside the text below. Find it and remember it.\n\n"
+    shell = len(tok.apply_chat_template([{"role": "user", "content": intro + needle + question}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False))
+    n_filler = context - PASSKEY_NEW - shell
+    start = rng.randrange(0, len(held_ids) - n_filler)
+    filler = held_ids[start:start + n_filler]
+    depth = rng.randrange(0, n_filler + 1)
+    text = intro + tok.decode(filler[:depth]) + needle + tok.decode(filler[depth:]) + question
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    return ids[-(context - PASSKEY_NEW):] if len(ids) > context - PASSKEY_NEW else ids, key
+
+
+# -- parts -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def run_ppl(models, vanilla, held_ids, rec: Records, device, deadline):
+    for w, window in enumerate(ppl_windows(held_ids)):
+        todo = [m for m in models if ("ppl", m, w) not in rec.done]
+        if not todo or time.time() > deadline:
+            continue
+        ids = torch.tensor([window], device=device)
+        ref = F.log_softmax(vanilla(ids, use_cache=False).logits[0, :-1].float(), -1)
+        for name in todo:
+            model = models[name]
+            flags = []
+            logp = ref if model is vanilla else F.log_softmax(model(ids, use_cache=False, dms_collect=flags).logits[0, :-1].float(), -1)
+            nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
+            kl = (ref.exp() * (ref - logp)).sum(-1)
+            evicted = float(torch.stack([f["flags"].float().mean() for f in flags]).mean()) if flags else 0.0
+            rec.add({"part": "ppl", "model": name, "item": w, "nll": nll.tolist(), "kl": kl.tolist(), "evict_rate": evicted})
+            print(f"ppl window {w} {name}: ppl {math.exp(float(nll.mean())):.3f} kl {float(kl.mean()):.4f}", flush=True)
+
+
+def _policy(model):
+    return resolve_policy(model, None)
+
+
+def run_agree(models, held_ids, rec: Records, batch: int, deadline):
+    prompts = agree_prompts(held_ids)
+    for name, model in models.items():
+        for s in range(0, len(prompts), batch):
+            if ("agree", name, s) in rec.done or time.time() > deadline:
+                continue
+            tokens, stats, per_seq = generate_ids(model, prompts[s:s + batch], _policy(model), max_new_tokens=AGREE_NEW)
+            cr = (per_seq["vanilla_kv_reads"] / per_seq["kv_reads"]).tolist()
+            rec.add({"part": "agree", "model": name, "item": s, "tokens": tokens, "cr": cr})
+            print(f"agree {name} prompts {s}-{s + batch}: CR {stats['compression_ratio']:.2f}", flush=True)
+
+
+def run_passkey(models, tok, held_ids, rec: Records, contexts, deadline):
+    for context in contexts:
+        batch = max(1, 8192 // context)
+        trials = list(range(PASSKEY_TRIALS[context]))
+        for name, model in models.items():
+            for s in range(0, len(trials), batch):
+                item = f"{context}:{s}"
+                if ("passkey", name, item) in rec.done or time.time() > deadline:
+                    continue
+                built = [passkey_prompt(tok, held_ids, context, t) for t in trials[s:s + batch]]
+                tokens, stats, per_seq = generate_ids(model, [p for p, _ in built], _policy(model), max_new_tokens=PASSKEY_NEW,
+                                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+                answers = [tok.decode(t, skip_special_tokens=True) for t in tokens]
+                rec.add({"part": "passkey", "model": name, "item": item, "context": context, "trials": trials[s:s + batch],
+                         "keys": [k for _, k in built], "answers": answers, "ok": [k in a for (_, k), a in zip(built, answers)],
+                         "cr": stats["compression_ratio"]})
+                print(f"passkey {context} {name} trials {s}+: {sum(k in a for (_, k), a in zip(built, answers))}/{len(built)}", flush=True)
+
+
+def run_speed(models, held_ids, rec: Records, deadline):
+    prompt = held_ids[:SPEED_PROMPT]
+    for name, model in models.items():
+        if ("speed", name, 0) in rec.done or time.time() > deadline:
+            continue
+        _, stats, _ = generate_ids(model, [prompt], _policy(model), max_new_tokens=SPEED_NEW)
+        rec.add({"part": "speed", "model": name, "item": 0, "device": str(next(model.parameters()).device), **stats})
+        print(f"speed {name}: {json.dumps(stats)}", flush=True)
+
+
+# -- report ----------------------------------------------------------------------------------------------
+def paired_ci(a: list[bool], b: list[bool]) -> tuple[float, float]:
+    """Mean of b - a over paired trials (points) and its normal-approximation 95% half-width."""
+    d = [int(y) - int(x) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(1, n - 1)
+    return 100 * mean, 100 * 1.96 * math.sqrt(var / n)
+
+
+def report(rec: Records, names: list[str], out_md: Path, command: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["# SmolLM2-135M-Instruct: vanilla vs DMS retrofits on held-out text", "",
+             f"Command: `{command}`", "",
+             "Held-out text: odd-indexed topics of CPython's `pydoc_data.topics` (`kvshrink.train.text`), never seen in "
+             "training. Vanilla is the base model with no eviction.", ""]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ppl_rows = rec.get("ppl")
+    if ppl_rows:
+        lines += ["## Teacher-forced perplexity and KL(vanilla || model)", "",
+                  "4,096-token windows over the whole held-out text; columns by the scored token's position in its window.", "",
+                  "| model | tokens | ppl | ppl vs vanilla | KL | ppl 0-1k | ppl 1k-2k | ppl 2k-4k | KL 2k-4k | flag-based CR |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        base_ppl = None
+        for name in names:
+            rows = sorted((r for r in ppl_rows if r["model"] == name), key=lambda r: r["item"])
+            if not rows:
+                continue
+            nll = [x for r in rows for x in r["nll"]]
+            kl = [x for r in rows for x in r["kl"]]
+            ppl = math.exp(sum(nll) / len(nll))
+            base_ppl = ppl if name == VANILLA else base_ppl
+            by = []
+            for lo, hi in BUCKETS:
+                seg = [x for r in rows for x in r["nll"][lo:hi]]
+                by.append(math.exp(sum(seg) / len(seg)) if seg else float("nan"))
+            kl_far = [x for r in rows for x in r["kl"][2048:]]
+            evict = sum(r["evict_rate"] for r in rows) / len(rows)
+            rel = f"{100 * (ppl / base_ppl - 1):+.2f}%" if base_ppl else "-"
+            lines.append(f"| {name} | {len(nll):,} | {ppl:.3f} | {rel} | {sum(kl) / len(kl):.4f} | {by[0]:.3f} | {by[1]:.3f} | "
+                         f"{by[2]:.3f} | {sum(kl_far) / max(1, len(kl_far)):.4f} | {1 / max(1e-9, 1 - evict):.2f} |")
+            axes[0].plot([f"{lo // 1024}-{hi // 1024}k" for lo, hi in BUCKETS], by, marker="o", label=name)
+        axes[0].set_title("held-out perplexity by context position")
+        axes[0].set_ylabel("perplexity")
+        axes[0].legend()
+        lines.append("")
+    agree_rows = rec.get("agree")
+    if agree_rows:
+        lines += ["## Greedy agreement with vanilla", "",
+                  f"{AGREE_PROMPTS} held-out prompts of {AGREE_LEN} tokens, {AGREE_NEW} greedy tokens each, kvshrink cache.", "",
+                  "| model | prompts | mean leading tokens identical to vanilla | all 128 identical | reads-based CR |", "|---|---|---|---|---|"]
+        ref = {s: t for r in agree_rows if r["model"] == VANILLA for s, t in zip(range(r["item"], r["item"] + len(r["tokens"])), r["tokens"])}
+        for name in names:
+            got = {s: (t, c) for r in agree_rows if r["model"] == name
+                   for s, t, c in zip(range(r["item"], r["item"] + len(r["tokens"])), r["tokens"], r["cr"])}
+            common = sorted(set(got) & set(ref))
+            if not common:
+                continue
+            lead = [leading_agreement(ref[i], got[i][0]) for i in common]
+            lines.append(f"| {name} | {len(common)} | {sum(lead) / len(lead):.1f} | {sum(x == AGREE_NEW for x in lead)} | "
+                         f"{sum(got[i][1] for i in common) / len(common):.2f} |")
+        lines.append("")
+    pk_rows = rec.get("passkey")
+    if pk_rows:
+        lines += ["## Passkey retrieval", "",
+                  "A 5-digit key at a random depth of held-out filler, asked through the chat template; the same trials for every "
+                  "model. Difference to vanilla in points with a paired 95% interval (normal approximation).", "",
+                  "| context | model | trials | accuracy | vs vanilla (paired) | reads-based CR |", "|---|---|---|---|---|---|"]
+        for context in PASSKEY_TRIALS:
+            def trials(name):
+                return {t: ok for r in pk_rows if r["model"] == name and r["context"] == context for t, ok in zip(r["trials"], r["ok"])}
+            base = trials(VANILLA)
+            accs = []
+            for name in names:
+                mine = trials(name)
+                if not mine:
+                    continue
+                cr = [r["cr"] for r in pk_rows if r["model"] == name and r["context"] == context]
+                common = sorted(set(mine) & set(base))
+                diff = "-"
+                if name != VANILLA and common:
+                    m, h = paired_ci([base[t] for t in common], [mine[t] for t in common])
+                    diff = f"{m:+.1f} ± {h:.1f} (n={len(common)})"
+                lines.append(f"| {context} | {name} | {len(mine)} | {100 * sum(mine.values()) / len(mine):.0f}% | {diff} | "
+                             f"{sum(cr) / len(cr):.2f} |")
+                accs.append((name, 100 * sum(mine.values()) / len(mine)))
+        for name in names:
+            pts = [(c, 100 * sum(ok for r in pk_rows if r["model"] == name and r["context"] == c for ok in r["ok"]) /
+                    max(1, sum(len(r["ok"]) for r in pk_rows if r["model"] == name and r["context"] == c))) for c in PASSKEY_TRIALS
+                   if any(r["model"] == name and r["context"] == c for r in pk_rows)]
+            if pts:
+                axes[1].plot([c for c, _ in pts], [a for _, a in pts], marker="o", label=name)
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_title("passkey accuracy")
+        axes[1].set_xlabel("context tokens")
+        axes[1].set_ylabel("% correct")
+        axes[1].legend()
+        lines.append("")
+    speed_rows = rec.get("speed")
+    if speed_rows:
+        lines += ["## 8k context: cache and speed", "",
+                  f"One {SPEED_PROMPT:,}-token held-out prompt, {SPEED_NEW} greedy tokens, batch 1.", "",
+                  "| model | device | reads-based CR | peak cache bytes | peak KV tokens | decode tokens/s | prefill s |", "|---|---|---|---|---|---|---|"]
+        for name in names:
+            for r in speed_rows:
+                if r["model"] == name:
+                    lines.append(f"| {name} | {r['device']} | {r['compression_ratio']:.2f} | {r['cache_bytes'] / 2**20:.1f} MiB | "
+                                 f"{r['peak_kv_tokens']:.0f} | {r['decode_tokens_per_second']:.1f} | {r['prefill_seconds']:.1f} |")
+        lines.append("")
+    fig.tight_layout()
+    fig.savefig(out_md.with_suffix(".png"), dpi=120)
+    lines += [f"![perplexity and passkey]({out_md.with_suffix('.png').name})", ""]
+    out_md.write_text("\n".join(lines))
+    print(f"wrote {out_md}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["smollm2-dms4", "smollm2-dms8"], help="DMS models (names or folders)")
+    parser.add_argument("--work", type=Path, default=Path("runs/smollm2-eval"))
+    parser.add_argument("--parts", nargs="+", default=["ppl", "agree", "passkey", "speed"])
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(PASSKEY_TRIALS))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--agree-batch", type=int, default=25)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new items after this long")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "smollm2.md")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    rec = Records(args.work / "records.jsonl")
+    names = [VANILLA, *args.models]
+    command = "python benchmarks/smollm2_eval.py --models " + " ".join(args.models)
+    if not args.report_only:
+        deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
+        vanilla, tok = kvshrink.load(VANILLA, device=args.device)
+        models = {VANILLA: vanilla, **{m: kvshrink.load(m, device=args.device)[0] for m in args.models}}
+        for m in models.values():
+            m.eval()
+        device = next(vanilla.parameters()).device
+        _, held = pydoc_split()
+        held_ids = tok(held)["input_ids"]
+        if "ppl" in args.parts:
+            run_ppl(models, vanilla, held_ids, rec, device, deadline)
+        if "agree" in args.parts:
+            run_agree(models, held_ids, rec, args.agree_batch, deadline)
+        if "passkey" in args.parts:
+            run_passkey(models, tok, held_ids, rec, args.contexts, deadline)
+        if "speed" in args.parts:
+            run_speed(models, held_ids, rec, deadline)
+    report(rec, names, args.out, command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Synthetic reasoning tasks with exact answers: generators (seed, difficulty), brute-force solvers and
+graders that read the final answer after the `Answer:` marker of free-form output.
+
+Every task module defines `DEFAULT_DIFFICULTY`, `generate(rng, difficulty) -> Problem` and
+`solve(facts) -> answer` (the brute-force solver, from the problem's stated facts alone). A problem's
+`solution` is the worked answer (the chain of thought, then the marker line) that fine-tuning
+teaches; `grade` compares the extracted answer with `answer` exactly.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ..errors import KVShrinkError
+from . import arith, hops, niah, vt
+from .common import Problem, extract_answer
+
+TASKS = {"arith": arith, "vt": vt, "niah": niah, "hops": hops}
+
+
+def task_module(name: str):
+    if name not in TASKS:
+        raise KVShrinkError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def make_problems(name: str, n: int, seed: int = 0, difficulty: int | None = None) -> list[Problem]:
+    """`n` problems of task `name`; the same (name, seed, difficulty) always gives the same problems,
+    and problem i does not depend on n."""
+    mod = task_module(name)
+    d = mod.DEFAULT_DIFFICULTY if difficulty is None else difficulty
+    if d < 1:
+        raise KVShrinkError(f"--difficulty must be >= 1 (got {d})")
+    if n < 1:
+        raise KVShrinkError(f"--problems must be >= 1 (got {n})")
+    return [mod.generate(random.Random(f"{name}/{seed}/{d}/{i}"), d) for i in range(n)]
+
+
+def grade(problem: Problem, output: str) -> bool:
+    """True when the answer after the last `Answer:` in `output` equals the problem's answer."""
+    return extract_answer(output, problem.kind) == problem.answer
+
+
+__all__ = ["TASKS", "Problem", "make_problems", "grade", "task_module", "extract_answer"]

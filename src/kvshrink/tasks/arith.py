@@ -1,0 +1,45 @@
+"""`arith`: a running total through `difficulty` operations, solved by writing one line per step.
+
+    Start with 7. Then add 5, multiply by 3, subtract 4, ... What is the result?
+    7 + 5 = 12 / 12 * 3 = 36 / 36 - 4 = 32 / Answer: 32
+
+Values stay in [0, 999] (operations are drawn among those that keep them there), so every step is a
+small, checkable computation and a longer chain simply needs more of them.
+"""
+
+from __future__ import annotations
+
+from .common import MARKER, Problem
+
+DEFAULT_DIFFICULTY = 4  # steps
+WORDS = {"+": "add", "-": "subtract", "*": "multiply by"}
+
+
+def _apply(value: int, op: str, x: int) -> int:
+    return value + x if op == "+" else value - x if op == "-" else value * x
+
+
+def generate(rng, difficulty: int) -> Problem:
+    value = start = rng.randint(1, 99)
+    steps = []
+    for _ in range(difficulty):
+        choices = [("+", rng.randint(1, 99)), ("-", rng.randint(1, 99)), ("*", rng.randint(2, 9))]
+        legal = [(op, x) for op, x in choices if 0 <= _apply(value, op, x) <= 999]
+        op, x = rng.choice(legal)  # never empty: "+" is legal up to 900, "-" above it
+        steps.append((op, x))
+        value = _apply(value, op, x)
+    ops = ", ".join(f"{WORDS[op]} {x}" for op, x in steps)
+    prompt = f"Start with {start}. Then {ops}. What is the result? Work it out step by step."
+    lines, v = [], start
+    for op, x in steps:
+        lines.append(f"{v} {op} {x} = {_apply(v, op, x)}")
+        v = _apply(v, op, x)
+    facts = {"start": start, "steps": steps}
+    return Problem("arith", difficulty, prompt, "\n".join(lines) + f"\n{MARKER} {v}", solve(facts), "int", facts)
+
+
+def solve(facts: dict) -> int:
+    value = facts["start"]
+    for op, x in facts["steps"]:
+        value = _apply(value, op, x)
+    return value

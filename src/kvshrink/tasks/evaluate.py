@@ -1,0 +1,91 @@
+"""`kvshrink eval`: a task's problems through a cache policy, batched, W samples per problem, graded.
+
+Accounting (SPEC 7): `kv_reads`, `prefill_kv_reads` and `peak_kv_tokens` are per-problem means (a
+problem's peak is the max over time of its W samples' live tokens summed); `compression_ratio` is the
+reads-based ratio over all generated tokens; `cache_bytes` the largest batch's peak allocation.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import KVShrinkError
+from ..scaling import majority_vote
+from . import extract_answer, make_problems
+
+
+def encode_problem(tokenizer, prompt: str) -> list[int]:
+    """Through the chat template when the tokenizer has one (instruct models), else prompt + blank line."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+    return tokenizer(prompt + "\n\n")["input_ids"]
+
+
+def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = None, window: int | None = None,
+             problems: int = 100, seed: int = 0, difficulty: int | None = None, width: int = 1,
+             max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+             batch_size: int = 8, progress: bool = False) -> dict:
+    """Accuracy (majority vote of `width` samples) and cost of `problems` problems. Greedy when
+    temperature == 0 (then width > 1 repeats one answer). Returns the JSON of SPEC section 6 plus
+    `pass_at_w` and per-problem `results`."""
+    from ..generation import generate_ids, resolve_policy
+
+    if width < 1:
+        raise KVShrinkError(f"--width must be >= 1 (got {width})")
+    if batch_size < 1:
+        raise KVShrinkError(f"--batch-size must be >= 1 (got {batch_size})")
+    items = make_problems(task, problems, seed=seed, difficulty=difficulty)
+    if max_new_tokens is None:  # room for twice the longest worked solution
+        max_new_tokens = 16 + 2 * max(len(tokenizer(p.solution)["input_ids"]) for p in items)
+    pol = resolve_policy(model, policy, cr, window)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    totals = {"kv_reads": 0.0, "vanilla_kv_reads": 0.0, "prefill_kv_reads": 0.0, "peak_kv_tokens": 0.0}
+    cache_bytes, results = 0, []
+    bar = _bar(progress, len(items), f"{task} ({pol.describe()['policy']})")
+    start = time.perf_counter()
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        ids = [encode_problem(tokenizer, p.prompt) for p in chunk for _ in range(width)]
+        tokens, stats, per_seq = generate_ids(model, ids, pol, max_new_tokens=max_new_tokens, temperature=temperature,
+                                              top_p=top_p, seed=seed + s, eos_token_id=eos, pad_token_id=pad, group=width)
+        for key in ("kv_reads", "vanilla_kv_reads", "prefill_kv_reads"):
+            totals[key] += float(per_seq[key].sum())
+        totals["peak_kv_tokens"] += float(per_seq["group_peak_kv_tokens"].sum())
+        cache_bytes = max(cache_bytes, stats["cache_bytes"])
+        for i, p in enumerate(chunk):
+            texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens[i * width:(i + 1) * width]]
+            answers = [extract_answer(t, p.kind) for t in texts]
+            results.append({"answer": _jsonable(p.answer), "voted": _jsonable(majority_vote(answers)),
+                            "correct": majority_vote(answers) == p.answer, "any_correct": p.answer in answers,
+                            "output": texts[0]})
+        if bar is not None:
+            bar.update(bar.task_ids[0], advance=len(chunk))
+    if bar is not None:
+        bar.stop()
+    n = len(items)
+    return {
+        "task": task, "difficulty": items[0].difficulty, "policy": pol.describe()["policy"], "width": width,
+        "max_new_tokens": max_new_tokens, "problems": n,
+        "accuracy": sum(r["correct"] for r in results) / n, "pass_at_w": sum(r["any_correct"] for r in results) / n,
+        "kv_reads": totals["kv_reads"] / n, "prefill_kv_reads": totals["prefill_kv_reads"] / n,
+        "peak_kv_tokens": totals["peak_kv_tokens"] / n, "cache_bytes": cache_bytes,
+        "compression_ratio": totals["vanilla_kv_reads"] / totals["kv_reads"] if totals["kv_reads"] else 1.0,
+        "seconds": time.perf_counter() - start, "results": results,
+    }
+
+
+def _jsonable(answer):
+    return sorted(answer) if isinstance(answer, frozenset) else list(answer) if isinstance(answer, tuple) else answer
+
+
+def _bar(enabled: bool, total: int, label: str):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+    bar.add_task(label, total=total)
+    bar.start()
+    return bar

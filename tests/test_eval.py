@@ -1,0 +1,59 @@
+"""`kvshrink eval`: batched task evaluation with W samples, majority vote and per-problem accounting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import kvshrink
+from kvshrink.generation import generate_ids
+from kvshrink.policies import make_policy
+from kvshrink.scaling import majority_vote
+from kvshrink.tasks import grade, make_problems
+from kvshrink.tasks.evaluate import encode_problem, evaluate
+
+
+def test_majority_vote():
+    assert majority_vote([3, 5, 5, None]) == 5
+    assert majority_vote([3, 5]) == 3  # a tie goes to the first seen
+    assert majority_vote([None, None]) is None
+    assert majority_vote([frozenset({"A"}), frozenset({"A"}), frozenset({"B"})]) == frozenset({"A"})
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return kvshrink.load("smollm2")
+
+
+def test_eval_accounting_matches_generation(smollm2):
+    """Per-problem means equal those of the same batch generated directly; W samples of a problem
+    peak together (their live tokens summed), and greedy samples are identical."""
+    model, tok = smollm2
+    result = evaluate(model, tok, "arith", "none", problems=3, width=2, max_new_tokens=6, batch_size=2)
+    assert result["problems"] == 3 and result["width"] == 2 and result["compression_ratio"] == 1.0
+    problems = make_problems("arith", 3)
+    ids = [encode_problem(tok, p.prompt) for p in problems]
+    _, _, per_seq = generate_ids(model, ids, make_policy("none"), max_new_tokens=6, eos_token_id=tok.eos_token_id)
+    assert result["kv_reads"] == pytest.approx(2 * float(per_seq["kv_reads"].sum()) / 3)
+    assert result["prefill_kv_reads"] == pytest.approx(2 * float(per_seq["prefill_kv_reads"].sum()) / 3)
+    assert result["peak_kv_tokens"] == pytest.approx(2 * float(per_seq["peak_kv_tokens"].sum()) / 3)
+    for r, p in zip(result["results"], problems):
+        assert r["correct"] == grade(p, r["output"])
+
+
+def test_eval_cli_json_and_errors(smollm2):
+    proc = subprocess.run([sys.executable, "-m", "kvshrink", "eval", "smollm2", "--task", "hops", "--problems", "2",
+                           "--max-new-tokens", "4", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for key in ("accuracy", "problems", "kv_reads", "peak_kv_tokens", "compression_ratio", "seconds", "pass_at_w",
+                "prefill_kv_reads", "cache_bytes"):
+        assert key in out
+    assert 0.0 <= out["accuracy"] <= 1.0 and out["problems"] == 2
+    for args, message in [(["--task", "chess"], "unknown task 'chess'"), (["--task", "vt", "--width", "0"], "--width must be >= 1"),
+                          (["--task", "vt", "--cr", "0.5"], "--cr must be >= 1")]:
+        proc = subprocess.run([sys.executable, "-m", "kvshrink", "eval", "smollm2", *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
