@@ -99,8 +99,8 @@ def passkey_prompt(tok, held_ids: list[int], context: int, trial: int) -> tuple[
 
 # -- parts -----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def run_ppl(models, vanilla, held_ids, rec: Records, device, deadline):
-    for w, window in enumerate(ppl_windows(held_ids)):
+def run_ppl(models, vanilla, held_ids, rec: Records, device, deadline, limit=None):
+    for w, window in enumerate(ppl_windows(held_ids)[:limit]):
         todo = [m for m in models if ("ppl", m, w) not in rec.done]
         if not todo or time.time() > deadline:
             continue
@@ -121,8 +121,8 @@ def _policy(model):
     return resolve_policy(model, None)
 
 
-def run_agree(models, held_ids, rec: Records, batch: int, deadline):
-    prompts = agree_prompts(held_ids)
+def run_agree(models, held_ids, rec: Records, batch: int, deadline, limit=None):
+    prompts = agree_prompts(held_ids)[:None if limit is None else limit * batch]
     for name, model in models.items():
         for s in range(0, len(prompts), batch):
             if ("agree", name, s) in rec.done or time.time() > deadline:
@@ -133,10 +133,10 @@ def run_agree(models, held_ids, rec: Records, batch: int, deadline):
             print(f"agree {name} prompts {s}-{s + batch}: CR {stats['compression_ratio']:.2f}", flush=True)
 
 
-def run_passkey(models, tok, held_ids, rec: Records, contexts, deadline):
+def run_passkey(models, tok, held_ids, rec: Records, contexts, deadline, limit=None):
     for context in contexts:
         batch = max(1, 8192 // context)
-        trials = list(range(PASSKEY_TRIALS[context]))
+        trials = list(range(PASSKEY_TRIALS[context]))[:None if limit is None else limit * batch]
         for name, model in models.items():
             for s in range(0, len(trials), batch):
                 item = f"{context}:{s}"
@@ -293,6 +293,7 @@ def main():
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new items after this long")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "smollm2.md")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--limit", type=int, default=None, help="smoke test: at most N windows/batches per part")
     args = parser.parse_args()
     rec = Records(args.work / "records.jsonl")
     names = [VANILLA, *args.models]
@@ -307,11 +308,11 @@ def main():
         _, held = pydoc_split()
         held_ids = tok(held)["input_ids"]
         if "ppl" in args.parts:
-            run_ppl(models, vanilla, held_ids, rec, device, deadline)
+            run_ppl(models, vanilla, held_ids, rec, device, deadline, args.limit)
         if "agree" in args.parts:
-            run_agree(models, held_ids, rec, args.agree_batch, deadline)
+            run_agree(models, held_ids, rec, args.agree_batch, deadline, args.limit)
         if "passkey" in args.parts:
-            run_passkey(models, tok, held_ids, rec, args.contexts, deadline)
+            run_passkey(models, tok, held_ids, rec, args.contexts, deadline, args.limit)
         if "speed" in args.parts:
             run_speed(models, held_ids, rec, deadline)
     report(rec, names, args.out, command)

@@ -99,12 +99,16 @@ class SlotLayer(CacheLayerMixin):
         self.flag = torch.zeros_like(self.live)
         self.pos = torch.zeros(B, H, 0, dtype=torch.int32, device=key_states.device)
         self.last_slot = torch.zeros(B, H, dtype=torch.long, device=key_states.device)
+        for name in self.cache.policy.slot_fields:  # policy state per slot (e.g. attention scores)
+            setattr(self, name, torch.zeros(B, H, 0, dtype=torch.float32, device=key_states.device))
+        self.real = torch.zeros(B, dtype=torch.long, device=key_states.device)  # real tokens written per sequence
+        self.first_pos = torch.full((B,), -1, dtype=torch.int32, device=key_states.device)  # first real token
         self.is_initialized = True
         if self.cache.reserve:
             self._grow(self.cache.reserve)
 
     def _slot_tensors(self) -> tuple[str, ...]:
-        return ("keys", "values", "bias", "live", "flag", "pos")
+        return ("keys", "values", "bias", "live", "flag", "pos", *self.cache.policy.slot_fields)
 
     @property
     def capacity(self) -> int:
@@ -161,6 +165,16 @@ class SlotLayer(CacheLayerMixin):
         self.live.masked_fill_(gone, False)
         self.bias.masked_fill_(gone, float("-inf"))
 
+    def enforce_budget(self, budget: torch.Tensor, scores: torch.Tensor) -> None:
+        """Free the lowest-scoring live slots of each row until it holds at most budget[b] tokens."""
+        excess = (self.live.sum(-1) - budget[:, None]).clamp(min=0)  # (B, Hkv)
+        k = int(excess.max())
+        if k == 0:
+            return
+        lowest = scores.masked_fill(~self.live, float("inf")).topk(k, dim=-1, largest=False).indices
+        drop = torch.arange(k, device=lowest.device) < excess[..., None]
+        self._free(torch.zeros_like(self.live).scatter_(-1, lowest, drop))
+
     # -- the write + visibility rule ----------------------------------------------------------------
     def write(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, decisions: torch.Tensor | None) -> torch.Tensor:
         """Store Q new tokens and return the attention mask for their queries.
@@ -185,6 +199,11 @@ class SlotLayer(CacheLayerMixin):
         self.compact_pending = Q > 1
 
         slots = self._allocate(Q)
+        for name in policy.slot_fields:
+            getattr(self, name).scatter_(2, slots, 0.0)
+        starts = valid.any(-1) & (self.first_pos < 0)
+        self.first_pos = torch.where(starts, t0 + valid.int().argmax(-1).int(), self.first_pos)
+        self.real += valid.sum(-1)
         self.keys.scatter_(2, slots[..., None].expand(-1, -1, -1, k.shape[-1]), k)
         self.values.scatter_(2, slots[..., None].expand(-1, -1, -1, v.shape[-1]), v)
         live_new = valid[:, None, :].expand(B, H, Q)
@@ -282,7 +301,18 @@ class KVCache(Cache):
         qg = q.reshape(B, Hkv, G * Q, D)  # heads h = kv * G + g share KV head kv
         if Q > 1:
             mask = mask[:, :, None].expand(B, Hkv, G, Q, mask.shape[-1]).reshape(B, Hkv, G * Q, -1)
-        out = F.scaled_dot_product_attention(qg, layer.keys, layer.values, attn_mask=mask, scale=scaling)
+        policy = self.policy
+        if policy.needs_attention:  # the weights are the policy's evidence: compute them, then reuse them
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(((qg @ layer.keys.transpose(-1, -2)) * scaling + mask).float(), dim=-1)
+            out = probs.to(layer.values.dtype) @ layer.values
+            policy.observe(layer, probs.view(B, Hkv, G, Q, -1).mean(2), valid)
+        else:
+            out = F.scaled_dot_product_attention(qg, layer.keys, layer.values, attn_mask=mask, scale=scaling)
+        scores = policy.keep_scores(layer)
+        if scores is not None:
+            layer.enforce_budget(policy.budget(layer), scores)
         return out.reshape(B, H, Q, -1)  # some GPU kernels return a non-contiguous output
 
     def live_tokens(self) -> torch.Tensor:

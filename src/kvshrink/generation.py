@@ -49,7 +49,7 @@ def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = N
     cfg = dms_config(model)
     name = policy or ("dms" if cfg is not None else "none")
     dms_window = None
-    if name == "dms" and cfg is not None:
+    if name in ("dms", "dms-immediate") and cfg is not None:
         if cr is not None and cfg.target_cr is not None and abs(cr - cfg.target_cr) > 1e-9:
             raise KVShrinkError(
                 f"this DMS model was trained for CR {cfg.target_cr:g}; drop --cr or pass --cr {cfg.target_cr:g}"
@@ -122,8 +122,9 @@ def generate_ids(
     prefill_reads = torch.zeros(B, dtype=torch.float64, device=device)
     start = time.perf_counter()
 
-    for s in range(0, P, prefill_chunk):
-        e = min(P, s + prefill_chunk)
+    chunk = policy.prefill_chunk or prefill_chunk  # budget policies are defined with 16-token chunks
+    for s in range(0, P, chunk):
+        e = min(P, s + chunk)
         out = model(input_ids[:, s:e], attention_mask=attn[:, :e], position_ids=positions[:, s:e],
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         step_reads = cache.accounting.last_reads

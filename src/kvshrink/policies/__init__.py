@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from ..errors import KVShrinkError
 from .base import CachePolicy
+from .budget import BudgetPolicy
 from .dms import DMSPolicy
+from .h2o import H2OPolicy
+from .tova import TOVAPolicy
+from .window import WindowPolicy
 
-POLICY_NAMES = ("none", "dms")
+BUDGET_POLICIES = {"tova": TOVAPolicy, "h2o": H2OPolicy, "window": WindowPolicy}
+POLICY_NAMES = ("none", "dms", "dms-immediate", *BUDGET_POLICIES)
 
 
 def make_policy(name: str, *, dms_window: int | None = None, cr: float | None = None) -> CachePolicy:
@@ -15,11 +20,15 @@ def make_policy(name: str, *, dms_window: int | None = None, cr: float | None = 
         raise KVShrinkError(f"--cr must be >= 1 (got {cr}); 1 means no compression")
     if name == "none":
         return CachePolicy()
-    if name == "dms":
+    if name in ("dms", "dms-immediate"):
         if dms_window is None:
-            raise KVShrinkError("policy 'dms' needs a DMS model; retrofit one with `kvshrink retrofit MODEL --out DIR`")
-        return DMSPolicy(dms_window)
+            raise KVShrinkError(f"policy {name!r} needs a DMS model; retrofit one with `kvshrink retrofit MODEL --out DIR`")
+        return DMSPolicy(0 if name == "dms-immediate" else dms_window)
+    if name in BUDGET_POLICIES:
+        if cr is None:
+            raise KVShrinkError(f"policy {name!r} evicts to a budget: give --cr (e.g. --cr 8)")
+        return BUDGET_POLICIES[name](cr)
     raise KVShrinkError(f"unknown policy {name!r}; choose one of: {', '.join(POLICY_NAMES)}")
 
 
-__all__ = ["CachePolicy", "DMSPolicy", "make_policy", "POLICY_NAMES"]
+__all__ = ["BudgetPolicy", "CachePolicy", "DMSPolicy", "H2OPolicy", "TOVAPolicy", "WindowPolicy", "make_policy", "POLICY_NAMES"]

@@ -23,11 +23,29 @@ class CachePolicy:
     name = "none"
     #: set when the policy needs per-token eviction decisions from a DMS model
     needs_dms = False
+    #: set when the policy scores tokens by attention weights: the cache then computes them explicitly
+    needs_attention = False
+    #: prefill chunk length the policy is defined with (budget policies evict between 16-token chunks)
+    prefill_chunk: int | None = None
+    #: extra per-slot float32 tensors the policy keeps on each layer (zeroed for every new token)
+    slot_fields: tuple[str, ...] = ()
 
     def expired(self, layer, first_query_pos: int) -> torch.Tensor | None:
         return None
 
     def hidden(self, layer, query_pos: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def observe(self, layer, weights: torch.Tensor, valid: torch.Tensor) -> None:
+        """weights: (B, Hkv, Q, S) attention of this forward's queries, averaged over each KV head's
+        query heads; valid: (B, Q) real (non-padding) queries. Called only if `needs_attention`."""
+
+    def keep_scores(self, layer) -> torch.Tensor | None:
+        """Budget policies: (B, Hkv, S) scores, higher = keep; the cache frees the lowest live slots
+        down to `budget(layer)` after each forward. None: no budget."""
+        return None
+
+    def budget(self, layer) -> torch.Tensor | None:
         return None
 
     def describe(self) -> dict:

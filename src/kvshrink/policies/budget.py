@@ -1,0 +1,43 @@
+"""Training-free eviction to a token budget: the shared rule of TOVA, H2O and the StreamingLLM window.
+
+SPEC 7: every (sequence, KV head) row keeps at most ceil(t / CR) tokens, t = the sequence's real tokens
+seen so far, enforced after every decode step and after each 16-token prefill chunk (the prompt is
+processed in chunks of 16, evicting between them as in decode). A policy only says which tokens are
+worth keeping (`keep_scores`); the cache frees the lowest-scoring live slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import KVShrinkError
+from .base import CachePolicy
+
+PROTECTED = 1e30  # a score no attention weight or position reaches: the token is never evicted
+
+
+@dataclass
+class BudgetPolicy(CachePolicy):
+    cr: float
+    prefill_chunk = 16
+
+    def __post_init__(self):
+        if self.cr is None or self.cr < 1 or math.isinf(self.cr):
+            raise KVShrinkError(f"policy {self.name!r} needs --cr >= 1 (got {self.cr})")
+
+    def budget(self, layer) -> torch.Tensor:
+        return torch.ceil(layer.real.to(torch.float64) / self.cr).to(torch.long)
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "cr": self.cr}
+
+
+def most_recent(layer, n: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, S) bool: the `n` (B,) most recent live tokens of each row."""
+    pos = layer.pos.masked_fill(~layer.live, -1)
+    rank = torch.empty_like(pos, dtype=torch.long).scatter_(
+        -1, pos.argsort(-1, descending=True), torch.arange(pos.shape[-1], device=pos.device).expand(pos.shape))
+    return layer.live & (rank < n[:, None, None])
