@@ -48,6 +48,7 @@ class Reference:
         self.V = [torch.zeros(B, self.Hkv, T, self.D) for _ in range(L)]
         self.kept = [[[set() for _ in range(self.Hkv)] for _ in range(B)] for _ in range(L)]
         self.state = [{"score": [[[0.0] * T for _ in range(self.Hkv)] for _ in range(B)]} for _ in range(L)]
+        self.quest_reads = [0.0] * B
 
     @torch.no_grad()
     def forward(self, ids, mask, positions, s: int, e: int):
@@ -75,6 +76,8 @@ class Reference:
                     for i in range(Q):
                         cols = sorted(j for j in kept if j <= s + i) if valid[b, i] else [s + i]
                         cols = cols or [s + i]
+                        if self.policy == "quest" and Q == 1 and valid[b, i]:
+                            cols = self._quest_pages(li, b, h, q[b, h * self.G:(h + 1) * self.G, i], cols, first[b], int(real_upto[b]))
                         for g in range(self.G):
                             head = h * self.G + g
                             w = torch.softmax(q[b, head, i] @ self.K[li][b, h, cols].T * attn.scaling, -1)
@@ -82,8 +85,23 @@ class Reference:
                             weights[b, h, i, cols] += w / self.G
             x = x + attn.o_proj(out.transpose(1, 2).reshape(B, Q, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-            self._evict(li, weights, valid, s, real_upto, first)
+            if self.policy != "quest":
+                self._evict(li, weights, valid, s, real_upto, first)
         return self.model.lm_head(m.norm(x))
+
+    def _quest_pages(self, li, b, h, q, cols, first, real):
+        """Pages of 16 by position from the first real token; the current page plus the best bounds."""
+        pages = {}
+        for j in cols:
+            pages.setdefault((j - first) // 16, []).append(j)
+        keys = self.K[li][b, h]
+        bound = {p: float(torch.stack([torch.maximum(qg * keys[js].max(0).values, qg * keys[js].min(0).values).sum()
+                                       for qg in q]).mean()) for p, js in pages.items()}
+        current = (max(cols) - first) // 16
+        n = max(1, math.ceil(real / CR) // 16)
+        chosen = [current] + sorted((p for p in pages if p != current), key=lambda p: -bound[p])[: n - 1]
+        self.quest_reads[b] += sum(len(pages[p]) for p in chosen) + 2 * len(pages)
+        return sorted(j for p in chosen for j in pages[p])
 
     def _evict(self, li, weights, valid, s, real_upto, first):
         st = self.state[li]["score"]
@@ -142,3 +160,29 @@ def test_budget_policy_generation_compresses_and_needs_cr():
         assert stats["compression_ratio"] > 2.5 and stats["peak_kv_tokens"] == 48 / 4 + 16
     with pytest.raises(KVShrinkError, match="give --cr"):
         make_policy("tova")
+
+
+def test_quest_matches_brute_force():
+    """Quest stores everything; each decode query reads the pages the reference picks (same logits),
+    and kv_reads add the two summary vectors of every page."""
+    model = install(copy.deepcopy(tiny_model("llama")))
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 128, (150,), generator=g).tolist(), torch.randint(3, 128, (117,), generator=g).tolist()]
+    ids, mask = left_pad(prompts)
+    P = ids.shape[1]
+    decode = torch.randint(3, 128, (2, 6), generator=g)
+    ids, mask = torch.cat([ids, decode], 1), torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = KVCache(model, make_policy("quest", cr=CR))
+    ref = Reference(model, "quest", 2, ids.shape[1])
+    pairs = model.config.num_hidden_layers * model.config.num_key_value_heads
+    with torch.no_grad():
+        for s, e in [(0, 64), (64, P)] + [(t, t + 1) for t in range(P, ids.shape[1])]:
+            got = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e], past_key_values=cache, use_cache=True).logits
+            ref.quest_reads = [0.0, 0.0]
+            expected = ref.forward(ids, mask, positions, s, e)
+            assert (got - expected)[mask[:, s:e].bool()].abs().max() < 1e-4, (s, e)
+            if e - s == 1:
+                assert cache.accounting.last_reads[:, 0].tolist() == pytest.approx([r / pairs for r in ref.quest_reads])
+                assert all(r / pairs < int(mask[b, :e].sum()) for b, r in enumerate(ref.quest_reads))  # reads fewer tokens
+    assert int(cache.live_tokens().sum()) == int(mask.sum()) * pairs  # nothing is freed

@@ -215,8 +215,7 @@ class SlotLayer(CacheLayerMixin):
         if Q == 1:  # every live slot is visible: expiry already ran for this query
             self.pos.scatter_(2, slots, torch.full_like(slots, t0, dtype=torch.int32))
             self.flag.scatter_(2, slots, torch.zeros_like(slots, dtype=torch.bool))  # the new token's flag is pending
-            live_per_head = self.live.sum(-1)  # (B, H)
-            self.cache.accounting.record(self.layer_idx, live_per_head.sum(1, keepdim=True) * valid, live_per_head.sum(1))
+            policy.on_write(self, k, slots, valid)
             return self.bias[:, :, None, :]
 
         qpos = torch.arange(t0, t0 + Q, device=k.device, dtype=torch.int32)
@@ -229,8 +228,7 @@ class SlotLayer(CacheLayerMixin):
         hidden = policy.hidden(self, qpos)
         if hidden is not None:
             visible &= ~hidden
-        reads = visible.sum(-1)  # (B, H, Q)
-        self.cache.accounting.record(self.layer_idx, reads.sum(1) * valid, self.live.sum((1, 2)))
+        policy.on_write(self, k, slots, valid)
         # a query always sees its own slot, so padded rows stay finite (their output is discarded;
         # a NaN there would poison every later read of its slot through 0 * NaN)
         return visible.scatter_(3, slots[..., None], True)
@@ -299,9 +297,19 @@ class KVCache(Cache):
         Hkv = k.shape[1]
         G = H // Hkv
         qg = q.reshape(B, Hkv, G * Q, D)  # heads h = kv * G + g share KV head kv
+        policy = self.policy
+        selected = policy.select(layer, qg, valid) if Q == 1 else None
+        if selected is not None:  # a read-selection policy (Quest): attend to a subset, store everything
+            chosen, extra_reads = selected
+            mask = mask.masked_fill(~chosen[:, :, None, :], float("-inf"))
+            reads = chosen.sum(-1).sum(1, keepdim=True) + extra_reads[:, None]
+        elif Q == 1:
+            reads = layer.live.sum(-1).sum(1, keepdim=True)  # (B, 1): every live slot is read
+        else:
+            reads = mask.sum(-1).sum(1)  # (B, Q) visible slots per query, over KV heads
+        self.accounting.record(layer_idx, reads * valid, layer.live.sum((1, 2)))
         if Q > 1:
             mask = mask[:, :, None].expand(B, Hkv, G, Q, mask.shape[-1]).reshape(B, Hkv, G * Q, -1)
-        policy = self.policy
         if policy.needs_attention:  # the weights are the policy's evidence: compute them, then reuse them
             if mask.dtype == torch.bool:
                 mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))

@@ -7,11 +7,12 @@ from .base import CachePolicy
 from .budget import BudgetPolicy
 from .dms import DMSPolicy
 from .h2o import H2OPolicy
+from .quest import QuestPolicy
 from .tova import TOVAPolicy
 from .window import WindowPolicy
 
-BUDGET_POLICIES = {"tova": TOVAPolicy, "h2o": H2OPolicy, "window": WindowPolicy}
-POLICY_NAMES = ("none", "dms", "dms-immediate", *BUDGET_POLICIES)
+BUDGETED = {"tova": TOVAPolicy, "h2o": H2OPolicy, "window": WindowPolicy, "quest": QuestPolicy}  # need --cr
+POLICY_NAMES = ("none", "dms", "dms-immediate", *BUDGETED)
 
 
 def make_policy(name: str, *, dms_window: int | None = None, cr: float | None = None) -> CachePolicy:
@@ -24,11 +25,11 @@ def make_policy(name: str, *, dms_window: int | None = None, cr: float | None = 
         if dms_window is None:
             raise KVShrinkError(f"policy {name!r} needs a DMS model; retrofit one with `kvshrink retrofit MODEL --out DIR`")
         return DMSPolicy(0 if name == "dms-immediate" else dms_window)
-    if name in BUDGET_POLICIES:
+    if name in BUDGETED:
         if cr is None:
-            raise KVShrinkError(f"policy {name!r} evicts to a budget: give --cr (e.g. --cr 8)")
-        return BUDGET_POLICIES[name](cr)
+            raise KVShrinkError(f"policy {name!r} works to a token budget: give --cr (e.g. --cr 8)")
+        return BUDGETED[name](cr)
     raise KVShrinkError(f"unknown policy {name!r}; choose one of: {', '.join(POLICY_NAMES)}")
 
 
-__all__ = ["BudgetPolicy", "CachePolicy", "DMSPolicy", "H2OPolicy", "TOVAPolicy", "WindowPolicy", "make_policy", "POLICY_NAMES"]
+__all__ = ["BudgetPolicy", "CachePolicy", "DMSPolicy", "H2OPolicy", "TOVAPolicy", "WindowPolicy", "QuestPolicy", "make_policy", "POLICY_NAMES"]

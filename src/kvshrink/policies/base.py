@@ -6,7 +6,10 @@ accounting. At each forward of Q new tokens at positions t0 .. t0+Q-1 of one lay
 1. `expired(layer, t0)`: which live slots are gone for the first new query (freed before the new
    tokens are written, so their slots can be reused at once);
 2. `hidden(layer, query_pos)`: for multi-token forwards only, which still-stored slots a later query
-   of the same chunk must not see (a token can expire in the middle of a chunk).
+   of the same chunk must not see (a token can expire in the middle of a chunk);
+3. `select(layer, q)`: at decode, which stored slots this query reads (Quest); default all live ones;
+4. after attention, budget policies (`keep_scores`, `budget`) have their lowest-scoring tokens freed,
+   scored from the attention weights handed to `observe` when `needs_attention` is set.
 
 A layer exposes per-slot metadata: `live` (B, Hkv, S) bool, `pos` (B, Hkv, S) int32 token positions,
 and `flag` (B, Hkv, S) bool "marked for delayed eviction".
@@ -34,6 +37,14 @@ class CachePolicy:
         return None
 
     def hidden(self, layer, query_pos: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def on_write(self, layer, k: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> None:
+        """New keys k (B, Hkv, Q, D) were stored in `slots` (B, Hkv, Q): keep per-layer summaries current."""
+
+    def select(self, layer, q: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Decode only, read-selection policies: ((B, Hkv, S) bool slots this query reads, (B,) extra
+        reads its selection cost, e.g. page summaries). q: (B, Hkv, G, D). None: read every live slot."""
         return None
 
     def observe(self, layer, weights: torch.Tensor, valid: torch.Tensor) -> None:
