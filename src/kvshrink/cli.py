@@ -158,6 +158,22 @@ def retrofit(
         print(json.dumps(last))
 
 
+@app.command()
+def sweep(
+    config: Path = typer.Option(..., "--config", help="TOML grid (see benchmarks/sweep-*.toml)"),
+    out: Path = typer.Option(Path("docs/results/hyperscaling.md"), help="report; points are cached beside it (.points.jsonl)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Hyper-scaling grid: tasks x policies x CR x L x W, resumable, with Pareto plots."""
+    from .scaling.sweep import SweepConfig, run_sweep, write_report
+
+    cfg = SweepConfig.from_file(config)
+    rows = run_sweep(cfg, out.with_suffix(".points.jsonl"), device=device)
+    for png in write_report(rows, out, f"kvshrink sweep --config {config} --out {out}"):
+        print(png)
+    print(out)
+
+
 zoo_app = typer.Typer(no_args_is_help=True, help="Build the shipped task models (tiny, tiny-dms4, tiny-dms8).")
 app.add_typer(zoo_app, name="zoo")
 

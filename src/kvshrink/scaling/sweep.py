@@ -1,0 +1,189 @@
+"""`kvshrink sweep`: the hyper-scaling grid (SPEC section 4) and its Pareto frontiers.
+
+Grid: tasks x policies x CR x L (max new tokens) x W (samples per problem, majority vote). `none` runs
+at CR 1 only; every other policy at CR > 1; `dms` uses the DMS model trained for that CR (the config's
+`dms_models`), `dms-immediate` the w = 0 model, the training-free policies the base model with `--cr`.
+W = 1 is greedy, W > 1 samples at the config's temperature and top-p. Each finished point is appended to
+`<results>.points.jsonl`, so an interrupted sweep resumes where it stopped. The report has, per task,
+every point and each policy's Pareto frontier (highest accuracy for at most that many reads, or peak
+tokens), plotted as accuracy vs kv_reads and accuracy vs peak_kv_tokens.
+
+Config (TOML):
+
+    [sweep]
+    base = "tiny"                 # model for none and the training-free policies
+    tasks = ["arith", "vt"]
+    policies = ["none", "dms", "tova", "h2o", "window", "quest"]
+    crs = [1, 4, 8]
+    lengths = [64, 128]           # L
+    widths = [1, 4]               # W
+    problems = 50
+    seed = 0
+    temperature = 0.7
+    top_p = 0.95
+    [sweep.dms_models]            # CR -> DMS model
+    "4" = "tiny-dms4"
+    "8" = "tiny-dms8"
+    [sweep.immediate_models]      # CR -> DMS model retrofitted with w = 0
+    "8" = "tiny-dms8-w0"
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import KVShrinkError
+from ..progress import advance, progress_bar, stop
+
+POINT_FIELDS = ("accuracy", "pass_at_w", "kv_reads", "prefill_kv_reads", "peak_kv_tokens", "cache_bytes",
+                "compression_ratio", "seconds")
+
+
+@dataclass
+class SweepConfig:
+    base: str
+    tasks: list[str]
+    policies: list[str]
+    crs: list[float]
+    lengths: list[int]
+    widths: list[int]
+    problems: int = 50
+    seed: int = 0
+    temperature: float = 0.7
+    top_p: float = 0.95
+    batch_size: int = 8
+    dms_models: dict = field(default_factory=dict)
+    immediate_models: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "SweepConfig":
+        try:
+            raw = tomllib.loads(Path(path).read_text())["sweep"]
+        except FileNotFoundError as exc:
+            raise KVShrinkError(f"sweep config {path} not found") from exc
+        except (tomllib.TOMLDecodeError, KeyError) as exc:
+            raise KVShrinkError(f"{path}: not a sweep config ({exc}); it needs a [sweep] table, see `kvshrink sweep --help`") from exc
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise KVShrinkError(f"{path}: {exc}") from exc
+
+    def points(self) -> list[dict]:
+        """Every grid point that can run, in a stable order: (task, policy, cr, model, L, W)."""
+        from ..policies import POLICY_NAMES
+        from ..tasks import task_module
+
+        out = []
+        for task in self.tasks:
+            task_module(task)
+            for policy in self.policies:
+                if policy not in POLICY_NAMES:
+                    raise KVShrinkError(f"sweep policy {policy!r} unknown; choose from {', '.join(POLICY_NAMES)}")
+                for cr in self.crs:
+                    model = self._model(policy, cr)
+                    if model is None:
+                        continue
+                    for length in self.lengths:
+                        for width in self.widths:
+                            out.append({"task": task, "policy": policy, "cr": cr, "model": model, "L": length, "W": width})
+        return out
+
+    def _model(self, policy: str, cr: float) -> str | None:
+        if policy == "none":
+            return self.base if cr == 1 else None
+        if cr == 1:
+            return None
+        if policy == "dms":
+            return self.dms_models.get(f"{cr:g}")
+        if policy == "dms-immediate":
+            return self.immediate_models.get(f"{cr:g}")
+        return self.base
+
+
+def point_key(p: dict) -> str:
+    return json.dumps([p["task"], p["policy"], p["cr"], p["model"], p["L"], p["W"]])
+
+
+def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device: str = "auto") -> list[dict]:
+    """Run the missing points (grouped by model, loaded once each); return all points' results."""
+    from ..loading import load
+    from ..tasks.evaluate import evaluate
+
+    done = {}
+    if points_file.exists():
+        for line in points_file.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[point_key(row)] = row
+    todo = [p for p in cfg.points() if point_key(p) not in done]
+    bar = progress_bar(progress, "sweep", len(cfg.points()), len(cfg.points()) - len(todo))
+    points_file.parent.mkdir(parents=True, exist_ok=True)
+    for model_name in dict.fromkeys(p["model"] for p in todo):
+        model, tok = load(model_name, device=device)
+        for p in (q for q in todo if q["model"] == model_name):
+            policy = p["policy"]
+            greedy = p["W"] == 1
+            result = evaluate(model, tok, p["task"], policy, cr=None if policy in ("none", "dms", "dms-immediate") else p["cr"],
+                              problems=cfg.problems, seed=cfg.seed, width=p["W"], max_new_tokens=p["L"],
+                              temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
+                              batch_size=max(1, cfg.batch_size // p["W"]))
+            row = {**p, **{k: result[k] for k in POINT_FIELDS}, "problems": result["problems"], "finished": time.time()}
+            with open(points_file, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            done[point_key(row)] = row
+            advance(bar, info=f"{p['task']} {p['policy']} CR {p['cr']:g} L {p['L']} W {p['W']}: acc {row['accuracy']:.2f}")
+    stop(bar)
+    return [done[point_key(p)] for p in cfg.points()]
+
+
+def pareto(points: list[dict], cost: str) -> list[dict]:
+    """Points no other point beats on both axes (fewer `cost`, higher accuracy), cheapest first."""
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda r: (r[cost], -r["accuracy"])):
+        if p["accuracy"] > best:
+            front.append(p)
+            best = p["accuracy"]
+    return front
+
+
+def write_report(rows: list[dict], out_md: Path, command: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pngs = []
+    lines = ["# Hyper-scaling: accuracy against KV-cache reads and peak memory", "", f"Command: `{command}`", "",
+             "Per-problem means: `kv_reads` over generated tokens (prompt reads separately), `peak_kv_tokens` = a problem's "
+             "W samples' live tokens summed at their peak. Frontier = best accuracy at or below that cost.", ""]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        lines += [f"## {task}", "", "| policy | CR | model | L | W | problems | accuracy | pass@W | kv_reads | peak_kv_tokens | achieved CR |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            lines.append(f"| {r['policy']} | {r['cr']:g} | {r['model']} | {r['L']} | {r['W']} | {r['problems']} | {r['accuracy']:.3f} | "
+                         f"{r['pass_at_w']:.3f} | {r['kv_reads']:,.0f} | {r['peak_kv_tokens']:,.0f} | {r['compression_ratio']:.2f} |")
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, cost in zip(axes, ("kv_reads", "peak_kv_tokens")):
+            for policy in dict.fromkeys(r["policy"] for r in mine):
+                pts = [r for r in mine if r["policy"] == policy]
+                line, = ax.plot([p[cost] for p in pareto(pts, cost)], [p["accuracy"] for p in pareto(pts, cost)],
+                                marker="o", drawstyle="steps-post", label=policy)
+                ax.scatter([p[cost] for p in pts], [p["accuracy"] for p in pts], s=12, alpha=0.35, color=line.get_color())
+            ax.set_xscale("log")
+            ax.set_xlabel(f"{cost} per problem")
+            ax.set_ylabel("accuracy")
+            ax.set_title(f"{task}: accuracy vs {cost}")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        png = out_md.with_name(f"{out_md.stem}-{task}.png")
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        pngs.append(png)
+        lines += ["", f"![{task}]({png.name})", ""]
+    out_md.write_text("\n".join(lines))
+    return pngs

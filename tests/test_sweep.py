@@ -1,0 +1,53 @@
+"""`kvshrink sweep`: grid, resume, Pareto frontiers; `none` at CR 1 equals `kvshrink eval`."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+import kvshrink
+from kvshrink.errors import KVShrinkError
+from kvshrink.scaling.sweep import SweepConfig, pareto, run_sweep, write_report
+from kvshrink.tasks.evaluate import evaluate
+
+
+def test_pareto_equals_brute_force_definition():
+    rng = random.Random(0)
+    for _ in range(50):
+        pts = [{"kv_reads": rng.randint(1, 20), "accuracy": rng.randint(0, 10) / 10} for _ in range(12)]
+        front = pareto(pts, "kv_reads")
+        best = {}
+        for p in pts:  # brute force: the best accuracy reachable at each cost, kept where it improves
+            best[p["kv_reads"]] = max(q["accuracy"] for q in pts if q["kv_reads"] <= p["kv_reads"])
+        steps = [(c, a) for c, a in sorted(best.items()) if all(a > best[d] for d in best if d < c)]
+        assert [(p["kv_reads"], p["accuracy"]) for p in front] == steps
+        assert not any(q["kv_reads"] <= p["kv_reads"] and q["accuracy"] > p["accuracy"] for p, q in itertools.product(front, pts))
+
+
+def test_sweep_none_equals_eval_and_resumes(tmp_path):
+    cfg = SweepConfig(base="smollm2", tasks=["arith"], policies=["none", "window"], crs=[1, 4], lengths=[6], widths=[1],
+                      problems=2)
+    assert [(p["policy"], p["cr"]) for p in cfg.points()] == [("none", 1), ("window", 4)]
+    points = tmp_path / "h.points.jsonl"
+    rows = run_sweep(cfg, points, progress=False)
+    model, tok = kvshrink.load("smollm2")
+    direct = evaluate(model, tok, "arith", "none", problems=2, max_new_tokens=6)
+    for key in ("accuracy", "kv_reads", "prefill_kv_reads", "peak_kv_tokens", "compression_ratio"):
+        assert rows[0][key] == direct[key]
+    assert rows[1]["compression_ratio"] > 1
+    before = points.read_text()
+    assert run_sweep(cfg, points, progress=False) == rows and points.read_text() == before  # nothing rerun
+    pngs = write_report(rows, tmp_path / "h.md", "test")
+    assert all(p.stat().st_size > 10_000 for p in pngs) and "| window | 4 |" in (tmp_path / "h.md").read_text()
+
+
+def test_bad_sweep_config(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grid]\nx = 1\n")
+    with pytest.raises(KVShrinkError, match="needs a \\[sweep\\] table"):
+        SweepConfig.from_file(bad)
+    bad.write_text('[sweep]\nbase = "smollm2"\ntasks = ["arith"]\npolicies = ["magic"]\ncrs = [4]\nlengths = [8]\nwidths = [1]\n')
+    with pytest.raises(KVShrinkError, match="sweep policy 'magic' unknown"):
+        SweepConfig.from_file(bad).points()
