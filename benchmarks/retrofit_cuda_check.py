@@ -2,7 +2,7 @@
 
     python benchmarks/retrofit_cuda_check.py     # prints one line per recipe (results: docs/results/retrofit-cuda.md)
 """
-import sys, time, json, torch
+import sys, time, json
 from pathlib import Path
 sys.path.insert(0, "src")
 import kvshrink

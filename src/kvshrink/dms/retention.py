@@ -12,7 +12,6 @@ inference evicts iff logit > 0.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import DMSConfig
