@@ -6,6 +6,7 @@ Bad input exits with code 2 and a one-line message on stderr (never a traceback)
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -154,7 +155,7 @@ def retrofit(
                          decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, save_every=save_every,
                          seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device)
     last = run(cfg)
-    if last:
+    if last and os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
         print(json.dumps(last))
 
 
