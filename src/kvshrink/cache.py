@@ -165,6 +165,17 @@ class SlotLayer(CacheLayerMixin):
         self.live.masked_fill_(gone, False)
         self.bias.masked_fill_(gone, float("-inf"))
 
+    def gather(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and a decode mask (B, Hkv, 1, n) holding only the `chosen` (B, Hkv, S) slots, so
+        that attention reads n slots instead of S (rows with fewer chosen slots are padded and masked)."""
+        n = int(chosen.sum(-1).max())
+        idx = chosen.to(self.keys.dtype).topk(n, dim=-1).indices  # chosen slots first, in any order
+        picked = chosen.gather(-1, idx)
+        keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
+        values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1]))
+        mask = torch.zeros(picked.shape, dtype=self.keys.dtype, device=picked.device).masked_fill(~picked, float("-inf"))
+        return keys, values, mask[:, :, None, :]
+
     def enforce_budget(self, budget: torch.Tensor, scores: torch.Tensor) -> None:
         """Free the lowest-scoring live slots of each row until it holds at most budget[b] tokens."""
         excess = (self.live.sum(-1) - budget[:, None]).clamp(min=0)  # (B, Hkv)
@@ -298,10 +309,11 @@ class KVCache(Cache):
         G = H // Hkv
         qg = q.reshape(B, Hkv, G * Q, D)  # heads h = kv * G + g share KV head kv
         policy = self.policy
+        keys, values = layer.keys, layer.values
         selected = policy.select(layer, qg, valid) if Q == 1 else None
-        if selected is not None:  # a read-selection policy (Quest): attend to a subset, store everything
+        if selected is not None:  # a read-selection policy (Quest): read only the chosen slots
             chosen, extra_reads = selected
-            mask = mask.masked_fill(~chosen[:, :, None, :], float("-inf"))
+            keys, values, mask = layer.gather(chosen)
             reads = chosen.sum(-1).sum(1, keepdim=True) + extra_reads[:, None]
         elif Q == 1:
             reads = layer.live.sum(-1).sum(1, keepdim=True)  # (B, 1): every live slot is read
@@ -313,11 +325,11 @@ class KVCache(Cache):
         if policy.needs_attention:  # the weights are the policy's evidence: compute them, then reuse them
             if mask.dtype == torch.bool:
                 mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-            probs = torch.softmax(((qg @ layer.keys.transpose(-1, -2)) * scaling + mask).float(), dim=-1)
-            out = probs.to(layer.values.dtype) @ layer.values
+            probs = torch.softmax(((qg @ keys.transpose(-1, -2)) * scaling + mask).float(), dim=-1)
+            out = probs.to(values.dtype) @ values
             policy.observe(layer, probs.view(B, Hkv, G, Q, -1).mean(2), valid)
         else:
-            out = F.scaled_dot_product_attention(qg, layer.keys, layer.values, attn_mask=mask, scale=scaling)
+            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scaling)
         scores = policy.keep_scores(layer)
         if scores is not None:
             layer.enforce_budget(policy.budget(layer), scores)

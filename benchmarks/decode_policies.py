@@ -1,0 +1,106 @@
+"""Decode speed of every cache policy at one compression ratio (SPEC 7: baseline speed bars at batch 8).
+
+    python benchmarks/decode_policies.py                       # CPU, fp32, 4k context, batch 8, CR 4
+    python benchmarks/decode_policies.py --device cuda --dtype bfloat16 --tag cuda
+
+Same model and method as `benchmarks/decode.py` (random-init ~17M Llama; the cache is brought to its
+state after C tokens through its own write path, then decode steps through the real forward are timed).
+Per policy at CR X: DMS with decisions forced to keep 1 of X tokens (w = 64); TOVA, H2O and the window
+evict to ceil(t / X) as they fill (chunks of 1,024 tokens, then every step); Quest stores all tokens and
+reads the selected pages. Vanilla = the faster of HF's default cache and our preallocated dense cache.
+Writes docs/results/decode-policies[-TAG].md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from decode import bench_model, fill_hf, read_bandwidth, time_decode  # noqa: E402
+from kvshrink.attention import install  # noqa: E402
+from kvshrink.cache import KVCache  # noqa: E402
+from kvshrink.dms.attach import attach_dms  # noqa: E402
+from kvshrink.dms.config import DMSConfig  # noqa: E402
+from kvshrink.dms.retention import forced_logits  # noqa: E402
+from kvshrink.policies import CachePolicy, DMSPolicy, make_policy  # noqa: E402
+
+WINDOW = 64
+
+
+def fill(cache: KVCache, model, batch: int, context: int, device, dtype, keep_every: int | None = None):
+    """Write `context` random tokens per layer through the cache's write path, applying the policy's
+    budget after each 1,024-token chunk as a forward would."""
+    cfg = model.config
+    hkv, d = cfg.num_key_value_heads, cfg.head_dim
+    policy = cache.policy
+    for s in range(0, context, 1024):
+        q = min(1024, context - s)
+        decisions = None
+        if keep_every:
+            decisions = forced_logits(torch.arange(s, s + q, device=device).expand(batch, q), hkv, keep_every) > 0
+        for layer in cache.layers:
+            k = torch.randn(batch, hkv, q, d, device=device, dtype=dtype)
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, k)
+            layer.write(k, torch.randn_like(k), torch.ones(batch, q, dtype=torch.bool, device=device), decisions)
+            scores = policy.keep_scores(layer)
+            if scores is not None:
+                layer.enforce_budget(policy.budget(layer), scores)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--cr", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    model = bench_model(device, dtype)
+    ours = install(copy.deepcopy(model))
+    dms = attach_dms(copy.deepcopy(ours), DMSConfig(window=WINDOW, forced_keep_every=args.cr))
+    bw = read_bandwidth(device, dtype)
+    B, C = args.batch, args.context
+    times, sizes = {}, {}
+    hf_cache = fill_hf(model, B, C, device, dtype)
+    times["vanilla (HF cache)"] = time_decode(model, hf_cache, B, C, args.steps, device)
+    del hf_cache
+    runs = [("vanilla (our dense cache)", ours, CachePolicy(), None, C + args.steps + 8),
+            (f"dms (forced 1 in {args.cr}, w={WINDOW})", dms, DMSPolicy(WINDOW), args.cr, 0)]
+    runs += [(name, ours, make_policy(name, cr=args.cr), None, 0) for name in ("tova", "h2o", "window", "quest")]
+    for name, m, policy, keep_every, reserve in runs:
+        cache = KVCache(m, policy, reserve=reserve)
+        fill(cache, m, B, C, device, dtype, keep_every)
+        times[name] = time_decode(m, cache, B, C, args.steps, device)
+        sizes[name] = cache.allocated_bytes()
+        print(f"{name}: {B / times[name]:,.0f} tok/s, cache {sizes[name] / 1e6:,.1f} MB", flush=True)
+    vanilla = min(times["vanilla (HF cache)"], times["vanilla (our dense cache)"])
+    cmd = "python benchmarks/decode_policies.py " + " ".join(sys.argv[1:])
+    lines = [f"# Decode speed per policy: context {C:,}, batch {B}, CR {args.cr} ({args.device}, {args.dtype})", "",
+             f"Command: `{cmd}`; no other job was running. Read bandwidth {bw / 1e9:.1f} GB/s. Best of 3 blocks of "
+             f"{args.steps} steps after 5 warm-up steps.", "",
+             "| policy | decode tok/s | vs vanilla | cache MB |", "|---|---|---|---|"]
+    for name, t in times.items():
+        lines.append(f"| {name} | {B / t:,.0f} | {vanilla / t:.2f}x | {sizes[name] / 1e6:,.1f} |" if name in sizes
+                     else f"| {name} | {B / t:,.0f} | {vanilla / t:.2f}x | - |")
+    out = HERE.parent / "docs" / "results" / f"decode-policies{'-' + args.tag if args.tag else ''}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
