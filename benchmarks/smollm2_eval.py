@@ -172,6 +172,39 @@ def paired_ci(a: list[bool], b: list[bool]) -> tuple[float, float]:
     return 100 * mean, 100 * 1.96 * math.sqrt(var / n)
 
 
+def training_curves(names: list[str], out_md: Path) -> list[str]:
+    """KL and flag-based vs target CR over training steps, for every model whose metrics are at hand."""
+    import matplotlib.pyplot as plt
+
+    from kvshrink.zoo import MODELS_DIR
+
+    runs = {}
+    for name in names:
+        for folder in (MODELS_DIR / name, Path(name)):
+            if (folder / "metrics.jsonl").is_file():
+                runs[Path(name).name] = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x]
+                break
+    if not runs:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, rows in runs.items():
+        steps = [r["step"] for r in rows]
+        line, = axes[0].plot(steps, [r["flag_cr"] for r in rows], label=f"{name} achieved (flag-based)")
+        axes[0].plot(steps, [r["target_cr"] for r in rows], ls="--", color=line.get_color(), label=f"{name} target")
+        axes[1].plot(steps, [r["kl"] for r in rows], label=name)
+    axes[0].set_title("training: compression ratio")
+    axes[0].set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    axes[1].set_title("training: KL(student || teacher) per token (Gumbel noise on)")
+    axes[1].set_xlabel("step")
+    axes[1].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    png = out_md.with_name(out_md.stem + "-training.png")
+    fig.savefig(png, dpi=110)
+    return ["## Training curves", "", f"![training]({png.name})", ""]
+
+
 def report(rec: Records, names: list[str], out_md: Path, command: str):
     import matplotlib
 
@@ -278,6 +311,7 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
     fig.tight_layout()
     fig.savefig(out_md.with_suffix(".png"), dpi=120)
     lines += [f"![perplexity and passkey]({out_md.with_suffix('.png').name})", ""]
+    lines += training_curves(names, out_md)
     out_md.write_text("\n".join(lines))
     print(f"wrote {out_md}")
 

@@ -57,3 +57,15 @@ def test_eval_cli_json_and_errors(smollm2):
                           (["--task", "vt", "--cr", "0.5"], "--cr must be >= 1")]:
         proc = subprocess.run([sys.executable, "-m", "kvshrink", "eval", "smollm2", *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_demo_quick_produces_table_png_and_consistent_costs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kvshrink", "demo", "--quick", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out problems" in proc.stdout and (tmp_path / "demo.png").stat().st_size > 10_000
+    rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
+    vanilla = next(r for r in rows if "dms" not in r["model"])
+    for r in rows:
+        if "dms" in r["model"]:
+            assert r["kv_reads"] < vanilla["kv_reads"] and r["compression_ratio"] > 1

@@ -295,19 +295,26 @@ def compare(
 
 @app.command()
 def demo(
-    quick: bool = typer.Option(False, help="a tiny run (seconds), for smoke tests"),
-    out: Path = typer.Option(Path("demo-output"), help="where the PNG goes"),
+    quick: bool = typer.Option(False, help="2 vt problems, no real-text section (a smoke test)"),
+    models: Optional[str] = typer.Option(None, help="comma-separated models for the task table (default: tiny, tiny-dms4, tiny-dms8)"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated tasks (default: all)"),
+    problems: int = typer.Option(8, help="held-out problems per task"),
+    text_models: Optional[str] = typer.Option(None, help="two models for the real-text section (default: smollm2,smollm2-dms8)"),
+    out: Path = typer.Option(Path("demo-output"), help="where the PNG and JSON go"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
-    """Show what the DMS cache does: vanilla vs DMS on the same model, cache bytes, reads and speed.
+    """The main job: task accuracy and KV cost of a model and its DMS retrofits, then vanilla vs DMS on real text.
 
-    Until the task-tuned model zoo ships, this runs the mechanics on a random-init Llama whose DMS
-    decisions are forced to evict 7 of every 8 tokens (labelled as such). To run the same comparison on
-    your own model: `kvshrink generate MODEL PROMPT --policy none --json` and `... --policy dms --json`.
+    On your own model: retrofit it (`kvshrink retrofit MODEL --out DIR`), then
+    `kvshrink demo --models MODEL,DIR --text-models MODEL,DIR`. Any local HF folder or shipped name works.
     """
-    from .demo import run_mechanics_demo
+    from .demo import run_demo
 
-    run_mechanics_demo(quick=quick, out_dir=out, device=device)
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+    text = split(text_models)
+    if text is not None and len(text) != 2:
+        raise KVShrinkError("--text-models takes exactly two models, e.g. smollm2,smollm2-dms8")
+    run_demo(split(models), split(tasks), problems, quick, text, out, device)
 
 
 def main() -> None:
