@@ -11,7 +11,8 @@ Parts (vanilla = the same base with no eviction, teacher = vanilla in every comp
 - ppl: teacher forcing over the whole held-out text cut into 4,096-token windows (51,309 scored tokens):
   perplexity, and mean per-token KL(vanilla || model), by position bucket in the window (contexts up
   to 4k). DMS models run the whole-sequence delayed-eviction mask with their hard decisions, which the
-  tests prove equal to the cache; the flag-based CR is reported.
+  tests prove equal to the cache; the flag-based CR is reported. `NAME@POLICY:CR` entries (e.g.
+  `smollm2@tova:4`) run teacher-forced through the cache in the policy's chunks; reads-based CR.
 - agree: 100 prompts of 512 held-out tokens (>= 4 w), 128 greedy tokens each through the kvshrink cache;
   the number of leading tokens identical to vanilla's.
 - passkey: a 5-digit key hidden at a random depth of held-out filler, asked for through the chat
@@ -28,6 +29,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +40,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import kvshrink  # noqa: E402
 from kvshrink.compare import leading_agreement  # noqa: E402
+from kvshrink.cache import KVCache  # noqa: E402
 from kvshrink.generation import generate_ids, resolve_policy  # noqa: E402
+from kvshrink.policies import CachePolicy, make_policy  # noqa: E402
 from kvshrink.train.text import pydoc_split  # noqa: E402
 
 VANILLA = "smollm2"
@@ -98,52 +102,90 @@ def passkey_prompt(tok, held_ids: list[int], context: int, trial: int) -> tuple[
 
 
 # -- parts -----------------------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    """A model under a cache policy: `smollm2`, `smollm2-dms8`, or `smollm2@tova:4` (NAME@POLICY:CR)."""
+
+    model: object
+    policy: CachePolicy
+
+
+def load_entries(names: list[str], device) -> tuple[dict[str, Entry], object]:
+    base, tok = kvshrink.load(VANILLA, device=device)
+    entries = {VANILLA: Entry(base, CachePolicy())}
+    for name in names:
+        model_name, _, spec = name.partition("@")
+        model = base if model_name == VANILLA else kvshrink.load(model_name, device=device)[0]
+        if spec:
+            policy_name, _, cr = spec.partition(":")
+            entries[name] = Entry(model, make_policy(policy_name, cr=float(cr) if cr else None))
+        else:
+            entries[name] = Entry(model, resolve_policy(model, None))
+    return entries, tok
+
+
+def cached_forward(entry: Entry, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Teacher-forced logits through the kvshrink cache in the policy's prefill chunks, and the reads."""
+    cache = KVCache(entry.model, entry.policy)
+    chunk = entry.policy.prefill_chunk or 512
+    pieces, reads = [], 0.0
+    for s in range(0, ids.shape[1], chunk):
+        positions = torch.arange(s, min(ids.shape[1], s + chunk), device=ids.device)[None]
+        pieces.append(entry.model(ids[:, s:s + chunk], position_ids=positions, past_key_values=cache, use_cache=True).logits)
+        reads += float(cache.accounting.last_reads.sum())
+    return torch.cat(pieces, 1), reads
+
+
 @torch.no_grad()
-def run_ppl(models, vanilla, held_ids, rec: Records, device, deadline, limit=None):
+def run_ppl(entries: dict[str, Entry], held_ids, rec: Records, device, deadline, limit=None):
+    vanilla = entries[VANILLA].model
     for w, window in enumerate(ppl_windows(held_ids)[:limit]):
-        todo = [m for m in models if ("ppl", m, w) not in rec.done]
+        todo = [m for m in entries if ("ppl", m, w) not in rec.done]
         if not todo or time.time() > deadline:
             continue
         ids = torch.tensor([window], device=device)
         ref = F.log_softmax(vanilla(ids, use_cache=False).logits[0, :-1].float(), -1)
+        T = ids.shape[1]
         for name in todo:
-            model = models[name]
-            flags = []
-            logp = ref if model is vanilla else F.log_softmax(model(ids, use_cache=False, dms_collect=flags).logits[0, :-1].float(), -1)
+            entry, flags, reads_cr = entries[name], [], 1.0
+            if name == VANILLA:
+                logp = ref
+            elif entry.policy.needs_dms:  # the whole-sequence hard mask: equal to the cache (tested)
+                logp = F.log_softmax(entry.model(ids, use_cache=False, dms_collect=flags).logits[0, :-1].float(), -1)
+            else:
+                logits, reads = cached_forward(entry, ids)
+                logp, reads_cr = F.log_softmax(logits[0, :-1].float(), -1), T * (T + 1) / 2 / reads
             nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
             kl = (ref.exp() * (ref - logp)).sum(-1)
             evicted = float(torch.stack([f["flags"].float().mean() for f in flags]).mean()) if flags else 0.0
-            rec.add({"part": "ppl", "model": name, "item": w, "nll": nll.tolist(), "kl": kl.tolist(), "evict_rate": evicted})
+            rec.add({"part": "ppl", "model": name, "item": w, "nll": nll.tolist(), "kl": kl.tolist(), "evict_rate": evicted,
+                     "reads_cr": reads_cr})
             print(f"ppl window {w} {name}: ppl {math.exp(float(nll.mean())):.3f} kl {float(kl.mean()):.4f}", flush=True)
 
 
-def _policy(model):
-    return resolve_policy(model, None)
-
-
-def run_agree(models, held_ids, rec: Records, batch: int, deadline, limit=None):
+def run_agree(entries: dict[str, Entry], held_ids, rec: Records, batch: int, deadline, limit=None):
     prompts = agree_prompts(held_ids)[:None if limit is None else limit * batch]
-    for name, model in models.items():
+    for name, entry in entries.items():
         for s in range(0, len(prompts), batch):
             if ("agree", name, s) in rec.done or time.time() > deadline:
                 continue
-            tokens, stats, per_seq = generate_ids(model, prompts[s:s + batch], _policy(model), max_new_tokens=AGREE_NEW)
+            tokens, stats, per_seq = generate_ids(entry.model, prompts[s:s + batch], entry.policy, max_new_tokens=AGREE_NEW)
             cr = (per_seq["vanilla_kv_reads"] / per_seq["kv_reads"]).tolist()
             rec.add({"part": "agree", "model": name, "item": s, "tokens": tokens, "cr": cr})
             print(f"agree {name} prompts {s}-{s + batch}: CR {stats['compression_ratio']:.2f}", flush=True)
 
 
-def run_passkey(models, tok, held_ids, rec: Records, contexts, deadline, limit=None):
+def run_passkey(entries: dict[str, Entry], tok, held_ids, rec: Records, contexts, deadline, limit=None):
     for context in contexts:
         batch = max(1, 8192 // context)
         trials = list(range(PASSKEY_TRIALS[context]))[:None if limit is None else limit * batch]
-        for name, model in models.items():
+        for name, entry in entries.items():
             for s in range(0, len(trials), batch):
                 item = f"{context}:{s}"
                 if ("passkey", name, item) in rec.done or time.time() > deadline:
                     continue
                 built = [passkey_prompt(tok, held_ids, context, t) for t in trials[s:s + batch]]
-                tokens, stats, per_seq = generate_ids(model, [p for p, _ in built], _policy(model), max_new_tokens=PASSKEY_NEW,
+                tokens, stats, per_seq = generate_ids(entry.model, [p for p, _ in built], entry.policy, max_new_tokens=PASSKEY_NEW,
                                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
                 answers = [tok.decode(t, skip_special_tokens=True) for t in tokens]
                 rec.add({"part": "passkey", "model": name, "item": item, "context": context, "trials": trials[s:s + batch],
@@ -152,13 +194,13 @@ def run_passkey(models, tok, held_ids, rec: Records, contexts, deadline, limit=N
                 print(f"passkey {context} {name} trials {s}+: {sum(k in a for (_, k), a in zip(built, answers))}/{len(built)}", flush=True)
 
 
-def run_speed(models, held_ids, rec: Records, deadline):
+def run_speed(entries: dict[str, Entry], held_ids, rec: Records, deadline):
     prompt = held_ids[:SPEED_PROMPT]
-    for name, model in models.items():
+    for name, entry in entries.items():
         if ("speed", name, 0) in rec.done or time.time() > deadline:
             continue
-        _, stats, _ = generate_ids(model, [prompt], _policy(model), max_new_tokens=SPEED_NEW)
-        rec.add({"part": "speed", "model": name, "item": 0, "device": str(next(model.parameters()).device), **stats})
+        _, stats, _ = generate_ids(entry.model, [prompt], entry.policy, max_new_tokens=SPEED_NEW)
+        rec.add({"part": "speed", "model": name, "item": 0, "device": str(next(entry.model.parameters()).device), **stats})
         print(f"speed {name}: {json.dumps(stats)}", flush=True)
 
 
@@ -220,8 +262,8 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
     if ppl_rows:
         lines += ["## Teacher-forced perplexity and KL(vanilla || model)", "",
                   "4,096-token windows over the whole held-out text; columns by the scored token's position in its window.", "",
-                  "| model | tokens | ppl | ppl vs vanilla | KL | ppl 0-1k | ppl 1k-2k | ppl 2k-4k | KL 2k-4k | flag-based CR |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| model | tokens | ppl | ppl vs vanilla | KL | ppl 0-1k | ppl 1k-2k | ppl 2k-4k | KL 2k-4k | flag-based CR (DMS) | reads-based CR (cached runs) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         base_ppl = None
         for name in names:
             rows = sorted((r for r in ppl_rows if r["model"] == name), key=lambda r: r["item"])
@@ -237,9 +279,10 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
                 by.append(math.exp(sum(seg) / len(seg)) if seg else float("nan"))
             kl_far = [x for r in rows for x in r["kl"][2048:]]
             evict = sum(r["evict_rate"] for r in rows) / len(rows)
+            reads_cr = sum(r.get("reads_cr", 1.0) for r in rows) / len(rows)
             rel = f"{100 * (ppl / base_ppl - 1):+.2f}%" if base_ppl else "-"
             lines.append(f"| {name} | {len(nll):,} | {ppl:.3f} | {rel} | {sum(kl) / len(kl):.4f} | {by[0]:.3f} | {by[1]:.3f} | "
-                         f"{by[2]:.3f} | {sum(kl_far) / max(1, len(kl_far)):.4f} | {1 / max(1e-9, 1 - evict):.2f} |")
+                         f"{by[2]:.3f} | {sum(kl_far) / max(1, len(kl_far)):.4f} | {1 / max(1e-9, 1 - evict):.2f} | {reads_cr:.2f} |")
             axes[0].plot([f"{lo // 1024}-{hi // 1024}k" for lo, hi in BUCKETS], by, marker="o", label=name)
         axes[0].set_title("held-out perplexity by context position")
         axes[0].set_ylabel("perplexity")
@@ -334,21 +377,18 @@ def main():
     command = "python benchmarks/smollm2_eval.py --models " + " ".join(args.models)
     if not args.report_only:
         deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
-        vanilla, tok = kvshrink.load(VANILLA, device=args.device)
-        models = {VANILLA: vanilla, **{m: kvshrink.load(m, device=args.device)[0] for m in args.models}}
-        for m in models.values():
-            m.eval()
-        device = next(vanilla.parameters()).device
+        entries, tok = load_entries(args.models, args.device)
+        device = next(entries[VANILLA].model.parameters()).device
         _, held = pydoc_split()
         held_ids = tok(held)["input_ids"]
         if "ppl" in args.parts:
-            run_ppl(models, vanilla, held_ids, rec, device, deadline, args.limit)
+            run_ppl(entries, held_ids, rec, device, deadline, args.limit)
         if "agree" in args.parts:
-            run_agree(models, held_ids, rec, args.agree_batch, deadline, args.limit)
+            run_agree(entries, held_ids, rec, args.agree_batch, deadline, args.limit)
         if "passkey" in args.parts:
-            run_passkey(models, tok, held_ids, rec, args.contexts, deadline, args.limit)
+            run_passkey(entries, tok, held_ids, rec, args.contexts, deadline, args.limit)
         if "speed" in args.parts:
-            run_speed(models, held_ids, rec, deadline)
+            run_speed(entries, held_ids, rec, deadline)
     report(rec, names, args.out, command)
 
 

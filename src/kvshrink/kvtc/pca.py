@@ -1,0 +1,81 @@
+"""KVTC's feature space and its PCA basis (paper §3.1, Eqs. 2–3).
+
+One feature vector per token: that token's keys (RoPE undone) or values concatenated over all layers
+and KV heads, in the order [layer 0 head 0 d0..D−1, layer 0 head 1, …, layer L−1 head H−1], so
+p = L·H·D and each layer owns a contiguous block of columns. Heads and layers share a subspace, which is
+why one PCA over all of them beats per-head or per-layer PCA (paper App. B.10). Keys and values each
+get their own basis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rope import undo_rope
+
+
+def token_features(x: torch.Tensor) -> torch.Tensor:
+    """(L, H, T, D) -> (T, L·H·D)."""
+    return x.permute(2, 0, 1, 3).reshape(x.shape[2], -1)
+
+
+def from_features(f: torch.Tensor, layers: int, heads: int, head_dim: int) -> torch.Tensor:
+    """(T, L·H·D) -> (L, H, T, D)."""
+    return f.reshape(-1, layers, heads, head_dim).permute(1, 2, 0, 3)
+
+
+def features(K: torch.Tensor, V: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (post-RoPE), V: (L, H, T, D); cos, sin: (1, T, D) -> key features (RoPE undone), value features (T, p) fp32."""
+    return token_features(undo_rope(K.float(), cos.float(), sin.float())), token_features(V.float())
+
+
+def cache_features(keys, values, cos, sin, sinks: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration rows from one cache: (T − sinks, p) key features and value features.
+
+    keys (post-RoPE), values: per layer (1, H, T, D); cos, sin: (1, T, D). Sinks are left out as in the
+    paper: they are never compressed, and their outlying statistics would skew the basis.
+    """
+    K, V = torch.cat(list(keys))[:, :, sinks:], torch.cat(list(values))[:, :, sinks:]
+    return features(K, V, cos[:, sinks:], sin[:, sinks:])
+
+
+@dataclass(frozen=True)
+class PCABasis:
+    """Mean μ (p,) and orthonormal components V (p, r), by descending variance; D = (X − μ)V, X̂ = D Vᵀ + μ."""
+
+    mean: torch.Tensor
+    components: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, rank: int | None = None, niter: int = 8, seed: int = 0) -> PCABasis:
+        """x: (n, p) feature rows. Randomized SVD (Halko et al., as in the paper) when the rank cap is
+        well below min(n, p); exact SVD otherwise, where the randomized one would save nothing."""
+        x = x.float()
+        mean = x.mean(0)
+        centered = x - mean
+        rank = min(rank or min(x.shape), *x.shape)
+        if 2 * rank >= min(x.shape):
+            _, _, vh = torch.linalg.svd(centered, full_matrices=False)
+            components = vh[:rank].T
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                _, _, components = torch.svd_lowrank(centered, q=rank, niter=niter)
+        return cls(mean, components.contiguous())
+
+    @property
+    def rank(self) -> int:
+        return self.components.shape[1]
+
+    def project(self, x: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+        """(n, p) -> (n, rank) coordinates on the leading `rank` components."""
+        return (x.float() - self.mean) @ self.components[:, :rank]
+
+    def reconstruct(self, d: torch.Tensor) -> torch.Tensor:
+        """(n, k) coordinates on the leading k components -> (n, p)."""
+        return d @ self.components[:, : d.shape[1]].T + self.mean
+
+    def truncate(self, rank: int) -> PCABasis:
+        return PCABasis(self.mean, self.components[:, :rank].contiguous())
