@@ -244,6 +244,36 @@ class SlotLayer(CacheLayerMixin):
         # a NaN there would poison every later read of its slot through 0 * NaN)
         return visible.scatter_(3, slots[..., None], True)
 
+    # -- rows joining and leaving (continuous batching) ---------------------------------------------
+    ROW_FIELDS = ("last_slot", "real", "first_pos")  # per-sequence state besides the slot tensors
+
+    def take_rows(self, rows: torch.Tensor) -> None:
+        """Keep only sequences `rows` (a finished sequence leaves; its slots go with it)."""
+        for name in (*self._slot_tensors(), *self.ROW_FIELDS):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+        self.live_upper = int(self.live.sum(-1).max()) if self.live.numel() else 0
+
+    def append_rows(self, other: "SlotLayer") -> None:
+        """Add `other`'s sequences after ours. Positions in `pos` only matter relative to `seen` (expiry,
+        sinks), so the side that has seen fewer tokens is shifted forward to a common `seen`."""
+        if other.cache.policy.slot_fields != self.cache.policy.slot_fields or hasattr(self, "page_max"):
+            raise KVShrinkError("these sequences cannot share a batch: their cache policies keep different state")
+        seen = max(self.seen, other.seen)
+        for layer in (self, other):
+            shift = seen - layer.seen
+            layer.pos += shift
+            layer.first_pos = torch.where(layer.first_pos >= 0, layer.first_pos + shift, layer.first_pos)
+        cap = max(self.capacity, other.capacity)
+        for layer in (self, other):
+            if layer.capacity < cap:
+                layer._grow(cap)
+        for name in (*self._slot_tensors(), *self.ROW_FIELDS):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)], 0))
+        self.seen = seen
+        self.live_upper = max(self.live_upper, other.live_upper)
+        self.compact_pending = self.compact_pending or other.compact_pending
+        self.cache.accounting.note_bytes(self.cache.allocated_bytes())
+
     # -- transformers Cache API --------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
         raise KVShrinkError(
@@ -338,3 +368,26 @@ class KVCache(Cache):
     def live_tokens(self) -> torch.Tensor:
         """(L, B, Hkv) live tokens per layer, sequence and KV head."""
         return torch.stack([layer.live.sum(-1) for layer in self.layers])
+
+    @property
+    def batch_size(self) -> int:
+        layer = self.layers[0]
+        return layer.keys.shape[0] if layer.is_initialized else 0
+
+    def take_rows(self, rows: list[int]) -> None:
+        """Keep only these sequences, in this order (the others leave and free their memory)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.layers[0].keys.device)
+        for layer in self.layers:
+            layer.take_rows(index)
+        self.accounting = Accounting(self.accounting.n_layers, self.accounting.pairs // self.accounting.n_layers)
+
+    def append_rows(self, other: "KVCache") -> None:
+        """Add the sequences of `other` (e.g. a request prefilled alone) to this batch."""
+        if not self.layers[0].is_initialized:
+            self.layers = other.layers
+            for layer in self.layers:
+                layer.cache = self
+        else:
+            for mine, theirs in zip(self.layers, other.layers):
+                mine.append_rows(theirs)
+        self.accounting = Accounting(self.accounting.n_layers, self.accounting.pairs // self.accounting.n_layers)
