@@ -18,12 +18,13 @@ from .rope import undo_rope
 
 def token_features(x: torch.Tensor) -> torch.Tensor:
     """(L, H, T, D) -> (T, L·H·D)."""
-    return x.permute(2, 0, 1, 3).reshape(x.shape[2], -1)
+    L, H, T, D = x.shape
+    return x.permute(2, 0, 1, 3).reshape(T, L * H * D)
 
 
 def from_features(f: torch.Tensor, layers: int, heads: int, head_dim: int) -> torch.Tensor:
     """(T, L·H·D) -> (L, H, T, D)."""
-    return f.reshape(-1, layers, heads, head_dim).permute(1, 2, 0, 3)
+    return f.reshape(f.shape[0], layers, heads, head_dim).permute(1, 2, 0, 3)
 
 
 def features(K: torch.Tensor, V: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

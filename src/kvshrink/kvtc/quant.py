@@ -81,4 +81,6 @@ def to_bytes(t: torch.Tensor) -> bytes:
 
 
 def from_bytes(buf: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if not buf:  # numpy gives an empty buffer a stride that torch cannot reinterpret
+        return torch.empty(0, dtype=dtype).reshape(shape)
     return torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).copy()).view(dtype).reshape(shape)

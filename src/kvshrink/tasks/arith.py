@@ -12,6 +12,7 @@ from __future__ import annotations
 from .common import MARKER, Problem
 
 DEFAULT_DIFFICULTY = 4  # steps
+ANSWER_KIND = "int"
 WORDS = {"+": "add", "-": "subtract", "*": "multiply by"}
 
 
@@ -35,7 +36,7 @@ def generate(rng, difficulty: int) -> Problem:
         lines.append(f"{v} {op} {x} = {_apply(v, op, x)}")
         v = _apply(v, op, x)
     facts = {"start": start, "steps": steps}
-    return Problem("arith", difficulty, prompt, "\n".join(lines) + f"\n{MARKER} {v}", solve(facts), "int", facts)
+    return Problem("arith", difficulty, prompt, "\n".join(lines) + f"\n{MARKER} {v}", solve(facts), ANSWER_KIND, facts)
 
 
 def solve(facts: dict) -> int:

@@ -15,6 +15,7 @@ import re
 from .common import MARKER, Problem, scatter
 
 DEFAULT_DIFFICULTY = 3
+ANSWER_KIND = "int"
 SENTENCE_TOKENS = 6
 LINK = re.compile(r"box (\d+) points to box (\d+)\.")
 
@@ -36,7 +37,7 @@ def generate(rng, difficulty: int) -> Problem:
     prompt = f"Links:\n{text}\n\nQuestion: start at box {path[0]} and follow {difficulty} links. Which box do you reach?"
     facts = {"links": sentences, "start": path[0], "hops": difficulty}
     lines = [f"box {a} -> box {b}" for a, b in zip(path, path[1:])]
-    return Problem("hops", difficulty, prompt, "\n".join(lines) + f"\n{MARKER} {path[-1]}", solve(facts), "int", facts)
+    return Problem("hops", difficulty, prompt, "\n".join(lines) + f"\n{MARKER} {path[-1]}", solve(facts), ANSWER_KIND, facts)
 
 
 def solve(facts: dict) -> int:

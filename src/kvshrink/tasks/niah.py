@@ -15,6 +15,7 @@ from __future__ import annotations
 from .common import MARKER, Problem, scatter
 
 DEFAULT_DIFFICULTY = 2
+ANSWER_KIND = "list"
 SENTENCE_TOKENS = 6
 ADJECTIVES = ["amber", "quiet", "brave", "silver", "hidden", "gentle", "rapid", "golden", "lucky", "misty", "proud",
               "sunny", "wild", "calm", "bold", "icy", "noble", "rusty", "swift", "tiny"]
@@ -39,7 +40,7 @@ def generate(rng, difficulty: int) -> Problem:
     answer = solve(facts)
     lines = [f"{k}: {v}" for k, v in pairs if k in asked]
     lines.sort(key=lambda line: asked.index(line.split(":")[0]))  # stable: text order within a key
-    return Problem("niah", difficulty, prompt, "\n".join(lines) + f"\n{MARKER} {' '.join(answer)}", answer, "list", facts)
+    return Problem("niah", difficulty, prompt, "\n".join(lines) + f"\n{MARKER} {' '.join(answer)}", answer, ANSWER_KIND, facts)
 
 
 def solve(facts: dict) -> tuple:

@@ -16,6 +16,7 @@ import string
 from .common import MARKER, Problem, scatter
 
 DEFAULT_DIFFICULTY = 4  # assignments per chain
+ANSWER_KIND = "set"
 SENTENCE_TOKENS = 6  # filler sentences are ~6 tokens each with common BPE tokenizers
 
 
@@ -50,7 +51,7 @@ def generate(rng, difficulty: int) -> Problem:
     chain = chains[0]
     lines = [f"{chain[0]} = {value}"] + [f"{b} = {a}" for a, b in zip(chain, chain[1:])]
     facts = {"statements": merged, "value": value}
-    return Problem("vt", difficulty, prompt, "\n".join(lines) + f"\n{MARKER} {' '.join(chain)}", solve(facts), "set", facts)
+    return Problem("vt", difficulty, prompt, "\n".join(lines) + f"\n{MARKER} {' '.join(chain)}", solve(facts), ANSWER_KIND, facts)
 
 
 def solve(facts: dict) -> frozenset:

@@ -1,0 +1,31 @@
+"""An OpenAI-compatible server whose batching and admission use the memory DMS frees."""
+
+from .engine import Engine, SamplingParams
+
+__all__ = ["Engine", "SamplingParams", "build_engine"]
+
+
+def build_engine(model, tokenizer, policy: str | None = None, cr: float | None = None, budget_tokens: int | None = None,
+                 budget_mb: float | None = None, max_batch: int = 64) -> Engine:
+    """An engine for `model` under its default (or the named) policy, with a budget in live KV tokens or MB."""
+    from ..dms.attach import dms_config
+    from ..errors import KVShrinkError
+    from ..generation import resolve_policy
+    from ..policies import DMSPolicy
+
+    pol = resolve_policy(model, policy, cr)
+    if pol.name == "quest":
+        raise KVShrinkError("quest keeps every token (it saves reads, not memory): serve with none, dms, tova, h2o or window")
+    if isinstance(pol, DMSPolicy):
+        cfg = dms_config(model)
+        expected, window = (cfg.target_cr or 1.0), pol.window
+    else:
+        expected, window = getattr(pol, "cr", 1.0), (pol.prefill_chunk or 0)
+    engine = Engine(model, tokenizer, pol, budget_tokens=0, max_batch=max_batch, expected_cr=expected, window=window)
+    if (budget_tokens is None) == (budget_mb is None):
+        raise KVShrinkError("give exactly one of --kv-budget-tokens or --kv-budget-mb")
+    budget = budget_tokens if budget_tokens is not None else int(budget_mb * 2**20 // engine._bytes_per_token())
+    if budget < 1:
+        raise KVShrinkError(f"the KV budget must hold at least one token (got {budget})")
+    engine.budget = budget
+    return engine

@@ -1,0 +1,284 @@
+"""The serving engine: continuous batching over one `KVCache`, admission by live cache slots.
+
+One loop (`step`) advances every running sequence by one token in a single forward. Between steps,
+waiting requests are admitted in FIFO order when the budget has room: each is prefilled alone, then
+its rows join the running batch (`KVCache.append_rows`); finished sequences leave at once and free
+their slots (`take_rows`). The budget is counted in live cache slots, averaged over (layer, KV head),
+i.e. in tokens actually held, which is what DMS shrinks: a DMS-8x model admits about 8x the sequences.
+
+Admission reserves each request's expected footprint: prompt plus `max_tokens`, compressed by the
+policy's ratio (DMS: its trained CR, plus the window, which is never compressed). If the batch still
+outgrows the budget (a sequence compressing worse than expected), the newest request is paused: its
+rows leave, and it is re-prefilled (prompt + what it generated) when there is room again. Requests
+that could never fit are refused at submission.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..cache import KVCache
+from ..errors import KVShrinkError
+from ..generation import _sample
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise KVShrinkError(f"max_tokens must be >= 1 (got {self.max_tokens})")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise KVShrinkError("temperature must be >= 0 and top_p in (0, 1]")
+        if not 1 <= self.n <= 64:
+            raise KVShrinkError(f"n must be in [1, 64] (got {self.n})")
+
+
+@dataclass
+class Sequence:
+    """One sample of a request: its tokens and its share of the accounting."""
+
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    reads: float = 0.0
+    peak_tokens: float = 0.0
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[dict], None]  # called from the engine thread: {"index", "delta", "finish_reason"}
+    sequences: list[Sequence] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, policy, budget_tokens: int, max_batch: int = 64, expected_cr: float = 1.0,
+                 window: int = 0):
+        self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        self.budget, self.max_batch = budget_tokens, max_batch
+        self.expected_cr, self.window = expected_cr, window
+        self.device = next(model.parameters()).device
+        self.eos = tokenizer.eos_token_id
+        self.cache = KVCache(model, policy)
+        self.rows: list[tuple[Request, Sequence]] = []  # running, in cache row order
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Condition()
+        self.ids = itertools.count()
+        self.generated_total, self.reads_total, self.vanilla_reads_total = 0, 0.0, 0.0
+        self.rate_window: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) per step
+        self.admitted: deque[str] = deque(maxlen=4096)  # request ids in admission order (FIFO, checked by tests)
+        self._publish()
+
+    # -- bookkeeping (integers only) ---------------------------------------------------------------
+    def footprint(self, prompt: int, new: int, n: int) -> int:
+        """Expected live tokens at the end of a request: the window stays, the rest is compressed."""
+        total = prompt + new
+        keep = min(total, self.window + math.ceil(max(0, total - self.window) / self.expected_cr))
+        return n * keep
+
+    def reserved(self) -> int:
+        requests = {id(r): r for r, _ in self.rows}.values()
+        return sum(self.footprint(len(r.prompt_ids), r.params.max_tokens, len(r.sequences)) for r in requests)
+
+    def live_tokens(self) -> float:
+        if self.cache.batch_size == 0:
+            return 0.0
+        return float(self.cache.live_tokens().float().mean((0, 2)).sum())
+
+    # -- API used by the HTTP layer ------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_event) -> Request:
+        need = self.footprint(len(prompt_ids), params.max_tokens, params.n)
+        if need > self.budget:
+            raise KVShrinkError(f"this request needs about {need} KV tokens ({len(prompt_ids)} prompt + {params.max_tokens} "
+                                f"max_tokens, x{params.n} samples, at CR {self.expected_cr:g}), more than the server's "
+                                f"budget of {self.budget}; shorten the prompt or lower max_tokens or n")
+        request = Request(f"cmpl-{next(self.ids)}", list(prompt_ids), params, on_event)
+        request.sequences = [Sequence(i, generator=self._generator(params, i)) for i in range(params.n)]
+        with self.lock:
+            self.waiting.append(request)
+            self.lock.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        with self.lock:
+            request.cancelled = True
+            self.lock.notify()
+
+    def stats(self) -> dict:
+        """The state after the last step (published by the engine thread, so readers never race it)."""
+        return {**self.snapshot, "queued_requests": len(self.waiting)}
+
+    def _publish(self) -> None:
+        now = time.time()
+        recent = [(t, n) for t, n in self.rate_window if now - t < 10]
+        rate = sum(n for _, n in recent[1:]) / max(1e-9, recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
+        live = self.live_tokens()
+        self.snapshot = {"live_kv_tokens": live, "live_kv_bytes": live * self._bytes_per_token(), "budget_kv_tokens": self.budget,
+                         "running_requests": len({id(r) for r, _ in self.rows}), "running_sequences": len(self.rows),
+                         "generated_tokens_per_second": rate, "generated_tokens_total": self.generated_total,
+                         "compression_ratio": self.vanilla_reads_total / self.reads_total if self.reads_total else 1.0}
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            with self.lock:
+                while not stop.is_set() and not self.rows and not self.waiting:
+                    self.lock.wait(timeout=0.5)
+            if stop.is_set():
+                return
+            self.step()
+
+    def step(self) -> None:
+        """Drop cancelled work, admit what fits, decode one token for every running sequence."""
+        try:
+            self._step()
+        finally:
+            self._publish()
+
+    def _step(self) -> None:
+        with self.lock:
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+        self._leave([i for i, (r, _) in enumerate(self.rows) if r.cancelled])
+        self._admit()
+        if not self.rows:
+            return
+        self._pause_if_over_budget()
+        tokens = torch.tensor([[s.tokens[-1]] for _, s in self.rows], device=self.device)
+        positions = torch.tensor([[len(r.prompt_ids) + len(s.tokens) - 1] for r, s in self.rows], device=self.device)
+        with torch.no_grad():
+            logits = self.model(tokens, position_ids=positions, past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self._account(self.cache.accounting.last_reads[:, 0])
+        for i, (r, s) in enumerate(self.rows):
+            self._emit(r, s, self._pick(logits[i:i + 1], r, s))
+        self._leave([i for i, (_, s) in enumerate(self.rows) if s.finish_reason is not None])
+
+    # -- steps' parts ---------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while True:
+            with self.lock:
+                if not self.waiting:
+                    return
+                r = self.waiting[0]
+                n = len(r.sequences)
+                fits = self.reserved() + self.footprint(len(r.prompt_ids), r.params.max_tokens, n) <= self.budget
+                if not (fits and len(self.rows) + n <= self.max_batch) and self.rows:
+                    return  # FIFO: the head waits for room, nobody overtakes it
+                self.waiting.popleft()
+            if not r.sequences[0].tokens:
+                self.admitted.append(r.id)
+            self._prefill(r)
+
+    def _prefill(self, r: Request) -> None:
+        """A new request: prefill its prompt alone and let its n samples share that cache (rows copied).
+        A paused one: re-prefill each sample's prompt + generated tokens. Then the rows join the batch."""
+        if not r.sequences[0].tokens:
+            single, logits, first_reads = self._prefill_ids(r.prompt_ids)
+            if len(r.sequences) > 1:
+                single.take_rows([0] * len(r.sequences))
+            self.cache.append_rows(single)
+            self.rows += [(r, s) for s in r.sequences]
+            for s in r.sequences:  # the first token comes from the prompt's last position
+                s.reads += first_reads
+                self.reads_total += first_reads
+                self.vanilla_reads_total += len(r.prompt_ids)
+                self._emit(r, s, self._pick(logits, r, s))
+        else:
+            for s in (s for s in r.sequences if s.finish_reason is None):
+                self.cache.append_rows(self._prefill_ids(r.prompt_ids + s.tokens[:-1])[0])
+                self.rows.append((r, s))
+        self._leave([i for i, (_, s) in enumerate(self.rows) if s.finish_reason is not None])
+
+    def _prefill_ids(self, ids: list[int]) -> tuple[KVCache, torch.Tensor, float]:
+        """(a one-row cache holding `ids`, the last position's logits, that position's reads)."""
+        x = torch.tensor([ids], device=self.device)
+        single = KVCache(self.model, self.policy)
+        chunk = self.policy.prefill_chunk or 512
+        with torch.no_grad():
+            for s in range(0, x.shape[1], chunk):
+                positions = torch.arange(s, min(x.shape[1], s + chunk), device=self.device)[None]
+                out = self.model(x[:, s:s + chunk], position_ids=positions, past_key_values=single, use_cache=True, logits_to_keep=1)
+        return single, out.logits[:, -1], float(single.accounting.last_reads[0, -1])
+
+    def _pause_if_over_budget(self) -> None:
+        """The batch outgrew the budget: the newest request leaves and waits at the queue's head."""
+        while len({id(r) for r, _ in self.rows}) > 1 and self.live_tokens() > self.budget:
+            newest = self.rows[-1][0]
+            self._leave([i for i, (r, _) in enumerate(self.rows) if r is newest])
+            with self.lock:
+                self.waiting.appendleft(newest)
+
+    def _leave(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        keep = [i for i in range(len(self.rows)) if i not in set(indices)]
+        self.cache.take_rows(keep) if keep else self._reset_cache()
+        self.rows = [self.rows[i] for i in keep]
+
+    def _reset_cache(self) -> None:
+        self.cache = KVCache(self.model, self.policy)
+
+    def _account(self, reads: torch.Tensor) -> None:
+        live = self.cache.live_tokens().float().mean((0, 2))
+        for i, (r, s) in enumerate(self.rows):
+            s.reads += float(reads[i])
+            s.peak_tokens = max(s.peak_tokens, float(live[i]))
+            self.vanilla_reads_total += len(r.prompt_ids) + len(s.tokens)
+        self.reads_total += float(reads.sum())
+        self.rate_window.append((time.time(), len(self.rows)))
+
+    def _pick(self, logits: torch.Tensor, r: Request, s: Sequence) -> int:
+        return int(_sample(logits, r.params.temperature, r.params.top_p, s.generator)[0])
+
+    def _emit(self, r: Request, s: Sequence, token: int) -> None:
+        s.tokens.append(token)
+        self.generated_total += 1
+        text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
+        delta, s.text = text[len(s.text):], text
+        for stop in r.params.stop:
+            at = s.text.find(stop)
+            if at >= 0:
+                delta = delta[: max(0, len(delta) - (len(s.text) - at))]
+                s.text, s.finish_reason = s.text[:at], "stop"
+        if s.finish_reason is None and (token == self.eos):
+            s.finish_reason = "stop"
+        elif s.finish_reason is None and len(s.tokens) >= r.params.max_tokens:
+            s.finish_reason = "length"
+        r.on_event({"index": s.index, "delta": delta, "finish_reason": s.finish_reason})
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.temperature == 0:
+            return None
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
+        return torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + index)
+
+    def _bytes_per_token(self) -> int:
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        itemsize = next(self.model.parameters()).element_size()
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize

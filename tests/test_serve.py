@@ -1,0 +1,146 @@
+"""The OpenAI-compatible server: real `openai` client, continuous batching, admission, bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import kvshrink
+from kvshrink.serve import build_engine
+from kvshrink.serve.app import create_app
+
+
+def start(engine, name):
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, name), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return kvshrink.load("smollm2")
+
+
+@pytest.fixture()
+def serve(smollm2):
+    running = []
+
+    def make(budget_tokens=20_000, max_batch=64):
+        model, tok = smollm2
+        engine = build_engine(model, tok, budget_tokens=budget_tokens, max_batch=max_batch)
+        server, thread, url = start(engine, "smollm2")
+        running.append((server, thread))
+        return engine, url
+
+    yield make
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def metrics(url) -> dict:
+    text = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_openai_client_completion_chat_stream_and_vote(serve, smollm2):
+    from openai import OpenAI
+
+    _, url = serve()
+    client = OpenAI(base_url=f"{url}/v1", api_key="none")
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    out = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
+    model, tok = smollm2
+    expected = kvshrink.generate(model, tok, "The capital of France is", max_new_tokens=8)
+    assert out.choices[0].text == expected.texts[0]
+    assert out.usage.completion_tokens == 8 and out.usage.model_extra["kv_reads"] > 0
+    chat = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                          max_tokens=12, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0,
+        stream=True) if c.choices]
+    assert "".join(pieces) == chat.choices[0].message.content
+    voted = client.completions.create(model="smollm2", prompt="Start with 3. Then add 4. What is the result? Answer: ", max_tokens=4,
+                                      temperature=0.8, n=4, seed=1, extra_body={"vote": True, "task": "arith"})
+    assert len(voted.choices) == 4 and voted.model_extra["vote"]["samples"] == 4
+
+
+def test_concurrent_clients_all_served_in_order_within_budget(serve):
+    engine, url = serve(budget_tokens=400)  # ~ 3 of these requests at once
+    order, seen_live = [], []
+
+    def client(i):
+        body = json.dumps({"prompt": f"Request number {i} says", "max_tokens": 6, "temperature": 0}).encode()
+        r = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        out = json.loads(urllib.request.urlopen(r, timeout=120).read())
+        order.append(i)
+        return out
+
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen_live.append(metrics(url)["kvshrink_live_kv_tokens"])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with ThreadPoolExecutor(32) as pool:
+        futures = []
+        for i in range(32):
+            futures.append(pool.submit(client, i))
+            time.sleep(0.01)  # submission order = i
+        results = [f.result() for f in futures]
+    stop.set()
+    watcher.join()
+    assert len(results) == 32 and all(len(r["choices"]) == 1 and r["choices"][0]["finish_reason"] for r in results)
+    assert len({r["id"] for r in results}) == 32
+    ids = sorted((r["id"] for r in results), key=lambda x: int(x.split("-")[1]))  # ids number requests as they arrive
+    assert [i for i in engine.admitted if i in ids] == ids  # admitted first come, first served
+    assert max(seen_live) <= engine.budget and max(seen_live) > 0
+    assert metrics(url)["kvshrink_queued_requests"] == 0
+
+
+def test_bad_input_keeps_serving(serve):
+    engine, url = serve(budget_tokens=300)
+
+    def post(path, data):
+        r = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
+        try:
+            return 200, json.loads(urllib.request.urlopen(r, timeout=60).read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    assert post("/v1/completions", b"{not json")[0] == 400
+    assert post("/v1/completions", json.dumps({"model": "gpt-9", "prompt": "hi"}).encode())[0] == 404
+    code, body = post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": -3}).encode())
+    assert code == 400 and "max_tokens" in body["error"]["message"]
+    code, body = post("/v1/completions", json.dumps({"prompt": "word " * 400, "max_tokens": 8}).encode())
+    assert code == 400 and "budget" in body["error"]["message"]
+    # a client that disconnects mid-stream: its slots are freed
+    r = urllib.request.Request(f"{url}/v1/completions", data=json.dumps({"prompt": "Once upon a time", "max_tokens": 200,
+                                                                          "temperature": 0, "stream": True}).encode(),
+                               headers={"Content-Type": "application/json"})
+    stream = urllib.request.urlopen(r, timeout=60)
+    stream.readline()
+    stream.close()
+    deadline = time.time() + 30
+    while time.time() < deadline and metrics(url)["kvshrink_live_kv_tokens"] > 0:
+        time.sleep(0.1)
+    assert metrics(url)["kvshrink_live_kv_tokens"] == 0 and metrics(url)["kvshrink_running_requests"] == 0
+    assert post("/v1/completions", json.dumps({"prompt": "still here", "max_tokens": 2}).encode())[0] == 200
