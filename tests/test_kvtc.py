@@ -60,7 +60,7 @@ def source():
 
 @pytest.fixture(scope="module")
 def calib(model, source):
-    return Calibration.fit(ModelIdentity.from_model(model), source.rows(4096, 1), source.rows(4096, 2), ratios=RATIOS, dp_rows=2048)
+    return Calibration.fit(ModelIdentity.from_model(model), source.rows(4096, 1), source.rows(4096, 2), ratios=RATIOS, dp_rows=1024)
 
 
 # -- RoPE -------------------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def test_mismatched_calibration_is_refused(model, calib, source, rope, tmp_path)
 
     keys, values = source.cache(cos, sin)
     blob = compress(keys, values, loaded, 4, cos, sin)
-    other = Calibration.fit(calib.identity, Source(1).rows(1024, 1), Source(1).rows(1024, 2), ratios=(4.0,))
+    other = Calibration.fit(calib.identity, Source(1).rows(512, 1), Source(1).rows(512, 2), ratios=(4.0,), dp_rows=128)
     with pytest.raises(KVTCFormatError, match="different calibration"):
         decompress(blob, other, cos, sin)
     with pytest.raises(KVTCFormatError, match="no plan for cr=3"):

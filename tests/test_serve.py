@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -13,21 +12,7 @@ import pytest
 
 import kvshrink
 from kvshrink.serve import build_engine
-from kvshrink.serve.app import create_app
-
-
-def start(engine, name):
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, name), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
+from kvshrink.serve.app import read_metrics, run_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +27,7 @@ def serve(smollm2):
     def make(budget_tokens=20_000, max_batch=64):
         model, tok = smollm2
         engine = build_engine(model, tok, budget_tokens=budget_tokens, max_batch=max_batch)
-        server, thread, url = start(engine, "smollm2")
+        server, thread, url = run_in_thread(engine, "smollm2")
         running.append((server, thread))
         return engine, url
 
@@ -50,11 +35,6 @@ def serve(smollm2):
     for server, thread in running:
         server.should_exit = True
         thread.join(timeout=10)
-
-
-def metrics(url) -> dict:
-    text = urllib.request.urlopen(f"{url}/metrics").read().decode()
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def test_openai_client_completion_chat_stream_and_vote(serve, smollm2):
@@ -95,7 +75,7 @@ def test_concurrent_clients_all_served_in_order_within_budget(serve):
 
     def watch():
         while not stop.is_set():
-            seen_live.append(metrics(url)["kvshrink_live_kv_tokens"])
+            seen_live.append(read_metrics(url)["kvshrink_live_kv_tokens"])
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
@@ -113,7 +93,7 @@ def test_concurrent_clients_all_served_in_order_within_budget(serve):
     ids = sorted((r["id"] for r in results), key=lambda x: int(x.split("-")[1]))  # ids number requests as they arrive
     assert [i for i in engine.admitted if i in ids] == ids  # admitted first come, first served
     assert max(seen_live) <= engine.budget and max(seen_live) > 0
-    assert metrics(url)["kvshrink_queued_requests"] == 0
+    assert read_metrics(url)["kvshrink_queued_requests"] == 0
 
 
 def test_bad_input_keeps_serving(serve):
@@ -140,7 +120,7 @@ def test_bad_input_keeps_serving(serve):
     stream.readline()
     stream.close()
     deadline = time.time() + 30
-    while time.time() < deadline and metrics(url)["kvshrink_live_kv_tokens"] > 0:
+    while time.time() < deadline and read_metrics(url)["kvshrink_live_kv_tokens"] > 0:
         time.sleep(0.1)
-    assert metrics(url)["kvshrink_live_kv_tokens"] == 0 and metrics(url)["kvshrink_running_requests"] == 0
+    assert read_metrics(url)["kvshrink_live_kv_tokens"] == 0 and read_metrics(url)["kvshrink_running_requests"] == 0
     assert post("/v1/completions", json.dumps({"prompt": "still here", "max_tokens": 2}).encode())[0] == 200

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -184,3 +185,30 @@ def vote_kind(body: dict):
 
     kind = task_module(task).ANSWER_KIND
     return lambda text: extract_answer(text, kind)
+
+
+def run_in_thread(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 0):
+    """Start the server in a background thread (tests, benchmarks, notebooks): (server, thread, url).
+    port 0 picks a free port. Stop it with `server.should_exit = True; thread.join()`."""
+    import socket
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name), host=host, port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    return server, thread, f"http://{host}:{port}"
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    """A running server's /metrics as {name: value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}

@@ -1,0 +1,134 @@
+"""Load test of `kvshrink serve`: the same KV budget, vanilla vs DMS (127.0.0.1 only, bounded).
+
+    python benchmarks/serve_load.py --pairs smollm2:smollm2-dms8 tiny:tiny-dms8 --contexts 2048 4096 \
+        --kv-budget-mb 256 --requests 24 --max-tokens 64
+
+For each model and context: a server on a free loopback port with `--kv-budget-mb`; `--requests`
+streaming clients start together, each with its own held-out passage of `context` tokens and
+`--max-tokens` greedy tokens. Measured: the most and the mean number of sequences decoded together
+(polled from /metrics), aggregate generated tokens/s over the run, time to first token and
+inter-token latency (p50, p99) seen by the clients. Writes docs/results/serving.md and serving.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import kvshrink  # noqa: E402
+from kvshrink.serve import build_engine  # noqa: E402
+from kvshrink.train.text import pydoc_split  # noqa: E402
+from kvshrink.serve.app import read_metrics, run_in_thread  # noqa: E402
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def client(url: str, prompt: str, max_tokens: int) -> dict:
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    start_t = time.perf_counter()
+    stamps = []
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/completions", data=body,
+                                                       headers={"Content-Type": "application/json"}), timeout=3600) as r:
+        for line in r:
+            if line.startswith(b"data: {") and b'"text"' in line:
+                stamps.append(time.perf_counter())
+    return {"ttft": stamps[0] - start_t if stamps else float("nan"), "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+            "tokens": len(stamps)}
+
+
+def run_point(name: str, context: int, args, passages: list[str]) -> dict:
+    model, tok = kvshrink.load(name)
+    engine = build_engine(model, tok, budget_mb=args.kv_budget_mb, max_batch=args.requests)
+    server, thread, url = run_in_thread(engine, name)
+    running, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            running.append(read_metrics(url)["kvshrink_running_sequences"])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    prompts = [tok.decode(tok(p)["input_ids"][:context - args.max_tokens]) for p in passages[:args.requests]]
+    began = time.perf_counter()
+    with ThreadPoolExecutor(args.requests) as pool:
+        results = list(pool.map(lambda p: client(url, p, args.max_tokens), prompts))
+    wall = time.perf_counter() - began
+    stop.set()
+    watcher.join()
+    server.should_exit = True
+    thread.join(timeout=10)
+    busy = [r for r in running if r > 0]
+    itl = [x for r in results for x in r["itl"]]
+    return {"model": name, "context": context, "budget_tokens": engine.budget, "max_concurrent": max(running),
+            "mean_concurrent": statistics.mean(busy) if busy else 0.0, "tokens_per_second": sum(r["tokens"] for r in results) / wall,
+            "ttft_p50": percentile([r["ttft"] for r in results], 0.5), "ttft_p99": percentile([r["ttft"] for r in results], 0.99),
+            "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99), "wall_s": wall}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", default=["smollm2:smollm2-dms8"], help="VANILLA:DMS model pairs")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--kv-budget-mb", type=float, default=256)
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "serving.md")
+    args = parser.parse_args()
+    held = pydoc_split()[1]
+    stride = (len(held) - 40_000) // args.requests
+    passages = [held[i * stride:i * stride + 40_000] for i in range(args.requests)]  # distinct held-out passages
+    rows = []
+    for pair in args.pairs:
+        for context in args.contexts:
+            for name in pair.split(":"):
+                rows.append(run_point(name, context, args, passages))
+                print(json.dumps(rows[-1]), flush=True)
+    write_report(rows, args)
+
+
+def write_report(rows: list[dict], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cmd = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
+    lines = ["# Serving under one KV budget: vanilla vs DMS", "", f"Command: `{cmd}` (127.0.0.1, no other job running)", "",
+             f"Budget {args.kv_budget_mb:g} MB of live keys and values; {args.requests} streaming clients start together, "
+             f"{args.max_tokens} greedy tokens each.", "",
+             "| model | context | budget (KV tokens) | max concurrent | mean concurrent | tokens/s | TTFT p50 / p99 s | ITL p50 / p99 s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['context']} | {r['budget_tokens']:,} | {r['max_concurrent']:.0f} | {r['mean_concurrent']:.1f} | "
+                     f"{r['tokens_per_second']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | {r['itl_p50']:.3f} / {r['itl_p99']:.3f} |")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in zip(axes, ("max_concurrent", "tokens_per_second"), ("sequences decoded together", "aggregate tokens/s")):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts = [r for r in rows if r["model"] == model]
+            ax.plot([r["context"] for r in pts], [r[key] for r in pts], marker="o", label=model)
+        ax.set_xlabel("context tokens")
+        ax.set_title(label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = args.out.with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    args.out.write_text("\n".join(lines + ["", f"![serving]({png.name})", ""]))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
