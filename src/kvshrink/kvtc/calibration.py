@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import KVShrinkError
 from .allocate import GROUP_SIZES, Plan, allocate, budget_bits
 from .errors import KVTCFormatError
 from .pca import PCABasis
@@ -55,6 +56,8 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class Calibration:
+    """Per-model KVTC state; immutable, so the digest written into blobs always names what decodes them."""
+
     identity: ModelIdentity
     keys: PCABasis
     values: PCABasis
@@ -69,11 +72,11 @@ class Calibration:
         rank caps the PCA (paper: 8–10K); the DP runs on the first `dp_rows` rows (paper: 32K, on GPU).
         """
         if any(r <= 0 for r in ratios):
-            raise ValueError(f"compression ratios must be positive, got {ratios}")
+            raise KVShrinkError(f"compression ratios must be positive, got {ratios}")
         bases, plans = [], {float(cr): [] for cr in ratios}
         for x in (key_features, value_features):
             if x.shape[1] != identity.features:
-                raise ValueError(f"features have {x.shape[1]} columns, {identity} needs {identity.features}")
+                raise KVShrinkError(f"features have {x.shape[1]} columns, {identity} needs {identity.features}")
             basis = PCABasis.fit(x, rank, niter, seed)
             P = basis.project(x[:dp_rows])
             for cr, plan in zip(plans, allocate(P, [budget_bits(identity.features, cr) for cr in plans], sizes)):

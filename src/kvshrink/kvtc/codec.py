@@ -74,12 +74,12 @@ def compress(keys, values, calib: Calibration, cr: float, cos: torch.Tensor, sin
              sinks: int = SINKS, window: int = WINDOW) -> bytes:
     """keys (post-RoPE), values: per layer (1, Hkv, T, D); cos, sin: (1, T, D) or (T, D) for the tokens'
     positions (see `rope_tables`); live: optional per layer (Hkv, T) bool, False = evicted.
-    cr must be one of the calibration's ratios."""
+    cr must be one of the calibration's ratios. Returns the blob."""
     K, V = _stack(keys, calib.identity), _stack(values, calib.identity)
     if K.shape != V.shape or K.dtype != V.dtype:
         raise KVShrinkError(f"keys {tuple(K.shape)} {K.dtype} and values {tuple(V.shape)} {V.dtype} differ")
     L, H, T, D = K.shape
-    cos, sin = _tables(cos, sin, T)
+    cos, sin = _tables(cos, sin, T, D)
     s = min(sinks, T)
     w = min(window, T - s)
     mid = slice(s, T - w)
@@ -104,14 +104,15 @@ def compress(keys, values, calib: Calibration, cr: float, cos: torch.Tensor, sin
 def decompress(blob: bytes, calib: Calibration, cos: torch.Tensor, sin: torch.Tensor) -> KVLayers:
     """Inverse of `compress`; cos, sin must be for the same positions as when compressing."""
     h, body = _open(blob)
-    if h.calibration != calib.digest or (h.layers, h.heads, h.head_dim) != (calib.identity.layers, calib.identity.kv_heads, calib.identity.head_dim):
+    ident = calib.identity
+    if h.calibration != calib.digest or (h.layers, h.heads, h.head_dim) != (ident.layers, ident.kv_heads, ident.head_dim):
         raise KVTCFormatError("this KVTC blob was written with a different calibration")
     key_plan, value_plan = calib.plan(h.cr)
     L, H, T, D, s, w = h.layers, h.heads, h.tokens, h.head_dim, h.sinks, h.window
     mid = slice(s, T - w)
     if h.middle_bytes != _middle_bytes(key_plan, T - s - w) + _middle_bytes(value_plan, T - s - w):
         raise KVTCFormatError("KVTC blob's middle does not match its calibration's plan")
-    cos, sin = _tables(cos, sin, T)
+    cos, sin = _tables(cos, sin, T, D)
 
     Ks, Vs = _decode_sinks(body, (L, H, s, D)), _decode_sinks(body, (L, H, s, D))
     wdtype = _window_dtype(DTYPES[h.dtype])
@@ -245,7 +246,7 @@ def _entropy_decode(coder: int, data: bytes, size: int) -> bytes:
             out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
         else:
             inflate = zlib.decompressobj()
-            out = inflate.decompress(data, size)
+            out = inflate.decompress(data, size + 1)  # + 1: a longer stream shows, and 0 is not "unlimited"
             if not inflate.eof or inflate.unused_data:
                 raise ValueError("trailing or missing data")
     except (zlib.error, ValueError, _ZSTD_ERROR) as e:
@@ -258,29 +259,26 @@ def _entropy_decode(coder: int, data: bytes, size: int) -> bytes:
 # -- input checks ---------------------------------------------------------------------------------------------
 def _stack(layers, identity: ModelIdentity) -> torch.Tensor:
     """Per-layer (1, H, T, D) -> (L, H, T, D) on CPU, where the codec runs; refuses another model's cache."""
-    shapes = {tuple(x.shape) for x in layers}
-    ok = len(layers) == identity.layers and len(shapes) == 1
-    if ok:
-        (shape,) = shapes
-        ok = len(shape) == 4 and shape[0] == 1 and (shape[1], shape[3]) == (identity.kv_heads, identity.head_dim)
-    if not ok or layers[0].dtype not in DTYPES:
+    shapes = sorted({tuple(x.shape) for x in layers})
+    fits = len(layers) == identity.layers and len(shapes) == 1 and len(shapes[0]) == 4 and \
+        (shapes[0][0], shapes[0][1], shapes[0][3]) == (1, identity.kv_heads, identity.head_dim)
+    if not fits or layers[0].dtype not in DTYPES:
         raise KVShrinkError(f"cache does not fit the KVTC calibration ({identity}): need {identity.layers} layers of "
-                            f"(1, {identity.kv_heads}, T, {identity.head_dim}) fp16/bf16/fp32, got {len(layers)} of {sorted(shapes)}")
+                            f"(1, {identity.kv_heads}, T, {identity.head_dim}) fp16/bf16/fp32, got {len(layers)} of {shapes}")
     return torch.cat(list(layers)).cpu()
 
 
 def _stack_live(live, shape: tuple[int, int, int]) -> torch.Tensor:
-    mask = torch.stack([m.to(torch.bool) for m in live]) if len(live) else None
-    if mask is None or tuple(mask.shape) != shape:
+    if len(live) != shape[0] or any(tuple(m.shape) != shape[1:] for m in live):
         raise KVShrinkError(f"live mask must be {shape[0]} layers of ({shape[1]}, {shape[2]}) bool")
-    return mask.cpu()
+    return torch.stack([m.to(torch.bool).cpu() for m in live])
 
 
-def _tables(cos: torch.Tensor, sin: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = cos.float().reshape(1, -1, cos.shape[-1]), sin.float().reshape(1, -1, sin.shape[-1])
-    if cos.shape[1] != T or sin.shape != cos.shape:
-        raise KVShrinkError(f"cos/sin must cover the cache's {T} positions, got {cos.shape[1]}")
-    return cos, sin
+def _tables(cos: torch.Tensor, sin: torch.Tensor, T: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, T, D) or (T, D) -> (1, T, D) fp32."""
+    if cos.shape[-2:] != (T, D) or sin.shape != cos.shape:
+        raise KVShrinkError(f"cos/sin must be (1, {T}, {D}) for the cache's positions, got {tuple(cos.shape)}")
+    return cos.float().reshape(1, T, D), sin.float().reshape(1, T, D)
 
 
 def _window_dtype(dtype: torch.dtype) -> torch.dtype:
