@@ -92,6 +92,8 @@ def main():
     parser.add_argument("--pack", type=Path, default=ROOT / "src" / "kvshrink" / "zoo" / "models")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--ramp-steps", type=int, default=None, help="CR ramp length (default 80%% of --steps); "
+                        "extend a finished run by rerunning with more --steps and its ramp")
     parser.add_argument("--n-prompts", type=int, default=256, help="teacher prompts (the train part holds ~240)")
     parser.add_argument("--teacher-prompts", type=int, default=None,
                         help="distil on the teacher's continuations of only the first N prompts (saves sampling time)")
@@ -117,7 +119,7 @@ def main():
         cfg = RetrofitConfig(model="smollm2", out=str(args.work / name), target_cr=cr, window=WINDOW, steps=args.steps,
                              data=f"teacher:{prompts_file}", batch_size=2, seq_len=512, lr=args.lr,
                              train=args.train, save_every=100, device=args.device,
-                             data_cache=str(args.work / "data-cache"), max_minutes=args.max_minutes,
+                             data_cache=str(args.work / "data-cache"), max_minutes=args.max_minutes, ramp_steps=args.ramp_steps,
                              resume=(args.work / name / "checkpoints" / "latest").exists())
         start = time.perf_counter()
         last = retrofit(cfg, progress=False)

@@ -136,6 +136,7 @@ def retrofit(
     decision: Optional[str] = typer.Option(None, help="neuron | adapter (default: neuron with all, adapter with adapter)"),
     neuron_decay: str = typer.Option("instant", help="instant | linear: how the borrowed q_proj row is zeroed"),
     aim_context: Optional[int] = typer.Option(None, help="context at which the reads-based CR should hit the target (default 32*w)"),
+    ramp_steps: Optional[int] = typer.Option(None, help="steps over which the CR ramps to the target (default 80% of --steps)"),
     save_every: int = typer.Option(50, help="checkpoint every N steps"),
     seed: int = typer.Option(0, help="data order and Gumbel noise seed"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
@@ -152,7 +153,7 @@ def retrofit(
 
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, train=train,
-                         decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, save_every=save_every,
+                         decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, ramp_steps=ramp_steps, save_every=save_every,
                          seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device)
     last = run(cfg)
     if last and os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch

@@ -16,18 +16,28 @@ Pipeline, per cache:
     calib = Calibration.fit(ModelIdentity.from_model(model), key_rows, value_rows, ratios=(16,))
     blob = compress(keys, values, calib, 16, cos, sin)
     keys, values, _ = decompress(blob, calib, cos, sin)
+
+Around the codec: `cache_io` moves one sequence between a `KVCache` and that layout (`export_cache`,
+`restore_cache`, and `pack_cache` for blob + DMS flags); `store.PrefixStore` keeps compressed prefixes on
+disk; `prefix.generate_with_prefix_store` restores them instead of prefilling; `commands` holds what the
+CLI runs (calibrate, evaluate).
 """
 
 from .allocate import GROUP_SIZES, Group, Plan, allocate, budget_bits
+from .cache_io import CacheState, cos_sin, export_cache, pack_cache, restore_cache, unpack_cache
 from .calibration import Calibration, ModelIdentity
 from .codec import SINKS, WINDOW, KVLayers, blob_stats, compress, decompress
 from .errors import KVTCFormatError
 from .pca import PCABasis, cache_features
+from .prefix import generate_with_prefix_store
 from .quant import dequantize, fake_quant, pack, quantize, unpack
 from .rope import redo_rope, rope_tables, undo_rope
+from .store import PrefixStore
 
 __all__ = [
     "compress", "decompress", "blob_stats", "KVLayers", "SINKS", "WINDOW", "Calibration", "ModelIdentity",
     "PCABasis", "cache_features", "allocate", "budget_bits", "Plan", "Group", "GROUP_SIZES", "quantize",
     "dequantize", "fake_quant", "pack", "unpack", "undo_rope", "redo_rope", "rope_tables", "KVTCFormatError",
+    "CacheState", "export_cache", "restore_cache", "cos_sin", "pack_cache", "unpack_cache", "PrefixStore",
+    "generate_with_prefix_store",
 ]

@@ -53,6 +53,7 @@ class RetrofitConfig:
     decision: str | None = None  # default: neuron with --train all, adapter with --train adapter
     neuron_decay: str = "instant"  # instant | linear (over the first 10% of steps, as DMC)
     aim_context: int | None = None  # default 32 * window
+    ramp_steps: int | None = None  # steps to reach target_cr (default 80% of steps); then it holds
     save_every: int = 50
     seed: int = 0
     max_minutes: float | None = None  # wall-clock ceiling: checkpoint and stop
@@ -91,8 +92,9 @@ class RetrofitConfig:
 
 
 def ramped_cr(step: int, cfg: RetrofitConfig) -> float:
-    """CR target after `step` completed steps: linear from 1, reaching target_cr at 80% of the steps."""
-    ramp = max(1, int(0.8 * cfg.steps))
+    """CR target after `step` completed steps: linear from 1, reaching target_cr after `ramp_steps`
+    (default 80% of the steps). Extending a finished run: resume with more --steps and the same ramp."""
+    ramp = max(1, cfg.ramp_steps or int(0.8 * cfg.steps))
     return 1.0 + (cfg.target_cr - 1.0) * min(1.0, (step + 1) / ramp)
 
 

@@ -1,0 +1,236 @@
+"""What `kvshrink kvtc ...` runs: fitting a model's calibration, and KVTC's accuracy and speed on a task
+against baselines at the same ratios.
+
+Text seeds: evaluated problems use small seeds; calibration conversations use seeds from
+`CALIBRATION_SEED` and few-shot examples seeds from `EXAMPLE_SEED`, so neither ever shows the model a
+problem it is graded on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..cache import KVCache
+from ..generation import generate_ids
+from ..loading import load
+from ..policies import make_policy
+from ..tasks import TASKS, grade, make_problems
+from ..tasks.evaluate import encode_problem
+from ..train.text import pydoc_split
+from .cache_io import CacheState, cos_sin, export_cache, restore_cache
+from .calibration import Calibration, ModelIdentity
+from .codec import SINKS, WINDOW, blob_stats, compress, decompress
+from .pca import cache_features
+from .prefix import decode, prefill
+from .quant import BITS, GROUP_OVERHEAD_BITS, fake_quant
+
+CALIBRATION_SEED, EXAMPLE_SEED = 1_000_000, 2_000_000
+
+
+def calibrate(model_name, out_path, tokens: int = 100_000, ratios=(4, 8, 16, 32, 64), device: str = "cpu", *,
+              seq_len: int = 1024, rank: int | None = None, dp_rows: int = 4096, seed: int = 0) -> Path:
+    """Fit a calibration on `tokens` token positions (sinks left out) and save it to `out_path`.
+
+    Text: solved task problems (as the model sees them in eval, chat template included) alternating with
+    chunks of pydoc train text, each at most `seq_len` tokens. Rows fill one preallocated fp32 buffer
+    per stream (2 · tokens · L·H·D · 4 bytes), and the DP's rows are a random sample of them."""
+    model, tokenizer = load(model_name, device=device)
+    identity = ModelIdentity.from_model(model)
+    rows = torch.empty(2, tokens, identity.features)  # key features, value features
+    filled = 0
+    for ids in _calibration_sequences(tokenizer, seq_len):
+        if len(ids) <= SINKS:
+            continue
+        state = _prompt_state(model, ids)
+        kf, vf = cache_features([k.cpu() for k in state.keys], [v.cpu() for v in state.values],
+                                *cos_sin(model, state.positions), sinks=SINKS)  # (T - sinks, p) each
+        take = min(len(kf), tokens - filled)
+        rows[0, filled:filled + take], rows[1, filled:filled + take] = kf[:take], vf[:take]
+        filled += take
+        if filled == tokens:
+            break
+    _sample_to_front(rows, dp_rows, seed)
+    calib = Calibration.fit(identity, rows[0], rows[1], ratios=ratios, rank=rank, dp_rows=dp_rows, seed=seed)
+    calib.save(out_path)
+    return Path(out_path)
+
+
+def evaluate(model_name, calibration_path, ratios, task: str, problems: int, seed: int = 0, *, device: str = "auto",
+             prefix_tokens: int = 0, difficulty: int | None = None, max_new_tokens: int | None = None,
+             batch_size: int = 8) -> dict:
+    """Greedy accuracy on `problems` problems of `task` when the prompt's cache goes through each method
+    before the answer is generated, with the bytes each method stores.
+
+    Methods: `vanilla` (uncompressed); `int4`, `int2` (the middle quantized per token, layer and head
+    with an fp16 shift and scale, sinks and window kept); `kvtc<cr>` per ratio; `tova<cr>` per ratio (TOVA
+    evicting during prefill and decode, reads-based `compression_ratio`). `ratio` counts the whole cache,
+    window included, against fp16; `middle_ratio` only the compressed middle (the paper's headline);
+    KVTC's speeds are fp16-equivalent MB per second of compress / decompress. The cache is the vanilla
+    one (policy none), prompt minus its last token, which then runs on the restored cache.
+    prefix_tokens: prepend solved problems up to this many tokens (SPEC 7: >= 512 for arith)."""
+    model, tokenizer = load(model_name, device=device)
+    calib = Calibration.load(calibration_path, expect=ModelIdentity.from_model(model))
+    items = make_problems(task, problems, seed=seed, difficulty=difficulty)
+    shots = _few_shot(tokenizer, task, prefix_tokens, seed, items[0].difficulty)
+    prompts = [encode_problem(tokenizer, shots + p.prompt) for p in items]
+    if max_new_tokens is None:  # room for twice the longest worked solution, as `kvshrink eval`
+        max_new_tokens = 16 + 2 * max(len(tokenizer(p.solution)["input_ids"]) for p in items)
+    eos = tokenizer.eos_token_id
+    methods = {"vanilla": _vanilla, "int4": partial(_quantized, kind="int4"), "int2": partial(_quantized, kind="int2"),
+               **{f"kvtc{cr:g}": partial(_kvtc, model=model, calib=calib, cr=cr) for cr in ratios}}
+    tallies = {name: _Tally() for name in methods}
+    start = time.perf_counter()
+    for problem, ids in zip(items, prompts):
+        state = _prompt_state(model, ids[:-1])
+        for name, method in methods.items():
+            cache = restore_cache(model, None, *method(state, tallies[name]))
+            tokens = decode(model, cache, prefill(model, cache, ids[-1:]), max_new_tokens, eos={eos} - {None})
+            tallies[name].correct += grade(problem, tokenizer.decode(tokens, skip_special_tokens=True))
+    report = {name: tally.report(len(items)) for name, tally in tallies.items()}
+    for cr in ratios:
+        report[f"tova{cr:g}"] = _tova(model, tokenizer, items, prompts, cr, max_new_tokens, batch_size)
+    return {"task": task, "difficulty": items[0].difficulty, "problems": len(items), "seed": seed,
+            "prompt_tokens": sum(map(len, prompts)) / len(prompts), "max_new_tokens": max_new_tokens,
+            "methods": report, "seconds": time.perf_counter() - start}
+
+
+# -- what each method does to the stored cache: a state in, the state decoding sees out -------------------------
+@dataclass
+class _Tally:
+    """One method's totals over the problems: bytes against an fp16 cache, whole and middle, and codec time."""
+
+    correct: int = 0
+    fp16_bytes: int = 0
+    fp16_middle_bytes: int = 0
+    stored_bytes: int = 0
+    stored_middle_bytes: int = 0
+    compress_seconds: float = 0.0
+    decompress_seconds: float = 0.0
+
+    def count(self, state: CacheState, stored: int, stored_middle: int) -> None:
+        start, end = _middle(len(state.positions))
+        self.fp16_bytes += _fp16_bytes(state, len(state.positions))
+        self.fp16_middle_bytes += _fp16_bytes(state, end - start)
+        self.stored_bytes += stored
+        self.stored_middle_bytes += stored_middle
+
+    def report(self, problems: int) -> dict:
+        out = {"accuracy": self.correct / problems, "ratio": self.fp16_bytes / self.stored_bytes,
+               "middle_ratio": self.fp16_middle_bytes / self.stored_middle_bytes if self.stored_middle_bytes else None}
+        if self.compress_seconds:
+            mb = self.fp16_bytes / 1e6
+            out.update(compress_mb_s=mb / self.compress_seconds, decompress_mb_s=mb / self.decompress_seconds)
+        return out
+
+
+def _vanilla(state: CacheState, tally: _Tally) -> CacheState:
+    start, end = _middle(len(state.positions))
+    tally.count(state, _fp16_bytes(state, len(state.positions)), _fp16_bytes(state, end - start))
+    return state
+
+
+def _quantized(state: CacheState, tally: _Tally, kind: str) -> CacheState:
+    """KIVI-style int quantization of the middle, a group (fp16 shift and scale) per (layer, head, token)
+    vector; sinks and window stay 16-bit."""
+    T = len(state.positions)
+    start, end = _middle(T)
+    keys, values = ([_quantize_tokens(x, start, end, kind) for x in xs] for xs in (state.keys, state.values))
+    _, H, _, D = state.keys[0].shape
+    middle = 2 * len(state.keys) * H * (end - start) * (D * BITS[kind] + GROUP_OVERHEAD_BITS) // 8  # K and V
+    tally.count(state, _fp16_bytes(state, T - (end - start)) + middle, middle)
+    return state._replace(keys=keys, values=values)
+
+
+def _kvtc(state: CacheState, tally: _Tally, model, calib: Calibration, cr: float) -> CacheState:
+    """The codec at `cr`; the bytes are the real blob's."""
+    cos, sin = cos_sin(model, state.positions)
+    clock = time.perf_counter()
+    blob = compress(state.keys, state.values, calib, cr, cos, sin)
+    tally.compress_seconds += time.perf_counter() - clock
+    clock = time.perf_counter()
+    keys, values, _ = decompress(blob, calib, cos, sin)
+    tally.decompress_seconds += time.perf_counter() - clock
+    stats = blob_stats(blob)
+    tally.count(state, stats["bytes"], stats["middle_bytes"])
+    return CacheState(keys, values, None, state.positions)
+
+
+def _middle(T: int) -> tuple[int, int]:
+    """[start, end) of the tokens KVTC compresses, split as the codec does: [sinks | middle | window]."""
+    s = min(SINKS, T)
+    return s, T - min(WINDOW, T - s)
+
+
+def _quantize_tokens(x: torch.Tensor, start: int, end: int, kind: str) -> torch.Tensor:
+    """x: (1, Hkv, T, D) -> the same with tokens [start, end) fake-quantized, a group per D-vector."""
+    out = x.clone()
+    out[:, :, start:end] = fake_quant(x[:, :, start:end].float(), kind).to(x.dtype)
+    return out
+
+
+def _fp16_bytes(state: CacheState, tokens: int) -> int:
+    _, H, _, D = state.keys[0].shape
+    return 2 * len(state.keys) * H * tokens * D * 2  # K and V, 2 bytes a value
+
+
+def _tova(model, tokenizer, items, prompts, cr: float, max_new_tokens: int, batch_size: int) -> dict:
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    correct, reads, vanilla = 0, 0.0, 0.0
+    for s in range(0, len(items), batch_size):
+        tokens, _, per_seq = generate_ids(model, prompts[s:s + batch_size], make_policy("tova", cr=cr),
+                                          max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        correct += sum(grade(p, tokenizer.decode(t, skip_special_tokens=True)) for p, t in zip(items[s:s + batch_size], tokens))
+        reads += float(per_seq["kv_reads"].sum())
+        vanilla += float(per_seq["vanilla_kv_reads"].sum())
+    return {"accuracy": correct / len(items), "compression_ratio": vanilla / reads}
+
+
+# -- text ---------------------------------------------------------------------------------------------------------
+def _prompt_state(model, ids: list[int]) -> CacheState:
+    """The vanilla cache of `ids` after a prefill, exported."""
+    cache = KVCache(model)
+    prefill(model, cache, ids)
+    return export_cache(cache)
+
+
+def _calibration_sequences(tokenizer, seq_len: int):
+    """Token-id sequences, endless: a solved problem of each task in turn (prompt as eval encodes it, then
+    the worked solution), alternating with consecutive `seq_len`-token chunks of pydoc train text while
+    it lasts."""
+    text = tokenizer(pydoc_split()[0], verbose=False)["input_ids"]  # one long text: no length warning
+    chunks = (text[s:s + seq_len] for s in range(0, len(text), seq_len))
+    names = sorted(TASKS)
+    for i in itertools.count():
+        problem = make_problems(names[i % len(names)], 1, seed=CALIBRATION_SEED + i)[0]
+        answer = tokenizer(problem.solution, add_special_tokens=False)["input_ids"]
+        yield (encode_problem(tokenizer, problem.prompt) + answer)[:seq_len]
+        chunk = next(chunks, None)
+        if chunk is not None:
+            yield chunk
+
+
+def _few_shot(tokenizer, task: str, tokens: int, seed: int, difficulty: int) -> str:
+    """Solved problems, seeds apart from the graded ones, until they fill `tokens` tokens ('' for 0)."""
+    text = ""
+    for n in itertools.count(1):
+        if len(tokenizer(text)["input_ids"]) >= tokens:
+            return text
+        example = make_problems(task, n, seed=EXAMPLE_SEED + seed, difficulty=difficulty)[-1]
+        text += f"{example.prompt}\n{example.solution}\n\n"
+
+
+def _sample_to_front(rows: torch.Tensor, n: int, seed: int) -> None:
+    """Move n random rows of rows (2, N, p) to the front, in place (a partial Fisher–Yates shuffle): the
+    DP fits on the first rows, which would otherwise all come from the first few sequences."""
+    g = torch.Generator().manual_seed(seed)
+    N = rows.shape[1]
+    for i in range(min(n, N)):
+        j = int(torch.randint(i, N, (1,), generator=g))
+        rows[:, [i, j]] = rows[:, [j, i]]

@@ -1,0 +1,146 @@
+"""Generation that restores stored prompt prefixes instead of recomputing them (KVTC's use, SPEC 5).
+
+One prompt at a time (batch 1): the longest stored prefix of its tokens is decompressed into a
+`KVCache`, only the rest is prefilled, and after generating, the prompt's own cache is compressed and
+stored once, for later prompts that extend it (the next turn of a chat, a few-shot prefix shared by
+many problems). A stored prefix stops one token short of its prompt: the last prompt token has to run
+through the model anyway, for the first generated token's logits, and the shorter prefix still serves
+every prompt that extends the stored one. Prompts of one call that share a beginning (a few-shot
+prefix) also store that shared part, once, so the others restore it instead of prefilling it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Container
+
+import torch
+
+from ..cache import KVCache
+from ..errors import KVShrinkError
+from ..generation import DEFAULT_PREFILL_CHUNK, GenerationResult, _sample, encode_prompts, resolve_policy
+from ..policies.base import CachePolicy
+from .cache_io import export_cache, pack_cache, restore_cache, unpack_cache
+from .calibration import Calibration, ModelIdentity
+from .errors import KVTCFormatError
+from .store import PrefixStore
+
+MIN_SHARED_PREFIX = 64  # a shorter shared beginning is not worth an entry of its own
+
+
+@torch.no_grad()
+def prefill(model, cache: KVCache, ids: list[int], chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+    """Run `ids` through the model after whatever one-row `cache` holds; returns the last logits (V,)."""
+    if not ids:
+        raise KVShrinkError("nothing to prefill: give at least one token")
+    device = next(model.parameters()).device
+    chunk = cache.policy.prefill_chunk or chunk  # budget policies are defined with 16-token chunks
+    start = cache.layers[0].seen
+    for s in range(0, len(ids), chunk):
+        piece = torch.tensor([ids[s:s + chunk]], device=device)  # (1, Q)
+        end = start + s + piece.shape[1]
+        out = model(piece, attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
+                    position_ids=torch.arange(end - piece.shape[1], end, device=device)[None],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+def decode(model, cache: KVCache, logits: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+           top_p: float = 1.0, generator: torch.Generator | None = None, eos: Container[int] = ()) -> list[int]:
+    """Sample up to `max_new_tokens` tokens, the first from `logits` (V,); stops after an eos token."""
+    tokens = []
+    for step in range(max_new_tokens):
+        token = int(_sample(logits[None], temperature, top_p, generator))
+        tokens.append(token)
+        if token in eos or step == max_new_tokens - 1:
+            break
+        logits = prefill(model, cache, [token])
+    return tokens
+
+
+def generate_with_prefix_store(model, tokenizer, prompts: str | list[str], store: PrefixStore, calibration: Calibration,
+                               cr: float, *, policy: str | CachePolicy | None = None, window: int | None = None,
+                               max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                               chat: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> GenerationResult:
+    """`kvshrink.generate` for prompts that share prefixes, through a `PrefixStore` of their caches
+    compressed at `cr` (see the module docstring). Policies: 'none', 'dms' (default on a DMS model) or
+    'window'; the store should be keyed by everything its blobs depend on (`PrefixStore`'s identity):
+    an entry this calibration or policy cannot read is recomputed and overwritten.
+
+    stats: prompt/generated tokens, `prefix_tokens_reused` (tokens restored instead of prefilled),
+    `prefix_hits`, `prefixes_stored`, and seconds spent restoring (read + decompress + restore),
+    prefilling, decoding and storing (compress + write)."""
+    pol = resolve_policy(model, policy, None, window)
+    calibration.check(ModelIdentity.from_model(model))
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    eos = {tokenizer.eos_token_id} - {None}
+    stats = dict.fromkeys(("prompt_tokens", "generated_tokens", "prefix_tokens_reused", "prefix_hits", "prefixes_stored"), 0)
+    seconds = dict.fromkeys(("restore_seconds", "prefill_seconds", "decode_seconds", "store_seconds"), 0.0)
+    all_tokens = []
+    start = time.perf_counter()
+    encoded = encode_prompts(tokenizer, prompts, chat)
+    for ids, shared in zip(encoded, _shared_cuts([ids[:-1] for ids in encoded])):
+        clock = time.perf_counter()
+        prefix = ids[:-1]
+        cache, reused = _restore_longest(model, pol, store, calibration, prefix)
+        clock = _lap(seconds, "restore_seconds", clock, device)
+        states, done = [], reused  # (length, exported cache): stored after generation, off the time to first token
+        for cut in sorted(shared | {len(prefix)}):
+            if cut > done:
+                prefill(model, cache, prefix[done:cut], prefill_chunk)
+                states.append((cut, export_cache(cache)))
+                done = cut
+        logits = prefill(model, cache, ids[-1:])
+        clock = _lap(seconds, "prefill_seconds", clock, device)
+        tokens = decode(model, cache, logits, max_new_tokens, temperature=temperature, top_p=top_p,
+                        generator=generator, eos=eos)
+        clock = _lap(seconds, "decode_seconds", clock, device)
+        for cut, state in states:
+            stats["prefixes_stored"] += store.put(prefix[:cut], pack_cache(state, model, calibration, cr, pol))
+        _lap(seconds, "store_seconds", clock, device)
+        all_tokens.append(tokens)
+        stats["prompt_tokens"] += len(ids)
+        stats["generated_tokens"] += len(tokens)
+        stats["prefix_tokens_reused"] += reused
+        stats["prefix_hits"] += reused > 0
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in all_tokens]
+    return GenerationResult(texts=texts, tokens=all_tokens, stats={
+        **stats, **seconds, "seconds": time.perf_counter() - start, "cr": cr, **pol.describe()})
+
+
+def _shared_cuts(prefixes: list[list[int]]) -> list[set[int]]:
+    """For each token list, the lengths of the beginnings it shares with the others, each at least
+    `MIN_SHARED_PREFIX`. Sorted, a list shares the most with its neighbours, so only those are compared."""
+    order = sorted(range(len(prefixes)), key=prefixes.__getitem__)
+    cuts = [set() for _ in prefixes]
+    for a, b in zip(order, order[1:]):
+        x, y = prefixes[a], prefixes[b]
+        n = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        if n >= MIN_SHARED_PREFIX:
+            cuts[a].add(n)
+            cuts[b].add(n)
+    return cuts
+
+
+def _restore_longest(model, policy: CachePolicy, store: PrefixStore, calibration: Calibration,
+                     prefix: list[int]) -> tuple[KVCache, int]:
+    """A cache holding the longest stored prefix of `prefix`, and its length (an empty cache and 0 if none).
+    An entry this calibration or policy cannot read is dropped: it is recomputed and stored again."""
+    hit = store.longest_prefix(prefix) if prefix else None
+    if hit is not None:
+        n, data = hit
+        try:
+            return restore_cache(model, policy, *unpack_cache(data, model, calibration, policy)), n
+        except KVTCFormatError:
+            store.remove(prefix[:n])
+    return KVCache(model, policy), 0
+
+
+def _lap(seconds: dict, key: str, since: float, device: torch.device) -> float:
+    if device.type == "cuda":  # the GPU's queued work belongs to the stage that queued it
+        torch.cuda.synchronize(device)
+    now = time.perf_counter()
+    seconds[key] += now - since
+    return now
