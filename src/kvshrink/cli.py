@@ -205,6 +205,68 @@ def serve(
     uvicorn.run(create_app(engine, model), host=host, port=port, log_level="warning")
 
 
+kvtc_app = typer.Typer(no_args_is_help=True, help="KV Cache Transform Coding: compact storage of reusable caches.")
+app.add_typer(kvtc_app, name="kvtc")
+
+
+@kvtc_app.command("calibrate")
+def kvtc_calibrate(
+    model: str = typer.Argument(..., help="a shipped name or a local model folder"),
+    out: Path = typer.Option(..., "--out", help="calibration file to write (safetensors)"),
+    tokens: int = typer.Option(100_000, help="calibration token positions"),
+    ratios: str = typer.Option("4,8,16,32,64", help="compression ratios to plan bit allocations for"),
+    device: str = typer.Option("cpu", help="auto | cpu | cuda"),
+):
+    """Fit the PCA bases and the bit allocations of a model's KV cache (once per model)."""
+    from .kvtc.commands import calibrate
+
+    print(calibrate(model, out, tokens=tokens, ratios=_floats(ratios), device=device))
+
+
+@kvtc_app.command("eval")
+def kvtc_eval(
+    model: str = typer.Argument(..., help="a shipped name or a local model folder"),
+    calibration: Path = typer.Option(..., help="a file from `kvshrink kvtc calibrate`"),
+    ratios: str = typer.Option("4,8,16,32", help="compression ratios (each must be planned in the calibration)"),
+    task: str = typer.Option("vt", help="task whose prompts' caches are compressed"),
+    problems: int = typer.Option(50, help="problems"),
+    seed: int = typer.Option(0, help="problem seed"),
+    prefix_tokens: int = typer.Option(0, help="prepend solved problems up to this many tokens (arith: >= 512)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Accuracy from caches stored with KVTC vs uncompressed, int4/int2 quantization and TOVA eviction."""
+    from .kvtc.commands import evaluate
+    from .tasks import task_module
+
+    task_module(task)
+    result = evaluate(model, calibration, _floats(ratios), task, problems, seed, device=device, prefix_tokens=prefix_tokens)
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model} on {task}: caches through each method ({result.get('problems', problems)} problems)")
+    for col in ("method", "accuracy", "ratio (whole cache)", "ratio (middle)", "compress MB/s", "decompress MB/s"):
+        table.add_column(col)
+    for name, m in result["methods"].items():
+        table.add_row(name, f"{m['accuracy']:.3f}", f"{m.get('ratio', m.get('compression_ratio', 1.0)):.2f}",
+                      f"{m.get('middle_ratio', float('nan')):.2f}", f"{m.get('compress_mb_s', float('nan')):.0f}",
+                      f"{m.get('decompress_mb_s', float('nan')):.0f}")
+    Console().print(table)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise KVShrinkError(f"give numbers separated by commas, e.g. 4,8,16 (got {text!r})") from exc
+    if not values or any(v < 1 for v in values):
+        raise KVShrinkError(f"compression ratios must be >= 1 (got {text!r})")
+    return values
+
+
 zoo_app = typer.Typer(no_args_is_help=True, help="Build the shipped task models (tiny, tiny-dms4, tiny-dms8).")
 app.add_typer(zoo_app, name="zoo")
 
