@@ -58,6 +58,15 @@ def with_random_dms(model, window: int, decision: str = "adapter", evict_bias: f
     return m
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tests on small tensors: one thread is as fast, and stays fast on a busy 2-core machine (2 can be 5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def left_pad(prompts: list[list[int]], pad: int = 0):
     P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), pad, dtype=torch.long)

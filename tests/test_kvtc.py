@@ -24,13 +24,7 @@ RATIOS = (2.0, 4.0, 8.0, 16.0)
 T = 4 + 1024 + 128  # sinks, compressed middle, window
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are small: one thread is as fast, and stays fast on a busy machine (2 can be 5x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is as fast, and stays fast on a busy machine
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ VOCAB = 128
 NEAR_LOSSLESS = 0.45  # 2275 bits a token: each of the 64 components its own group, whose fp16 shift is its value
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread is as fast, and stays fast on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is as fast, and stays fast on a busy machine
 
 
 @pytest.fixture(scope="module")

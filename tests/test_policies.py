@@ -120,15 +120,19 @@ class Reference:
                     kept.remove(min(kept, key=lambda j: reference_keep_score(self.policy, self.state[li], b, h, j, kept, budget, first[b])))
 
 
+def teacher_forced_batch(seed: int, lengths: tuple[int, int], n_decode: int):
+    """Two left-padded random prompts followed by n_decode forced tokens: (ids, mask, prompt width)."""
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = left_pad([torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths])
+    P = ids.shape[1]
+    decode = torch.randint(3, 128, (2, n_decode), generator=g)
+    return torch.cat([ids, decode], 1), torch.cat([mask, torch.ones(2, n_decode, dtype=torch.long)], 1), P
+
+
 @pytest.mark.parametrize("policy", ["window", "tova", "h2o"])
 def test_budget_policy_matches_brute_force(policy):
     model = install(copy.deepcopy(tiny_model("llama")))
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(3, 128, (37,), generator=g).tolist(), torch.randint(3, 128, (21,), generator=g).tolist()]
-    ids, mask = left_pad(prompts)
-    P = ids.shape[1]
-    decode = torch.randint(3, 128, (2, 14), generator=g)
-    ids, mask = torch.cat([ids, decode], 1), torch.cat([mask, torch.ones(2, 14, dtype=torch.long)], 1)
+    ids, mask, P = teacher_forced_batch(7, (37, 21), 14)
     T = ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = KVCache(model, make_policy(policy, cr=CR))
@@ -166,12 +170,7 @@ def test_quest_matches_brute_force():
     """Quest stores everything; each decode query reads the pages the reference picks (same logits),
     and kv_reads add the two summary vectors of every page."""
     model = install(copy.deepcopy(tiny_model("llama")))
-    g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(3, 128, (150,), generator=g).tolist(), torch.randint(3, 128, (117,), generator=g).tolist()]
-    ids, mask = left_pad(prompts)
-    P = ids.shape[1]
-    decode = torch.randint(3, 128, (2, 6), generator=g)
-    ids, mask = torch.cat([ids, decode], 1), torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
+    ids, mask, P = teacher_forced_batch(11, (150, 117), 6)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = KVCache(model, make_policy("quest", cr=CR))
     ref = Reference(model, "quest", 2, ids.shape[1])

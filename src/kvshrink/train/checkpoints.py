@@ -22,6 +22,12 @@ class Checkpoints:
     def __init__(self, out: Path):
         self.dir = out / "checkpoints"
 
+    def resume_point(self, resume: bool, what: str) -> Path | None:
+        """The checkpoint to resume from (None: start fresh); refuses to start over an existing run."""
+        if not resume and self.latest() is not None:
+            raise KVShrinkError(f"{self.dir.parent} already holds a {what}; pass --resume to continue it or choose another --out")
+        return self.latest() if resume else None
+
     def latest(self) -> Path | None:
         pointer = self.dir / "latest"
         if not pointer.exists():

@@ -139,9 +139,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
     out = Path(cfg.out)
     checkpoints = Checkpoints(out)
-    resume_from = checkpoints.latest() if cfg.resume else None
-    if not cfg.resume and checkpoints.latest() is not None:
-        raise KVShrinkError(f"{out} already holds a retrofit; pass --resume to continue it or choose another --out")
+    resume_from = checkpoints.resume_point(cfg.resume, "retrofit")
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     acc = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16", fsdp_plugin=_fsdp_plugin() if cfg.fsdp else None)

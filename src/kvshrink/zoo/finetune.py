@@ -93,9 +93,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
 
     out = Path(cfg.out)
     checkpoints = Checkpoints(out)
-    resume_from = checkpoints.latest() if cfg.resume else None
-    if not cfg.resume and checkpoints.latest() is not None:
-        raise KVShrinkError(f"{out} already holds a fine-tune; pass --resume to continue it or choose another --out")
+    resume_from = checkpoints.resume_point(cfg.resume, "fine-tune")
     model, tokenizer = load(cfg.base, device=cfg.device, dtype="float32")
     device = next(model.parameters()).device
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
