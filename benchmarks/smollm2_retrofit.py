@@ -71,7 +71,7 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
 
 which runs `kvshrink.train.retrofit` with: target CR {cr:g}, w = {WINDOW}, {r["steps"]} steps of 2 x 512 tokens,
 AdamW lr {lr_schedule(metrics)} (above the release's 3e-5 so that the adapter follows the CR ramp within this
-step budget, then lower to settle), CR ramped linearly from 1 to {cr:g} over {r.get("ramp_steps") or int(0.8 * r["steps"])}
+step budget{", then lower to settle" if len({m["lr"] for m in metrics}) > 1 else ""}), CR ramped linearly from 1 to {cr:g} over {r.get("ramp_steps") or int(0.8 * r["steps"])}
 steps and held, flag rate aimed so that the reads-based CR reaches {cr:g} at 2,048 tokens (32 w).
 
 Data: the teacher's own sampled continuations (temperature 1, 512 new tokens) of {r["data"]["prompts"]} prompts of
