@@ -71,6 +71,10 @@ class Accounting:
                 per_group.index_add_(0, self.groups.to(live_now.device), live_now)
                 self.peak_tokens_per_group = per_group if self.peak_tokens_per_group is None else torch.maximum(self.peak_tokens_per_group, per_group)
 
+    def fresh(self, groups: torch.Tensor | None = None) -> "Accounting":
+        """Empty counters for the same model (a reset cache, or a batch whose rows changed)."""
+        return Accounting(self.n_layers, self.pairs // self.n_layers, groups)
+
     def note_bytes(self, allocated: int) -> None:
         self.peak_bytes = max(self.peak_bytes, allocated)
 
@@ -320,7 +324,7 @@ class KVCache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        self.accounting = Accounting(self.accounting.n_layers, self.accounting.pairs // self.accounting.n_layers, self.accounting.groups)
+        self.accounting = self.accounting.fresh(self.accounting.groups)
 
     def allocated_bytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
@@ -379,7 +383,7 @@ class KVCache(Cache):
         index = torch.tensor(rows, dtype=torch.long, device=self.layers[0].keys.device)
         for layer in self.layers:
             layer.take_rows(index)
-        self.accounting = Accounting(self.accounting.n_layers, self.accounting.pairs // self.accounting.n_layers)
+        self.accounting = self.accounting.fresh()  # rows changed: per-row counters start over
 
     def append_rows(self, other: "KVCache") -> None:
         """Add the sequences of `other` (e.g. a request prefilled alone) to this batch."""
@@ -390,4 +394,4 @@ class KVCache(Cache):
         else:
             for mine, theirs in zip(self.layers, other.layers):
                 mine.append_rows(theirs)
-        self.accounting = Accounting(self.accounting.n_layers, self.accounting.pairs // self.accounting.n_layers)
+        self.accounting = self.accounting.fresh()  # rows changed: per-row counters start over

@@ -12,24 +12,21 @@ the paper.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import KVShrinkError
-from .base import CachePolicy
+from .budget import BudgetPolicy
 
 
 @dataclass
-class QuestPolicy(CachePolicy):
-    cr: float
+class QuestPolicy(BudgetPolicy):
+    """The budget rule of the eviction baselines, used to select reads instead (nothing is freed:
+    no `keep_scores`), and a dense prompt (no 16-token prefill chunks)."""
+
     page: int = 16
     name = "quest"
-
-    def __post_init__(self):
-        if self.cr is None or self.cr < 1 or math.isinf(self.cr):
-            raise KVShrinkError(f"policy 'quest' needs --cr >= 1 (got {self.cr})")
+    prefill_chunk = None
 
     def _page_of(self, layer, pos: torch.Tensor) -> torch.Tensor:
         return ((pos - layer.first_pos[:, None, None]) // self.page).clamp(min=0).long()
@@ -55,7 +52,7 @@ class QuestPolicy(CachePolicy):
         score = bound.sum(-1).mean(2).masked_fill(empty, float("-inf"))  # (B, Hkv, P), q: (B, Hkv, G, D)
         current = self._page_of(layer, layer.pos.gather(2, layer.last_slot[..., None]))  # the query's own page
         score = score.scatter(2, current, float("inf"))
-        pages_allowed = (torch.ceil(layer.real.to(torch.float64) / self.cr).long() // self.page).clamp(min=1)  # (B,)
+        pages_allowed = (self.budget(layer) // self.page).clamp(min=1)  # (B,)
         k = min(int(pages_allowed.max()), score.shape[2])
         top = score.topk(k, dim=-1).indices
         allowed = (torch.arange(k, device=top.device) < pages_allowed[:, None, None]).expand_as(top)
