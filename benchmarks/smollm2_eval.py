@@ -29,7 +29,6 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,12 +37,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import kvshrink  # noqa: E402
 from kvshrink.compare import leading_agreement  # noqa: E402
 from kvshrink.cache import KVCache  # noqa: E402
-from kvshrink.generation import generate_ids, resolve_policy  # noqa: E402
-from kvshrink.policies import CachePolicy, make_policy  # noqa: E402
+from kvshrink.generation import generate_ids  # noqa: E402
 from kvshrink.train.text import pydoc_split  # noqa: E402
+from shared import Entry, Records, load_entries, paired_ci  # noqa: E402
 
 VANILLA = "smollm2"
 WINDOW_TOKENS = 4096
@@ -52,25 +50,6 @@ PASSKEY_TRIALS = {1024: 100, 2048: 100, 4096: 30, 8192: 30}
 PASSKEY_NEW = 32
 AGREE_PROMPTS, AGREE_LEN, AGREE_NEW = 100, 512, 128
 SPEED_PROMPT, SPEED_NEW = 8160, 64
-
-
-class Records:
-    """Append-only results file: one JSON object per finished item."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        self.done = {(r["part"], r["model"], r["item"]) for r in self.rows}
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        self.done.add((row["part"], row["model"], row["item"]))
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-
-    def get(self, part: str) -> list[dict]:
-        return [r for r in self.rows if r["part"] == part]
 
 
 # -- items -----------------------------------------------------------------------------------------------
@@ -102,28 +81,6 @@ def passkey_prompt(tok, held_ids: list[int], context: int, trial: int) -> tuple[
 
 
 # -- parts -----------------------------------------------------------------------------------------------
-@dataclass
-class Entry:
-    """A model under a cache policy: `smollm2`, `smollm2-dms8`, or `smollm2@tova:4` (NAME@POLICY:CR)."""
-
-    model: object
-    policy: CachePolicy
-
-
-def load_entries(names: list[str], device) -> tuple[dict[str, Entry], object]:
-    base, tok = kvshrink.load(VANILLA, device=device)
-    entries = {VANILLA: Entry(base, CachePolicy())}
-    for name in names:
-        model_name, _, spec = name.partition("@")
-        model = base if model_name == VANILLA else kvshrink.load(model_name, device=device)[0]
-        if spec:
-            policy_name, _, cr = spec.partition(":")
-            entries[name] = Entry(model, make_policy(policy_name, cr=float(cr) if cr else None))
-        else:
-            entries[name] = Entry(model, resolve_policy(model, None))
-    return entries, tok
-
-
 def cached_forward(entry: Entry, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Teacher-forced logits through the kvshrink cache in the policy's prefill chunks, and the reads."""
     cache = KVCache(entry.model, entry.policy)
@@ -205,15 +162,6 @@ def run_speed(entries: dict[str, Entry], held_ids, rec: Records, deadline):
 
 
 # -- report ----------------------------------------------------------------------------------------------
-def paired_ci(a: list[bool], b: list[bool]) -> tuple[float, float]:
-    """Mean of b - a over paired trials (points) and its normal-approximation 95% half-width."""
-    d = [int(y) - int(x) for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / max(1, n - 1)
-    return 100 * mean, 100 * 1.96 * math.sqrt(var / n)
-
-
 def training_curves(names: list[str], out_md: Path) -> list[str]:
     """KL and flag-based vs target CR over training steps, for every model whose metrics are at hand."""
     import matplotlib.pyplot as plt
@@ -377,7 +325,7 @@ def main():
     command = "python benchmarks/smollm2_eval.py --models " + " ".join(args.models)
     if not args.report_only:
         deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
-        entries, tok = load_entries(args.models, args.device)
+        entries, tok = load_entries(args.models, args.device, always=(VANILLA,))
         device = next(entries[VANILLA].model.parameters()).device
         _, held = pydoc_split()
         held_ids = tok(held)["input_ids"]

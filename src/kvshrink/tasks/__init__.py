@@ -24,16 +24,18 @@ def task_module(name: str):
     return TASKS[name]
 
 
-def make_problems(name: str, n: int, seed: int = 0, difficulty: int | None = None) -> list[Problem]:
-    """`n` problems of task `name`; the same (name, seed, difficulty) always gives the same problems,
-    and problem i does not depend on n."""
+def make_problems(name: str, n: int, seed: int = 0, difficulty: int | None = None, first: int = 0) -> list[Problem]:
+    """Problems `first` .. `first + n - 1` of task `name`; the same (name, seed, difficulty) always gives
+    the same problems, and problem i does not depend on n or on how the range is split."""
     mod = task_module(name)
     d = mod.DEFAULT_DIFFICULTY if difficulty is None else difficulty
     if d < 1:
         raise KVShrinkError(f"--difficulty must be >= 1 (got {d})")
     if n < 1:
         raise KVShrinkError(f"--problems must be >= 1 (got {n})")
-    return [mod.generate(random.Random(f"{name}/{seed}/{d}/{i}"), d) for i in range(n)]
+    if first < 0:
+        raise KVShrinkError(f"--first must be >= 0 (got {first})")
+    return [mod.generate(random.Random(f"{name}/{seed}/{d}/{i}"), d) for i in range(first, first + n)]
 
 
 def grade(problem: Problem, output: str) -> bool:

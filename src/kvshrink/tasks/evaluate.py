@@ -26,17 +26,17 @@ def encode_problem(tokenizer, prompt: str) -> list[int]:
 def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = None, window: int | None = None,
              problems: int = 100, seed: int = 0, difficulty: int | None = None, width: int = 1,
              max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             batch_size: int = 8, progress: bool = False) -> dict:
+             batch_size: int = 8, first: int = 0, progress: bool = False) -> dict:
     """Accuracy (majority vote of `width` samples) and cost of `problems` problems. Greedy when
     temperature == 0 (then width > 1 repeats one answer). Returns the JSON of SPEC section 6 plus
-    `pass_at_w` and per-problem `results`."""
+    `pass_at_w` and per-problem `results`. `first` starts at a later problem (to split a run)."""
     from ..generation import generate_ids, resolve_policy
 
     if width < 1:
         raise KVShrinkError(f"--width must be >= 1 (got {width})")
     if batch_size < 1:
         raise KVShrinkError(f"--batch-size must be >= 1 (got {batch_size})")
-    items = make_problems(task, problems, seed=seed, difficulty=difficulty)
+    items = make_problems(task, problems, seed=seed, difficulty=difficulty, first=first)
     if max_new_tokens is None:  # room for twice the longest worked solution
         max_new_tokens = 16 + 2 * max(len(tokenizer(p.solution)["input_ids"]) for p in items)
     pol = resolve_policy(model, policy, cr, window)

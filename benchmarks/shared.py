@@ -1,0 +1,71 @@
+"""What the long benchmarks share: models under policies named on the command line, an append-only
+results file (so a run resumes where it stopped) and the 95% intervals every comparison reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import kvshrink
+from kvshrink.generation import resolve_policy
+from kvshrink.policies import CachePolicy, make_policy
+
+
+@dataclass
+class Entry:
+    """A model under a cache policy: `tiny`, `tiny-dms8` (its trained DMS policy) or `tiny@tova:4` (NAME@POLICY:CR)."""
+
+    model: object
+    policy: CachePolicy
+
+
+def load_entries(names: list[str], device, always: tuple[str, ...] = ()) -> tuple[dict[str, Entry], object]:
+    """Entries for `always` + `names`, each distinct model loaded once; returns them and the tokenizer."""
+    models, entries, tok = {}, {}, None
+    for name in [*always, *names]:
+        model_name, _, spec = name.partition("@")
+        if model_name not in models:
+            models[model_name], tok = kvshrink.load(model_name, device=device)
+        model = models[model_name]
+        if spec:
+            policy_name, _, cr = spec.partition(":")
+            entries[name] = Entry(model, make_policy(policy_name, cr=float(cr) if cr else None))
+        else:
+            entries[name] = Entry(model, resolve_policy(model, None))
+    return entries, tok
+
+
+class Records:
+    """Append-only results file: one JSON object per finished item, keyed by (part, model, item)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        self.done = {(r["part"], r["model"], r["item"]) for r in self.rows}
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.done.add((row["part"], row["model"], row["item"]))
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def get(self, part: str) -> list[dict]:
+        return [r for r in self.rows if r["part"] == part]
+
+
+def paired_ci(a: list[bool], b: list[bool]) -> tuple[float, float]:
+    """Mean of b - a over paired trials (points) and its normal-approximation 95% half-width."""
+    d = [int(y) - int(x) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(1, n - 1)
+    return 100 * mean, 100 * 1.96 * math.sqrt(var / n)
+
+
+def binomial_ci(k: int, n: int) -> float:
+    """Normal-approximation 95% half-width of a proportion k/n, in points."""
+    p = k / n
+    return 100 * 1.96 * math.sqrt(p * (1 - p) / n)

@@ -1,0 +1,173 @@
+"""The task zoo's accuracy table: `tiny` vs its DMS retrofits (or any model / NAME@POLICY:CR entry) on
+held-out problems of every task, at the default and at a harder difficulty.
+
+    python benchmarks/zoo_eval.py [--models tiny tiny-dms4 tiny-dms8] [--problems 200] [--hard-problems 100]
+        [--hard arith=8 vt=8 niah=4 hops=6] [--work runs/zoo-eval] [--max-minutes M] [--report-only]
+
+Held out: evaluation problems are drawn from `TASK/0/D/i`; fine-tuning draws from `finetune/0/i` and the DMS
+retrofit's teacher prompts from seed 1,000,000, so no problem is shared. Greedy, one sample per problem,
+the same problems for every model (paired against the first model). Every batch is appended to
+WORK/records.jsonl as it finishes; rerun the command to resume.
+
+Two compression ratios for DMS models (SPEC 7): reads-based (vanilla's KV reads for the same tokens /
+the reads the cache made; short answers and the window w keep it below the trained ratio) and flag-based
+(1 / (1 - the fraction of eviction decisions over every (layer, KV head, token)), teacher-forced on
+prompt + answer: the ratio the cache reaches on long sequences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from kvshrink.dms.attach import dms_config  # noqa: E402
+from kvshrink.tasks import TASKS, make_problems  # noqa: E402
+from kvshrink.tasks.evaluate import encode_problem, evaluate  # noqa: E402
+from shared import Records, binomial_ci, load_entries, paired_ci  # noqa: E402
+
+BATCH = 20
+HARD = {"arith": 8, "vt": 8, "niah": 4, "hops": 6}
+BARS = {"tiny-dms4": 3.0, "tiny-dms8": 6.0}  # points below the reference allowed at default difficulty
+
+
+@torch.no_grad()
+def flag_rate(model, tok, prompts: list[str], outputs: list[str]) -> float | None:
+    """Mean eviction decision over (layer, KV head, token) of prompt + answer, teacher-forced; None if not DMS."""
+    if dms_config(model) is None:
+        return None
+    rates = []
+    device = next(model.parameters()).device
+    for prompt, output in zip(prompts, outputs):
+        ids = encode_problem(tok, prompt) + tok(output)["input_ids"]
+        flags = []
+        model(torch.tensor([ids], device=device), use_cache=False, dms_collect=flags)
+        rates.append(float(torch.stack([f["flags"].float().mean() for f in flags]).mean()))
+    return sum(rates) / len(rates)
+
+
+def settings(args) -> list[tuple[str, int, int]]:
+    """(task, difficulty, problems): each task's default, then its harder setting."""
+    out = [(t, TASKS[t].DEFAULT_DIFFICULTY, args.problems) for t in args.tasks]
+    return out + [(t, args.hard[t], args.hard_problems) for t in args.tasks if args.hard_problems]
+
+
+def run(args, rec: Records, deadline: float) -> None:
+    entries, tok = load_entries(args.models, args.device)
+    for task, difficulty, n in settings(args):
+        for name, entry in entries.items():
+            for first in range(0, n, BATCH):
+                part = f"{task}/{difficulty}"
+                if (part, name, first) in rec.done or time.time() > deadline:
+                    continue
+                r = evaluate(entry.model, tok, task, entry.policy, problems=min(BATCH, n - first), first=first,
+                             difficulty=difficulty, batch_size=args.batch_size)
+                prompts = [p.prompt for p in make_problems(task, len(r["results"]), difficulty=difficulty, first=first)]
+                rec.add({"part": part, "model": name, "item": first, "task": task, "difficulty": difficulty,
+                         "correct": [x["correct"] for x in r["results"]], "kv_reads": r["kv_reads"],
+                         "peak_kv_tokens": r["peak_kv_tokens"], "reads_cr": r["compression_ratio"], "seconds": r["seconds"],
+                         "flag_rate": flag_rate(entry.model, tok, prompts, [x["output"] for x in r["results"]]),
+                         "outputs": [x["output"] for x in r["results"]]})
+                print(f"{part} {name} {first}+: {sum(rec.rows[-1]['correct'])}/{len(r['results'])}  "
+                      f"CR {r['compression_ratio']:.2f}  {r['seconds']:.0f} s", flush=True)
+
+
+def report(rec: Records, args, out_md: Path, command: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref_name = args.models[0]
+    lines = ["# Task zoo: accuracy, compression and KV-cache cost", "", f"Command: `{command}`", "",
+             "Greedy, one sample per problem, held-out seeds; the same problems for every model, so differences to "
+             f"`{ref_name}` are paired (95% interval, normal approximation). kv_reads and peak KV tokens are per problem "
+             "(SPEC 7). Bars at default difficulty: " + ", ".join(f"`{m}` within {b:g} points" for m, b in BARS.items()) + ".", "",
+             "| task | difficulty | model | problems | accuracy | vs " + ref_name + " (paired) | bar | reads-based CR | "
+             "flag-based CR | kv_reads | peak KV tokens | s/problem |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fig, axes = plt.subplots(1, len(args.tasks), figsize=(4 * len(args.tasks), 3.6), squeeze=False)
+    for task, difficulty, _ in settings(args):
+        part = f"{task}/{difficulty}"
+        per_model = {}
+        for name in args.models:
+            rows = sorted((r for r in rec.get(part) if r["model"] == name), key=lambda r: r["item"])
+            if rows:
+                per_model[name] = rows
+        ref = {r["item"] + i: ok for r in per_model.get(ref_name, []) for i, ok in enumerate(r["correct"])}
+        xs, ys = [], []
+        for name, rows in per_model.items():
+            correct = {r["item"] + i: ok for r in rows for i, ok in enumerate(r["correct"])}
+            n, k = len(correct), sum(correct.values())
+            weights = [len(r["correct"]) for r in rows]
+            mean = lambda key: sum(r[key] * w for r, w in zip(rows, weights)) / n  # noqa: E731
+            diff, bar = "-", "-"
+            common = sorted(set(correct) & set(ref))
+            if name != ref_name and common:
+                m, h = paired_ci([ref[i] for i in common], [correct[i] for i in common])
+                diff = f"{m:+.1f} ± {h:.1f}"
+                if name in BARS and difficulty == TASKS[task].DEFAULT_DIFFICULTY:
+                    bar = "met" if m >= -BARS[name] else "**missed**"
+            elif name == ref_name and difficulty == TASKS[task].DEFAULT_DIFFICULTY:
+                bar = "met (≥ 70%)" if k / n >= 0.7 else "**missed** (< 70%)"
+            elif name == ref_name:
+                bar = "met (20-70%)" if 0.2 <= k / n <= 0.7 else "**missed** (not 20-70%)"
+            flags = [r["flag_rate"] for r in rows if r["flag_rate"] is not None]
+            flag_cr = f"{1 / (1 - sum(flags) / len(flags)):.2f}" if flags else "-"
+            reads_cr = sum(r["reads_cr"] * r["kv_reads"] * w for r, w in zip(rows, weights)) / (n * mean("kv_reads"))
+            lines.append(f"| {task} | {difficulty} | {name} | {n} | {100 * k / n:.1f}% ± {binomial_ci(k, n):.1f} | {diff} | {bar} | "
+                         f"{reads_cr:.2f} | {flag_cr} | {mean('kv_reads'):,.0f} | {mean('peak_kv_tokens'):,.0f} | "
+                         f"{sum(r['seconds'] for r in rows) / n:.2f} |")
+            if difficulty == TASKS[task].DEFAULT_DIFFICULTY:
+                xs.append(mean("kv_reads"))
+                ys.append(100 * k / n)
+                axes[0][args.tasks.index(task)].annotate(name, (xs[-1], ys[-1]), fontsize=7)
+        if xs:
+            ax = axes[0][args.tasks.index(task)]
+            ax.scatter(xs, ys)
+            ax.set_title(f"{task} (difficulty {difficulty})")
+            ax.set_xlabel("KV reads per problem")
+            ax.set_ylabel("accuracy %")
+            ax.set_xscale("log")
+    fig.tight_layout()
+    png = out_md.with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    lines += ["", f"![accuracy vs KV reads]({png.name})", ""]
+    out_md.write_text("\n".join(lines))
+    print(f"wrote {out_md}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny", "tiny-dms4", "tiny-dms8"],
+                        help="the first is the reference of the paired differences")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--problems", type=int, default=200, help="problems per task at the default difficulty")
+    parser.add_argument("--hard-problems", type=int, default=100, help="problems per task at the harder setting (0: none)")
+    parser.add_argument("--hard", nargs="*", default=[], metavar="TASK=D", help=f"harder difficulties (default {HARD})")
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--work", type=Path, default=Path("runs/zoo-eval"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new batches after this long")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "zoo.md")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    args.hard = {**HARD, **{k: int(v) for k, v in (x.split("=") for x in args.hard)}}
+    rec = Records(args.work / "records.jsonl")
+    command = (f"python benchmarks/zoo_eval.py --models {' '.join(args.models)} --tasks {' '.join(args.tasks)} "
+               f"--problems {args.problems} --hard-problems {args.hard_problems} "
+               f"--hard {' '.join(f'{t}={d}' for t, d in args.hard.items() if t in args.tasks)}")
+    if not args.report_only:
+        run(args, rec, time.time() + 60 * args.max_minutes if args.max_minutes else math.inf)
+    report(rec, args, args.out, command)
+
+
+if __name__ == "__main__":
+    main()
