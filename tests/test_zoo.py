@@ -58,3 +58,35 @@ def test_every_shipped_model_loads_by_name_and_generates(name):
     assert (dms_config(model) is not None) == bool(spec.get("dms"))
     out = kvshrink.generate(model, tok, "The Python language", max_new_tokens=8)
     assert out.stats["generated_tokens"] == 8 and (zoo.MODELS_DIR / name / "README.md").is_file()
+
+
+def test_finetune_step_equals_one_padded_batch():
+    """The fine-tune accumulates one unpadded sequence at a time; its gradient must equal the reference:
+    one right-padded batch with an attention mask and the mean loss over every scored token."""
+    from peft import LoraConfig, get_peft_model
+
+    from kvshrink.zoo.finetune import FinetuneConfig, accumulate_step, training_example
+
+    base, tok = kvshrink.load("smollm2")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    cfg = FinetuneConfig(out="unused", tasks="arith,hops", max_context=400)
+    examples = [training_example(cfg, i, tok) for i in range(3)]
+    assert len({len(ids) for ids, _ in examples}) > 1  # lengths differ, so the reference really pads
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    loss, acc = accumulate_step(model, examples, "cpu")
+    mine = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.tensor([x + [tok.eos_token_id] * (width - len(x)) for x, _ in examples])
+    labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in examples])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in examples])
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref.backward()
+    ref = ref.detach()
+    assert abs(loss - ref.item()) < 1e-4 * ref.item()
+    for g, p in zip(mine, params):
+        assert (g - p.grad).abs().max() <= 1e-4 * p.grad.abs().max() + 1e-9
+    assert 0.0 < acc <= 1.0

@@ -75,14 +75,21 @@ def training_example(cfg: FinetuneConfig, index: int, tokenizer) -> tuple[list[i
             return prompt + answer, [-100] * len(prompt) + answer
 
 
-def batch_tensors(examples: list[tuple[list[int], list[int]]], pad: int, device) -> tuple[torch.Tensor, ...]:
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids.to(device), labels.to(device), mask.to(device)
+def accumulate_step(model, examples: list[tuple[list[int], list[int]]], device) -> tuple[float, float]:
+    """Backpropagate the step's mean cross-entropy over every scored token, one sequence at a time: no
+    padding (a padded position costs as much as a real one) and the same gradient as one padded batch.
+    Returns (loss, answer-token accuracy)."""
+    scored = sum(sum(y != -100 for y in labels[1:]) for _, labels in examples)
+    loss_sum, hits = 0.0, 0
+    for ids, labels in examples:
+        target = torch.tensor(labels[1:], device=device)
+        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, :-1].float()
+        loss = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum") / scored
+        loss.backward()
+        loss_sum += float(loss.detach())
+        keep = target != -100
+        hits += int((logits.detach().argmax(-1)[keep] == target[keep]).sum())
+    return loss_sum, hits / scored
 
 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
@@ -116,7 +123,6 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     if metrics_path.exists():
         kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
         metrics_path.write_text("".join(line + "\n" for line in kept))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()
     began, last = time.perf_counter(), {}
     bar = progress_bar(progress, "finetune", cfg.steps, start)
@@ -126,19 +132,14 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         examples = [training_example(cfg, step * cfg.batch_size + j, tokenizer) for j in range(cfg.batch_size)]
-        ids, labels, mask = batch_tensors(examples, pad, device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        target = labels[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
-        loss.backward()
+        loss, token_acc = accumulate_step(model, examples, device)
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        scored = target != -100
-        token_acc = float((logits.argmax(-1)[scored] == target[scored]).float().mean())
         seconds = time.perf_counter() - t0
-        last = {"step": step + 1, "loss": float(loss.detach()), "answer_token_accuracy": token_acc, "lr": lr, "seconds": seconds,
-                "tokens": int(mask.sum()), "tokens_per_second": int(mask.sum()) / seconds}
+        tokens = sum(len(ids) for ids, _ in examples)
+        last = {"step": step + 1, "loss": loss, "answer_token_accuracy": token_acc, "lr": lr, "seconds": seconds,
+                "tokens": tokens, "tokens_per_second": tokens / seconds}
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(last) + "\n")
         advance(bar, info=f"loss {last['loss']:.4f}  answer-token acc {token_acc:.3f}  {last['tokens_per_second']:.0f} tok/s")
