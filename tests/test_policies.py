@@ -185,3 +185,12 @@ def test_quest_matches_brute_force():
                 assert cache.accounting.last_reads[:, 0].tolist() == pytest.approx([r / pairs for r in ref.quest_reads])
                 assert all(r / pairs < int(mask[b, :e].sum()) for b, r in enumerate(ref.quest_reads))  # reads fewer tokens
     assert int(cache.live_tokens().sum()) == int(mask.sum()) * pairs  # nothing is freed
+
+    # its memory: vanilla's slots plus the max and min key of every page (fp32), counted in the cache bytes
+    vanilla = KVCache(model, make_policy("none"))
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions, past_key_values=vanilla, use_cache=True)
+    pages = math.ceil(ids.shape[1] / 16)  # the longest row (no padding) has written every position
+    D = model.config.hidden_size // model.config.num_attention_heads
+    summary_bytes = model.config.num_hidden_layers * 2 * 2 * model.config.num_key_value_heads * pages * D * 4
+    assert cache.allocated_bytes() == vanilla.allocated_bytes() + summary_bytes

@@ -107,6 +107,7 @@ class SlotLayer(CacheLayerMixin):
             setattr(self, name, torch.zeros(B, H, 0, dtype=torch.float32, device=key_states.device))
         self.real = torch.zeros(B, dtype=torch.long, device=key_states.device)  # real tokens written per sequence
         self.first_pos = torch.full((B,), -1, dtype=torch.int32, device=key_states.device)  # first real token
+        self.cache.policy.init_layer(self, key_states)
         self.is_initialized = True
         if self.cache.reserve:
             self._grow(self.cache.reserve)
@@ -122,7 +123,7 @@ class SlotLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return sum(getattr(self, name).nbytes for name in self._slot_tensors())
+        return sum(getattr(self, name).nbytes for name in (*self._slot_tensors(), *self.cache.policy.layer_fields))
 
     def _grow(self, need: int) -> None:
         extra = self._round(need) - self.capacity

@@ -32,6 +32,11 @@ class CachePolicy:
     prefill_chunk: int | None = None
     #: extra per-slot float32 tensors the policy keeps on each layer (zeroed for every new token)
     slot_fields: tuple[str, ...] = ()
+    #: extra per-layer tensors the policy keeps (e.g. page summaries): made by `init_layer`, counted in cache bytes
+    layer_fields: tuple[str, ...] = ()
+
+    def init_layer(self, layer, keys: torch.Tensor) -> None:
+        """Create the `layer_fields` tensors of a layer whose first keys (B, Hkv, Q, D) just arrived."""
 
     def expired(self, layer, first_query_pos: int) -> torch.Tensor | None:
         return None

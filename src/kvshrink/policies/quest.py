@@ -27,6 +27,11 @@ class QuestPolicy(BudgetPolicy):
     page: int = 16
     name = "quest"
     prefill_chunk = None
+    layer_fields = ("page_max", "page_min")  # (B, Hkv, pages, D): channel-wise key bounds of every page
+
+    def init_layer(self, layer, keys: torch.Tensor) -> None:
+        layer.page_max = keys.new_zeros(*keys.shape[:2], 0, keys.shape[3])
+        layer.page_min = layer.page_max.clone()
 
     def _page_of(self, layer, pos: torch.Tensor) -> torch.Tensor:
         return ((pos - layer.first_pos[:, None, None]) // self.page).clamp(min=0).long()
@@ -34,13 +39,12 @@ class QuestPolicy(BudgetPolicy):
     def on_write(self, layer, k, slots, valid) -> None:
         """Fold the new real keys into their pages' max/min (pages grow as positions do)."""
         pages = self._page_of(layer, layer.pos.gather(2, slots))  # (B, Hkv, Q)
-        n_pages = int(pages.max()) + 1
-        B, H, _, D = k.shape
-        if not hasattr(layer, "page_max") or layer.page_max.shape[2] < n_pages:
-            grow = n_pages - (layer.page_max.shape[2] if hasattr(layer, "page_max") else 0)
-            new_max = k.new_full((B, H, grow, D), float("-inf"))
-            layer.page_max = torch.cat([layer.page_max, new_max], 2) if hasattr(layer, "page_max") else new_max
-            layer.page_min = torch.cat([layer.page_min, -new_max], 2) if hasattr(layer, "page_min") else -new_max
+        grow = int(pages.max()) + 1 - layer.page_max.shape[2]
+        if grow > 0:
+            new_max = k.new_full((*k.shape[:2], grow, k.shape[3]), float("-inf"))
+            layer.page_max = torch.cat([layer.page_max, new_max], 2)
+            layer.page_min = torch.cat([layer.page_min, -new_max], 2)
+            layer.cache.accounting.note_bytes(layer.cache.allocated_bytes())
         real = valid[:, None, :, None].expand_as(k)
         index = pages[..., None].expand_as(k)
         layer.page_max.scatter_reduce_(2, index, k.masked_fill(~real, float("-inf")), "amax")
