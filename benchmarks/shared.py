@@ -3,13 +3,13 @@ results file (so a run resumes where it stopped) and the 95% intervals every com
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import kvshrink
 from kvshrink.generation import resolve_policy
+from kvshrink.jsonl import append_jsonl, read_jsonl
 from kvshrink.policies import CachePolicy, make_policy
 
 
@@ -43,14 +43,13 @@ class Records:
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        self.rows = read_jsonl(path)
         self.done = {(r["part"], r["model"], r["item"]) for r in self.rows}
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
         self.done.add((row["part"], row["model"], row["item"]))
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, row)
 
     def get(self, part: str) -> list[dict]:
         return [r for r in self.rows if r["part"] == part]

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from kvshrink.dms.attach import dms_config  # noqa: E402
 from kvshrink.tasks import TASKS, make_problems  # noqa: E402
-from kvshrink.tasks.evaluate import encode_problem, evaluate  # noqa: E402
+from kvshrink.prompts import chat_prompt  # noqa: E402
+from kvshrink.tasks.evaluate import evaluate  # noqa: E402
 from shared import Records, binomial_ci, load_entries, paired_ci  # noqa: E402
 
 BATCH = 20
@@ -46,7 +47,7 @@ def flag_rate(model, tok, prompts: list[str], outputs: list[str]) -> float | Non
     rates = []
     device = next(model.parameters()).device
     for prompt, output in zip(prompts, outputs):
-        ids = encode_problem(tok, prompt) + tok(output)["input_ids"]
+        ids = chat_prompt(tok, prompt) + tok(output)["input_ids"]
         flags = []
         model(torch.tensor([ids], device=device), use_cache=False, dms_collect=flags)
         rates.append(float(torch.stack([f["flags"].float().mean() for f in flags]).mean()))

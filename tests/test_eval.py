@@ -13,7 +13,8 @@ from kvshrink.generation import generate_ids
 from kvshrink.policies import make_policy
 from kvshrink.scaling import majority_vote
 from kvshrink.tasks import grade, make_problems
-from kvshrink.tasks.evaluate import encode_problem, evaluate
+from kvshrink.prompts import chat_prompt
+from kvshrink.tasks.evaluate import evaluate
 
 
 def test_majority_vote():
@@ -35,7 +36,7 @@ def test_eval_accounting_matches_generation(smollm2):
     result = evaluate(model, tok, "arith", "none", problems=3, width=2, max_new_tokens=6, batch_size=2)
     assert result["problems"] == 3 and result["width"] == 2 and result["compression_ratio"] == 1.0
     problems = make_problems("arith", 3)
-    ids = [encode_problem(tok, p.prompt) for p in problems]
+    ids = [chat_prompt(tok, p.prompt) for p in problems]
     _, _, per_seq = generate_ids(model, ids, make_policy("none"), max_new_tokens=6, eos_token_id=tok.eos_token_id)
     assert result["kv_reads"] == pytest.approx(2 * float(per_seq["kv_reads"].sum()) / 3)
     assert result["prefill_kv_reads"] == pytest.approx(2 * float(per_seq["prefill_kv_reads"].sum()) / 3)

@@ -124,3 +124,25 @@ def test_bad_input_keeps_serving(serve):
         time.sleep(0.1)
     assert read_metrics(url)["kvshrink_live_kv_tokens"] == 0 and read_metrics(url)["kvshrink_running_requests"] == 0
     assert post("/v1/completions", json.dumps({"prompt": "still here", "max_tokens": 2}).encode())[0] == 200
+    code, body = post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 0}).encode())
+    assert code == 400 and "max_tokens" in body["error"]["message"]  # 0 is refused, not replaced by a default
+    code, body = post("/v1/chat/completions", json.dumps({"messages": [{"content": "hi"}], "max_tokens": 2}).encode())
+    assert code == 400 and "role" in body["error"]["message"]
+
+    # a step that fails (at prefill, then while decoding) ends only the requests in flight, with a 500
+    for method in ("_prefill_ids", "_pick"):
+        original = getattr(engine, method)
+        calls = []
+
+        def fail_once(*args, original=original, calls=calls):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected failure")
+            return original(*args)
+
+        setattr(engine, method, fail_once)
+        payload = json.dumps({"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}).encode()
+        codes = [post("/v1/completions", payload)[0] for _ in range(3)]
+        assert codes.count(500) == 1 and codes.count(200) == 2, (method, codes)
+        setattr(engine, method, original)
+    assert read_metrics(url)["kvshrink_live_kv_tokens"] == 0

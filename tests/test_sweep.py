@@ -51,3 +51,17 @@ def test_bad_sweep_config(tmp_path):
     bad.write_text('[sweep]\nbase = "smollm2"\ntasks = ["arith"]\npolicies = ["magic"]\ncrs = [4]\nlengths = [8]\nwidths = [1]\n')
     with pytest.raises(KVShrinkError, match="sweep policy 'magic' unknown"):
         SweepConfig.from_file(bad).points()
+
+
+def test_results_file_cut_mid_write_keeps_finished_rows(tmp_path):
+    """A run killed while appending leaves a torn last line: it is dropped (and cut from the file), the
+    complete rows stay, and later appends land on a clean line."""
+    from kvshrink.jsonl import append_jsonl, read_jsonl
+
+    path = tmp_path / "points.jsonl"
+    for i in range(3):
+        append_jsonl(path, {"i": i})
+    path.write_text(path.read_text() + '{"i": 3, "accur')
+    assert read_jsonl(path) == [{"i": 0}, {"i": 1}, {"i": 2}]
+    append_jsonl(path, {"i": 3})
+    assert read_jsonl(path) == [{"i": i} for i in range(4)]

@@ -106,6 +106,11 @@ def test_bad_task_arguments_are_clear_errors():
         make_problems("chess", 1)
     with pytest.raises(KVShrinkError, match="--difficulty must be >= 1"):
         make_problems("arith", 1, difficulty=0)
+    for name, mod in TASKS.items():  # the hardest setting still generates solvable problems; one more is refused
+        problem = make_problems(name, 1, difficulty=mod.MAX_DIFFICULTY)[0]
+        assert mod.solve(problem.facts) == problem.answer
+        with pytest.raises(KVShrinkError, match=f"at most {mod.MAX_DIFFICULTY} for {name}"):
+            make_problems(name, 1, difficulty=mod.MAX_DIFFICULTY + 1)
 
 
 def test_problems_do_not_depend_on_hash_seed():

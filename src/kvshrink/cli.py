@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .errors import KVShrinkError
+from .errors import KVShrinkError, check_cr, check_window
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Shrink the KV cache of Hugging Face decoders.")
 
@@ -67,10 +67,8 @@ def _check_policy_options(policy: str | None, cr: float | None, window: int | No
     """Fail on bad policy options before a model is loaded (loading takes seconds)."""
     from .policies import POLICY_NAMES
 
-    if cr is not None and cr < 1:
-        raise KVShrinkError(f"--cr must be >= 1 (got {cr}); 1 means no compression")
-    if window is not None and window < 0:
-        raise KVShrinkError(f"--window must be >= 0 (got {window})")
+    check_cr(cr)
+    check_window(window)
     if policy is not None and policy not in POLICY_NAMES:
         raise KVShrinkError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
 
@@ -410,8 +408,16 @@ def demo(
 
 
 def main() -> None:
+    """Bad input ends in one line and exit code 2; anything unexpected in one line and exit code 1, with
+    the traceback only when KVSHRINK_DEBUG=1 (for bug reports)."""
     try:
         app()
     except KVShrinkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("KVSHRINK_DEBUG") == "1":
+            raise
+        print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(unexpected: rerun with KVSHRINK_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        sys.exit(1)

@@ -3,3 +3,15 @@
 
 class KVShrinkError(ValueError):
     """Bad input or an unusable model/checkpoint. The message is shown to the user as-is."""
+
+
+def check_cr(cr: float | None, flag: str = "--cr") -> None:
+    """A compression ratio is a finite number >= 1 (None: not given)."""
+    if cr is not None and not (1 <= cr < float("inf")):
+        raise KVShrinkError(f"{flag} must be >= 1 (got {cr}); 1 means no compression, e.g. {flag} 8")
+
+
+def check_window(window: int | None, flag: str = "--window") -> None:
+    """A delayed-eviction window is an integer >= 0 (None: not given)."""
+    if window is not None and (not isinstance(window, int) or window < 0):
+        raise KVShrinkError(f"{flag} must be >= 0, a whole number of tokens (got {window}); 0 evicts at once, e.g. {flag} 64")

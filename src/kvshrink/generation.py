@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache
-from .errors import KVShrinkError
+from .errors import KVShrinkError, check_cr, check_window
 from .policies import CachePolicy, make_policy
+from .prompts import chat_prompt, pad_token_id
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -42,10 +43,8 @@ def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = N
 
     if isinstance(policy, CachePolicy):
         return policy
-    if window is not None and window < 0:
-        raise KVShrinkError(f"--window must be >= 0 (got {window})")
-    if cr is not None and cr < 1:
-        raise KVShrinkError(f"--cr must be >= 1 (got {cr}); 1 means no compression")
+    check_window(window)
+    check_cr(cr)
     cfg = dms_config(model)
     name = policy or ("dms" if cfg is not None else "none")
     dms_window = None
@@ -190,7 +189,7 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = False) -> list[li
     if any(not p or not p.strip() for p in prompts):
         raise KVShrinkError("empty prompt: give some text to continue")
     if chat:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False) for p in prompts]
+        return [chat_prompt(tokenizer, p) for p in prompts]
     return [tokenizer(p)["input_ids"] for p in prompts]
 
 
@@ -223,8 +222,7 @@ def generate(
     pol = resolve_policy(model, policy, cr, window)
     ids = encode_prompts(tokenizer, prompts, chat)
     ids = [p for p in ids for _ in range(n)]
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
     tokens, stats, per_seq = generate_ids(
         model, ids, pol, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         eos_token_id=eos, pad_token_id=pad, prefill_chunk=prefill_chunk, reserve=reserve, group=n,

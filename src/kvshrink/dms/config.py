@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import KVShrinkError
+from ..errors import KVShrinkError, check_cr, check_window
 
 # our field -> the release's config attribute
 _HF_FIELDS = {
@@ -49,14 +49,12 @@ class DMSConfig:
     forced_keep_every: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.window, int) or self.window < 0:
-            raise KVShrinkError(f"DMS window must be an integer >= 0 (got {self.window}); use e.g. --window 64")
+        check_window(self.window)
         if self.decision not in ("neuron", "adapter"):
             raise KVShrinkError(f"DMS decision must be 'neuron' or 'adapter' (got {self.decision!r})")
         if self.alpha_per not in ("head", "layer"):
             raise KVShrinkError(f"dms_alpha_per must be 'head' or 'layer' (got {self.alpha_per!r})")
-        if self.target_cr is not None and self.target_cr < 1:
-            raise KVShrinkError(f"compression ratio must be >= 1 (got {self.target_cr}); 1 means no compression")
+        check_cr(self.target_cr, "--target-cr")
         if self.forced_keep_every is not None and self.forced_keep_every < 1:
             raise KVShrinkError(f"forced_keep_every must be >= 1 (got {self.forced_keep_every})")
 

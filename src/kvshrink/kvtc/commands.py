@@ -21,7 +21,7 @@ from ..generation import generate_ids
 from ..loading import load
 from ..policies import make_policy
 from ..tasks import TASKS, grade, make_problems
-from ..tasks.evaluate import encode_problem
+from ..prompts import chat_prompt, pad_token_id
 from ..train.text import pydoc_split
 from .cache_io import CacheState, cos_sin, export_cache, restore_cache
 from .calibration import Calibration, ModelIdentity
@@ -78,7 +78,7 @@ def evaluate(model_name, calibration_path, ratios, task: str, problems: int, see
     calib = Calibration.load(calibration_path, expect=ModelIdentity.from_model(model))
     items = make_problems(task, problems, seed=seed, difficulty=difficulty)
     shots = _few_shot(tokenizer, task, prefix_tokens, seed, items[0].difficulty)
-    prompts = [encode_problem(tokenizer, shots + p.prompt) for p in items]
+    prompts = [chat_prompt(tokenizer, shots + p.prompt) for p in items]
     if max_new_tokens is None:  # room for twice the longest worked solution, as `kvshrink eval`
         max_new_tokens = 16 + 2 * max(len(tokenizer(p.solution)["input_ids"]) for p in items)
     eos = tokenizer.eos_token_id
@@ -180,8 +180,7 @@ def _fp16_bytes(state: CacheState, tokens: int) -> int:
 
 
 def _tova(model, tokenizer, items, prompts, cr: float, max_new_tokens: int, batch_size: int) -> dict:
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
     correct, reads, vanilla = 0, 0.0, 0.0
     for s in range(0, len(items), batch_size):
         tokens, _, per_seq = generate_ids(model, prompts[s:s + batch_size], make_policy("tova", cr=cr),
@@ -210,7 +209,7 @@ def _calibration_sequences(tokenizer, seq_len: int):
     for i in itertools.count():
         problem = make_problems(names[i % len(names)], 1, seed=CALIBRATION_SEED + i)[0]
         answer = tokenizer(problem.solution, add_special_tokens=False)["input_ids"]
-        yield (encode_problem(tokenizer, problem.prompt) + answer)[:seq_len]
+        yield (chat_prompt(tokenizer, problem.prompt) + answer)[:seq_len]
         chunk = next(chunks, None)
         if chunk is not None:
             yield chunk

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import KVShrinkError
+from ..errors import KVShrinkError, check_cr
 from .base import CachePolicy
 from .budget import BudgetPolicy
 from .dms import DMSPolicy
@@ -17,8 +17,7 @@ POLICY_NAMES = ("none", "dms", "dms-immediate", *BUDGETED)
 
 def make_policy(name: str, *, dms_window: int | None = None, cr: float | None = None) -> CachePolicy:
     """Build a policy by name. dms_window: the DMS model's window (or the --window override)."""
-    if cr is not None and cr < 1:
-        raise KVShrinkError(f"--cr must be >= 1 (got {cr}); 1 means no compression")
+    check_cr(cr)
     if name == "none":
         return CachePolicy()
     if name in ("dms", "dms-immediate"):

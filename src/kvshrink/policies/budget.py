@@ -8,12 +8,11 @@ worth keeping (`keep_scores`); the cache frees the lowest-scoring live slots.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import KVShrinkError
+from ..errors import KVShrinkError, check_cr
 from .base import CachePolicy
 
 PROTECTED = 1e30  # a score no attention weight or position reaches: the token is never evicted
@@ -25,8 +24,9 @@ class BudgetPolicy(CachePolicy):
     prefill_chunk = 16
 
     def __post_init__(self):
-        if self.cr is None or self.cr < 1 or math.isinf(self.cr):
-            raise KVShrinkError(f"policy {self.name!r} needs --cr >= 1 (got {self.cr})")
+        if self.cr is None:
+            raise KVShrinkError(f"policy {self.name!r} works to a token budget: give --cr (e.g. --cr 8)")
+        check_cr(self.cr)
 
     def budget(self, layer) -> torch.Tensor:
         return torch.ceil(layer.real.to(torch.float64) / self.cr).to(torch.long)

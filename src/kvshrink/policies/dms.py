@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import KVShrinkError
+from ..errors import check_window
 from .base import CachePolicy
 
 
@@ -25,8 +25,7 @@ class DMSPolicy(CachePolicy):
     needs_dms = True
 
     def __post_init__(self):
-        if self.window < 0:
-            raise KVShrinkError(f"--window must be >= 0 (got {self.window})")
+        check_window(self.window)
 
     def expired(self, layer, first_query_pos: int) -> torch.Tensor:
         # free slots may match too (stale flags): freeing them again is harmless and saves an op per step

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import KVShrinkError
+from ..jsonl import append_jsonl, read_jsonl
 from ..progress import advance, progress_bar, stop
 
 POINT_FIELDS = ("accuracy", "pass_at_w", "kv_reads", "prefill_kv_reads", "peak_kv_tokens", "cache_bytes",
@@ -113,12 +114,7 @@ def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device
     from ..loading import load
     from ..tasks.evaluate import evaluate
 
-    done = {}
-    if points_file.exists():
-        for line in points_file.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[point_key(row)] = row
+    done = {point_key(row): row for row in read_jsonl(points_file)}
     todo = [p for p in cfg.points() if point_key(p) not in done]
     bar = progress_bar(progress, "sweep", len(cfg.points()), len(cfg.points()) - len(todo))
     points_file.parent.mkdir(parents=True, exist_ok=True)
@@ -132,8 +128,7 @@ def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device
                               temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
                               batch_size=max(1, cfg.batch_size // p["W"]))
             row = {**p, **{k: result[k] for k in POINT_FIELDS}, "problems": result["problems"], "finished": time.time()}
-            with open(points_file, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_jsonl(points_file, row)
             done[point_key(row)] = row
             advance(bar, info=f"{p['task']} {p['policy']} CR {p['cr']:g} L {p['L']} W {p['W']}: acc {row['accuracy']:.2f}")
     stop(bar)

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import KVShrinkError
 from ..scaling import majority_vote
+from ..prompts import chat_prompt
 from .engine import Engine, SamplingParams
 
 
@@ -83,7 +84,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         try:
             prompt_ids = encode(engine.tokenizer, body, chat)
             stop_words = body.get("stop") or []
-            params = SamplingParams(max_tokens=int(body.get("max_tokens") or 16), temperature=float(body.get("temperature", 1.0)),
+            max_tokens = body.get("max_tokens")
+            params = SamplingParams(max_tokens=int(16 if max_tokens is None else max_tokens), temperature=float(body.get("temperature", 1.0)),
                                     top_p=float(body.get("top_p", 1.0)), stop=[stop_words] if isinstance(stop_words, str) else list(stop_words),
                                     seed=body.get("seed"), n=int(body.get("n", 1)))
             task_kind = vote_kind(body)
@@ -100,6 +102,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         except asyncio.CancelledError:
             engine.cancel(req)
             raise
+        if req.error:
+            return error(500, f"generation failed: {req.error}", "server_error")
         return response(req, chat, task_kind if body.get("vote") else None)
 
     def base(req, chat: bool) -> dict:
@@ -163,11 +167,9 @@ def sse(payload: dict) -> str:
 def encode(tokenizer, body: dict, chat: bool) -> list[int]:
     if chat:
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "content" in m for m in messages):
+        if not isinstance(messages, list):
             raise ValueError("messages must be a non-empty list of {role, content} objects")
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return tokenizer("\n".join(str(m["content"]) for m in messages) + "\n")["input_ids"]
+        return chat_prompt(tokenizer, messages)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -70,6 +71,7 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     cancelled: bool = False
+    error: str | None = None  # set when a step failed while this request ran; the server answers 500
 
     @property
     def done(self) -> bool:
@@ -92,6 +94,7 @@ class Engine:
         self.generated_total, self.reads_total, self.vanilla_reads_total = 0, 0.0, 0.0
         self.rate_window: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) per step
         self.admitted: deque[str] = deque(maxlen=4096)  # request ids in admission order (FIFO, checked by tests)
+        self.admitting: Request | None = None  # popped from the queue, being prefilled
         self._publish()
 
     # -- bookkeeping (integers only) ---------------------------------------------------------------
@@ -112,6 +115,8 @@ class Engine:
 
     # -- API used by the HTTP layer ------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event) -> Request:
+        if params.n > self.max_batch:
+            raise KVShrinkError(f"n = {params.n} samples exceed the server's --max-batch {self.max_batch}; lower n")
         need = self.footprint(len(prompt_ids), params.max_tokens, params.n)
         if need > self.budget:
             raise KVShrinkError(f"this request needs about {need} KV tokens ({len(prompt_ids)} prompt + {params.max_tokens} "
@@ -151,7 +156,10 @@ class Engine:
                     self.lock.wait(timeout=0.5)
             if stop.is_set():
                 return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - one failed step must not stop the server
+                self._fail_running(exc)
 
     def step(self) -> None:
         """Drop cancelled work, admit what fits, decode one token for every running sequence."""
@@ -192,7 +200,9 @@ class Engine:
                 self.waiting.popleft()
             if not r.sequences[0].tokens:
                 self.admitted.append(r.id)
+            self.admitting = r
             self._prefill(r)
+            self.admitting = None
 
     def _prefill(self, r: Request) -> None:
         """A new request: prefill its prompt alone and let its n samples share that cache (rows copied).
@@ -232,6 +242,23 @@ class Engine:
             self._leave([i for i, (r, _) in enumerate(self.rows) if r is newest])
             with self.lock:
                 self.waiting.appendleft(newest)
+
+    def _fail_running(self, exc: Exception) -> None:
+        """Finish every running (and half-admitted) request with the error, free the cache, go on serving."""
+        message = f"{type(exc).__name__}: {exc}"
+        print(f"kvshrink serve: a step failed, its requests end with an error: {message}", file=sys.stderr, flush=True)
+        requests = {id(r): r for r, _ in self.rows}
+        if self.admitting is not None:
+            requests[id(self.admitting)] = self.admitting
+        for r in requests.values():
+            r.error = message
+            for s in r.sequences:
+                if s.finish_reason is None:
+                    s.finish_reason = "error"
+                    r.on_event({"index": s.index, "delta": "", "finish_reason": "error"})
+        self.rows, self.admitting = [], None
+        self._reset_cache()
+        self._publish()
 
     def _leave(self, indices: list[int]) -> None:
         if not indices:

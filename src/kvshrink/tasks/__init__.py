@@ -1,7 +1,7 @@
 """Synthetic reasoning tasks with exact answers: generators (seed, difficulty), brute-force solvers and
 graders that read the final answer after the `Answer:` marker of free-form output.
 
-Every task module defines `DEFAULT_DIFFICULTY`, `generate(rng, difficulty) -> Problem` and
+Every task module defines `DEFAULT_DIFFICULTY`, `MAX_DIFFICULTY`, `generate(rng, difficulty) -> Problem` and
 `solve(facts) -> answer` (the brute-force solver, from the problem's stated facts alone). A problem's
 `solution` is the worked answer (the chain of thought, then the marker line) that fine-tuning
 teaches; `grade` compares the extracted answer with `answer` exactly.
@@ -29,8 +29,8 @@ def make_problems(name: str, n: int, seed: int = 0, difficulty: int | None = Non
     the same problems, and problem i does not depend on n or on how the range is split."""
     mod = task_module(name)
     d = mod.DEFAULT_DIFFICULTY if difficulty is None else difficulty
-    if d < 1:
-        raise KVShrinkError(f"--difficulty must be >= 1 (got {d})")
+    if not 1 <= d <= mod.MAX_DIFFICULTY:
+        raise KVShrinkError(f"--difficulty must be >= 1 and at most {mod.MAX_DIFFICULTY} for {name} (got {d})")
     if n < 1:
         raise KVShrinkError(f"--problems must be >= 1 (got {n})")
     if first < 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from .common import MARKER, Problem
 
 DEFAULT_DIFFICULTY = 4  # steps
+MAX_DIFFICULTY = 100
 ANSWER_KIND = "int"
 WORDS = {"+": "add", "-": "subtract", "*": "multiply by"}
 

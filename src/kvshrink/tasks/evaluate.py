@@ -11,16 +11,9 @@ import time
 
 from ..errors import KVShrinkError
 from ..progress import advance, progress_bar, stop
+from ..prompts import chat_prompt, pad_token_id
 from ..scaling import majority_vote
 from . import extract_answer, make_problems
-
-
-def encode_problem(tokenizer, prompt: str) -> list[int]:
-    """Through the chat template when the tokenizer has one (instruct models), else prompt + blank line."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False)
-    return tokenizer(prompt + "\n\n")["input_ids"]
 
 
 def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = None, window: int | None = None,
@@ -40,15 +33,14 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
     if max_new_tokens is None:  # room for twice the longest worked solution
         max_new_tokens = 16 + 2 * max(len(tokenizer(p.solution)["input_ids"]) for p in items)
     pol = resolve_policy(model, policy, cr, window)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
     totals = {"kv_reads": 0.0, "vanilla_kv_reads": 0.0, "prefill_kv_reads": 0.0, "peak_kv_tokens": 0.0}
     cache_bytes, results = 0, []
     bar = progress_bar(progress, f"{task} ({pol.describe()['policy']})", len(items))
     start = time.perf_counter()
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
-        ids = [encode_problem(tokenizer, p.prompt) for p in chunk for _ in range(width)]
+        ids = [chat_prompt(tokenizer, p.prompt) for p in chunk for _ in range(width)]
         tokens, stats, per_seq = generate_ids(model, ids, pol, max_new_tokens=max_new_tokens, temperature=temperature,
                                               top_p=top_p, seed=seed + s, eos_token_id=eos, pad_token_id=pad, group=width)
         for key in ("kv_reads", "vanilla_kv_reads", "prefill_kv_reads"):

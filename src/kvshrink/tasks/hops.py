@@ -15,6 +15,7 @@ import re
 from .common import MARKER, Problem, scatter
 
 DEFAULT_DIFFICULTY = 3
+MAX_DIFFICULTY = 9  # 24 + 8 d boxes, labelled 1-99
 ANSWER_KIND = "int"
 SENTENCE_TOKENS = 6
 LINK = re.compile(r"box (\d+) points to box (\d+)\.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from .common import MARKER, Problem, scatter
 
 DEFAULT_DIFFICULTY = 2
+MAX_DIFFICULTY = 100  # ~7K tokens of context
 ANSWER_KIND = "list"
 SENTENCE_TOKENS = 6
 ADJECTIVES = ["amber", "quiet", "brave", "silver", "hidden", "gentle", "rapid", "golden", "lucky", "misty", "proud",

@@ -16,6 +16,7 @@ import string
 from .common import MARKER, Problem, scatter
 
 DEFAULT_DIFFICULTY = 4  # assignments per chain
+MAX_DIFFICULTY = 100  # ~7K tokens of context
 ANSWER_KIND = "set"
 SENTENCE_TOKENS = 6  # filler sentences are ~6 tokens each with common BPE tokenizers
 

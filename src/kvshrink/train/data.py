@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import KVShrinkError
+from ..prompts import chat_prompt, pad_token_id
 
 TRAIN_SEED = 1_000_000  # task problems for training use seeds from here; evaluation's stay below
 TEXT_SUFFIXES_SKIP = {".safetensors", ".bin", ".pt", ".png", ".jpg", ".gz", ".zip", ".arrow", ".parquet"}
@@ -98,7 +99,7 @@ def teacher_documents(prompts: list[str], model, tokenizer, max_new_tokens: int,
     docs = []
     if progress_file is not None and progress_file.exists():
         docs = [json.loads(line)["text"] for line in progress_file.read_text().splitlines() if line.strip()]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     batch_size = 16
     for i in range(len(docs), len(prompts), batch_size):  # batches are saved whole: resume after the last
         device = next(model.parameters()).device
@@ -141,8 +142,7 @@ def task_prompts(spec: str, tokenizer, seed: int) -> list[str]:
         raise KVShrinkError(f"--data task:{spec}: give task:NAME[,NAME...][:N] with N a number of problems")
     n = int(count) if count else 64
     problems = [p for name in names.split(",") for p in make_problems(name.strip(), n, seed=TRAIN_SEED + seed)]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=False)
-            for p in problems]
+    return [chat_prompt(tokenizer, p.prompt, tokenize=False) for p in problems]
 
 
 def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=None, seed: int = 0) -> torch.Tensor:

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import KVShrinkError
+from ..errors import KVShrinkError, check_cr, check_window
+from ..jsonl import append_jsonl, keep_jsonl
 from ..progress import advance, progress_bar, stop
 from .checkpoints import Checkpoints
 
@@ -64,12 +65,10 @@ class RetrofitConfig:
     data_cache: str | None = None  # where tokenized blocks are cached (default OUT/data-cache)
 
     def __post_init__(self):
-        if self.target_cr < 1:
-            raise KVShrinkError(f"--target-cr must be >= 1 (got {self.target_cr}); 1 means no compression")
+        check_cr(self.target_cr, "--target-cr")
+        check_window(self.window)
         if self.steps <= 0:
             raise KVShrinkError(f"--steps must be > 0 (got {self.steps})")
-        if self.window < 0:
-            raise KVShrinkError(f"--window must be >= 0 (got {self.window})")
         if self.train not in ("all", "adapter"):
             raise KVShrinkError(f"--train must be 'all' or 'adapter' (got {self.train!r})")
         if self.decision is None:
@@ -83,10 +82,14 @@ class RetrofitConfig:
         if self.fsdp and self.decision == "neuron" and self.neuron_decay == "linear":
             raise KVShrinkError("--neuron-decay linear edits weight rows in place, which sharded weights do not allow: "
                                 "use --neuron-decay instant with --fsdp")
-        if self.batch_size < 1 or self.seq_len < 2 or self.grad_accum < 1:
-            raise KVShrinkError("--batch-size, --grad-accum must be >= 1 and --seq-len >= 2")
+        if min(self.batch_size, self.grad_accum, self.save_every) < 1 or self.seq_len < 2:
+            raise KVShrinkError("--batch-size, --grad-accum and --save-every must be >= 1 and --seq-len >= 2")
         if self.lr is None:
             self.lr = ADAPTER_LR if self.train == "adapter" else ALL_LR
+        if self.lr <= 0 or self.warmup < 0 or (self.ramp_steps is not None and self.ramp_steps < 1):
+            raise KVShrinkError(f"--lr must be > 0, --warmup >= 0 and --ramp-steps >= 1 (got {self.lr}, {self.warmup}, {self.ramp_steps})")
+        if self.data is None:
+            raise KVShrinkError("--data is required: a text file/folder, teacher:PROMPTS.txt or task:NAME[,NAME][:N]")
         if self.aim_context is None:
             self.aim_context = max(32 * self.window, 2)
 
@@ -154,8 +157,6 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     if dms_config(model) is not None:
         raise KVShrinkError(f"{cfg.model} already has DMS; retrofit its base model instead")
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.train == "all" else None
-    if cfg.data is None:
-        raise KVShrinkError("--data is required: a text/jsonl file, a folder, teacher:FILE or task:NAME")
     cache_dir = Path(cfg.data_cache) if cfg.data_cache else out / "data-cache"
     model.to(acc.device)  # teacher samples are generated on the training device
     # one process tokenizes (and samples); the others read its cache
@@ -209,8 +210,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         (out / "retrofit.json").write_text(json.dumps(asdict(cfg), indent=1))
     metrics_path = out / "metrics.jsonl"
     if acc.is_main_process and metrics_path.exists():  # drop lines past the checkpoint we resume from
-        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        keep_jsonl(metrics_path, lambda row: row["step"] <= start_step)
 
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed))
     n_layers = inner.config.num_hidden_layers
@@ -262,8 +262,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
             "tokens_per_second": cfg.batch_size * cfg.seq_len / seconds, "processes": world,
         }
         if acc.is_main_process:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(last) + "\n")
+            append_jsonl(metrics_path, last)
             advance(bar, info=_status(last))
         done = step + 1 == cfg.steps
         out_of_time = (cfg.max_minutes is not None and (time.perf_counter() - began) / 60 > cfg.max_minutes) or (

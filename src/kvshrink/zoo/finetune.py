@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import KVShrinkError
+from ..jsonl import append_jsonl, keep_jsonl
 from ..progress import advance, progress_bar, stop
 from ..train.checkpoints import Checkpoints
 
@@ -52,8 +53,10 @@ class FinetuneConfig:
         self.task_list = [t.strip() for t in self.tasks.split(",") if t.strip()]
         for t in self.task_list:
             task_module(t)
-        if self.steps < 1 or self.batch_size < 1 or self.lora_r < 1:
-            raise KVShrinkError("--steps, --batch-size and --lora-r must be >= 1")
+        if min(self.steps, self.batch_size, self.lora_r, self.save_every) < 1:
+            raise KVShrinkError("--steps, --batch-size, --lora-r and --save-every must be >= 1")
+        if self.lr <= 0 or self.warmup < 0:
+            raise KVShrinkError(f"--lr must be > 0 and --warmup >= 0 (got {self.lr}, {self.warmup})")
         if self.max_context < 128:
             raise KVShrinkError(f"--max-context must be >= 128 (got {self.max_context})")
 
@@ -62,17 +65,18 @@ def training_example(cfg: FinetuneConfig, index: int, tokenizer) -> tuple[list[i
     """(input ids, labels) of the `index`-th training problem: prompt through the chat template, then the
     worked solution and end-of-turn token; labels are -100 on the prompt. Redrawn until it fits."""
     from ..tasks import TASKS
-    from ..tasks.evaluate import encode_problem
+    from ..prompts import chat_prompt
 
     rng = random.Random(f"finetune/{cfg.seed}/{index}")
-    while True:
+    for _ in range(1000):
         task = rng.choice(cfg.task_list)
         lo, hi = DIFFICULTIES[task]
         problem = TASKS[task].generate(rng, rng.randint(lo, hi))
-        prompt = encode_problem(tokenizer, problem.prompt)
+        prompt = chat_prompt(tokenizer, problem.prompt)
         answer = tokenizer(problem.solution)["input_ids"] + [tokenizer.eos_token_id]
         if len(prompt) + len(answer) <= cfg.max_context:
             return prompt + answer, [-100] * len(prompt) + answer
+    raise KVShrinkError(f"almost no {cfg.tasks} problem fits --max-context {cfg.max_context} tokens; raise it (e.g. 1024)")
 
 
 def accumulate_step(model, examples: list[tuple[list[int], list[int]]], device) -> tuple[float, float]:
@@ -121,8 +125,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     (out / "finetune.json").write_text(json.dumps(asdict(cfg), indent=1))
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
-        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        keep_jsonl(metrics_path, lambda row: row["step"] <= start)
     model.train()
     began, last = time.perf_counter(), {}
     bar = progress_bar(progress, "finetune", cfg.steps, start)
@@ -140,8 +143,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         tokens = sum(len(ids) for ids, _ in examples)
         last = {"step": step + 1, "loss": loss, "answer_token_accuracy": token_acc, "lr": lr, "seconds": seconds,
                 "tokens": tokens, "tokens_per_second": tokens / seconds}
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(last) + "\n")
+        append_jsonl(metrics_path, last)
         advance(bar, info=f"loss {last['loss']:.4f}  answer-token acc {token_acc:.3f}  {last['tokens_per_second']:.0f} tok/s")
         done = step + 1 == cfg.steps
         out_of_time = cfg.max_minutes is not None and (time.perf_counter() - began) / 60 > cfg.max_minutes
