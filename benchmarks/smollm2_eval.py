@@ -18,7 +18,7 @@ Parts (vanilla = the same base with no eviction, teacher = vanilla in every comp
 - passkey: a 5-digit key hidden at a random depth of held-out filler, asked for through the chat
   template; context L = prompt + 32 new tokens; 100 trials at 1k and 2k, 30 at 4k and 8k, the same
   trials for every model (paired). Success = the key appears in the answer.
-- speed: one 8,160-token prompt, 64 greedy tokens: reads-based CR, peak cache bytes, decode tokens/s.
+- speed: one 8,128-token prompt (the whole 8k context with the new tokens), 64 greedy tokens: reads-based CR, peak cache bytes, decode tokens/s.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ BUCKETS = [(0, 1024), (1024, 2048), (2048, 4096)]
 PASSKEY_TRIALS = {1024: 100, 2048: 100, 4096: 30, 8192: 30}
 PASSKEY_NEW = 32
 AGREE_PROMPTS, AGREE_LEN, AGREE_NEW = 100, 512, 128
-SPEED_PROMPT, SPEED_NEW = 8160, 64
+SPEED_PROMPT, SPEED_NEW = 8128, 64  # positions 0 .. 8191: SmolLM2's whole context
 
 
 # -- items -----------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class KVAttention(nn.Module):
             logits = None
         elif dms is not None:
             if dms.forced_keep_every:
-                logits = forced_logits(self._positions(kwargs, past_key_values, B, T, q.device), self.n_kv_heads, dms.forced_keep_every)
+                logits = forced_logits(self._positions(past_key_values, B, T, q.device), self.n_kv_heads, dms.forced_keep_every)
             if dms.alpha_per == "layer":
                 logits = logits[:, :1].expand_as(logits)
 
@@ -184,10 +184,32 @@ class KVAttention(nn.Module):
         )
         return out.transpose(1, 2)  # HF returns (B, T, H, D)
 
-    def _positions(self, kwargs, cache, B, T, device) -> torch.Tensor:
+    def _positions(self, cache, B, T, device) -> torch.Tensor:
         """Token positions (step index, padding included) of this forward's tokens, for forced decisions."""
         start = cache.get_seq_length(self.layer_idx) if isinstance(cache, Cache) else 0
         return (torch.arange(T, device=device) + start).expand(B, T)
+
+
+def kv_head_dim(config) -> int:
+    """Width of one key/value head (Qwen3 and some Mistral configs set it apart from hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_bytes_per_token(config, itemsize: int) -> int:
+    """Bytes one token's keys and values take over every layer and KV head."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * kv_head_dim(config) * itemsize
+
+
+def check_context(config, prompt_tokens: int, new_tokens: int) -> None:
+    """Refuse up front what the model cannot attend: positions past its trained context (RoPE would
+    extrapolate silently) or past a sliding window (which kvshrink's cache does not implement)."""
+    used = prompt_tokens + new_tokens - 1  # the last generated token is never fed back
+    limits = [(getattr(config, "max_position_embeddings", None), "context"),
+              (getattr(config, "sliding_window", None) if config.model_type == "mistral" else None, "sliding window")]
+    for limit, what in limits:
+        if limit and used > limit:
+            raise KVShrinkError(f"prompt ({prompt_tokens} tokens) + {new_tokens} new tokens exceed the model's {what} of "
+                                f"{limit} tokens; shorten the prompt or generate fewer tokens")
 
 
 def decoder_layers(model) -> nn.ModuleList:

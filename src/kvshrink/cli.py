@@ -20,9 +20,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="local HF model folder"),
+    model: str = typer.Argument(..., help="a shipped name (e.g. smollm2-dms8) or a local model folder"),
     prompt: str = typer.Argument(..., help="text to continue"),
-    policy: Optional[str] = typer.Option(None, help="none | dms (default: dms on a DMS model, else none)"),
+    policy: Optional[str] = typer.Option(None, help="none | dms | dms-immediate | tova | h2o | window | quest (default: dms on a DMS model, else none)"),
     cr: Optional[float] = typer.Option(None, help="target compression ratio (>= 1)"),
     window: Optional[int] = typer.Option(None, help="DMS window override (>= 0)"),
     max_new_tokens: int = typer.Option(64, help="tokens to generate"),
@@ -213,7 +213,7 @@ def kvtc_calibrate(
     out: Path = typer.Option(..., "--out", help="calibration file to write (safetensors)"),
     tokens: int = typer.Option(100_000, help="calibration token positions"),
     ratios: str = typer.Option("4,8,16,32,64", help="compression ratios to plan bit allocations for"),
-    device: str = typer.Option("cpu", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Fit the PCA bases and the bit allocations of a model's KV cache (once per model)."""
     from .kvtc.commands import calibrate

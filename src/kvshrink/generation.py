@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .attention import check_context
 from .cache import KVCache
 from .errors import KVShrinkError, check_cr, check_window
 from .policies import CachePolicy, make_policy
@@ -47,6 +48,11 @@ def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = N
     check_cr(cr)
     cfg = dms_config(model)
     name = policy or ("dms" if cfg is not None else "none")
+    if name == "none" and cr is not None and cr > 1:
+        raise KVShrinkError(f"--cr {cr:g} needs a policy that compresses: add --policy tova, h2o, window or quest "
+                            "(or use a DMS model)")
+    if window is not None and name not in ("dms", "dms-immediate"):
+        raise KVShrinkError(f"--window sets the DMS eviction delay; policy {name!r} has none (drop --window)")
     dms_window = None
     if name in ("dms", "dms-immediate") and cfg is not None:
         if cr is not None and cfg.target_cr is not None and abs(cr - cfg.target_cr) > 1e-9:
@@ -100,6 +106,9 @@ def generate_ids(
         raise KVShrinkError(f"--top-p must be in (0, 1] (got {top_p})")
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise KVShrinkError("empty prompt: give at least one token of text")
+    if prefill_chunk < 1:
+        raise KVShrinkError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
+    check_context(model.config, max(len(p) for p in prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
     eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), device=device)
     B = len(prompt_ids)
@@ -212,7 +221,8 @@ def generate(
 ) -> GenerationResult:
     """Generate `n` continuations per prompt under a cache policy; greedy when temperature == 0.
 
-    policy: 'none', 'dms', or a `CachePolicy`; default 'dms' on a DMS model, else 'none'.
+    policy: a name (none, dms, dms-immediate, tova, h2o, window, quest; the last four need `cr`) or a
+    `CachePolicy`; default 'dms' on a DMS model, else 'none'.
     `texts`/`tokens` hold the generated part only, one entry per sequence (prompt-major, n per prompt).
     """
     if isinstance(prompts, str):

@@ -22,6 +22,8 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         raise KVShrinkError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise KVShrinkError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise KVShrinkError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) visible (cuda:0 ...)")
     return dev
 
 
@@ -40,7 +42,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def check_model_folder(path: Path) -> None:
     if not path.is_dir():
-        raise KVShrinkError(f"model {str(path)!r} not found: give a local Hugging Face model folder (config.json + weights) or a shipped name (smollm2)")
+        from .zoo import shipped_names
+
+        raise KVShrinkError(f"model {str(path)!r} not found: give a local Hugging Face model folder (config.json + weights) "
+                            f"or a shipped name ({', '.join(shipped_names())})")
     if not (path / "config.json").is_file():
         raise KVShrinkError(f"{path} has no config.json: is it a Hugging Face model folder?")
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
@@ -62,9 +67,15 @@ def load_dms_weights(model, path: Path) -> None:
                 for key in f.keys():
                     name = key if key in wanted else next((n for n in wanted if key.endswith(n)), None)
                     if name is not None:
+                        tensor = f.get_tensor(key)
+                        if tensor.shape != wanted[name].shape:
+                            raise KVShrinkError(f"{file}: {key} has shape {tuple(tensor.shape)}, the model needs "
+                                                f"{tuple(wanted[name].shape)}: this adapter belongs to another base model")
                         with torch.no_grad():
-                            wanted[name].copy_(f.get_tensor(key))
+                            wanted[name].copy_(tensor)
                         found.add(name)
+        except KVShrinkError:
+            raise
         except Exception as exc:  # a truncated or corrupt file
             raise KVShrinkError(f"cannot read {file}: {exc}; the checkpoint is corrupt, re-save or re-download it") from exc
     missing = set(wanted) - found

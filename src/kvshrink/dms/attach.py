@@ -38,7 +38,7 @@ def attach_dms(model, cfg: DMSConfig):
             if attn.dms_proj_alpha.bias is not None:
                 nn.init.zeros_(attn.dms_proj_alpha.bias)
             attn.train(attn.training)  # the new adapter modules follow the model's train/eval mode
-            attn.residual_hook = layer.register_forward_pre_hook(_pass_residual, with_kwargs=True)
+            layer.register_forward_pre_hook(_pass_residual, with_kwargs=True)
     return model
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..attention import kv_head_dim
 from ..errors import KVShrinkError
 from .allocate import GROUP_SIZES, Plan, allocate, budget_bits
 from .errors import KVTCFormatError
@@ -47,8 +48,7 @@ class ModelIdentity:
         for layer in model.model.layers:
             for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
                 digest.update(proj.weight.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, digest.hexdigest())
+        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, kv_head_dim(cfg), digest.hexdigest())
 
     def __str__(self) -> str:
         return f"layers={self.layers} kv_heads={self.kv_heads} head_dim={self.head_dim} fingerprint={self.fingerprint or '-'}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..cache import KVCache
+from ..errors import KVShrinkError
 from ..generation import generate_ids
 from ..loading import load
 from ..policies import make_policy
@@ -33,13 +34,17 @@ from .quant import BITS, GROUP_OVERHEAD_BITS, fake_quant
 CALIBRATION_SEED, EXAMPLE_SEED = 1_000_000, 2_000_000
 
 
-def calibrate(model_name, out_path, tokens: int = 100_000, ratios=(4, 8, 16, 32, 64), device: str = "cpu", *,
+def calibrate(model_name, out_path, tokens: int = 100_000, ratios=(4, 8, 16, 32, 64), device: str = "auto", *,
               seq_len: int = 1024, rank: int | None = None, dp_rows: int = 4096, seed: int = 0) -> Path:
     """Fit a calibration on `tokens` token positions (sinks left out) and save it to `out_path`.
 
     Text: solved task problems (as the model sees them in eval, chat template included) alternating with
     chunks of pydoc train text, each at most `seq_len` tokens. Rows fill one preallocated fp32 buffer
     per stream (2 · tokens · L·H·D · 4 bytes), and the DP's rows are a random sample of them."""
+    if tokens < dp_rows:
+        raise KVShrinkError(f"--tokens must be at least {dp_rows} (got {tokens}); the paper calibrates on ~100K")
+    if not Path(out_path).parent.is_dir():
+        raise KVShrinkError(f"--out {out_path}: folder {Path(out_path).parent} does not exist; create it first")
     model, tokenizer = load(model_name, device=device)
     identity = ModelIdentity.from_model(model)
     rows = torch.empty(2, tokens, identity.features)  # key features, value features

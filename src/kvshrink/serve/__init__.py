@@ -8,6 +8,7 @@ __all__ = ["Engine", "SamplingParams", "build_engine"]
 def build_engine(model, tokenizer, policy: str | None = None, cr: float | None = None, budget_tokens: int | None = None,
                  budget_mb: float | None = None, max_batch: int = 64) -> Engine:
     """An engine for `model` under its default (or the named) policy, with a budget in live KV tokens or MB."""
+    from ..attention import kv_bytes_per_token
     from ..dms.attach import dms_config
     from ..errors import KVShrinkError
     from ..generation import resolve_policy
@@ -20,12 +21,11 @@ def build_engine(model, tokenizer, policy: str | None = None, cr: float | None =
         cfg = dms_config(model)
         expected, window = (cfg.target_cr or 1.0), pol.window
     else:
-        expected, window = getattr(pol, "cr", 1.0), (pol.prefill_chunk or 0)
-    engine = Engine(model, tokenizer, pol, budget_tokens=0, max_batch=max_batch, expected_cr=expected, window=window)
+        expected, window = getattr(pol, "cr", 1.0), (pol.prefill_chunk or 0)  # a prefill chunk is held whole before eviction
     if (budget_tokens is None) == (budget_mb is None):
         raise KVShrinkError("give exactly one of --kv-budget-tokens or --kv-budget-mb")
-    budget = budget_tokens if budget_tokens is not None else int(budget_mb * 2**20 // engine._bytes_per_token())
+    itemsize = next(model.parameters()).element_size()
+    budget = budget_tokens if budget_tokens is not None else int(budget_mb * 2**20 // kv_bytes_per_token(model.config, itemsize))
     if budget < 1:
         raise KVShrinkError(f"the KV budget must hold at least one token (got {budget})")
-    engine.budget = budget
-    return engine
+    return Engine(model, tokenizer, pol, budget_tokens=budget, max_batch=max_batch, expected_cr=expected, window=window)

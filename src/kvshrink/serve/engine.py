@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..attention import check_context, kv_bytes_per_token
 from ..cache import KVCache
 from ..errors import KVShrinkError
 from ..generation import _sample
@@ -85,6 +86,7 @@ class Engine:
         self.budget, self.max_batch = budget_tokens, max_batch
         self.expected_cr, self.window = expected_cr, window
         self.device = next(model.parameters()).device
+        self.itemsize = next(model.parameters()).element_size()
         self.eos = tokenizer.eos_token_id
         self.cache = KVCache(model, policy)
         self.rows: list[tuple[Request, Sequence]] = []  # running, in cache row order
@@ -115,6 +117,7 @@ class Engine:
 
     # -- API used by the HTTP layer ------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event) -> Request:
+        check_context(self.model.config, len(prompt_ids), params.max_tokens)
         if params.n > self.max_batch:
             raise KVShrinkError(f"n = {params.n} samples exceed the server's --max-batch {self.max_batch}; lower n")
         need = self.footprint(len(prompt_ids), params.max_tokens, params.n)
@@ -143,7 +146,7 @@ class Engine:
         recent = [(t, n) for t, n in self.rate_window if now - t < 10]
         rate = sum(n for _, n in recent[1:]) / max(1e-9, recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
         live = self.live_tokens()
-        self.snapshot = {"live_kv_tokens": live, "live_kv_bytes": live * self._bytes_per_token(), "budget_kv_tokens": self.budget,
+        self.snapshot = {"live_kv_tokens": live, "live_kv_bytes": live * kv_bytes_per_token(self.model.config, self.itemsize), "budget_kv_tokens": self.budget,
                          "running_requests": len({id(r) for r, _ in self.rows}), "running_sequences": len(self.rows),
                          "generated_tokens_per_second": rate, "generated_tokens_total": self.generated_total,
                          "compression_ratio": self.vanilla_reads_total / self.reads_total if self.reads_total else 1.0}
@@ -303,9 +306,3 @@ class Engine:
             return None
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
         return torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + index)
-
-    def _bytes_per_token(self) -> int:
-        cfg = self.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        itemsize = next(self.model.parameters()).element_size()
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize
