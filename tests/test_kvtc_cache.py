@@ -19,7 +19,7 @@ from kvshrink.generation import generate_ids
 from kvshrink.kvtc import (Calibration, KVTCFormatError, ModelIdentity, PrefixStore, cache_features, cos_sin,
                            export_cache, generate_with_prefix_store, pack_cache, prefix, restore_cache, unpack_cache)
 from kvshrink.kvtc.commands import calibrate, evaluate
-from kvshrink.kvtc.prefix import prefill
+from kvshrink.generation import prefill_row
 from kvshrink.kvtc.store import STALE_SECONDS
 from kvshrink.loading import load
 from kvshrink.policies import CachePolicy, DMSPolicy, make_policy
@@ -48,7 +48,7 @@ def _ids(n: int, seed: int) -> list[int]:
 
 def _prefilled(model, policy, ids, chunk: int = 64) -> KVCache:
     cache = KVCache(model, policy)
-    prefill(model, cache, ids, chunk)
+    prefill_row(model, cache, ids, chunk)
     return cache
 
 
@@ -65,8 +65,8 @@ def calib(base):
 
 def _max_logit_gap(model, a: KVCache, b: KVCache, continuation: list[int]) -> float:
     """Largest logit difference over teacher-forced decode steps, then one multi-token forward."""
-    gaps = [(prefill(model, a, [t]) - prefill(model, b, [t])).abs().max() for t in continuation]
-    gaps.append((prefill(model, a, continuation, 16) - prefill(model, b, continuation, 16)).abs().max())
+    gaps = [(prefill_row(model, a, [t]) - prefill_row(model, b, [t])).abs().max() for t in continuation]
+    gaps.append((prefill_row(model, a, continuation, 16) - prefill_row(model, b, continuation, 16)).abs().max())
     return max(gaps).item()
 
 
@@ -126,7 +126,7 @@ def test_restore_through_the_codec_is_close(kind, base, dms, calib):
         assert all(torch.equal(a, b) for a, b in zip(back.live + back.flags, state.live + state.flags))
         with pytest.raises(KVTCFormatError, match="another cache policy"):
             unpack_cache(data, model, calib, CachePolicy())
-    scale = prefill(model, _prefilled(model, policy, ids), _ids(1, 8)).abs().max().item()
+    scale = prefill_row(model, _prefilled(model, policy, ids), _ids(1, 8)).abs().max().item()
     gap = _max_logit_gap(model, cache, restore_cache(model, policy, *back), _ids(16, 8))
     assert 0 < gap < 0.05 * scale
 
@@ -274,7 +274,7 @@ def test_prefix_reuse_through_the_codec_stays_greedy(tiny_model_dir, calib, tmp_
     for ids, tokens in zip(encoded, out.tokens):
         cache = _prefilled(model, None, ids[:-1])
         for fed, chosen in zip([ids[-1], *tokens], tokens):  # the plain model's logits along the output
-            logits = prefill(model, cache, [fed])
+            logits = prefill_row(model, cache, [fed])
             assert logits[chosen] >= logits.max() - 0.05
 
 

@@ -66,7 +66,7 @@ def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = N
     return make_policy(name, dms_window=dms_window, cr=cr)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -75,6 +75,23 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
         cut = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(cut, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def prefill_row(model, cache: KVCache, ids: list[int], chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+    """Run `ids` through the model after whatever one-row `cache` holds; returns the last logits (V,)."""
+    if not ids:
+        raise KVShrinkError("nothing to prefill: give at least one token")
+    device = next(model.parameters()).device
+    chunk = cache.policy.prefill_chunk or chunk  # budget policies are defined with 16-token chunks
+    start = cache.layers[0].seen
+    for s in range(0, len(ids), chunk):
+        piece = torch.tensor([ids[s:s + chunk]], device=device)  # (1, Q)
+        end = start + s + piece.shape[1]
+        out = model(piece, attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
+                    position_ids=torch.arange(end - piece.shape[1], end, device=device)[None],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1]
 
 
 @torch.no_grad()
@@ -147,7 +164,7 @@ def generate_ids(
     n_generated = torch.zeros(B, dtype=torch.long, device=device)
     generated = []
     last_pos = positions[:, -1]
-    token = _sample(out.logits[:, -1], temperature, top_p, generator)
+    token = sample_next(out.logits[:, -1], temperature, top_p, generator)
     for step in range(max_new_tokens):
         generated.append(token)
         n_generated += (~finished).long()
@@ -160,7 +177,7 @@ def generate_ids(
         out = model(token[:, None], attention_mask=attn, position_ids=last_pos[:, None],
                     past_key_values=cache, use_cache=True)
         reads += cache.accounting.last_reads[:, 0]
-        token = _sample(out.logits[:, -1], temperature, top_p, generator)
+        token = sample_next(out.logits[:, -1], temperature, top_p, generator)
     seconds = time.perf_counter() - start
 
     tokens = torch.stack(generated, dim=1).tolist()

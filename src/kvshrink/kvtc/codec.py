@@ -98,7 +98,7 @@ def compress(keys, values, calib: Calibration, cr: float, cos: torch.Tensor, sin
     body = b"".join([header, _encode_sinks(K[:, :, :s]), _encode_sinks(V[:, :, :s]),
                      to_bytes(K[:, :, T - w:].to(wdtype)), to_bytes(V[:, :, T - w:].to(wdtype)),
                      b"" if mask is None else np.packbits(mask.numpy().reshape(-1)).tobytes(), coded])
-    return MAGIC + bytes([VERSION]) + _checksum(body) + body
+    return MAGIC + bytes([VERSION]) + checksum(body) + body
 
 
 def decompress(blob: bytes, calib: Calibration, cos: torch.Tensor, sin: torch.Tensor) -> KVLayers:
@@ -210,7 +210,8 @@ class _Reader:
         return self.buf[self.pos:]
 
 
-def _checksum(body: bytes) -> bytes:
+def checksum(body: bytes) -> bytes:
+    """blake2b-128: what blobs and store entries are checked with."""
     return hashlib.blake2b(body, digest_size=16).digest()
 
 
@@ -222,7 +223,7 @@ def _open(blob: bytes) -> tuple[_Header, _Reader]:
     if blob[4] != VERSION:
         raise KVTCFormatError(f"KVTC blob has format version {blob[4]}; this kvshrink reads version {VERSION}")
     body = blob[_PREFIX:]
-    if _checksum(body) != blob[5:_PREFIX]:
+    if checksum(body) != blob[5:_PREFIX]:
         raise KVTCFormatError("KVTC blob is corrupted or truncated (checksum mismatch)")
     h = _Header(*_HEADER.unpack_from(body))
     if h.dtype >= len(DTYPES) or h.coder not in (ZLIB, ZSTD) or h.masked > 1 or h.sinks + h.window > h.tokens:

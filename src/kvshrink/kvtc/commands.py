@@ -28,7 +28,8 @@ from .cache_io import CacheState, cos_sin, export_cache, restore_cache
 from .calibration import Calibration, ModelIdentity
 from .codec import SINKS, WINDOW, blob_stats, compress, decompress
 from .pca import cache_features
-from .prefix import decode, prefill
+from ..generation import prefill_row
+from .prefix import decode
 from .quant import BITS, GROUP_OVERHEAD_BITS, fake_quant
 
 CALIBRATION_SEED, EXAMPLE_SEED = 1_000_000, 2_000_000
@@ -95,7 +96,7 @@ def evaluate(model_name, calibration_path, ratios, task: str, problems: int, see
         state = _prompt_state(model, ids[:-1])
         for name, method in methods.items():
             cache = restore_cache(model, None, *method(state, tallies[name]))
-            tokens = decode(model, cache, prefill(model, cache, ids[-1:]), max_new_tokens, eos={eos} - {None})
+            tokens = decode(model, cache, prefill_row(model, cache, ids[-1:]), max_new_tokens, eos={eos} - {None})
             tallies[name].correct += grade(problem, tokenizer.decode(tokens, skip_special_tokens=True))
     report = {name: tally.report(len(items)) for name, tally in tallies.items()}
     for cr in ratios:
@@ -200,7 +201,7 @@ def _tova(model, tokenizer, items, prompts, cr: float, max_new_tokens: int, batc
 def _prompt_state(model, ids: list[int]) -> CacheState:
     """The vanilla cache of `ids` after a prefill, exported."""
     cache = KVCache(model)
-    prefill(model, cache, ids)
+    prefill_row(model, cache, ids)
     return export_cache(cache)
 
 

@@ -17,8 +17,7 @@ from collections.abc import Container
 import torch
 
 from ..cache import KVCache
-from ..errors import KVShrinkError
-from ..generation import DEFAULT_PREFILL_CHUNK, GenerationResult, _sample, encode_prompts, resolve_policy
+from ..generation import DEFAULT_PREFILL_CHUNK, GenerationResult, encode_prompts, prefill_row, resolve_policy, sample_next
 from ..policies.base import CachePolicy
 from .cache_io import export_cache, pack_cache, restore_cache, unpack_cache
 from .calibration import Calibration, ModelIdentity
@@ -28,33 +27,16 @@ from .store import PrefixStore
 MIN_SHARED_PREFIX = 64  # a shorter shared beginning is not worth an entry of its own
 
 
-@torch.no_grad()
-def prefill(model, cache: KVCache, ids: list[int], chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
-    """Run `ids` through the model after whatever one-row `cache` holds; returns the last logits (V,)."""
-    if not ids:
-        raise KVShrinkError("nothing to prefill: give at least one token")
-    device = next(model.parameters()).device
-    chunk = cache.policy.prefill_chunk or chunk  # budget policies are defined with 16-token chunks
-    start = cache.layers[0].seen
-    for s in range(0, len(ids), chunk):
-        piece = torch.tensor([ids[s:s + chunk]], device=device)  # (1, Q)
-        end = start + s + piece.shape[1]
-        out = model(piece, attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
-                    position_ids=torch.arange(end - piece.shape[1], end, device=device)[None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1]
-
-
 def decode(model, cache: KVCache, logits: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
            top_p: float = 1.0, generator: torch.Generator | None = None, eos: Container[int] = ()) -> list[int]:
     """Sample up to `max_new_tokens` tokens, the first from `logits` (V,); stops after an eos token."""
     tokens = []
     for step in range(max_new_tokens):
-        token = int(_sample(logits[None], temperature, top_p, generator))
+        token = int(sample_next(logits[None], temperature, top_p, generator))
         tokens.append(token)
         if token in eos or step == max_new_tokens - 1:
             break
-        logits = prefill(model, cache, [token])
+        logits = prefill_row(model, cache, [token])
     return tokens
 
 
@@ -89,10 +71,10 @@ def generate_with_prefix_store(model, tokenizer, prompts: str | list[str], store
         states, done = [], reused  # (length, exported cache): stored after generation, off the time to first token
         for cut in sorted(shared | {len(prefix)}):
             if cut > done:
-                prefill(model, cache, prefix[done:cut], prefill_chunk)
+                prefill_row(model, cache, prefix[done:cut], prefill_chunk)
                 states.append((cut, export_cache(cache)))
                 done = cut
-        logits = prefill(model, cache, ids[-1:])
+        logits = prefill_row(model, cache, ids[-1:])
         clock = _lap(seconds, "prefill_seconds", clock, device)
         tokens = decode(model, cache, logits, max_new_tokens, temperature=temperature, top_p=top_p,
                         generator=generator, eos=eos)

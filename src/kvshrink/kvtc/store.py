@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import KVShrinkError
+from .codec import checksum
 
 SUFFIX, TEMP_SUFFIX = ".kvp", ".tmp"
 STALE_SECONDS = 600  # a temporary file this old has lost its writer
@@ -54,7 +55,7 @@ class PrefixStore:
         tokens = _tokens(token_ids)
         if len(tokens) == 0:
             raise KVShrinkError("cannot store an empty prefix")
-        data = _FRAME.pack(_MAGIC, len(tokens), _checksum(blob)) + blob
+        data = _FRAME.pack(_MAGIC, len(tokens), checksum(blob)) + blob
         if len(data) > self.max_bytes:
             return False
         folder = self.root / str(len(tokens))
@@ -126,7 +127,7 @@ class PrefixStore:
             return None
         head = data[:_FRAME.size]
         blob = data[_FRAME.size:]
-        if len(head) < _FRAME.size or _FRAME.unpack(head) != (_MAGIC, n, _checksum(blob)):
+        if len(head) < _FRAME.size or _FRAME.unpack(head) != (_MAGIC, n, checksum(blob)):
             path.unlink(missing_ok=True)  # damaged: a miss now and from now on
             return None
         try:
@@ -152,10 +153,6 @@ class PrefixStore:
 
 def _tokens(token_ids) -> np.ndarray:
     return np.asarray(token_ids, dtype="<i8").reshape(-1)
-
-
-def _checksum(blob: bytes) -> bytes:
-    return hashlib.blake2b(blob, digest_size=16).digest()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -29,7 +29,7 @@ import torch
 from ..attention import check_context, kv_bytes_per_token
 from ..cache import KVCache
 from ..errors import KVShrinkError
-from ..generation import _sample
+from ..generation import prefill_row, sample_next
 
 
 @dataclass
@@ -229,14 +229,9 @@ class Engine:
 
     def _prefill_ids(self, ids: list[int]) -> tuple[KVCache, torch.Tensor, float]:
         """(a one-row cache holding `ids`, the last position's logits, that position's reads)."""
-        x = torch.tensor([ids], device=self.device)
         single = KVCache(self.model, self.policy)
-        chunk = self.policy.prefill_chunk or 512
-        with torch.no_grad():
-            for s in range(0, x.shape[1], chunk):
-                positions = torch.arange(s, min(x.shape[1], s + chunk), device=self.device)[None]
-                out = self.model(x[:, s:s + chunk], position_ids=positions, past_key_values=single, use_cache=True, logits_to_keep=1)
-        return single, out.logits[:, -1], float(single.accounting.last_reads[0, -1])
+        logits = prefill_row(self.model, single, ids)
+        return single, logits[None], float(single.accounting.last_reads[0, -1])
 
     def _pause_if_over_budget(self) -> None:
         """The batch outgrew the budget: the newest request leaves and waits at the queue's head."""
@@ -283,7 +278,7 @@ class Engine:
         self.rate_window.append((time.time(), len(self.rows)))
 
     def _pick(self, logits: torch.Tensor, r: Request, s: Sequence) -> int:
-        return int(_sample(logits, r.params.temperature, r.params.top_p, s.generator)[0])
+        return int(sample_next(logits, r.params.temperature, r.params.top_p, s.generator)[0])
 
     def _emit(self, r: Request, s: Sequence, token: int) -> None:
         s.tokens.append(token)
