@@ -53,7 +53,7 @@ def fill(cache: KVCache, model, batch: int, context: int, device, dtype, keep_ev
             layer.write(k, torch.randn_like(k), torch.ones(batch, q, dtype=torch.bool, device=device), decisions)
             scores = policy.keep_scores(layer)
             if scores is not None:
-                layer.enforce_budget(policy.budget(layer), scores)
+                layer.enforce_budget(policy.budget(layer), scores, q)
 
 
 def main():

@@ -42,6 +42,7 @@ class Accounting:
         problem's peak is the max over time of its samples' live tokens summed."""
         self.n_layers = n_layers
         self.groups = groups
+        self.n_groups = int(groups.max()) + 1 if groups is not None and groups.numel() else 0  # once, not per forward
         self.peak_tokens_per_group: torch.Tensor | None = None
         self.pairs = n_layers * n_kv_heads
         self.last_reads: torch.Tensor | None = None
@@ -67,7 +68,7 @@ class Accounting:
                 self.peak_tokens_per_seq = torch.maximum(self.peak_tokens_per_seq, live_now)
                 self.peak_tokens_total = torch.maximum(self.peak_tokens_total, live_now.sum())
             if self.groups is not None:
-                per_group = torch.zeros(int(self.groups.max()) + 1, dtype=live_now.dtype, device=live_now.device)
+                per_group = torch.zeros(self.n_groups, dtype=live_now.dtype, device=live_now.device)
                 per_group.index_add_(0, self.groups.to(live_now.device), live_now)
                 self.peak_tokens_per_group = per_group if self.peak_tokens_per_group is None else torch.maximum(self.peak_tokens_per_group, per_group)
 
@@ -142,10 +143,10 @@ class SlotLayer(CacheLayerMixin):
         tokens are all stored before the window thins them."""
         keep = self.live.clone()
         keep.scatter_(2, self.last_slot[..., None], True)
-        order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices
         new_cap = self._round(max(need, int(keep.sum(-1).max())))
         if new_cap >= self.capacity:
             return
+        order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices
         inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         self.last_slot = inverse.gather(-1, self.last_slot[..., None]).squeeze(-1)
         idx = order[..., :new_cap]
@@ -181,12 +182,12 @@ class SlotLayer(CacheLayerMixin):
         mask = torch.zeros(picked.shape, dtype=self.keys.dtype, device=picked.device).masked_fill(~picked, float("-inf"))
         return keys, values, mask[:, :, None, :]
 
-    def enforce_budget(self, budget: torch.Tensor, scores: torch.Tensor) -> None:
-        """Free the lowest-scoring live slots of each row until it holds at most budget[b] tokens."""
+    def enforce_budget(self, budget: torch.Tensor, scores: torch.Tensor, added: int) -> None:
+        """Free the lowest-scoring live slots of each row until it holds at most budget[b] tokens. Rows
+        were within budget before this forward's `added` tokens and budgets never shrink, so at most
+        `added` go per row: a bound known on the host, so the device is never waited for."""
         excess = (self.live.sum(-1) - budget[:, None]).clamp(min=0)  # (B, Hkv)
-        k = int(excess.max())
-        if k == 0:
-            return
+        k = min(added, self.capacity)
         lowest = scores.masked_fill(~self.live, float("inf")).topk(k, dim=-1, largest=False).indices
         drop = torch.arange(k, device=lowest.device) < excess[..., None]
         self._free(torch.zeros_like(self.live).scatter_(-1, lowest, drop))
@@ -254,14 +255,14 @@ class SlotLayer(CacheLayerMixin):
 
     def take_rows(self, rows: torch.Tensor) -> None:
         """Keep only sequences `rows` (a finished sequence leaves; its slots go with it)."""
-        for name in (*self._slot_tensors(), *self.ROW_FIELDS):
+        for name in (*self._slot_tensors(), *self.ROW_FIELDS, *self.cache.policy.layer_fields):
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self.live_upper = int(self.live.sum(-1).max()) if self.live.numel() else 0
 
     def append_rows(self, other: "SlotLayer") -> None:
         """Add `other`'s sequences after ours. Positions in `pos` only matter relative to `seen` (expiry,
         sinks), so the side that has seen fewer tokens is shifted forward to a common `seen`."""
-        if other.cache.policy.slot_fields != self.cache.policy.slot_fields or hasattr(self, "page_max"):
+        if other.cache.policy.slot_fields != self.cache.policy.slot_fields or self.cache.policy.layer_fields:
             raise KVShrinkError("these sequences cannot share a batch: their cache policies keep different state")
         seen = max(self.seen, other.seen)
         for layer in (self, other):
@@ -367,7 +368,7 @@ class KVCache(Cache):
             out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scaling)
         scores = policy.keep_scores(layer)
         if scores is not None:
-            layer.enforce_budget(policy.budget(layer), scores)
+            layer.enforce_budget(policy.budget(layer), scores, Q)
         return out.reshape(B, H, Q, -1)  # some GPU kernels return a non-contiguous output
 
     def live_tokens(self) -> torch.Tensor:

@@ -141,7 +141,7 @@ def generate_ids(
     if group < 1 or B % group:
         raise KVShrinkError(f"{B} sequences do not split into problems of {group} samples")
     cache = KVCache(model, policy, reserve=reserve)
-    cache.accounting.groups = torch.arange(B, device=device) // group
+    cache.accounting = cache.accounting.fresh(torch.arange(B, device=device) // group)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     reads = torch.zeros(B, dtype=torch.float64, device=device)
     prefill_reads = torch.zeros(B, dtype=torch.float64, device=device)
