@@ -152,3 +152,20 @@ def test_bad_input_keeps_serving(serve):
         setattr(engine, method, original)
     wait_until_idle(url)
     assert read_metrics(url)["kvshrink_live_kv_tokens"] == 0
+
+
+def test_streamed_text_equals_decoding_everything(smollm2):
+    """The engine decodes line by line (not the whole sequence per token): the text and the concatenated
+    deltas must equal decoding all tokens at once."""
+    from kvshrink.serve.engine import Request, SamplingParams, Sequence
+
+    model, tok = smollm2
+    engine = build_engine(model, tok, budget_tokens=1000)
+    text = "def f(x):\n    return x * 2  # doubles\n\nprint(f(21))\nÉtoile, naïve café — ünïcode ✓\n"
+    ids = tok(text)["input_ids"]
+    deltas = []
+    request = Request("r", [1], SamplingParams(max_tokens=len(ids) + 1), lambda event: deltas.append(event["delta"]))
+    seq = Sequence(0)
+    for token in ids:
+        engine._emit(request, seq, token)
+    assert seq.text == tok.decode(ids, skip_special_tokens=True) == "".join(deltas)

@@ -57,6 +57,8 @@ class Sequence:
     index: int
     tokens: list[int] = field(default_factory=list)
     text: str = ""
+    line_start: int = 0  # tokens before this index are decoded into `text` for good (through a newline)
+    text_before_line: str = ""
     finish_reason: str | None = None
     reads: float = 0.0
     peak_tokens: float = 0.0
@@ -185,8 +187,9 @@ class Engine:
         with torch.no_grad():
             logits = self.model(tokens, position_ids=positions, past_key_values=self.cache, use_cache=True).logits[:, -1]
         self._account(self.cache.accounting.last_reads[:, 0])
+        greedy = logits.argmax(-1).tolist()  # one transfer for every greedy row
         for i, (r, s) in enumerate(self.rows):
-            self._emit(r, s, self._pick(logits[i:i + 1], r, s))
+            self._emit(r, s, greedy[i] if r.params.temperature == 0 else self._pick(logits[i:i + 1], r, s))
         self._leave([i for i, (_, s) in enumerate(self.rows) if s.finish_reason is not None])
 
     # -- steps' parts ---------------------------------------------------------------------------------
@@ -269,10 +272,10 @@ class Engine:
         self.cache = KVCache(self.model, self.policy)
 
     def _account(self, reads: torch.Tensor) -> None:
-        live = self.cache.live_tokens().float().mean((0, 2))
-        for i, (r, s) in enumerate(self.rows):
-            s.reads += float(reads[i])
-            s.peak_tokens = max(s.peak_tokens, float(live[i]))
+        live = self.cache.live_tokens().float().mean((0, 2)).tolist()
+        for (r, s), row_reads, row_live in zip(self.rows, reads.tolist(), live):
+            s.reads += row_reads
+            s.peak_tokens = max(s.peak_tokens, row_live)
             self.vanilla_reads_total += len(r.prompt_ids) + len(s.tokens)
         self.reads_total += float(reads.sum())
         self.rate_window.append((time.time(), len(self.rows)))
@@ -283,8 +286,14 @@ class Engine:
     def _emit(self, r: Request, s: Sequence, token: int) -> None:
         s.tokens.append(token)
         self.generated_total += 1
-        text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
-        delta, s.text = text[len(s.text):], text
+        # decode only the current line (a token's text can depend on its neighbours, not across a newline)
+        line = self.tokenizer.decode(s.tokens[s.line_start:], skip_special_tokens=True)
+        text = s.text_before_line + line
+        last = token == self.eos or len(s.tokens) >= r.params.max_tokens
+        shown = text if last else text.rstrip("\ufffd")  # a character split across tokens waits for its other bytes
+        delta, s.text = shown[len(s.text):], shown
+        if line.endswith("\n"):
+            s.line_start, s.text_before_line = len(s.tokens), text
         for stop in r.params.stop:
             at = s.text.find(stop)
             if at >= 0:
