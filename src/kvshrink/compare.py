@@ -27,8 +27,14 @@ def compare(model_a: str, model_b: str, text_file: Path, prompt_tokens: int = 10
         raise KVShrinkError(f"--text {text_file} not found")
     runs = {}
     prompt = None
+    if prompt_tokens < 1 or max_new_tokens < 1:
+        raise KVShrinkError(f"--prompt-tokens and --max-new-tokens must be >= 1 (got {prompt_tokens}, {max_new_tokens})")
+    vocab = None
     for name in (model_a, model_b):
         model, tok = load(name, device=device)
+        if vocab is not None and tok.get_vocab() != vocab:
+            raise KVShrinkError(f"{model_a} and {model_b} use different tokenizers; compare a model with its own DMS retrofit")
+        vocab = tok.get_vocab()
         if prompt is None:
             ids = tok(Path(text_file).read_text())["input_ids"]
             if len(ids) < 2:

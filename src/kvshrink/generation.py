@@ -66,6 +66,15 @@ def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = N
     return make_policy(name, dms_window=dms_window, cr=cr)
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise KVShrinkError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    if temperature < 0:
+        raise KVShrinkError(f"--temperature must be >= 0 (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise KVShrinkError(f"--top-p must be in (0, 1] (got {top_p})")
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(-1)
@@ -115,12 +124,7 @@ def generate_ids(
     group: consecutive sequences that sample one problem (W = group); per_sequence["group_peak_kv_tokens"]
     then holds each problem's peak of its samples' live tokens summed (SPEC 7).
     """
-    if max_new_tokens < 1:
-        raise KVShrinkError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
-    if temperature < 0:
-        raise KVShrinkError(f"--temperature must be >= 0 (got {temperature})")
-    if not 0 < top_p <= 1:
-        raise KVShrinkError(f"--top-p must be in (0, 1] (got {top_p})")
+    check_sampling(max_new_tokens, temperature, top_p)
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise KVShrinkError("empty prompt: give at least one token of text")
     if prefill_chunk < 1:

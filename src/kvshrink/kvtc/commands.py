@@ -21,7 +21,7 @@ from ..errors import KVShrinkError
 from ..generation import generate_ids
 from ..loading import load
 from ..policies import make_policy
-from ..tasks import TASKS, grade, make_problems
+from ..tasks import TASKS, answer_budget, grade, make_problems
 from ..prompts import chat_prompt, pad_token_id
 from ..train.text import pydoc_split
 from .cache_io import CacheState, cos_sin, export_cache, restore_cache
@@ -85,8 +85,8 @@ def evaluate(model_name, calibration_path, ratios, task: str, problems: int, see
     items = make_problems(task, problems, seed=seed, difficulty=difficulty)
     shots = _few_shot(tokenizer, task, prefix_tokens, seed, items[0].difficulty)
     prompts = [chat_prompt(tokenizer, shots + p.prompt) for p in items]
-    if max_new_tokens is None:  # room for twice the longest worked solution, as `kvshrink eval`
-        max_new_tokens = 16 + 2 * max(len(tokenizer(p.solution)["input_ids"]) for p in items)
+    if max_new_tokens is None:
+        max_new_tokens = answer_budget(tokenizer, items)
     eos = tokenizer.eos_token_id
     methods = {"vanilla": _vanilla, "int4": partial(_quantized, kind="int4"), "int2": partial(_quantized, kind="int2"),
                **{f"kvtc{cr:g}": partial(_kvtc, model=model, calib=calib, cr=cr) for cr in ratios}}

@@ -17,7 +17,8 @@ from collections.abc import Container
 import torch
 
 from ..cache import KVCache
-from ..generation import DEFAULT_PREFILL_CHUNK, GenerationResult, encode_prompts, prefill_row, resolve_policy, sample_next
+from ..generation import (DEFAULT_PREFILL_CHUNK, GenerationResult, check_sampling, encode_prompts, prefill_row,
+                          resolve_policy, sample_next)
 from ..policies.base import CachePolicy
 from .cache_io import export_cache, pack_cache, restore_cache, unpack_cache
 from .calibration import Calibration, ModelIdentity
@@ -54,6 +55,8 @@ def generate_with_prefix_store(model, tokenizer, prompts: str | list[str], store
     prefilling, decoding and storing (compress + write)."""
     pol = resolve_policy(model, policy, None, window)
     calibration.check(ModelIdentity.from_model(model))
+    calibration.plan(cr)  # an unplanned ratio fails now, not after the first prompt has been generated
+    check_sampling(max_new_tokens, temperature, top_p)
     prompts = [prompts] if isinstance(prompts, str) else prompts
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None

@@ -38,9 +38,14 @@ def make_problems(name: str, n: int, seed: int = 0, difficulty: int | None = Non
     return [mod.generate(random.Random(f"{name}/{seed}/{d}/{i}"), d) for i in range(first, first + n)]
 
 
+def answer_budget(tokenizer, problems: list[Problem]) -> int:
+    """Default generation length for a set of problems: room for twice the longest worked solution."""
+    return 16 + 2 * max(len(tokenizer(p.solution)["input_ids"]) for p in problems)
+
+
 def grade(problem: Problem, output: str) -> bool:
     """True when the answer after the last `Answer:` in `output` equals the problem's answer."""
     return extract_answer(output, problem.kind) == problem.answer
 
 
-__all__ = ["TASKS", "Problem", "make_problems", "grade", "task_module", "extract_answer"]
+__all__ = ["TASKS", "Problem", "answer_budget", "make_problems", "grade", "task_module", "extract_answer"]

@@ -13,7 +13,7 @@ from ..errors import KVShrinkError
 from ..progress import advance, progress_bar, stop
 from ..prompts import chat_prompt, pad_token_id
 from ..scaling import majority_vote
-from . import extract_answer, make_problems
+from . import answer_budget, extract_answer, make_problems
 
 
 def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = None, window: int | None = None,
@@ -30,8 +30,8 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
     if batch_size < 1:
         raise KVShrinkError(f"--batch-size must be >= 1 (got {batch_size})")
     items = make_problems(task, problems, seed=seed, difficulty=difficulty, first=first)
-    if max_new_tokens is None:  # room for twice the longest worked solution
-        max_new_tokens = 16 + 2 * max(len(tokenizer(p.solution)["input_ids"]) for p in items)
+    if max_new_tokens is None:
+        max_new_tokens = answer_budget(tokenizer, items)
     pol = resolve_policy(model, policy, cr, window)
     eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
     totals = {"kv_reads": 0.0, "vanilla_kv_reads": 0.0, "prefill_kv_reads": 0.0, "peak_kv_tokens": 0.0}
