@@ -171,10 +171,9 @@ class SlotLayer(CacheLayerMixin):
         self.live.masked_fill_(gone, False)
         self.bias.masked_fill_(gone, float("-inf"))
 
-    def gather(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values and a decode mask (B, Hkv, 1, n) holding only the `chosen` (B, Hkv, S) slots, so
-        that attention reads n slots instead of S (rows with fewer chosen slots are padded and masked)."""
-        n = int(chosen.sum(-1).max())
+    def gather(self, chosen: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and a decode mask (B, Hkv, 1, n) holding only the `chosen` (B, Hkv, S) slots, at most
+        n per row, so that attention reads n slots instead of S (rows with fewer are padded and masked)."""
         idx = chosen.to(self.keys.dtype).topk(n, dim=-1).indices  # chosen slots first, in any order
         picked = chosen.gather(-1, idx)
         keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
@@ -348,8 +347,8 @@ class KVCache(Cache):
         keys, values = layer.keys, layer.values
         selected = policy.select(layer, qg, valid) if Q == 1 else None
         if selected is not None:  # a read-selection policy (Quest): read only the chosen slots
-            chosen, extra_reads = selected
-            keys, values, mask = layer.gather(chosen)
+            chosen, extra_reads, most = selected
+            keys, values, mask = layer.gather(chosen, most)
             reads = chosen.sum(-1).sum(1, keepdim=True) + extra_reads[:, None]
         elif Q == 1:
             reads = layer.live.sum(-1).sum(1, keepdim=True)  # (B, 1): every live slot is read

@@ -47,9 +47,10 @@ class CachePolicy:
     def on_write(self, layer, k: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> None:
         """New keys k (B, Hkv, Q, D) were stored in `slots` (B, Hkv, Q): keep per-layer summaries current."""
 
-    def select(self, layer, q: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def select(self, layer, q: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """Decode only, read-selection policies: ((B, Hkv, S) bool slots this query reads, (B,) extra
-        reads its selection cost, e.g. page summaries). q: (B, Hkv, G, D). None: read every live slot."""
+        reads its selection cost (e.g. page summaries), a host-side upper bound on any row's chosen
+        slots). q: (B, Hkv, G, D). None: read every live slot."""
         return None
 
     def observe(self, layer, weights: torch.Tensor, valid: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ the paper.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ class QuestPolicy(BudgetPolicy):
     def on_write(self, layer, k, slots, valid) -> None:
         """Fold the new real keys into their pages' max/min (pages grow as positions do)."""
         pages = self._page_of(layer, layer.pos.gather(2, slots))  # (B, Hkv, Q)
-        grow = int(pages.max()) + 1 - layer.page_max.shape[2]
+        grow = layer.seen // self.page + 1 - layer.page_max.shape[2]  # a host bound on the pages written (no sync)
         if grow > 0:
             new_max = k.new_full((*k.shape[:2], grow, k.shape[3]), float("-inf"))
             layer.page_max = torch.cat([layer.page_max, new_max], 2)
@@ -57,13 +58,13 @@ class QuestPolicy(BudgetPolicy):
         current = self._page_of(layer, layer.pos.gather(2, layer.last_slot[..., None]))  # the query's own page
         score = score.scatter(2, current, float("inf"))
         pages_allowed = (self.budget(layer) // self.page).clamp(min=1)  # (B,)
-        k = min(int(pages_allowed.max()), score.shape[2])
+        k = min(max(1, math.ceil(layer.seen / self.cr) // self.page), score.shape[2])  # >= every row's allowance
         top = score.topk(k, dim=-1).indices
         allowed = (torch.arange(k, device=top.device) < pages_allowed[:, None, None]).expand_as(top)
         chosen_pages = torch.zeros_like(empty).scatter_(2, top, allowed)
         chosen = layer.live & chosen_pages.gather(2, self._page_of(layer, layer.pos).clamp(max=score.shape[2] - 1))
         summaries = 2 * (~empty).sum(-1).sum(1)  # the max and min vector of every non-empty page, over KV heads
-        return chosen, summaries.to(torch.float64)
+        return chosen, summaries.to(torch.float64), min(k * self.page, chosen.shape[2])
 
     def describe(self) -> dict:
         return {"policy": self.name, "cr": self.cr, "page": self.page}
