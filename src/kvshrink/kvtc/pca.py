@@ -15,6 +15,7 @@ import torch
 
 from .rope import undo_rope
 
+COVARIANCE_MAX_FEATURES = 16_384  # a float64 p x p covariance of 2 GiB
 
 def token_features(x: torch.Tensor) -> torch.Tensor:
     """(L, H, T, D) -> (T, L·H·D)."""
@@ -50,21 +51,34 @@ class PCABasis:
     components: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor, rank: int | None = None, niter: int = 8, seed: int = 0) -> PCABasis:
-        """x: (n, p) feature rows. Randomized SVD (Halko et al., as in the paper) when the rank cap is
-        well below min(n, p); exact SVD otherwise, where the randomized one would save nothing."""
-        x = x.float()
-        mean = x.mean(0)
-        centered = x - mean
-        rank = min(rank or min(x.shape), *x.shape)
-        if 2 * rank >= min(x.shape):
-            _, _, vh = torch.linalg.svd(centered, full_matrices=False)
-            components = vh[:rank].T
+    def fit(cls, x: torch.Tensor, rank: int | None = None, niter: int = 8, seed: int = 0, method: str = "auto",
+            chunk: int = 8192) -> PCABasis:
+        """x: (n, p) feature rows; neither method makes a centred copy of x (100K rows of a small model's
+        features are already gigabytes).
+
+        covariance: exact PCA, the eigenvectors of the p x p covariance accumulated in float64 over row
+          chunks; the default while p <= COVARIANCE_MAX_FEATURES (then it is also the cheaper one).
+        randomized: randomized SVD (Halko et al., as in the paper) of the implicitly centred rows, for
+          larger p with a rank cap (paper: 8-10K)."""
+        n, p = x.shape
+        rank = min(rank or min(n, p), n, p)
+        if method == "auto":
+            method = "covariance" if p <= COVARIANCE_MAX_FEATURES else "randomized"
+        if method not in ("covariance", "randomized"):
+            raise ValueError(f"PCA method must be covariance or randomized (got {method!r})")
+        mean = sum(x[i:i + chunk].double().sum(0) for i in range(0, n, chunk)) / n
+        if method == "covariance":
+            cov = torch.zeros(p, p, dtype=torch.float64)
+            for i in range(0, n, chunk):
+                rows = x[i:i + chunk].float() - mean.float()
+                cov += (rows.T @ rows).double()
+            _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+            components = vectors.flip(1)[:, :rank].float()
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                _, _, components = torch.svd_lowrank(centered, q=rank, niter=niter)
-        return cls(mean, components.contiguous())
+                _, _, components = torch.svd_lowrank(x.float(), q=rank, niter=niter, M=mean.float()[None])
+        return cls(mean.float(), components.contiguous())
 
     @property
     def rank(self) -> int:
