@@ -70,15 +70,18 @@ class PCABasis:
         if method == "covariance":
             cov = torch.zeros(p, p, dtype=torch.float64)
             for i in range(0, n, chunk):
-                rows = x[i:i + chunk].float() - mean.float()
-                cov += (rows.T @ rows).double()
+                rows = x[i:i + chunk].double() - mean  # float64: squaring in float32 would blur the small components
+                cov += rows.T @ rows
             _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
             components = vectors.flip(1)[:, :rank].float()
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 _, _, components = torch.svd_lowrank(x.float(), q=rank, niter=niter, M=mean.float()[None])
-        return cls(mean.float(), components.contiguous())
+        # eigen/singular vectors have no sign of their own; fix one (sklearn's svd_flip: each component's
+        # largest loading positive) so that both methods, and every BLAS, give the same basis
+        flip = torch.sign(components.gather(0, components.abs().argmax(0, keepdim=True)))
+        return cls(mean.float(), (components * flip).contiguous())
 
     @property
     def rank(self) -> int:
