@@ -276,7 +276,7 @@ def zoo_finetune(
     tasks: str = typer.Option("arith,vt,niah,hops", help="comma-separated task mixture"),
     steps: int = typer.Option(600, help="optimizer steps"),
     batch_size: int = typer.Option(4, help="problems per step"),
-    lr: float = typer.Option(5e-4, help="AdamW learning rate (after --warmup linear steps)"),
+    lr: float = typer.Option(5e-4, help="AdamW peak learning rate: linear warm-up over --warmup steps, then cosine decay to a tenth"),
     warmup: int = typer.Option(20, help="linear warm-up steps"),
     lora_r: int = typer.Option(16, help="LoRA rank"),
     lora_alpha: int = typer.Option(32, help="LoRA alpha"),

@@ -11,6 +11,7 @@ seeds), mixing the tasks and a range of difficulties around each default, so con
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -79,6 +80,12 @@ def training_example(cfg: FinetuneConfig, index: int, tokenizer) -> tuple[list[i
     raise KVShrinkError(f"almost no {cfg.tasks} problem fits --max-context {cfg.max_context} tokens; raise it (e.g. 1024)")
 
 
+def learning_rate(cfg: FinetuneConfig, step: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to a tenth of `lr` at the last step."""
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    return cfg.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, cfg.steps - 1))))
+
+
 def accumulate_step(model, examples: list[tuple[list[int], list[int]]], device) -> tuple[float, float]:
     """Backpropagate the step's mean cross-entropy over every scored token, one sequence at a time: no
     padding (a padded position costs as much as a real one) and the same gradient as one padded batch.
@@ -131,7 +138,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     bar = progress_bar(progress, "finetune", cfg.steps, start)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         examples = [training_example(cfg, step * cfg.batch_size + j, tokenizer) for j in range(cfg.batch_size)]
