@@ -227,6 +227,24 @@ def test_codec_zlib_fallback_decodes_the_same(calib, source, rope, monkeypatch):
             decompress(default_blob, calib, cos, sin)
 
 
+def test_codec_bf16_and_fp32_matmuls_agree(calib, source, rope, monkeypatch):
+    """Where the CPU multiplies bfloat16 natively, the codec's matmuls run in it (all but size-1 groups);
+    the fp32 path taken elsewhere writes the same format, each decodes the other's blobs, and bf16 costs
+    next to nothing in accuracy."""
+    cos, sin = rope
+    keys, values = source.cache(cos, sin)
+    middle = slice(4, T - 128)
+    blobs, errors = {}, {}
+    for bf16 in (False, True):
+        monkeypatch.setattr(codec, "BF16_MATMUL", bf16)
+        blobs[bf16] = compress(keys, values, calib, 16, cos, sin)
+        out = decompress(blobs[bf16], calib, cos, sin)
+        errors[bf16] = (_rel_error(keys, out.keys, middle), _rel_error(values, out.values, middle))
+    crossed = decompress(blobs[False], calib, cos, sin)  # an fp32 blob, decoded with bf16
+    assert _rel_error(keys, crossed.keys, middle) < 1.01 * errors[False][0]
+    assert all(b < 1.01 * f for b, f in zip(errors[True], errors[False]))
+
+
 def test_codec_short_cache_has_no_middle(calib, source, rope):
     cos, sin = rope
     keys, values = source.cache(cos, sin)

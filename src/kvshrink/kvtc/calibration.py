@@ -96,6 +96,12 @@ class Calibration:
             raise KVTCFormatError(f"KVTC calibration does not match the model: fitted for {self.identity}, model has {identity}")
 
     @cached_property
+    def codec_tables(self) -> dict:
+        """Scratch space where the codec keeps what it derives per plan (matmul-ready basis rows); built on
+        first use, never saved or digested."""
+        return {}
+
+    @cached_property
     def digest(self) -> bytes:
         """8 bytes naming this exact calibration, written into every blob so a blob is decoded only with it."""
         meta = self._metadata()

@@ -26,9 +26,10 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP16_MAX, FP16_MAX).half()
 
 
-def quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: (..., s) fp32, one group per vector along the last dim -> codes (..., s) uint8, shift, scale (...) fp16."""
-    lo, hi = x.amin(-1), x.amax(-1)
+def quantize(x: torch.Tensor, kind: str, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: fp32, one group per vector along `dim` -> codes (x's shape) uint8, shift, scale (x's shape without
+    `dim`) fp16. The codec quantizes along dim 1 of (groups, size, tokens), its storage order."""
+    lo, hi = x.amin(dim), x.amax(dim)
     if kind == "fp8":
         shift = _fp16((lo + hi) / 2)
         scale = _fp16(torch.maximum(hi - shift.float(), shift.float() - lo) / FP8_MAX)
@@ -36,17 +37,17 @@ def quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, to
         shift = _fp16(lo)
         scale = _fp16((hi - lo) / (2 ** BITS[kind] - 1))
     scale = scale.masked_fill(scale == 0, 1.0)
-    y = (x - shift.float()[..., None]) / scale.float()[..., None]
+    y = (x - shift.float().unsqueeze(dim)).div_(scale.float().unsqueeze(dim))
     if kind == "fp8":
-        codes = y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+        codes = y.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     else:
-        codes = y.round().clamp(0, 2 ** BITS[kind] - 1).to(torch.uint8)
+        codes = y.round_().clamp_(0, 2 ** BITS[kind] - 1).to(torch.uint8)
     return codes, shift, scale
 
 
-def dequantize(codes: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, kind: str, dim: int = -1) -> torch.Tensor:
     q = codes.view(torch.float8_e4m3fn).float() if kind == "fp8" else codes.float()
-    return q * scale.float()[..., None] + shift.float()[..., None]
+    return q.mul_(scale.float().unsqueeze(dim)).add_(shift.float().unsqueeze(dim))
 
 
 def fake_quant(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -55,21 +56,30 @@ def fake_quant(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def pack(codes: torch.Tensor, kind: str) -> bytes:
-    """Codes (any shape, uint8, each < 2^bits) -> bytes, 8/bits codes per byte, LSB first."""
+    """Codes (any shape, uint8, each < 2^bits) -> bytes, 8/bits codes per byte, LSB first.
+
+    One OR per field over strided columns: a sum over the short last dim is a slow reduction in torch."""
     bits = BITS[kind]
     per = 8 // bits
     flat = codes.reshape(-1)
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % per)]).view(-1, per)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
-    return (flat << shifts).sum(1, dtype=torch.uint8).numpy().tobytes()  # the shifted fields do not overlap
+    if flat.numel() % per:
+        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % per)])
+    fields = flat.view(-1, per)
+    out = fields[:, 0].clone()
+    for k in range(1, per):
+        out |= fields[:, k] << (k * bits)  # the shifted fields do not overlap
+    return out.numpy().tobytes()
 
 
 def unpack(buf: bytes, kind: str, count: int) -> torch.Tensor:
     """Inverse of `pack`: the first `count` codes, flat uint8."""
     bits = BITS[kind]
+    per = 8 // bits
     packed = from_bytes(buf, torch.uint8, (-1,))
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
-    return ((packed[:, None] >> shifts) & (2 ** bits - 1)).reshape(-1)[:count]
+    out = torch.empty(packed.numel(), per, dtype=torch.uint8)
+    for k in range(per):
+        torch.bitwise_and(packed >> (k * bits), 2 ** bits - 1, out=out[:, k])
+    return out.view(-1)[:count]
 
 
 def packed_bytes(count: int, kind: str) -> int:
