@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from kvshrink.dms.attach import dms_config  # noqa: E402
 from kvshrink.tasks import TASKS, make_problems  # noqa: E402
+from kvshrink.zoo import MODELS_DIR  # noqa: E402
+from kvshrink.zoo.cards import set_accuracy  # noqa: E402
 from kvshrink.prompts import chat_prompt  # noqa: E402
 from kvshrink.tasks.evaluate import evaluate  # noqa: E402
 from shared import Records, binomial_ci, load_entries, paired_ci  # noqa: E402
@@ -94,6 +96,8 @@ def report(rec: Records, args, out_md: Path, command: str) -> None:
              "| task | difficulty | model | problems | accuracy | vs " + ref_name + " (paired) | bar | reads-based CR | "
              "flag-based CR | kv_reads | peak KV tokens | s/problem |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = lines[-2:]
+    card_rows: dict[str, list[str]] = {}
     fig, axes = plt.subplots(1, len(args.tasks), figsize=(4 * len(args.tasks), 3.6), squeeze=False)
     for task, difficulty, _ in settings(args):
         part = f"{task}/{difficulty}"
@@ -126,6 +130,7 @@ def report(rec: Records, args, out_md: Path, command: str) -> None:
             lines.append(f"| {task} | {difficulty} | {name} | {n} | {100 * k / n:.1f}% ± {binomial_ci(k, n):.1f} | {diff} | {bar} | "
                          f"{reads_cr:.2f} | {flag_cr} | {mean('kv_reads'):,.0f} | {mean('peak_kv_tokens'):,.0f} | "
                          f"{sum(r['seconds'] for r in rows) / n:.2f} |")
+            card_rows.setdefault(name, []).append(lines[-1])
             if difficulty == TASKS[task].DEFAULT_DIFFICULTY:
                 xs.append(mean("kv_reads"))
                 ys.append(100 * k / n)
@@ -143,6 +148,13 @@ def report(rec: Records, args, out_md: Path, command: str) -> None:
     lines += ["", f"![accuracy vs KV reads]({png.name})", ""]
     out_md.write_text("\n".join(lines))
     print(f"wrote {out_md}")
+    if args.cards:  # each shipped model's card gets its own rows
+        for name, rows in card_rows.items():
+            card = MODELS_DIR / name / "README.md"
+            if card.is_file():
+                set_accuracy(card, "\n".join([f"Held-out problems, greedy: `{command}` (full table: docs/results/zoo.md).", "",
+                                               *header, *rows]))
+                print(f"updated {card}")
 
 
 def main():
@@ -159,6 +171,7 @@ def main():
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new batches after this long")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "zoo.md")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--cards", action="store_true", help="also write each shipped model's rows into its model card")
     args = parser.parse_args()
     args.hard = {**HARD, **{k: int(v) for k, v in (x.split("=") for x in args.hard)}}
     rec = Records(args.work / "records.jsonl")

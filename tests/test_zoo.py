@@ -28,7 +28,18 @@ def test_lora_manifest_loads_merged_and_equals_peft(models_dir, tmp_path_factory
                                                  init_lora_weights=False)).eval()
     run = tmp_path_factory.mktemp("run")
     peft_model.save_pretrained(str(run / "lora"))
+    from dataclasses import asdict
+
+    from kvshrink.zoo.finetune import FinetuneConfig
+    (run / "finetune.json").write_text(json.dumps({**asdict(FinetuneConfig(out=str(run), steps=2)), "device_name": "CPU"}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5, "answer_token_accuracy": 0.9, "seconds": 7.0}) + "\n"
+                                               for s in (1, 2)))
     zoo.pack_lora(run, models_dir / "lora-test", base="smollm2")
+    card = (models_dir / "lora-test" / "README.md").read_text()  # written from the run's own settings
+    assert "--steps 2" in card and "--pack lora-test" in card and "2 of 2" in card and "(7.0 s/step) on CPU" in card
+    shipped = [(models_dir / "lora-test" / f).read_text() for f in ("finetune.json", "lora/adapter_config.json")]
+    assert all(str(run) not in text for text in shipped)  # no machine paths ship
+    assert json.loads(shipped[1])["base_model_name_or_path"] == "smollm2"
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import KVShrinkError
+from .cards import finetune_card, retrofit_card
 from .smollm2 import SMOLLM2, smollm2_folder
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -53,6 +54,8 @@ def pack_adapter(run_dir: Path, dest: Path, base: str) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(dest / "dms_adapter.safetensors"))
     _write_manifest(run_dir, dest, {"base": base, "dms": cfg.as_dict()}, ("metrics.jsonl", "retrofit.json"))
+    if (Path(run_dir) / "retrofit.json").is_file():
+        (dest / "README.md").write_text(retrofit_card(dest.name, Path(run_dir), base))
     return dest
 
 
@@ -63,16 +66,22 @@ def pack_lora(run_dir: Path, dest: Path, base: str) -> Path:
         raise KVShrinkError(f"{run_dir} has no finished LoRA adapter (lora/adapter_config.json); finish or resume the run")
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src, dest / "lora", dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md"))  # peft boilerplate
+    adapter_config = json.loads((dest / "lora" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = base  # not the folder it happened to load from
+    (dest / "lora" / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     _write_manifest(run_dir, dest, {"base": base, "lora": "lora"}, ("metrics.jsonl", "finetune.json"))
+    if (Path(run_dir) / "finetune.json").is_file():
+        (dest / "README.md").write_text(finetune_card(dest.name, Path(run_dir)))
     return dest
 
 
 def _write_manifest(run_dir: Path, dest: Path, manifest: dict, extras: tuple[str, ...]) -> None:
     """The manifest, plus the run's metrics and settings for the model card."""
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    runs = str(Path(run_dir).resolve().parent) + "/"
     for extra in extras:
-        if (Path(run_dir) / extra).exists():
-            shutil.copy(Path(run_dir) / extra, dest / extra)
+        if (Path(run_dir) / extra).exists():  # the run's own folder paths, as seen from a runs/ folder
+            (dest / extra).write_text((Path(run_dir) / extra).read_text().replace(runs, "runs/"))
 
 
 __all__ = ["BASES", "MANIFEST", "MODELS_DIR", "SMOLLM2", "adapter_names", "adapter_spec", "pack_adapter", "pack_lora", "shipped_names", "smollm2_folder"]

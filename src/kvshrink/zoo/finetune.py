@@ -129,7 +129,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         optimizer.load_state_dict(opt_state)
         start = state["step"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune.json").write_text(json.dumps(asdict(cfg), indent=1))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    (out / "finetune.json").write_text(json.dumps({**asdict(cfg), "device_name": device_name}, indent=1))
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
         keep_jsonl(metrics_path, lambda row: row["step"] <= start)

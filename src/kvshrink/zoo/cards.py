@@ -1,0 +1,86 @@
+"""Model cards for packed adapters, written from the run's own settings and metrics (never by hand), so
+that the command, data, steps, learning rate, wall time and device they state are the ones that ran.
+Accuracy tables are added by `benchmarks/zoo_eval.py --cards` under the `## Accuracy` heading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ACCURACY = "## Accuracy"
+
+
+def _run(run_dir: Path, settings: str) -> tuple[dict, list[dict]]:
+    from ..jsonl import read_jsonl
+
+    return json.loads((run_dir / settings).read_text()), read_jsonl(run_dir / "metrics.jsonl")
+
+
+def _timing(metrics: list[dict], device: str) -> str:
+    seconds = sum(m["seconds"] for m in metrics)
+    return f"{seconds / 60:.1f} min of training steps ({seconds / max(1, len(metrics)):.1f} s/step) on {device}"
+
+
+def finetune_card(name: str, run_dir: Path) -> str:
+    from .finetune import DIFFICULTIES
+
+    cfg, metrics = _run(run_dir, "finetune.json")
+    tasks = cfg["tasks"].split(",")
+    mixture = ", ".join(f"`{t}` difficulty {DIFFICULTIES[t][0]}-{DIFFICULTIES[t][1]}" for t in tasks)
+    last = metrics[-1] if metrics else {}
+    return f"""# {name}
+
+{cfg["base"]} + one LoRA adapter (r = {cfg["lora_r"]}, alpha = {cfg["lora_alpha"]}, on every attention and MLP projection),
+fine-tuned on the synthetic tasks. This folder holds the adapter only; `kvshrink.load("{name}")` merges it into the base.
+
+## How it was made
+
+    kvshrink zoo finetune --out runs/zoo/{name} --tasks {cfg["tasks"]} --steps {cfg["steps"]} --batch-size {cfg["batch_size"]} \\
+        --lr {cfg["lr"]:g} --warmup {cfg["warmup"]} --lora-r {cfg["lora_r"]} --lora-alpha {cfg["lora_alpha"]} \\
+        --max-context {cfg["max_context"]} --seed {cfg["seed"]} --pack {name}
+
+Data: {cfg["batch_size"]} fresh problems a step (never repeated, never an evaluation seed), the task drawn
+uniformly from {len(tasks)} and the difficulty uniformly in its range ({mixture}), each at most
+{cfg["max_context"]} tokens through the chat template; loss on the worked solution and end-of-turn token only.
+Steps: {len(metrics)} of {cfg["steps"]}; AdamW, peak lr {cfg["lr"]:g}, {cfg["warmup"]} warm-up steps, cosine decay to a tenth.
+Trained: {_timing(metrics, cfg.get("device_name", cfg["device"]))}.
+Last step: loss {last.get("loss", float("nan")):.4f}, answer-token accuracy {last.get("answer_token_accuracy", float("nan")):.3f}.
+
+{ACCURACY}
+
+Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
+"""
+
+
+def retrofit_card(name: str, run_dir: Path, base: str) -> str:
+    cfg, metrics = _run(run_dir, "retrofit.json")
+    last = metrics[-1] if metrics else {}
+    return f"""# {name}
+
+`{base}` + a DMS eviction adapter (the release recipe: base frozen, only `dms_proj_alpha_norm` +
+`dms_proj_alpha` train), target compression ratio {cfg["target_cr"]:g}, delayed-eviction window w = {cfg["window"]}.
+This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{name}")` applies them.
+
+## How it was made
+
+    kvshrink zoo retrofit {base} --out runs/zoo/{name} --target-cr {cfg["target_cr"]:g} --window {cfg["window"]} \\
+        --steps {cfg["steps"]} --data {cfg["data"]} --seq-len {cfg["seq_len"]} --batch-size {cfg["batch_size"]} \\
+        --lr {cfg["lr"]:g} --pack {name}
+
+Data: `{base}`'s own sampled answers (temperature 1) to training-seed problems ({cfg["data"]}), packed into
+{cfg["seq_len"]}-token blocks. Loss: KL(student || teacher) + the one-sided compression loss, the CR target
+ramped from 1 over {cfg.get("ramp_steps") or int(0.8 * cfg["steps"])} steps, then held.
+Steps: {len(metrics)} of {cfg["steps"]}, AdamW lr {cfg["lr"]:g}. Trained: {_timing(metrics, cfg["device"])}.
+Last step: KL {last.get("kl", float("nan")):.4f}, flag-based CR {last.get("flag_cr", float("nan")):.2f}.
+
+{ACCURACY}
+
+Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
+"""
+
+
+def set_accuracy(card: Path, table: str) -> None:
+    """Replace everything under the card's accuracy heading with `table`."""
+    text = card.read_text()
+    head = text.split(ACCURACY)[0] if ACCURACY in text else text.rstrip("\n") + "\n\n"
+    card.write_text(f"{head}{ACCURACY}\n\n{table.strip()}\n")
