@@ -195,8 +195,9 @@ def kv_head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def kv_bytes_per_token(config, itemsize: int) -> int:
-    """Bytes one token's keys and values take over every layer and KV head."""
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token's keys and values take over every layer and KV head, in the model's dtype."""
+    config, itemsize = model.config, next(model.parameters()).element_size()
     return 2 * config.num_hidden_layers * config.num_key_value_heads * kv_head_dim(config) * itemsize
 
 

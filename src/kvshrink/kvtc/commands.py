@@ -18,17 +18,16 @@ import torch
 
 from ..cache import KVCache
 from ..errors import KVShrinkError
-from ..generation import generate_ids
+from ..generation import generate_ids, prefill_row
 from ..loading import load
 from ..policies import make_policy
-from ..tasks import TASKS, answer_budget, grade, make_problems
 from ..prompts import chat_prompt, pad_token_id
+from ..tasks import TASKS, answer_budget, grade, make_problems
 from ..train.text import pydoc_split
 from .cache_io import CacheState, cos_sin, export_cache, restore_cache
 from .calibration import Calibration, ModelIdentity
 from .codec import SINKS, WINDOW, blob_stats, compress, decompress
 from .pca import cache_features
-from ..generation import prefill_row
 from .prefix import decode
 from .quant import BITS, GROUP_OVERHEAD_BITS, fake_quant
 

@@ -24,8 +24,7 @@ def build_engine(model, tokenizer, policy: str | None = None, cr: float | None =
         expected, window = getattr(pol, "cr", 1.0), (pol.prefill_chunk or 0)  # a prefill chunk is held whole before eviction
     if (budget_tokens is None) == (budget_mb is None):
         raise KVShrinkError("give exactly one of --kv-budget-tokens or --kv-budget-mb")
-    itemsize = next(model.parameters()).element_size()
-    budget = budget_tokens if budget_tokens is not None else int(budget_mb * 2**20 // kv_bytes_per_token(model.config, itemsize))
+    budget = budget_tokens if budget_tokens is not None else int(budget_mb * 2**20 // kv_bytes_per_token(model))
     if budget < 1:
         raise KVShrinkError(f"the KV budget must hold at least one token (got {budget})")
     return Engine(model, tokenizer, pol, budget_tokens=budget, max_batch=max_batch, expected_cr=expected, window=window)

@@ -19,8 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import KVShrinkError
-from ..scaling import majority_vote
 from ..prompts import chat_prompt
+from ..scaling import majority_vote
 from .engine import Engine, SamplingParams
 
 

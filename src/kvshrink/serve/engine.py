@@ -88,7 +88,7 @@ class Engine:
         self.budget, self.max_batch = budget_tokens, max_batch
         self.expected_cr, self.window = expected_cr, window
         self.device = next(model.parameters()).device
-        self.itemsize = next(model.parameters()).element_size()
+        self.bytes_per_token = kv_bytes_per_token(model)
         self.eos = tokenizer.eos_token_id
         self.cache = KVCache(model, policy)
         self.rows: list[tuple[Request, Sequence]] = []  # running, in cache row order
@@ -148,7 +148,7 @@ class Engine:
         recent = [(t, n) for t, n in self.rate_window if now - t < 10]
         rate = sum(n for _, n in recent[1:]) / max(1e-9, recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
         live = self.live_tokens()
-        self.snapshot = {"live_kv_tokens": live, "live_kv_bytes": live * kv_bytes_per_token(self.model.config, self.itemsize), "budget_kv_tokens": self.budget,
+        self.snapshot = {"live_kv_tokens": live, "live_kv_bytes": live * self.bytes_per_token, "budget_kv_tokens": self.budget,
                          "running_requests": len({id(r) for r, _ in self.rows}), "running_sequences": len(self.rows),
                          "generated_tokens_per_second": rate, "generated_tokens_total": self.generated_total,
                          "compression_ratio": self.vanilla_reads_total / self.reads_total if self.reads_total else 1.0}
@@ -289,8 +289,8 @@ class Engine:
         # decode only the current line (a token's text can depend on its neighbours, not across a newline)
         line = self.tokenizer.decode(s.tokens[s.line_start:], skip_special_tokens=True)
         text = s.text_before_line + line
-        last = token == self.eos or len(s.tokens) >= r.params.max_tokens
-        shown = text if last else text.rstrip("\ufffd")  # a character split across tokens waits for its other bytes
+        ends = "stop" if token == self.eos else "length" if len(s.tokens) >= r.params.max_tokens else None
+        shown = text if ends else text.rstrip("\ufffd")  # a character split across tokens waits for its other bytes
         delta, s.text = shown[len(s.text):], shown
         if line.endswith("\n"):
             s.line_start, s.text_before_line = len(s.tokens), text
@@ -299,10 +299,7 @@ class Engine:
             if at >= 0:
                 delta = delta[: max(0, len(delta) - (len(s.text) - at))]
                 s.text, s.finish_reason = s.text[:at], "stop"
-        if s.finish_reason is None and (token == self.eos):
-            s.finish_reason = "stop"
-        elif s.finish_reason is None and len(s.tokens) >= r.params.max_tokens:
-            s.finish_reason = "length"
+        s.finish_reason = s.finish_reason or ends
         r.on_event({"index": s.index, "delta": delta, "finish_reason": s.finish_reason})
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
