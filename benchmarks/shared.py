@@ -21,13 +21,13 @@ class Entry:
     policy: CachePolicy
 
 
-def load_entries(names: list[str], device, always: tuple[str, ...] = ()) -> tuple[dict[str, Entry], object]:
+def load_entries(names: list[str], device, always: tuple[str, ...] = (), dtype: str = "auto") -> tuple[dict[str, Entry], object]:
     """Entries for `always` + `names`, each distinct model loaded once; returns them and the tokenizer."""
     models, entries, tok = {}, {}, None
     for name in [*always, *names]:
         model_name, _, spec = name.partition("@")
         if model_name not in models:
-            models[model_name], tok = kvshrink.load(model_name, device=device)
+            models[model_name], tok = kvshrink.load(model_name, device=device, dtype=dtype)
         model = models[model_name]
         if spec:
             policy_name, _, cr = spec.partition(":")

@@ -1,7 +1,9 @@
 """Vanilla SmolLM2-135M-Instruct vs its DMS retrofits on held-out Python-docs text (never trained on).
 
     python benchmarks/smollm2_eval.py --models smollm2-dms4 smollm2-dms8 [--work runs/smollm2-eval]
-        [--parts ppl agree passkey speed] [--device cpu] [--max-minutes M]
+        [--parts ppl agree passkey speed] [--contexts 1024 2048] [--dtype bfloat16] [--device cpu] [--max-minutes M]
+
+(RUNS below lists the invocations behind docs/results/smollm2.md.)
 
 Every result is appended to WORK/records.jsonl as soon as it exists, keyed by (part, model, item), so an
 interrupted or time-limited run continues where it stopped and the passkey trials can be split across
@@ -50,6 +52,10 @@ PASSKEY_TRIALS = {1024: 100, 2048: 100, 4096: 30, 8192: 30}
 PASSKEY_NEW = 32
 AGREE_PROMPTS, AGREE_LEN, AGREE_NEW = 100, 512, 128
 SPEED_PROMPT, SPEED_NEW = 8128, 64  # positions 0 .. 8191: SmolLM2's whole context
+# how docs/results/smollm2.md is made: teacher forcing and agreement in fp32 (exact comparisons), passkey and
+# speed in bf16 (the serving dtype; ~2x faster prefill on CPUs with AVX512-BF16)
+RUNS = ["--parts passkey --contexts 1024 2048 --dtype bfloat16", "--parts ppl agree --dtype float32",
+        "--parts speed --dtype bfloat16", "--parts passkey --contexts 4096 8192 --dtype bfloat16"]
 
 
 # -- items -----------------------------------------------------------------------------------------------
@@ -202,7 +208,8 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
     import matplotlib.pyplot as plt
 
     lines = ["# SmolLM2-135M-Instruct: vanilla vs DMS retrofits on held-out text", "",
-             f"Command: `{command}`", "",
+             "Commands (each resumable; run in this order, then the report is rewritten from all records):", "",
+             *[f"    {command} {run}" for run in RUNS], "",
              "Held-out text: odd-indexed topics of CPython's `pydoc_data.topics` (`kvshrink.train.text`), never seen in "
              "training. Vanilla is the base model with no eviction.", ""]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -314,6 +321,7 @@ def main():
     parser.add_argument("--parts", nargs="+", default=["ppl", "agree", "passkey", "speed"])
     parser.add_argument("--contexts", type=int, nargs="+", default=list(PASSKEY_TRIALS))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="weights and cache dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--agree-batch", type=int, default=25)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new items after this long")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "smollm2.md")
@@ -325,7 +333,7 @@ def main():
     command = "python benchmarks/smollm2_eval.py --models " + " ".join(args.models)
     if not args.report_only:
         deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
-        entries, tok = load_entries(args.models, args.device, always=(VANILLA,))
+        entries, tok = load_entries(args.models, args.device, always=(VANILLA,), dtype=args.dtype)
         device = next(entries[VANILLA].model.parameters()).device
         _, held = pydoc_split()
         held_ids = tok(held)["input_ids"]

@@ -287,6 +287,7 @@ def zoo_finetune(
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
     pack: Optional[str] = typer.Option(None, help="when finished, ship the adapter under this name (e.g. tiny)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast with fp32 master weights (GPUs; CPUs with AVX512-BF16 gain ~1.5x)"),
 ):
     """LoRA fine-tune on the synthetic tasks (loss on worked solutions only), resumable."""
     from .zoo import MODELS_DIR, pack_lora
@@ -294,7 +295,7 @@ def zoo_finetune(
 
     cfg = FinetuneConfig(out=str(out), base=base, tasks=tasks, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                          lora_r=lora_r, lora_alpha=lora_alpha, max_context=max_context, save_every=save_every, seed=seed,
-                         max_minutes=max_minutes, resume=resume, device=device)
+                         max_minutes=max_minutes, resume=resume, device=device, bf16=bf16)
     last = finetune(cfg)
     if pack and last.get("step") == steps:
         print(pack_lora(out, MODELS_DIR / pack, base=base))

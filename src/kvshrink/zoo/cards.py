@@ -37,12 +37,13 @@ fine-tuned on the synthetic tasks. This folder holds the adapter only; `kvshrink
 
     kvshrink zoo finetune --out runs/zoo/{name} --tasks {cfg["tasks"]} --steps {cfg["steps"]} --batch-size {cfg["batch_size"]} \\
         --lr {cfg["lr"]:g} --warmup {cfg["warmup"]} --lora-r {cfg["lora_r"]} --lora-alpha {cfg["lora_alpha"]} \\
-        --max-context {cfg["max_context"]} --seed {cfg["seed"]} --pack {name}
+        --max-context {cfg["max_context"]} --seed {cfg["seed"]}{" --bf16" if cfg.get("bf16") else ""} --pack {name}
 
 Data: {cfg["batch_size"]} fresh problems a step (never repeated, never an evaluation seed), the task drawn
 uniformly from {len(tasks)} and the difficulty uniformly in its range ({mixture}), each at most
 {cfg["max_context"]} tokens through the chat template; loss on the worked solution and end-of-turn token only.
-Steps: {len(metrics)} of {cfg["steps"]}; AdamW, peak lr {cfg["lr"]:g}, {cfg["warmup"]} warm-up steps, cosine decay to a tenth.
+Steps: {len(metrics)} of {cfg["steps"]}; AdamW, peak lr {cfg["lr"]:g}, {cfg["warmup"]} warm-up steps, cosine decay to a tenth;
+{"bf16 autocast with fp32 master weights" if cfg.get("bf16") else "fp32"}.
 Trained: {_timing(metrics, cfg.get("device_name", cfg["device"]))}.
 Last step: loss {last.get("loss", float("nan")):.4f}, answer-token accuracy {last.get("answer_token_accuracy", float("nan")):.3f}.
 

@@ -47,6 +47,7 @@ class FinetuneConfig:
     max_minutes: float | None = None
     resume: bool = False
     device: str = "auto"
+    bf16: bool = False  # bf16 autocast (fp32 master weights): ~1.5x faster on CPUs with AVX512-BF16, standard on GPUs
 
     def __post_init__(self):
         from ..tasks import task_module
@@ -86,7 +87,7 @@ def learning_rate(cfg: FinetuneConfig, step: int) -> float:
     return cfg.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, cfg.steps - 1))))
 
 
-def accumulate_step(model, examples: list[tuple[list[int], list[int]]], device) -> tuple[float, float]:
+def accumulate_step(model, examples: list[tuple[list[int], list[int]]], device, bf16: bool = False) -> tuple[float, float]:
     """Backpropagate the step's mean cross-entropy over every scored token, one sequence at a time: no
     padding (a padded position costs as much as a real one) and the same gradient as one padded batch.
     Returns (loss, answer-token accuracy)."""
@@ -94,7 +95,8 @@ def accumulate_step(model, examples: list[tuple[list[int], list[int]]], device) 
     loss_sum, hits = 0.0, 0
     for ids, labels in examples:
         target = torch.tensor(labels[1:], device=device)
-        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, :-1].float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, :-1].float()
         loss = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum") / scored
         loss.backward()
         loss_sum += float(loss.detach())
@@ -143,7 +145,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         examples = [training_example(cfg, step * cfg.batch_size + j, tokenizer) for j in range(cfg.batch_size)]
-        loss, token_acc = accumulate_step(model, examples, device)
+        loss, token_acc = accumulate_step(model, examples, device, cfg.bf16)
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
