@@ -101,3 +101,6 @@ def test_finetune_step_equals_one_padded_batch():
     for g, p in zip(mine, params):
         assert (g - p.grad).abs().max() <= 1e-4 * p.grad.abs().max() + 1e-9
     assert 0.0 < acc <= 1.0
+    model.zero_grad(set_to_none=True)
+    loss_bf16, _ = accumulate_step(model, examples, "cpu", bf16=True)  # --bf16: the same objective, bf16 matmuls
+    assert abs(loss_bf16 - ref.item()) < 0.03 * ref.item(), (loss_bf16, ref.item())

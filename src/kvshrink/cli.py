@@ -18,6 +18,10 @@ from .errors import KVShrinkError, check_cr, check_window
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Shrink the KV cache of Hugging Face decoders.")
 
 
+# training in bf16 autocast with fp32 master weights (retrofits always use it on CUDA)
+BF16_OPTION = typer.Option(False, "--bf16", help="bf16 autocast, fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16")
+
+
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="a shipped name (e.g. smollm2-dms8) or a local model folder"),
@@ -142,6 +146,7 @@ def retrofit(
     fsdp: bool = typer.Option(False, help="shard weights, gradients and optimizer state with FSDP2 instead of DDP (under accelerate launch)"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    bf16: bool = BF16_OPTION,
 ):
     """Retrofit DMS into a model by distilling from itself (KL + compression loss, CR ramped up).
 
@@ -152,7 +157,7 @@ def retrofit(
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, train=train,
                          decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, ramp_steps=ramp_steps, save_every=save_every,
-                         seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device)
+                         seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device, bf16=bf16)
     last = run(cfg)
     if last and os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
         print(json.dumps(last))
@@ -287,7 +292,7 @@ def zoo_finetune(
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
     pack: Optional[str] = typer.Option(None, help="when finished, ship the adapter under this name (e.g. tiny)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast with fp32 master weights (GPUs; CPUs with AVX512-BF16 gain ~1.5x)"),
+    bf16: bool = BF16_OPTION,
 ):
     """LoRA fine-tune on the synthetic tasks (loss on worked solutions only), resumable."""
     from .zoo import MODELS_DIR, pack_lora
@@ -317,6 +322,7 @@ def zoo_retrofit(
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
     pack: Optional[str] = typer.Option(None, help="when finished, ship the DMS adapter under this name (e.g. tiny-dms8)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    bf16: bool = BF16_OPTION,
 ):
     """DMS eviction adapter on a task model (the release recipe: --train adapter --decision adapter)."""
     from .train.retrofit import RetrofitConfig, retrofit as run
@@ -324,7 +330,7 @@ def zoo_retrofit(
 
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, seq_len=seq_len, lr=lr, train="adapter", decision="adapter",
-                         save_every=save_every, max_minutes=max_minutes, resume=resume, device=device)
+                         save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16)
     last = run(cfg)
     if pack and last.get("step") == steps:
         print(pack_adapter(out, MODELS_DIR / pack, base=model))

@@ -95,7 +95,7 @@ def accumulate_step(model, examples: list[tuple[list[int], list[int]]], device, 
     loss_sum, hits = 0.0, 0
     for ids, labels in examples:
         target = torch.tensor(labels[1:], device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, :-1].float()
         loss = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum") / scored
         loss.backward()
