@@ -1,6 +1,6 @@
 """Vanilla SmolLM2-135M-Instruct vs its DMS retrofits on held-out Python-docs text (never trained on).
 
-    python benchmarks/smollm2_eval.py --models smollm2-dms4 smollm2-dms8 [--work runs/smollm2-eval]
+    python benchmarks/smollm2_eval.py --models smollm2-dms4 smollm2-dms8 [--work docs/results/smollm2-eval]
         [--parts ppl agree passkey speed] [--contexts 1024 2048] [--dtype bfloat16] [--device cpu] [--max-minutes M]
 
 (RUNS below lists the invocations behind docs/results/smollm2.md.)
@@ -121,7 +121,9 @@ def run_ppl(entries: dict[str, Entry], held_ids, rec: Records, device, deadline,
             nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
             kl = (ref.exp() * (ref - logp)).sum(-1)
             evicted = float(torch.stack([f["flags"].float().mean() for f in flags]).mean()) if flags else 0.0
-            rec.add({"part": "ppl", "model": name, "item": w, "nll": nll.tolist(), "kl": kl.tolist(), "evict_rate": evicted,
+            # per position bucket (the scored token's position in its window): [tokens, sum of NLL, sum of KL]
+            sums = [[int(nll[lo:hi].numel()), float(nll[lo:hi].sum()), float(kl[lo:hi].sum())] for lo, hi in BUCKETS]
+            rec.add({"part": "ppl", "model": name, "item": w, "buckets": sums, "evict_rate": evicted,
                      "reads_cr": reads_cr})
             print(f"ppl window {w} {name}: ppl {math.exp(float(nll.mean())):.3f} kl {float(kl.mean()):.4f}", flush=True)
 
@@ -224,20 +226,18 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
             rows = sorted((r for r in ppl_rows if r["model"] == name), key=lambda r: r["item"])
             if not rows:
                 continue
-            nll = [x for r in rows for x in r["nll"]]
-            kl = [x for r in rows for x in r["kl"]]
-            ppl = math.exp(sum(nll) / len(nll))
+            per_bucket = [[sum(r["buckets"][b][i] for r in rows) for i in range(3)] for b in range(len(BUCKETS))]
+            n_tok = sum(b[0] for b in per_bucket)
+            ppl = math.exp(sum(b[1] for b in per_bucket) / n_tok)
+            mean_kl = sum(b[2] for b in per_bucket) / n_tok
             base_ppl = ppl if name == VANILLA else base_ppl
-            by = []
-            for lo, hi in BUCKETS:
-                seg = [x for r in rows for x in r["nll"][lo:hi]]
-                by.append(math.exp(sum(seg) / len(seg)) if seg else float("nan"))
-            kl_far = [x for r in rows for x in r["kl"][2048:]]
+            by = [math.exp(b[1] / b[0]) if b[0] else float("nan") for b in per_bucket]
+            kl_far = per_bucket[-1][2] / max(1, per_bucket[-1][0])
             evict = sum(r["evict_rate"] for r in rows) / len(rows)
             reads_cr = sum(r.get("reads_cr", 1.0) for r in rows) / len(rows)
             rel = f"{100 * (ppl / base_ppl - 1):+.2f}%" if base_ppl else "-"
-            lines.append(f"| {name} | {len(nll):,} | {ppl:.3f} | {rel} | {sum(kl) / len(kl):.4f} | {by[0]:.3f} | {by[1]:.3f} | "
-                         f"{by[2]:.3f} | {sum(kl_far) / max(1, len(kl_far)):.4f} | {1 / max(1e-9, 1 - evict):.2f} | {reads_cr:.2f} |")
+            lines.append(f"| {name} | {n_tok:,} | {ppl:.3f} | {rel} | {mean_kl:.4f} | {by[0]:.3f} | {by[1]:.3f} | "
+                         f"{by[2]:.3f} | {kl_far:.4f} | {1 / max(1e-9, 1 - evict):.2f} | {reads_cr:.2f} |")
             axes[0].plot([f"{lo // 1024}-{hi // 1024}k" for lo, hi in BUCKETS], by, marker="o", label=name)
         axes[0].set_title("held-out perplexity by context position")
         axes[0].set_ylabel("perplexity")
@@ -317,7 +317,8 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2-dms4", "smollm2-dms8"], help="DMS models (names or folders)")
-    parser.add_argument("--work", type=Path, default=Path("runs/smollm2-eval"))
+    parser.add_argument("--work", type=Path, default=ROOT / "docs" / "results" / "smollm2-eval",
+                        help="records.jsonl lives here (kept beside the report: the raw data behind it)")
     parser.add_argument("--parts", nargs="+", default=["ppl", "agree", "passkey", "speed"])
     parser.add_argument("--contexts", type=int, nargs="+", default=list(PASSKEY_TRIALS))
     parser.add_argument("--device", default="auto")
