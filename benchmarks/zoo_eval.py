@@ -2,7 +2,7 @@
 held-out problems of every task, at the default and at a harder difficulty.
 
     python benchmarks/zoo_eval.py [--models tiny tiny-dms4 tiny-dms8] [--problems 200] [--hard-problems 100]
-        [--hard arith=8 vt=8 niah=4 hops=6] [--work runs/zoo-eval] [--max-minutes M] [--report-only]
+        [--hard arith=8 vt=8 niah=4 hops=6] [--work docs/results/zoo-eval] [--max-minutes M] [--report-only]
 
 Held out: evaluation problems are drawn from `TASK/0/D/i`; fine-tuning draws from `finetune/0/i` and the DMS
 retrofit's teacher prompts from seed 1,000,000, so no problem is shared. Greedy, one sample per problem,
@@ -63,7 +63,7 @@ def settings(args) -> list[tuple[str, int, int]]:
 
 
 def run(args, rec: Records, deadline: float) -> None:
-    entries, tok = load_entries(args.models, args.device)
+    entries, tok = load_entries(args.models, args.device, dtype=args.dtype)
     for task, difficulty, n in settings(args):
         for name, entry in entries.items():
             for first in range(0, n, BATCH):
@@ -166,8 +166,10 @@ def main():
     parser.add_argument("--hard-problems", type=int, default=100, help="problems per task at the harder setting (0: none)")
     parser.add_argument("--hard", nargs="*", default=[], metavar="TASK=D", help=f"harder difficulties (default {HARD})")
     parser.add_argument("--batch-size", type=int, default=10)
-    parser.add_argument("--work", type=Path, default=Path("runs/zoo-eval"))
+    parser.add_argument("--work", type=Path, default=ROOT / "docs" / "results" / "zoo-eval",
+                        help="records.jsonl lives here (kept beside the report: the raw data behind it)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA) | bfloat16 | float32")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new batches after this long")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "zoo.md")
     parser.add_argument("--report-only", action="store_true")
@@ -177,7 +179,8 @@ def main():
     rec = Records(args.work / "records.jsonl")
     command = (f"python benchmarks/zoo_eval.py --models {' '.join(args.models)} --tasks {' '.join(args.tasks)} "
                f"--problems {args.problems} --hard-problems {args.hard_problems} "
-               f"--hard {' '.join(f'{t}={d}' for t, d in args.hard.items() if t in args.tasks)}")
+               f"--hard {' '.join(f'{t}={d}' for t, d in args.hard.items() if t in args.tasks)}"
+               + (f" --dtype {args.dtype}" if args.dtype != "auto" else ""))
     if not args.report_only:
         run(args, rec, time.time() + 60 * args.max_minutes if args.max_minutes else math.inf)
     report(rec, args, args.out, command)
