@@ -87,6 +87,8 @@ def _assert_unambiguous(task, p):
         assert len(path) == len(set(path)) == p.difficulty + 1
     elif task == "arith":
         assert len(p.facts["steps"]) == p.difficulty and p.solution.count("=") == p.difficulty
+        values = [int(line.split("=")[1]) for line in p.solution.splitlines() if "=" in line]
+        assert all(0 <= v <= arith.MAX_VALUE for v in values) and all(x <= 9 for _, x in p.facts["steps"])
 
 
 def test_default_difficulty_is_long_enough():

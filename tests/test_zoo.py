@@ -57,6 +57,55 @@ def test_lora_manifest_loads_merged_and_equals_peft(models_dir, tmp_path_factory
         kvshrink.load("lora-test-dms")
 
 
+def test_second_stage_starts_from_the_shipped_adapter(models_dir, tmp_path):
+    """--init-from: the new run's LoRA weights start equal to the shipped adapter's file; a misfit is refused;
+    the packed card keeps the earlier stage's card."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from kvshrink.zoo.finetune import FinetuneConfig, _load_initial_adapter
+
+    targets = ["q_proj", "v_proj"]
+    first = get_peft_model(kvshrink.load("smollm2")[0], LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    (models_dir / "stage1").mkdir()
+    first.save_pretrained(str(models_dir / "stage1" / "lora"))
+    (models_dir / "stage1" / "README.md").write_text("# stage1\n\n## How it was made\n\nstep one\n\n## Accuracy\n\nold table\n")
+    saved = load_file(str(models_dir / "stage1" / "lora" / "adapter_model.safetensors"))
+
+    second = get_peft_model(kvshrink.load("smollm2")[0], LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    trainable = {n: p for n, p in second.named_parameters() if p.requires_grad}
+    _load_initial_adapter(second, trainable, "stage1", tmp_path / "run")
+    assert len(saved) == len(trainable)
+    for n, p in trainable.items():
+        key = n.replace(".default", "")
+        assert torch.equal(p.detach(), saved[key]), n
+
+    misfit = get_peft_model(kvshrink.load("smollm2")[0], LoraConfig(r=8, lora_alpha=8, target_modules=targets))
+    with pytest.raises(Exception, match="does not fit|size mismatch"):
+        _load_initial_adapter(misfit, {n: p for n, p in misfit.named_parameters() if p.requires_grad}, "stage1", tmp_path / "x")
+    with pytest.raises(KVShrinkError, match="no LoRA adapter"):
+        _load_initial_adapter(second, trainable, "no-such-model", tmp_path / "y")
+    with pytest.raises(KVShrinkError, match="positive weight"):
+        FinetuneConfig(out="unused", tasks="arith:0,vt")
+
+    from dataclasses import asdict
+
+    run = tmp_path / "run"
+    second.save_pretrained(str(run / "lora"))
+    cfg = FinetuneConfig(out=str(run), steps=1, tasks="arith:3,vt", init_from="stage1")
+    (run / "finetune.json").write_text(json.dumps({**asdict(cfg), "device_name": "CPU"}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.1, "answer_token_accuracy": 0.9, "seconds": 3.0}) + "\n")
+    zoo.pack_lora(run, models_dir / "stage2", base="smollm2")
+    card = (models_dir / "stage2" / "README.md").read_text()
+    assert "--init-from stage1" in card and "weights arith 3, vt 1" in card
+    assert "## Earlier stage" in card and "### How it was made" in card and "old table" not in card
+    from kvshrink.zoo.cards import set_accuracy
+
+    set_accuracy(models_dir / "stage2" / "README.md", "new table")
+    card = (models_dir / "stage2" / "README.md").read_text()
+    assert "new table" in card and "## Earlier stage" in card and "Not measured yet" not in card
+
+
 def test_lora_pack_refuses_unfinished_run(models_dir, tmp_path):
     with pytest.raises(KVShrinkError, match="no finished LoRA adapter"):
         zoo.pack_lora(tmp_path, models_dir / "x", base="smollm2")

@@ -278,7 +278,7 @@ app.add_typer(zoo_app, name="zoo")
 def zoo_finetune(
     out: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.jsonl, lora/"),
     base: str = typer.Option("smollm2", help="model to adapt (a shipped name or a local folder)"),
-    tasks: str = typer.Option("arith,vt,niah,hops", help="comma-separated task mixture"),
+    tasks: str = typer.Option("arith,vt,niah,hops", help="comma-separated task mixture, each NAME or NAME:WEIGHT (e.g. arith:3,vt:3,niah,hops)"),
     steps: int = typer.Option(600, help="optimizer steps"),
     batch_size: int = typer.Option(4, help="problems per step"),
     lr: float = typer.Option(5e-4, help="AdamW peak learning rate: linear warm-up over --warmup steps, then cosine decay to a tenth"),
@@ -290,6 +290,7 @@ def zoo_finetune(
     seed: int = typer.Option(0, help="training problem stream"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
+    init_from: Optional[str] = typer.Option(None, help="start from this fine-tune's adapter (a shipped name or folder): a second stage"),
     pack: Optional[str] = typer.Option(None, help="when finished, ship the adapter under this name (e.g. tiny)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     bf16: bool = BF16_OPTION,
@@ -300,7 +301,7 @@ def zoo_finetune(
 
     cfg = FinetuneConfig(out=str(out), base=base, tasks=tasks, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                          lora_r=lora_r, lora_alpha=lora_alpha, max_context=max_context, save_every=save_every, seed=seed,
-                         max_minutes=max_minutes, resume=resume, device=device, bf16=bf16)
+                         max_minutes=max_minutes, resume=resume, device=device, bf16=bf16, init_from=init_from)
     last = finetune(cfg)
     if pack and last.get("step") == steps:
         print(pack_lora(out, MODELS_DIR / pack, base=base))

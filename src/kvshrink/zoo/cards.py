@@ -25,22 +25,29 @@ def finetune_card(name: str, run_dir: Path) -> str:
     from .finetune import DIFFICULTIES
 
     cfg, metrics = _run(run_dir, "finetune.json")
-    tasks = cfg["tasks"].split(",")
-    mixture = ", ".join(f"`{t}` difficulty {DIFFICULTIES[t][0]}-{DIFFICULTIES[t][1]}" for t in tasks)
+    weights = {t.partition(":")[0]: float(t.partition(":")[2] or 1) for t in cfg["tasks"].split(",")}
+    mixture = ", ".join(f"`{t}` difficulty {DIFFICULTIES[t][0]}-{DIFFICULTIES[t][1]}" for t in weights)
+    drawn = ("uniformly from " + str(len(weights)) if len(set(weights.values())) == 1 else
+             "with weights " + ", ".join(f"{t} {w:g}" for t, w in weights.items()))
+    earlier = run_dir / "earlier-stage.md"
+    stage = ""
+    if cfg.get("init_from"):
+        stage = (f"\nThis is a second stage: it starts from the adapter of `{cfg['init_from']}`, made as its card says "
+                 "(under Earlier stage below).\n")
     last = metrics[-1] if metrics else {}
     return f"""# {name}
 
 {cfg["base"]} + one LoRA adapter (r = {cfg["lora_r"]}, alpha = {cfg["lora_alpha"]}, on every attention and MLP projection),
 fine-tuned on the synthetic tasks. This folder holds the adapter only; `kvshrink.load("{name}")` merges it into the base.
-
+{stage}
 ## How it was made
 
     kvshrink zoo finetune --out runs/zoo/{name} --tasks {cfg["tasks"]} --steps {cfg["steps"]} --batch-size {cfg["batch_size"]} \\
         --lr {cfg["lr"]:g} --warmup {cfg["warmup"]} --lora-r {cfg["lora_r"]} --lora-alpha {cfg["lora_alpha"]} \\
-        --max-context {cfg["max_context"]} --seed {cfg["seed"]}{" --bf16" if cfg.get("bf16") else ""} --pack {name}
+        --max-context {cfg["max_context"]} --seed {cfg["seed"]}{" --bf16" if cfg.get("bf16") else ""}{f" --init-from {cfg['init_from']}" if cfg.get("init_from") else ""} --pack {name}
 
 Data: {cfg["batch_size"]} fresh problems a step (never repeated, never an evaluation seed), the task drawn
-uniformly from {len(tasks)} and the difficulty uniformly in its range ({mixture}), each at most
+{drawn} and the difficulty uniformly in its range ({mixture}), each at most
 {cfg["max_context"]} tokens through the chat template; loss on the worked solution and end-of-turn token only.
 Steps: {len(metrics)} of {cfg["steps"]}; AdamW, peak lr {cfg["lr"]:g}, {cfg["warmup"]} warm-up steps, cosine decay to a tenth;
 {"bf16 autocast with fp32 master weights" if cfg.get("bf16") else "fp32"}.
@@ -50,7 +57,13 @@ Last step: loss {last.get("loss", float("nan")):.4f}, answer-token accuracy {las
 {ACCURACY}
 
 Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
-"""
+""" + (_earlier_stage(earlier.read_text()) if cfg.get("init_from") and earlier.is_file() else "")
+
+
+def _earlier_stage(card: str) -> str:
+    """The earlier stage's card, headings one level down and its (stale) accuracy section dropped."""
+    kept = card.split(ACCURACY)[0].rstrip()
+    return "\n## Earlier stage\n\n" + "\n".join("#" + line if line.startswith("#") else line for line in kept.splitlines()) + "\n"
 
 
 def retrofit_card(name: str, run_dir: Path, base: str) -> str:
@@ -81,7 +94,8 @@ Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
 
 
 def set_accuracy(card: Path, table: str) -> None:
-    """Replace everything under the card's accuracy heading with `table`."""
+    """Replace the card's accuracy section (up to the next `## ` heading) with `table`."""
     text = card.read_text()
-    head = text.split(ACCURACY)[0] if ACCURACY in text else text.rstrip("\n") + "\n\n"
-    card.write_text(f"{head}{ACCURACY}\n\n{table.strip()}\n")
+    head, _, rest = text.partition(ACCURACY) if ACCURACY in text else (text.rstrip("\n") + "\n\n", "", "")
+    tail = rest[rest.index("\n## "):] if "\n## " in rest else ""
+    card.write_text(f"{head}{ACCURACY}\n\n{table.strip()}\n{tail}")

@@ -26,7 +26,7 @@ from ..progress import advance, progress_bar, stop
 from ..train.checkpoints import Checkpoints
 
 # difficulty ranges drawn in training: below and above each task's default (4, 4, 2, 3)
-DIFFICULTIES = {"arith": (2, 10), "vt": (1, 8), "niah": (1, 4), "hops": (1, 6)}
+DIFFICULTIES = {"arith": (2, 12), "vt": (1, 8), "niah": (1, 4), "hops": (1, 6)}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -48,13 +48,23 @@ class FinetuneConfig:
     resume: bool = False
     device: str = "auto"
     bf16: bool = False  # bf16 autocast (fp32 master weights): ~1.5x faster on CPUs with AVX512-BF16, standard on GPUs
+    init_from: str | None = None  # start from this fine-tune's LoRA adapter (a shipped name or folder): a second stage
 
     def __post_init__(self):
         from ..tasks import task_module
 
-        self.task_list = [t.strip() for t in self.tasks.split(",") if t.strip()]
-        for t in self.task_list:
-            task_module(t)
+        self.task_list, self.task_weights = [], []
+        for item in (t.strip() for t in self.tasks.split(",") if t.strip()):  # NAME or NAME:WEIGHT
+            name, _, weight = item.partition(":")
+            task_module(name)
+            try:
+                w = float(weight) if weight else 1.0
+            except ValueError:
+                w = -1.0
+            if w <= 0:
+                raise KVShrinkError(f"--tasks: {item!r} needs a positive weight, e.g. arith:2")
+            self.task_list.append(name)
+            self.task_weights.append(w)
         if min(self.steps, self.batch_size, self.lora_r, self.save_every) < 1:
             raise KVShrinkError("--steps, --batch-size, --lora-r and --save-every must be >= 1")
         if self.lr <= 0 or self.warmup < 0:
@@ -71,7 +81,7 @@ def training_example(cfg: FinetuneConfig, index: int, tokenizer) -> tuple[list[i
 
     rng = random.Random(f"finetune/{cfg.seed}/{index}")
     for _ in range(1000):
-        task = rng.choice(cfg.task_list)
+        task = rng.choices(cfg.task_list, weights=cfg.task_weights)[0]
         lo, hi = DIFFICULTIES[task]
         problem = TASKS[task].generate(rng, rng.randint(lo, hi))
         prompt = chat_prompt(tokenizer, problem.prompt)
@@ -105,6 +115,27 @@ def accumulate_step(model, examples: list[tuple[list[int], list[int]]], device, 
     return loss_sum, hits / scored
 
 
+def _load_initial_adapter(model, trainable: dict, init_from: str, out: Path) -> None:
+    """Copy an earlier fine-tune's LoRA weights into `model`, and keep its card for the new one."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ..zoo import MODELS_DIR
+
+    folder = MODELS_DIR / init_from if (MODELS_DIR / init_from).is_dir() else Path(init_from)
+    weights = folder / "lora" / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise KVShrinkError(f"--init-from {init_from}: no LoRA adapter at {weights}; name a fine-tuned model (e.g. tiny)")
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    changed = sum(not torch.equal(before[n], p) for n, p in trainable.items())
+    if result.unexpected_keys or changed < len(trainable) // 2:
+        raise KVShrinkError(f"--init-from {init_from}: its adapter does not fit this run (different --lora-r or targets)")
+    out.mkdir(parents=True, exist_ok=True)
+    if (folder / "README.md").is_file():
+        (out / "earlier-stage.md").write_text((folder / "README.md").read_text())
+
+
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """Run (or resume) the fine-tune; writes OUT/lora (a peft adapter folder). Returns the last metrics."""
     from peft import LoraConfig, get_peft_model
@@ -119,6 +150,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if cfg.init_from and resume_from is None:
+        _load_initial_adapter(model, trainable, cfg.init_from, out)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.lr, weight_decay=0.0)
     start = 0
     if resume_from is not None:
