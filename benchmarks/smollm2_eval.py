@@ -239,11 +239,12 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
             evict = sum(r["evict_rate"] for r in rows) / len(rows)
             reads_cr = sum(r.get("reads_cr", 1.0) for r in rows) / len(rows)
             rel = f"{100 * (ppl / base_ppl - 1):+.2f}%" if base_ppl else "-"
+            reads_text = "-" if evict else f"{reads_cr:.2f}"  # DMS rows ran the whole-sequence mask, not the cache
             if base_ppl and "ppl" in TARGETS.get(name, {}):
                 change, bar = 100 * (ppl / base_ppl - 1), TARGETS[name]["ppl"]
                 targets.append((name, "perplexity vs vanilla", f"{change:+.2f}%", f"<= +{bar:g}%", change <= bar))
             lines.append(f"| {name} | {n_tok:,} | {ppl:.3f} | {rel} | {mean_kl:.4f} | {by[0]:.3f} | {by[1]:.3f} | "
-                         f"{by[2]:.3f} | {kl_far:.4f} | {1 / max(1e-9, 1 - evict):.2f} | {reads_cr:.2f} |")
+                         f"{by[2]:.3f} | {kl_far:.4f} | {1 / max(1e-9, 1 - evict):.2f} | {reads_text} |")
             axes[0].plot([f"{lo // 1024}-{hi // 1024}k" for lo, hi in BUCKETS], by, marker="o", label=name)
         axes[0].set_title("held-out perplexity by context position")
         axes[0].set_ylabel("perplexity")
