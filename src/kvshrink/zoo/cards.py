@@ -22,10 +22,10 @@ def _timing(metrics: list[dict], device: str) -> str:
 
 
 def finetune_card(name: str, run_dir: Path) -> str:
-    from .finetune import DIFFICULTIES
+    from .finetune import DIFFICULTIES, parse_tasks
 
     cfg, metrics = _run(run_dir, "finetune.json")
-    weights = {t.partition(":")[0]: float(t.partition(":")[2] or 1) for t in cfg["tasks"].split(",")}
+    weights = parse_tasks(cfg["tasks"])
     mixture = ", ".join(f"`{t}` difficulty {DIFFICULTIES[t][0]}-{DIFFICULTIES[t][1]}" for t in weights)
     drawn = ("uniformly from " + str(len(weights)) if len(set(weights.values())) == 1 else
              "with weights " + ", ".join(f"{t} {w:g}" for t, w in weights.items()))
@@ -61,8 +61,8 @@ Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
 
 
 def _earlier_stage(card: str) -> str:
-    """The earlier stage's card, headings one level down and its (stale) accuracy section dropped."""
-    kept = card.split(ACCURACY)[0].rstrip()
+    """The earlier stage's card without its title, headings one level down and its (stale) accuracy section dropped."""
+    kept = card.split(ACCURACY)[0].split("\n", 1)[-1].strip()
     return "\n## Earlier stage\n\n" + "\n".join("#" + line if line.startswith("#") else line for line in kept.splitlines()) + "\n"
 
 

@@ -53,24 +53,30 @@ class FinetuneConfig:
     def __post_init__(self):
         from ..tasks import task_module
 
-        self.task_list, self.task_weights = [], []
-        for item in (t.strip() for t in self.tasks.split(",") if t.strip()):  # NAME or NAME:WEIGHT
-            name, _, weight = item.partition(":")
+        mixture = parse_tasks(self.tasks)
+        for name in mixture:
             task_module(name)
-            try:
-                w = float(weight) if weight else 1.0
-            except ValueError:
-                w = -1.0
-            if w <= 0:
-                raise KVShrinkError(f"--tasks: {item!r} needs a positive weight, e.g. arith:2")
-            self.task_list.append(name)
-            self.task_weights.append(w)
+        self.task_list, self.task_weights = list(mixture), list(mixture.values())
         if min(self.steps, self.batch_size, self.lora_r, self.save_every) < 1:
             raise KVShrinkError("--steps, --batch-size, --lora-r and --save-every must be >= 1")
         if self.lr <= 0 or self.warmup < 0:
             raise KVShrinkError(f"--lr must be > 0 and --warmup >= 0 (got {self.lr}, {self.warmup})")
         if self.max_context < 128:
             raise KVShrinkError(f"--max-context must be >= 128 (got {self.max_context})")
+
+
+def parse_tasks(spec: str) -> dict[str, float]:
+    """`--tasks`: comma-separated NAME or NAME:WEIGHT (weight 1 by default) -> {name: weight}."""
+    mixture = {}
+    for item in (t.strip() for t in spec.split(",") if t.strip()):
+        name, _, weight = item.partition(":")
+        try:
+            mixture[name] = float(weight) if weight else 1.0
+        except ValueError:
+            mixture[name] = -1.0
+        if mixture[name] <= 0:
+            raise KVShrinkError(f"--tasks: {item!r} needs a positive weight, e.g. arith:2")
+    return mixture
 
 
 def training_example(cfg: FinetuneConfig, index: int, tokenizer) -> tuple[list[int], list[int]]:
@@ -126,11 +132,11 @@ def _load_initial_adapter(model, trainable: dict, init_from: str, out: Path) -> 
     weights = folder / "lora" / "adapter_model.safetensors"
     if not weights.is_file():
         raise KVShrinkError(f"--init-from {init_from}: no LoRA adapter at {weights}; name a fine-tuned model (e.g. tiny)")
-    before = {n: p.detach().clone() for n, p in trainable.items()}
-    result = set_peft_model_state_dict(model, load_file(str(weights)))
-    changed = sum(not torch.equal(before[n], p) for n, p in trainable.items())
-    if result.unexpected_keys or changed < len(trainable) // 2:
+    state = load_file(str(weights))
+    expected = {n.replace(".default", ""): tuple(p.shape) for n, p in trainable.items()}  # peft's saved key names
+    if {k: tuple(v.shape) for k, v in state.items()} != expected:
         raise KVShrinkError(f"--init-from {init_from}: its adapter does not fit this run (different --lora-r or targets)")
+    set_peft_model_state_dict(model, state)
     out.mkdir(parents=True, exist_ok=True)
     if (folder / "README.md").is_file():
         (out / "earlier-stage.md").write_text((folder / "README.md").read_text())
