@@ -2,7 +2,7 @@
 held-out problems of every task, at the default and at a harder difficulty.
 
     python benchmarks/zoo_eval.py [--models tiny tiny-dms4 tiny-dms8] [--problems 200] [--hard-problems 100]
-        [--hard arith=8 vt=8 niah=4 hops=6] [--work docs/results/zoo-eval] [--max-minutes M] [--report-only]
+        [--hard arith=8 vt=8 niah=4 hops=6] [--hard-models tiny] [--work docs/results/zoo-eval] [--max-minutes M] [--report-only]
 
 Held out: evaluation problems are drawn from `TASK/0/D/i`; fine-tuning draws from `finetune/0/i` and the DMS
 retrofit's teacher prompts from seed 1,000,000, so no problem is shared. Greedy, one sample per problem,
@@ -65,7 +65,10 @@ def settings(args) -> list[tuple[str, int, int]]:
 def run(args, rec: Records, deadline: float) -> None:
     entries, tok = load_entries(args.models, args.device, dtype=args.dtype)
     for task, difficulty, n in settings(args):
+        hard = difficulty != TASKS[task].DEFAULT_DIFFICULTY
         for name, entry in entries.items():
+            if hard and name not in args.hard_models:
+                continue
             for first in range(0, n, BATCH):
                 part = f"{task}/{difficulty}"
                 if (part, name, first) in rec.done or time.time() > deadline:
@@ -165,6 +168,8 @@ def main():
     parser.add_argument("--problems", type=int, default=200, help="problems per task at the default difficulty")
     parser.add_argument("--hard-problems", type=int, default=100, help="problems per task at the harder setting (0: none)")
     parser.add_argument("--hard", nargs="*", default=[], metavar="TASK=D", help=f"harder difficulties (default {HARD})")
+    parser.add_argument("--hard-models", nargs="*", default=None,
+                        help="models measured at the harder setting (default: the first, the reference)")
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--work", type=Path, default=ROOT / "docs" / "results" / "zoo-eval",
                         help="records.jsonl lives here (kept beside the report: the raw data behind it)")
@@ -175,11 +180,13 @@ def main():
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--cards", action="store_true", help="also write each shipped model's rows into its model card")
     args = parser.parse_args()
+    args.hard_models = args.models[:1] if args.hard_models is None else args.hard_models
     args.hard = {**HARD, **{k: int(v) for k, v in (x.split("=") for x in args.hard)}}
     rec = Records(args.work / "records.jsonl")
     command = (f"python benchmarks/zoo_eval.py --models {' '.join(args.models)} --tasks {' '.join(args.tasks)} "
                f"--problems {args.problems} --hard-problems {args.hard_problems} "
-               f"--hard {' '.join(f'{t}={d}' for t, d in args.hard.items() if t in args.tasks)}"
+               f"--hard {' '.join(f'{t}={d}' for t, d in args.hard.items() if t in args.tasks)} "
+               f"--hard-models {' '.join(args.hard_models)}"
                + (f" --dtype {args.dtype}" if args.dtype != "auto" else ""))
     if not args.report_only:
         run(args, rec, time.time() + 60 * args.max_minutes if args.max_minutes else math.inf)

@@ -255,6 +255,21 @@ def test_data_sources(tmp_path, base_dir):
         token_blocks(str(tmp_path / "bad.jsonl"), tok, 8, tmp_path / "c")
 
 
+def test_whole_document_packing_and_masked_kl():
+    """Task data is packed whole (never split between blocks), and padding counts in no loss."""
+    from kvshrink.train.data import PAD, pack_whole
+
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11], [20] * 9, [30]]
+    assert pack_whole(docs, eos=0, seq_len=7).tolist() == [
+        [1, 2, 3, 0, 4, 5, 0], [6, 7, 8, 9, 10, 11, 0], [20] * 7, [30, 0] + [PAD] * 5]
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    live = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    per_token = torch.nn.functional.kl_div(teacher.log_softmax(-1), student.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    assert float(kl_student_teacher(student, teacher, live)) == pytest.approx(float(per_token[live].mean()), rel=1e-5)
+    assert float(kl_student_teacher(student, teacher)) == pytest.approx(float(per_token.mean()), rel=1e-5)
+
+
 def test_linear_neuron_decay_removes_weight_and_bias():
     """Zeroing the borrowed q_proj rows over several steps reaches the same rows as zeroing at once (Qwen2 has a q bias)."""
     from conftest import tiny_model

@@ -88,7 +88,7 @@ def test_shipped_dms8_cache_equals_dense_reference_on_real_text(cache):
 def test_task_data_is_teacher_answers_to_training_problems(cache, tmp_path):
     """`--data task:NAME[:N]`: chat-formatted problems from training seeds, answered by the teacher."""
     from kvshrink.tasks import make_problems
-    from kvshrink.train.data import TRAIN_SEED, task_prompts, token_blocks
+    from kvshrink.train.data import PAD, TRAIN_SEED, task_prompts, token_blocks
 
     model, tok = kvshrink.load("smollm2")
     prompts = task_prompts("arith,hops:2", tok, seed=0)
@@ -96,8 +96,13 @@ def test_task_data_is_teacher_answers_to_training_problems(cache, tmp_path):
     assert len(prompts) == 4 and all(p.prompt in q and q.rstrip().endswith("assistant") for p, q in zip(expected, prompts))
     held_out = {p.prompt for p in make_problems("arith", 200, seed=0)}
     assert not any(p.prompt in held_out for p in expected)
-    blocks = token_blocks("task:arith:2", tok, 32, tmp_path, teacher=model)
-    text = tok.decode(blocks.flatten())
-    assert blocks.shape[1] == 32 and text.count("Start with") == 2
+    blocks = token_blocks("task:arith:2", tok, 512, tmp_path, teacher=model)
+    # packed whole: each block is whole documents (prompt + teacher answer + EOS), then only padding
+    for block in blocks:
+        live = block[block != PAD]
+        assert torch.all(block[len(live):] == PAD) and live[-1] == tok.eos_token_id
+    texts = [tok.decode(b[b != PAD]) for b in blocks]
+    assert blocks.shape[1] == 512 and sum(t.count("Start with") for t in texts) == 2
+    assert all(sum(p.prompt in t for t in texts) == 1 for p in expected[:2])  # no problem split across blocks
     with pytest.raises(KVShrinkError, match="task:NAME"):
         token_blocks("task:arith:many", tok, 32, tmp_path, teacher=model)

@@ -20,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 # training in bf16 autocast with fp32 master weights (retrofits always use it on CUDA)
 BF16_OPTION = typer.Option(False, "--bf16", help="bf16 autocast, fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16")
+AIM_CONTEXT_OPTION = typer.Option(None, help="context at which the reads-based CR should hit the target (default 32*w)")
+RAMP_STEPS_OPTION = typer.Option(None, help="steps over which the CR ramps to the target (default 80% of --steps)")
 
 
 @app.command()
@@ -137,8 +139,8 @@ def retrofit(
     train: str = typer.Option("all", help="all (the paper) | adapter (the release: base frozen)"),
     decision: Optional[str] = typer.Option(None, help="neuron | adapter (default: neuron with all, adapter with adapter)"),
     neuron_decay: str = typer.Option("instant", help="instant | linear: how the borrowed q_proj row is zeroed"),
-    aim_context: Optional[int] = typer.Option(None, help="context at which the reads-based CR should hit the target (default 32*w)"),
-    ramp_steps: Optional[int] = typer.Option(None, help="steps over which the CR ramps to the target (default 80% of --steps)"),
+    aim_context: Optional[int] = AIM_CONTEXT_OPTION,
+    ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
     save_every: int = typer.Option(50, help="checkpoint every N steps"),
     seed: int = typer.Option(0, help="data order and Gumbel noise seed"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
@@ -318,6 +320,8 @@ def zoo_retrofit(
     seq_len: int = typer.Option(1024, help="tokens per sequence"),
     batch_size: int = typer.Option(2, help="sequences per step"),
     lr: float = typer.Option(3e-4, help="adapter learning rate"),
+    aim_context: Optional[int] = AIM_CONTEXT_OPTION,
+    ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
     save_every: int = typer.Option(25, help="checkpoint every N steps"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
@@ -331,7 +335,7 @@ def zoo_retrofit(
 
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, seq_len=seq_len, lr=lr, train="adapter", decision="adapter",
-                         save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16)
+                         aim_context=aim_context, ramp_steps=ramp_steps, save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16)
     last = run(cfg)
     if pack and last.get("step") == steps:
         print(pack_adapter(out, MODELS_DIR / pack, base=model))

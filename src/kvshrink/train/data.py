@@ -8,6 +8,9 @@ Sources (`--data`):
 - `task:NAME[,NAME...][:N]`: N generated problems per task (`kvshrink.tasks`, training seeds), chat-
   formatted, answered by the teacher in the same way.
 Documents are joined with the EOS token and cut into blocks of `seq_len` tokens (the tail is dropped).
+Task documents are packed whole instead (`pack_whole`): an answer must sit in the same block as the facts
+it retrieves, or distillation never rewards keeping them. PAD (-1) fills a block after its last document;
+the retrofit's losses skip it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from ..errors import KVShrinkError
 from ..prompts import chat_prompt, pad_token_id
 
+PAD = -1  # block filler after the last whole document: not a token, masked out of every loss
 TRAIN_SEED = 1_000_000  # task problems for training use seeds from here; evaluation's stay below
 TEXT_SUFFIXES_SKIP = {".safetensors", ".bin", ".pt", ".png", ".jpg", ".gz", ".zip", ".arrow", ".parquet"}
 
@@ -86,6 +90,20 @@ def pack(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Te
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def pack_whole(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Tensor:
+    """Blocks of whole documents (each + EOS, in order, as many as fit), filled up with PAD. A document
+    longer than a block is cut to its first seq_len tokens."""
+    blocks: list[list[int]] = []
+    for doc in token_docs:
+        doc = (doc + ([eos] if eos is not None else []))[:seq_len]
+        if not blocks or len(blocks[-1]) + len(doc) > seq_len:
+            blocks.append([])
+        blocks[-1].extend(doc)
+    if not blocks:
+        raise KVShrinkError("the data holds no documents")
+    return torch.tensor([b + [PAD] * (seq_len - len(b)) for b in blocks], dtype=torch.long)
+
+
 def teacher_documents(prompts: list[str], model, tokenizer, max_new_tokens: int, seed: int, progress_file: Path | None = None) -> list[str]:
     """Prompts + the teacher's own sampled continuations (temperature 1), with transformers' generate:
     the teacher is the vanilla model, and its generate loop is the fastest one available for it.
@@ -122,7 +140,7 @@ def teacher_documents(prompts: list[str], model, tokenizer, max_new_tokens: int,
 
 def data_key(src: str, tokenizer, seq_len: int, seed: int) -> str:
     """Cache key of a data source: its spec, the tokenizer, the block length and its files' stamps."""
-    stamp = [src, seq_len, getattr(tokenizer, "name_or_path", ""), len(tokenizer), seed]
+    stamp = [src, seq_len, getattr(tokenizer, "name_or_path", ""), len(tokenizer), seed, "whole" if src.startswith("task:") else "stream"]
     if not src.startswith("task:"):
         path = Path(src[len("teacher:"):] if src.startswith("teacher:") else src)
         for f in ([path] if path.is_file() else sorted(path.rglob("*"))):
@@ -146,7 +164,8 @@ def task_prompts(spec: str, tokenizer, seed: int) -> list[str]:
 
 
 def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=None, seed: int = 0) -> torch.Tensor:
-    """(N, seq_len) token blocks for `src`, cached in `cache_dir` by source, tokenizer and length."""
+    """(N, seq_len) token blocks for `src` (PAD after the last whole document of a task block), cached in
+    `cache_dir` by source, tokenizer and length."""
     kind, _, rest = src.partition(":") if src.startswith(("teacher:", "task:")) else ("", "", src)
     if kind != "task" and not Path(rest).exists():
         raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, teacher:FILE or task:NAME")
@@ -165,7 +184,8 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
                                  progress_file=cache_dir / f"teacher-{key}.partial.jsonl")
     else:
         docs = read_documents(rest)
-    blocks = pack([tokenizer(d)["input_ids"] for d in docs], tokenizer.eos_token_id, seq_len)
+    packer = pack_whole if kind == "task" else pack
+    blocks = packer([tokenizer(d)["input_ids"] for d in docs], tokenizer.eos_token_id, seq_len)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
     torch.save(blocks, tmp)

@@ -118,11 +118,12 @@ def noise_for(seed: int, step: int, global_indices: list[int], shape: tuple[int,
     return torch.stack(draws, dim=1)
 
 
-def kl_student_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(student || teacher) = sum_v p_s (log p_s - log p_t)."""
+def kl_student_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens (the `live` ones, if given) of KL(student || teacher) = sum_v p_s (log p_s - log p_t)."""
     s = F.log_softmax(student_logits.float(), dim=-1)
     t = F.log_softmax(teacher_logits.float(), dim=-1)
-    return (s.exp() * (s - t)).sum(-1).mean()
+    kl = (s.exp() * (s - t)).sum(-1)
+    return kl.mean() if live is None else (kl * live).sum() / live.sum()
 
 
 def borrowed_rows(model) -> list[list[int]]:
@@ -139,7 +140,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     from ..dms.attach import attach_dms, dms_config
     from ..dms.config import DMSConfig
     from ..loading import load
-    from .data import token_blocks
+    from .data import PAD, token_blocks
 
     out = Path(cfg.out)
     checkpoints = Checkpoints(out)
@@ -232,6 +233,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
             first = micro * world * local_batch + rank * local_batch
             g_idx = [step * cfg.batch_size + first + i for i in range(local_batch)]
             ids = blocks[order[torch.tensor(g_idx) % len(blocks)]].to(acc.device)
+            live = ids != PAD  # (B, T): padding after a block's last whole document counts in no loss
+            ids = ids.clamp(min=0)  # any real id: causal attention keeps padding out of earlier positions
             uniform = noise_for(cfg.seed, step, g_idx, (n_layers, n_kv, cfg.seq_len)).to(acc.device)
             with torch.no_grad(), acc.autocast():
                 teacher_logits = (teacher(ids, use_cache=False) if teacher is not None
@@ -240,9 +243,9 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
             sync = micro == cfg.grad_accum - 1
             with acc.autocast(), (torch.enable_grad() if sync else acc.no_sync(model)):
                 student_logits = model(ids, use_cache=False, dms_uniform=uniform, dms_collect=collected).logits
-                kl = kl_student_teacher(student_logits, teacher_logits)
+                kl = kl_student_teacher(student_logits, teacher_logits, live)
                 flags = torch.stack([c["flags"] for c in collected]).float()  # (L, B, Hkv, T), straight-through
-                per_seq = flags.mean(dim=(0, 2, 3))
+                per_seq = (flags.mean(dim=(0, 2)) * live).sum(-1) / live.sum(-1)
                 comp = (flag_target - per_seq).clamp(min=0).mean()
                 loss = (kl + comp) / cfg.grad_accum
                 acc.backward(loss)
