@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from kvshrink.compare import leading_agreement  # noqa: E402
 from kvshrink.cache import KVCache  # noqa: E402
 from kvshrink.generation import generate_ids  # noqa: E402
-from kvshrink.train.text import pydoc_split  # noqa: E402
+from kvshrink.train.text import passkey_prompt, pydoc_split  # noqa: E402
 from shared import Entry, Records, load_entries, paired_ci  # noqa: E402
 
 VANILLA = "smollm2"
@@ -68,24 +67,6 @@ def ppl_windows(held_ids: list[int]) -> list[list[int]]:
 def agree_prompts(held_ids: list[int]) -> list[list[int]]:
     stride = (len(held_ids) - AGREE_LEN) // AGREE_PROMPTS
     return [held_ids[i * stride:i * stride + AGREE_LEN] for i in range(AGREE_PROMPTS)]
-
-
-def passkey_prompt(tok, held_ids: list[int], context: int, trial: int) -> tuple[list[int], str]:
-    """A chat prompt of context - PASSKEY_NEW tokens hiding a 5-digit key at a random depth."""
-    rng = random.Random(context * 100_003 + trial)
-    key = str(rng.randint(10_000, 99_999))
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    question = "\n\nWhat is the pass key? Answer with the number only."
-    intro = "There is a pass key hidden inside the text below. Find it and remember it.\n\n"
-    shell = len(tok.apply_chat_template([{"role": "user", "content": intro + needle + question}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False))
-    n_filler = context - PASSKEY_NEW - shell
-    start = rng.randrange(0, len(held_ids) - n_filler)
-    filler = held_ids[start:start + n_filler]
-    depth = rng.randrange(0, n_filler + 1)
-    text = intro + tok.decode(filler[:depth]) + needle + tok.decode(filler[depth:]) + question
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
-    return ids[-(context - PASSKEY_NEW):] if len(ids) > context - PASSKEY_NEW else ids, key
 
 
 # -- parts -----------------------------------------------------------------------------------------------
@@ -151,7 +132,7 @@ def run_passkey(entries: dict[str, Entry], tok, held_ids, rec: Records, contexts
                 item = f"{context}:{s}"
                 if ("passkey", name, item) in rec.done or time.time() > deadline:
                     continue
-                built = [passkey_prompt(tok, held_ids, context, t) for t in trials[s:s + batch]]
+                built = [passkey_prompt(tok, held_ids, context, t, answer_tokens=PASSKEY_NEW) for t in trials[s:s + batch]]
                 tokens, stats, per_seq = generate_ids(entry.model, [p for p, _ in built], entry.policy, max_new_tokens=PASSKEY_NEW,
                                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
                 answers = [tok.decode(t, skip_special_tokens=True) for t in tokens]

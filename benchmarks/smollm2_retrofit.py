@@ -55,6 +55,12 @@ def lr_schedule(metrics: list[dict]) -> str:
     return ", ".join(parts)
 
 
+def passkey_line(r: dict) -> str:
+    n = r.get("passkeys", 0)
+    return (f"; plus the teacher's answers to {n} passkey prompts (a 5-digit key hidden in train-part text, "
+            f"`--data passkey:{n}`), each prompt and answer whole in one block") if n else ""
+
+
 def model_card(name: str, r: dict, argv: str, metrics: list[dict]) -> str:
     cr = r["target_cr"]
     step_seconds = sum(m["seconds"] for m in metrics)
@@ -69,14 +75,14 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
 
     python benchmarks/smollm2_retrofit.py {argv}
 
-which runs `kvshrink.train.retrofit` with: target CR {cr:g}, w = {WINDOW}, {r["steps"]} steps of 2 x 512 tokens,
+which runs `kvshrink.train.retrofit` with: target CR {cr:g}, w = {WINDOW}, {r["steps"]} steps of 2 x {r.get("seq_len", 512)} tokens,
 AdamW lr {lr_schedule(metrics)} (above the release's 3e-5 so that the adapter follows the CR ramp within this
 step budget{", then lower to settle" if len({m["lr"] for m in metrics}) > 1 else ""}), CR ramped linearly from 1 to {cr:g} over {r.get("ramp_steps") or int(0.8 * r["steps"])}
-steps and held, flag rate aimed so that the reads-based CR reaches {cr:g} at 2,048 tokens (32 w).
+steps and held, flag rate aimed so that the reads-based CR reaches {cr:g} at {r.get("aim_context") or 32 * WINDOW:,} tokens.
 
 Data: the teacher's own sampled continuations (temperature 1, 512 new tokens) of {r["data"]["prompts"]} prompts of
 256 tokens cut from the train part of CPython's `pydoc_data.topics` (even-indexed topics;
-`kvshrink.train.text`), packed into 512-token blocks.
+`kvshrink.train.text`), packed into {r.get("seq_len", 512)}-token blocks{passkey_line(r)}.
 
 Trained on: {r["device_name"]}, {step_seconds / 60:.0f} min of training steps ({step_seconds / len(metrics):.1f} s/step,
 2 CPU cores shared with a second run), plus the teacher's sampling.
@@ -108,6 +114,10 @@ def main():
     parser.add_argument("--n-prompts", type=int, default=256, help="teacher prompts (the train part holds ~240)")
     parser.add_argument("--teacher-prompts", type=int, default=None,
                         help="distil on the teacher's continuations of only the first N prompts (saves sampling time)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (2 per step)")
+    parser.add_argument("--passkeys", type=int, default=0,
+                        help="also distil on the teacher's answers to N passkey prompts built from the train part")
+    parser.add_argument("--aim-context", type=int, default=None, help="context where the reads-based CR hits the target (default 32 w)")
     parser.add_argument("--train", choices=["adapter", "all"], default="adapter",
                         help="adapter: the release recipe (shipped); all: the paper's recipe (compared, not shipped)")
     args = parser.parse_args()
@@ -128,7 +138,8 @@ def main():
     for cr in args.crs:
         name = f"smollm2-dms{cr:g}" + ("" if args.train == "adapter" else "-all")
         cfg = RetrofitConfig(model="smollm2", out=str(args.work / name), target_cr=cr, window=WINDOW, steps=args.steps,
-                             data=f"teacher:{prompts_file}", batch_size=2, seq_len=512, lr=args.lr,
+                             data=f"teacher:{prompts_file}" + (f"+passkey:{args.passkeys}" if args.passkeys else ""),
+                             batch_size=2, seq_len=args.seq_len, lr=args.lr, aim_context=args.aim_context,
                              train=args.train, save_every=100, device=args.device,
                              data_cache=str(args.work / "data-cache"), max_minutes=args.max_minutes, ramp_steps=args.ramp_steps,
                              resume=(args.work / name / "checkpoints" / "latest").exists())
@@ -142,7 +153,7 @@ def main():
         model, _ = kvshrink.load(args.work / name, device=args.device)
         _, stats, _ = generate_ids(model, prompts, DMSPolicy(WINDOW), max_new_tokens=32)
         results = {
-            "target_cr": cr, "train": args.train, "ramp_steps": args.ramp_steps, "steps": args.steps, "lr": args.lr, "device": str(device),
+            "target_cr": cr, "train": args.train, "seq_len": args.seq_len, "passkeys": args.passkeys, "aim_context": args.aim_context, "ramp_steps": args.ramp_steps, "steps": args.steps, "lr": args.lr, "device": str(device),
             "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "wall_seconds": seconds,
             "seconds_per_step": seconds / args.steps, "reads_based_cr_2048": stats["compression_ratio"],
             "flag_based_cr_last_step": last["flag_cr"], "final_kl": last["kl"],

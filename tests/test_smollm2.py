@@ -106,3 +106,27 @@ def test_task_data_is_teacher_answers_to_training_problems(cache, tmp_path):
     assert all(sum(p.prompt in t for t in texts) == 1 for p in expected[:2])  # no problem split across blocks
     with pytest.raises(KVShrinkError, match="task:NAME"):
         token_blocks("task:arith:many", tok, 32, tmp_path, teacher=model)
+
+
+def test_passkey_data_hides_keys_in_train_text(cache, tmp_path):
+    """`--data passkey:N`: prompts hide a key in the train half (never the held-out one); `A+B` joins sources."""
+    import re
+
+    from kvshrink.train.data import passkey_prompts, token_blocks
+    from kvshrink.train.text import pydoc_split
+
+    model, tok = kvshrink.load("smollm2")
+    train, held = pydoc_split()
+    prompts = passkey_prompts("3", tok, 256, seed=0)
+    for prompt in prompts:
+        assert len(tok(prompt)["input_ids"]) <= 256 - 32
+        key = re.search(r"The pass key is (\d{5})\.", prompt).group(1)
+        before, after = prompt.split(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+        filler = max(before.split("Find it and remember it.\n\n")[-1], after.split("\n\nWhat is the pass key?")[0], key=len)
+        snippet = filler[len(filler) // 2 - 30:len(filler) // 2 + 30]
+        assert len(snippet) == 60 and snippet in train and snippet not in held
+    joined = token_blocks("task:arith:1+passkey:1", tok, 512, tmp_path, teacher=model)
+    parts = [token_blocks(src, tok, 512, tmp_path) for src in ("task:arith:1", "passkey:1")]  # cached by the join
+    assert torch.equal(joined, torch.cat(parts))
+    with pytest.raises(KVShrinkError, match="passkey:N"):
+        token_blocks("passkey:some", tok, 512, tmp_path, teacher=model)

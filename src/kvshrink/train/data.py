@@ -7,8 +7,12 @@ Sources (`--data`):
   on the teacher's own outputs), which are cached with the blocks.
 - `task:NAME[,NAME...][:N]`: N generated problems per task (`kvshrink.tasks`, training seeds), chat-
   formatted, answered by the teacher in the same way.
+- `passkey:N[:CONTEXT]`: N chat prompts of CONTEXT tokens (default: the block length) hiding a 5-digit key
+  in the *train* half of the Python docs (`kvshrink.train.text`), answered by the teacher: retrieval-shaped
+  data, so that the KL on the answer penalizes evicting the key.
+- `A+B+...`: the blocks of several sources together (e.g. `teacher:prompts.txt+passkey:128`).
 Documents are joined with the EOS token and cut into blocks of `seq_len` tokens (the tail is dropped).
-Task documents are packed whole instead (`pack_whole`): an answer must sit in the same block as the facts
+Task and passkey documents are packed whole instead (`pack_whole`): an answer must sit in the same block as the facts
 it retrieves, or distillation never rewards keeping them. PAD (-1) fills a block after its last document;
 the retrofit's losses skip it.
 """
@@ -25,6 +29,7 @@ from ..errors import KVShrinkError
 from ..prompts import chat_prompt, pad_token_id
 
 PAD = -1  # block filler after the last whole document: not a token, masked out of every loss
+GENERATED = ("task:", "passkey:")  # sources made of generated prompts + teacher answers, packed whole
 TRAIN_SEED = 1_000_000  # task problems for training use seeds from here; evaluation's stay below
 TEXT_SUFFIXES_SKIP = {".safetensors", ".bin", ".pt", ".png", ".jpg", ".gz", ".zip", ".arrow", ".parquet"}
 
@@ -140,8 +145,8 @@ def teacher_documents(prompts: list[str], model, tokenizer, max_new_tokens: int,
 
 def data_key(src: str, tokenizer, seq_len: int, seed: int) -> str:
     """Cache key of a data source: its spec, the tokenizer, the block length and its files' stamps."""
-    stamp = [src, seq_len, getattr(tokenizer, "name_or_path", ""), len(tokenizer), seed, "whole" if src.startswith("task:") else "stream"]
-    if not src.startswith("task:"):
+    stamp = [src, seq_len, getattr(tokenizer, "name_or_path", ""), len(tokenizer), seed, "whole" if src.startswith(GENERATED) else "stream"]
+    if not src.startswith(GENERATED):
         path = Path(src[len("teacher:"):] if src.startswith("teacher:") else src)
         for f in ([path] if path.is_file() else sorted(path.rglob("*"))):
             if f.is_file():
@@ -163,12 +168,27 @@ def task_prompts(spec: str, tokenizer, seed: int) -> list[str]:
     return [chat_prompt(tokenizer, p.prompt, tokenize=False) for p in problems]
 
 
+def passkey_prompts(spec: str, tokenizer, seq_len: int, seed: int) -> list[str]:
+    """`N[:CONTEXT]` -> N chat-formatted passkey prompts with filler from the train half of the Python docs,
+    CONTEXT tokens including a 32-token answer (default seq_len: prompt and answer share a block)."""
+    from .text import passkey_prompt, pydoc_split
+
+    count, _, context = spec.partition(":")
+    if not count.isdigit() or (context and not context.isdigit()):
+        raise KVShrinkError(f"--data passkey:{spec}: give passkey:N[:CONTEXT] with numbers (e.g. passkey:128:1024)")
+    n, context = int(count), int(context) if context else seq_len
+    filler = tokenizer(pydoc_split()[0])["input_ids"]
+    return [tokenizer.decode(passkey_prompt(tokenizer, filler, context, TRAIN_SEED + seed * n + i)[0]) for i in range(n)]
+
+
 def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=None, seed: int = 0) -> torch.Tensor:
-    """(N, seq_len) token blocks for `src` (PAD after the last whole document of a task block), cached in
-    `cache_dir` by source, tokenizer and length."""
-    kind, _, rest = src.partition(":") if src.startswith(("teacher:", "task:")) else ("", "", src)
-    if kind != "task" and not Path(rest).exists():
-        raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, teacher:FILE or task:NAME")
+    """(N, seq_len) token blocks for `src` (PAD after the last whole document of a task or passkey block),
+    cached in `cache_dir` by source, tokenizer and length."""
+    if "+" in src:
+        return torch.cat([token_blocks(part, tokenizer, seq_len, cache_dir, teacher, seed) for part in src.split("+")])
+    kind, _, rest = src.partition(":") if src.startswith(GENERATED + ("teacher:",)) else ("", "", src)
+    if kind not in ("task", "passkey") and not Path(rest).exists():
+        raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, teacher:FILE, task:NAME or passkey:N")
     key = data_key(src, tokenizer, seq_len, seed)
     cache_file = cache_dir / f"data-{key}.pt"
     if cache_file.exists():
@@ -176,15 +196,17 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
     if kind:
         if kind == "task":
             prompts = task_prompts(rest, tokenizer, seed)
+        elif kind == "passkey":
+            prompts = passkey_prompts(rest, tokenizer, seq_len, seed)
         else:
             prompts = [p for p in _read_text(Path(rest)).splitlines() if p.strip()]
             if not prompts:
                 raise KVShrinkError(f"{rest} holds no prompts (one per line)")
-        docs = teacher_documents(prompts, teacher, tokenizer, max_new_tokens=seq_len, seed=seed,
+        docs = teacher_documents(prompts, teacher, tokenizer, max_new_tokens=32 if kind == "passkey" else seq_len, seed=seed,
                                  progress_file=cache_dir / f"teacher-{key}.partial.jsonl")
     else:
         docs = read_documents(rest)
-    packer = pack_whole if kind == "task" else pack
+    packer = pack_whole if src.startswith(GENERATED) else pack
     blocks = packer([tokenizer(d)["input_ids"] for d in docs], tokenizer.eos_token_id, seq_len)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")

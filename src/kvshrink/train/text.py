@@ -1,5 +1,8 @@
 """Real English text that ships with CPython: the Python documentation topics (`pydoc_data.topics`).
 
+Passkey prompts (`passkey_prompt`) hide a 5-digit key in this text: evaluation cuts the filler from the
+held-out part, the retrofit's retrieval data (`--data passkey:N`) from the train part.
+
 Split (deterministic, documented): the topics sorted by name; odd-indexed topics are held out, even-
 indexed ones are train (61,785 train and 51,322 held-out tokens with the SmolLM2 tokenizer: held-out
 measurements need >= 50K). Topics are documents joined by blank lines. Teacher prompts are cut from
@@ -8,6 +11,7 @@ the train part only: consecutive `prompt_tokens`-token windows of the train text
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 
@@ -43,3 +47,22 @@ def write_if_changed(path: Path, text: str) -> None:
     make a rerun miss its cache (and an interrupted teacher sampling its saved progress)."""
     if not (path.exists() and path.read_text() == text):
         path.write_text(text)
+
+
+def passkey_prompt(tok, filler_ids: list[int], context: int, trial: int, answer_tokens: int = 32) -> tuple[list[int], str]:
+    """(chat prompt ids of context - answer_tokens tokens hiding a 5-digit key at a random depth, the key).
+    Deterministic in (context, trial); the filler is a random window of `filler_ids`."""
+    rng = random.Random(context * 100_003 + trial)
+    key = str(rng.randint(10_000, 99_999))
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "\n\nWhat is the pass key? Answer with the number only."
+    intro = "There is a pass key hidden inside the text below. Find it and remember it.\n\n"
+    shell = len(tok.apply_chat_template([{"role": "user", "content": intro + needle + question}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False))
+    n_filler = context - answer_tokens - shell
+    start = rng.randrange(0, len(filler_ids) - n_filler)
+    filler = filler_ids[start:start + n_filler]
+    depth = rng.randrange(0, n_filler + 1)
+    text = intro + tok.decode(filler[:depth]) + needle + tok.decode(filler[depth:]) + question
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    return ids[-(context - answer_tokens):] if len(ids) > context - answer_tokens else ids, key
