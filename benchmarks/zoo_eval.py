@@ -2,7 +2,7 @@
 held-out problems of every task, at the default and at a harder difficulty.
 
     python benchmarks/zoo_eval.py [--models tiny tiny-dms4 tiny-dms8] [--problems 200] [--hard-problems 100]
-        [--hard arith=8 vt=8 niah=4 hops=6] [--hard-models tiny] [--work docs/results/zoo-eval] [--max-minutes M] [--report-only]
+        [--hard arith=10 vt=6 niah=6 hops=5] [--hard-models tiny] [--work docs/results/zoo-eval] [--max-minutes M] [--report-only]
 
 Held out: evaluation problems are drawn from `TASK/0/D/i`; fine-tuning draws from `finetune/0/i` and the DMS
 retrofit's teacher prompts from seed 1,000,000, so no problem is shared. Greedy, one sample per problem,
@@ -37,7 +37,7 @@ from kvshrink.tasks.evaluate import evaluate  # noqa: E402
 from shared import Records, binomial_ci, load_entries, paired_ci  # noqa: E402
 
 BATCH = 20
-HARD = {"arith": 8, "vt": 8, "niah": 4, "hops": 6}
+HARD = {"arith": 10, "vt": 6, "niah": 6, "hops": 5}
 BARS = {"tiny-dms4": 3.0, "tiny-dms8": 6.0}  # points below the reference allowed at default difficulty
 
 

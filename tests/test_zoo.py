@@ -106,6 +106,17 @@ def test_second_stage_starts_from_the_shipped_adapter(models_dir, tmp_path):
     card = (models_dir / "stage2" / "README.md").read_text()
     assert "new table" in card and "## Earlier stage" in card and "Not measured yet" not in card
 
+    # a third stage carries the whole chain: stage 2 one level down, stage 1 two levels down, no stale tables
+    run3 = tmp_path / "run3"
+    _load_initial_adapter(second, trainable, "stage2", run3)
+    second.save_pretrained(str(run3 / "lora"))
+    (run3 / "finetune.json").write_text(json.dumps({**asdict(cfg), "init_from": "stage2", "device_name": "CPU"}))
+    (run3 / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    zoo.pack_lora(run3, models_dir / "stage3", base="smollm2")
+    card = (models_dir / "stage3" / "README.md").read_text()
+    assert "--init-from stage2" in card and "### Earlier stage" in card and "#### How it was made" in card
+    assert "step one" in card and "new table" not in card and "old table" not in card
+
 
 def test_lora_pack_refuses_unfinished_run(models_dir, tmp_path):
     with pytest.raises(KVShrinkError, match="no finished LoRA adapter"):

@@ -32,7 +32,7 @@ def finetune_card(name: str, run_dir: Path) -> str:
     earlier = run_dir / "earlier-stage.md"
     stage = ""
     if cfg.get("init_from"):
-        stage = (f"\nThis is a second stage: it starts from the adapter of `{cfg['init_from']}`, made as its card says "
+        stage = (f"\nThis stage starts from the adapter of `{cfg['init_from']}`, made as its card says "
                  "(under Earlier stage below).\n")
     last = metrics[-1] if metrics else {}
     return f"""# {name}
@@ -61,8 +61,11 @@ Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
 
 
 def _earlier_stage(card: str) -> str:
-    """The earlier stage's card without its title, headings one level down and its (stale) accuracy section dropped."""
-    kept = card.split(ACCURACY)[0].split("\n", 1)[-1].strip()
+    """The earlier stage's card without its title, headings one level down and its (stale) accuracy section
+    dropped; its own earlier stages are kept, so a card carries the whole chain."""
+    before, _, after = card.partition(ACCURACY)
+    rest = after.split("\n## ", 1)
+    kept = (before.split("\n", 1)[-1].strip() + ("\n\n## " + rest[1] if len(rest) > 1 else "")).strip()
     return "\n## Earlier stage\n\n" + "\n".join("#" + line if line.startswith("#") else line for line in kept.splitlines()) + "\n"
 
 
