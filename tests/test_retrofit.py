@@ -234,6 +234,27 @@ def test_teacher_data_and_plot(base_dir, tmp_path, retrofitted):
     assert png.stat().st_size > 10_000
 
 
+def test_bf16_retrofit_follows_fp32(base_dir, tmp_path):
+    """--bf16 (autocast, fp32 master weights) trains like fp32 on the same data: per-step KL and flag rate
+    close to the fp32 run's. It runs as its own process: accelerate keeps one precision per process."""
+    runs = {}
+    for bf16 in (False, True):
+        out = tmp_path / f"bf16-{bf16}"
+        if bf16:
+            proc = subprocess.run([sys.executable, "-m", "kvshrink", "retrofit", str(base_dir), "--out", str(out), "--target-cr", "4",
+                                   "--window", "8", "--steps", "4", "--data", str(base_dir.parent / "train.txt"), "--batch-size", "4",
+                                   "--seq-len", str(SEQ), "--train", "adapter", "--lr", "1e-3", "--device", "cpu", "--bf16"],
+                                  capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            retrofit(config(base_dir, out, steps=4), progress=False)
+        runs[bf16] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(runs[True]) == 4
+    for ref, low in zip(runs[False], runs[True]):
+        assert low["kl"] == pytest.approx(ref["kl"], rel=0.1, abs=2e-3)
+        assert low["flag_rate"] == pytest.approx(ref["flag_rate"], abs=0.02)
+
+
 def test_data_sources(tmp_path, base_dir):
     """Text, jsonl, folder and datasets-folder sources all become the same packed blocks."""
     from datasets import Dataset
