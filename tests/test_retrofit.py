@@ -291,6 +291,22 @@ def test_whole_document_packing_and_masked_kl():
     assert float(kl_student_teacher(student, teacher)) == pytest.approx(float(per_token.mean()), rel=1e-5)
 
 
+def test_compression_loss_one_and_two_sided():
+    """One-sided (the paper) penalizes only an eviction rate below the target; two-sided pulls both ways."""
+    from kvshrink.train.retrofit import compression_loss
+
+    rates = torch.tensor([0.5, 0.9], requires_grad=True)
+    assert float(compression_loss(rates, 0.7)) == pytest.approx((0.2 + 0.0) / 2)
+    compression_loss(rates, 0.7).backward()
+    assert rates.grad.tolist() == [-0.5, 0.0]  # only the sequence below the target is pushed up
+    rates.grad = None
+    assert float(compression_loss(rates, 0.7, "two-sided")) == pytest.approx((0.2 + 0.2) / 2)
+    compression_loss(rates, 0.7, "two-sided").backward()
+    assert rates.grad.tolist() == [-0.5, 0.5]  # and the one above it is pulled down
+    with pytest.raises(KVShrinkError, match="--cr-loss"):
+        RetrofitConfig(model="m", out="o", data="d", cr_loss="both")
+
+
 def test_linear_neuron_decay_removes_weight_and_bias():
     """Zeroing the borrowed q_proj rows over several steps reaches the same rows as zeroing at once (Qwen2 has a q bias)."""
     from conftest import tiny_model

@@ -29,6 +29,7 @@ from ..errors import KVShrinkError
 from ..prompts import chat_prompt, pad_token_id
 
 PAD = -1  # block filler after the last whole document: not a token, masked out of every loss
+ANSWER_TOKENS = {"task": 256, "passkey": 32}  # caps on the teacher's answers, so that one rambling sample cannot hold its batch for seq_len new tokens
 GENERATED = ("task:", "passkey:")  # sources made of generated prompts + teacher answers, packed whole
 TRAIN_SEED = 1_000_000  # task problems for training use seeds from here; evaluation's stay below
 TEXT_SUFFIXES_SKIP = {".safetensors", ".bin", ".pt", ".png", ".jpg", ".gz", ".zip", ".arrow", ".parquet"}
@@ -202,7 +203,7 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
             prompts = [p for p in _read_text(Path(rest)).splitlines() if p.strip()]
             if not prompts:
                 raise KVShrinkError(f"{rest} holds no prompts (one per line)")
-        docs = teacher_documents(prompts, teacher, tokenizer, max_new_tokens=32 if kind == "passkey" else seq_len, seed=seed,
+        docs = teacher_documents(prompts, teacher, tokenizer, max_new_tokens=ANSWER_TOKENS.get(kind, seq_len), seed=seed,
                                  progress_file=cache_dir / f"teacher-{key}.partial.jsonl")
     else:
         docs = read_documents(rest)

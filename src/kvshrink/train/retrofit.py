@@ -4,7 +4,7 @@ Student = MODEL with DMS attached; teacher = the same weights with eviction off 
 variant, the borrowed channel intact). Per step (SPEC section 2, dms-notes section 3):
 
     loss = KL(student || teacher), averaged over tokens
-         + mean over sequences of clamp(target_flag_rate(step) - mean hard flag, 0)
+         + mean over sequences of clamp(target_flag_rate(step) - mean hard flag, 0)   (--cr-loss two-sided: |...|)
 
 target_flag_rate follows a CR ramped linearly from 1 to --target-cr, reached after 80% of the steps.
 The flag rate aimed at is the one that makes the reads-based CR reach the target at `aim_context`
@@ -53,6 +53,7 @@ class RetrofitConfig:
     train: str = "all"  # all (the paper) | adapter (the release)
     decision: str | None = None  # default: neuron with --train all, adapter with --train adapter
     neuron_decay: str = "instant"  # instant | linear (over the first 10% of steps, as DMC)
+    cr_loss: str = "one-sided"  # one-sided (the paper) | two-sided: also pull an eviction rate above the target back
     aim_context: int | None = None  # default 32 * window
     ramp_steps: int | None = None  # steps to reach target_cr (default 80% of steps); then it holds
     save_every: int = 50
@@ -80,6 +81,8 @@ class RetrofitConfig:
             raise KVShrinkError("--train adapter --decision neuron trains nothing: the neuron variant needs --train all")
         if self.neuron_decay not in ("instant", "linear"):
             raise KVShrinkError(f"--neuron-decay must be 'instant' or 'linear' (got {self.neuron_decay!r})")
+        if self.cr_loss not in ("one-sided", "two-sided"):
+            raise KVShrinkError(f"--cr-loss must be 'one-sided' or 'two-sided' (got {self.cr_loss!r})")
         if self.fsdp and self.decision == "neuron" and self.neuron_decay == "linear":
             raise KVShrinkError("--neuron-decay linear edits weight rows in place, which sharded weights do not allow: "
                                 "use --neuron-decay instant with --fsdp")
@@ -107,6 +110,14 @@ def flag_rate_for(cr: float, window: int, context: int) -> float:
     if context <= window:
         return 0.0
     return min(1.0, max(0.0, 1.0 - (context / cr - window) / (context - window)))
+
+
+def compression_loss(flag_rate: torch.Tensor, target: float, kind: str = "one-sided") -> torch.Tensor:
+    """Mean over sequences of max(0, target - rate) (the paper: only too little eviction is penalized), or
+    of |target - rate|: with a frozen base and a small window the KL barely resists extra eviction, so the
+    one-sided loss lets the rate drift past the target; the two-sided one holds it there."""
+    gap = target - flag_rate
+    return (gap.clamp(min=0) if kind == "one-sided" else gap.abs()).mean()
 
 
 def noise_for(seed: int, step: int, global_indices: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -250,7 +261,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
                 kl = kl_student_teacher(student_logits, teacher_logits, live)
                 flags = torch.stack([c["flags"] for c in collected]).float()  # (L, B, Hkv, T), straight-through
                 per_seq = (flags.mean(dim=(0, 2)) * live).sum(-1) / live.sum(-1)
-                comp = (flag_target - per_seq).clamp(min=0).mean()
+                comp = compression_loss(per_seq, flag_target, cfg.cr_loss)
                 loss = (kl + comp) / cfg.grad_accum
                 acc.backward(loss)
             totals += torch.stack([loss.detach() * cfg.grad_accum, kl.detach(), comp.detach(), per_seq.detach().mean()]) / cfg.grad_accum
@@ -384,4 +395,4 @@ def plot_training(run_dir: str | Path) -> Path:
     return png
 
 
-__all__ = ["RetrofitConfig", "retrofit", "plot_training", "ramped_cr", "flag_rate_for"]
+__all__ = ["RetrofitConfig", "compression_loss", "retrofit", "plot_training", "ramped_cr", "flag_rate_for"]

@@ -82,11 +82,12 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
 
     kvshrink zoo retrofit {base} --out runs/zoo/{name} --target-cr {cfg["target_cr"]:g} --window {cfg["window"]} \\
         --steps {cfg["steps"]} --data {cfg["data"]} --seq-len {cfg["seq_len"]} --batch-size {cfg["batch_size"]} \\
-        --lr {cfg["lr"]:g}{" --bf16" if cfg.get("bf16") else ""} --pack {name}
+        --lr {cfg["lr"]:g}{f" --ramp-steps {cfg['ramp_steps']}" if cfg.get("ramp_steps") else ""}{f" --aim-context {cfg['aim_context']}" if cfg.get("aim_context") else ""}{f" --cr-loss {cfg['cr_loss']}" if cfg.get("cr_loss", "one-sided") != "one-sided" else ""}{" --bf16" if cfg.get("bf16") else ""} --pack {name}
 
-Data: `{base}`'s own sampled answers (temperature 1) to training-seed problems ({cfg["data"]}), packed into
-{cfg["seq_len"]}-token blocks. Loss: KL(student || teacher) + the one-sided compression loss, the CR target
-ramped from 1 over {cfg.get("ramp_steps") or int(0.8 * cfg["steps"])} steps, then held.
+Data: `{base}`'s own sampled answers (temperature 1) to training-seed problems ({cfg["data"]}), each problem
+and its answer whole in one {cfg["seq_len"]}-token block (padding masked out of the losses). Loss: KL(student || teacher)
++ the {cfg.get("cr_loss", "one-sided")} compression loss, the CR target ramped from 1 over {cfg.get("ramp_steps") or int(0.8 * cfg["steps"])} steps, then held;
+the eviction rate aimed at makes the reads-based CR reach the target at {cfg.get("aim_context") or 32 * cfg["window"]:,} tokens.
 Steps: {len(metrics)} of {cfg["steps"]}, AdamW lr {cfg["lr"]:g}{", bf16 autocast" if cfg.get("bf16") else ""}. Trained: {_timing(metrics, cfg["device"])}.
 Last step: KL {last.get("kl", float("nan")):.4f}, flag-based CR {last.get("flag_cr", float("nan")):.2f}.
 
