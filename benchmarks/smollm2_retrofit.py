@@ -77,7 +77,7 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
 
 which runs `kvshrink.train.retrofit` with: target CR {cr:g}, w = {WINDOW}, {r["steps"]} steps of 2 x {r.get("seq_len", 512)} tokens,
 AdamW lr {lr_schedule(metrics)} (above the release's 3e-5 so that the adapter follows the CR ramp within this
-step budget{", then lower to settle" if len({m["lr"] for m in metrics}) > 1 else ""}), CR ramped linearly from 1 to {cr:g} over {r.get("ramp_steps") or int(0.8 * r["steps"])}
+step budget{", then lower to settle" if len({m["lr"] for m in metrics}) > 1 else ""}), {r.get("cr_loss", "one-sided")} compression loss, CR ramped linearly from 1 to {cr:g} over {r.get("ramp_steps") or int(0.8 * r["steps"])}
 steps and held, flag rate aimed so that the reads-based CR reaches {cr:g} at {r.get("aim_context") or 32 * WINDOW:,} tokens.
 
 Data: the teacher's own sampled continuations (temperature 1, 512 new tokens) of {r["data"]["prompts"]} prompts of
@@ -118,6 +118,8 @@ def main():
     parser.add_argument("--passkeys", type=int, default=0,
                         help="also distil on the teacher's answers to N passkey prompts built from the train part")
     parser.add_argument("--aim-context", type=int, default=None, help="context where the reads-based CR hits the target (default 32 w)")
+    parser.add_argument("--cr-loss", choices=["one-sided", "two-sided"], default="one-sided",
+                        help="two-sided also pulls an eviction rate above the target back (see kvshrink retrofit --cr-loss)")
     parser.add_argument("--train", choices=["adapter", "all"], default="adapter",
                         help="adapter: the release recipe (shipped); all: the paper's recipe (compared, not shipped)")
     args = parser.parse_args()
@@ -139,7 +141,7 @@ def main():
         name = f"smollm2-dms{cr:g}" + ("" if args.train == "adapter" else "-all")
         cfg = RetrofitConfig(model="smollm2", out=str(args.work / name), target_cr=cr, window=WINDOW, steps=args.steps,
                              data=f"teacher:{prompts_file}" + (f"+passkey:{args.passkeys}" if args.passkeys else ""),
-                             batch_size=2, seq_len=args.seq_len, lr=args.lr, aim_context=args.aim_context,
+                             batch_size=2, seq_len=args.seq_len, lr=args.lr, aim_context=args.aim_context, cr_loss=args.cr_loss,
                              train=args.train, save_every=100, device=args.device,
                              data_cache=str(args.work / "data-cache"), max_minutes=args.max_minutes, ramp_steps=args.ramp_steps,
                              resume=(args.work / name / "checkpoints" / "latest").exists())
@@ -153,7 +155,7 @@ def main():
         model, _ = kvshrink.load(args.work / name, device=args.device)
         _, stats, _ = generate_ids(model, prompts, DMSPolicy(WINDOW), max_new_tokens=32)
         results = {
-            "target_cr": cr, "train": args.train, "seq_len": args.seq_len, "passkeys": args.passkeys, "aim_context": args.aim_context, "ramp_steps": args.ramp_steps, "steps": args.steps, "lr": args.lr, "device": str(device),
+            "target_cr": cr, "train": args.train, "seq_len": args.seq_len, "passkeys": args.passkeys, "aim_context": args.aim_context, "cr_loss": args.cr_loss, "ramp_steps": args.ramp_steps, "steps": args.steps, "lr": args.lr, "device": str(device),
             "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "wall_seconds": seconds,
             "seconds_per_step": seconds / args.steps, "reads_based_cr_2048": stats["compression_ratio"],
             "flag_based_cr_last_step": last["flag_cr"], "final_kl": last["kl"],
