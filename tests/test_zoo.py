@@ -24,6 +24,7 @@ def test_lora_manifest_loads_merged_and_equals_peft(models_dir, tmp_path_factory
     from peft import LoraConfig, get_peft_model
 
     base, tok = kvshrink.load("smollm2")
+    torch.manual_seed(0)  # the random LoRA must not depend on what ran before
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                                  init_lora_weights=False)).eval()
     run = tmp_path_factory.mktemp("run")
@@ -48,7 +49,9 @@ def test_lora_manifest_loads_merged_and_equals_peft(models_dir, tmp_path_factory
         plain, _ = kvshrink.load("smollm2")
         assert (plain(ids).logits - expected).abs().max() > 1e-3  # the adapter changes the model
     assert not any("lora" in n for n, _ in model.named_parameters())
-    assert (got - expected).abs().max() < 1e-4
+    # fp32 rounding of merged vs unmerged LoRA is ~1e-4 on logits of ~30 (measured 6.5e-5 to 8e-5 over 4 seeds);
+    # a wrong merge is off by O(1)
+    assert (got - expected).abs().max() < 5e-4
 
     # a DMS adapter on top of it (tiny-dms8 -> tiny): manifest chain
     (models_dir / "lora-test-dms").mkdir()
