@@ -188,7 +188,7 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
     if "+" in src:
         return torch.cat([token_blocks(part, tokenizer, seq_len, cache_dir, teacher, seed) for part in src.split("+")])
     kind, _, rest = src.partition(":") if src.startswith(GENERATED + ("teacher:",)) else ("", "", src)
-    if kind not in ("task", "passkey") and not Path(rest).exists():
+    if not src.startswith(GENERATED) and not Path(rest).exists():
         raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, teacher:FILE, task:NAME or passkey:N")
     key = data_key(src, tokenizer, seq_len, seed)
     cache_file = cache_dir / f"data-{key}.pt"
