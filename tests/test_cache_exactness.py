@@ -61,12 +61,17 @@ def test_delayed_eviction_bias_matches_brute_force():
                     assert (bias[b, h, i, j] == float("-inf")) == (not visible)
 
 
-@pytest.mark.parametrize("family,decision", [("llama", "adapter"), ("qwen3", "neuron"), ("mistral", "adapter")])
-def test_dms_cache_matches_dense_reference_multi_turn(family, decision):
+@pytest.mark.parametrize("family,decision,sinks", [("llama", "adapter", 0), ("qwen3", "neuron", 0), ("mistral", "adapter", 0),
+                                                    ("llama", "adapter", 3)])
+def test_dms_cache_matches_dense_reference_multi_turn(family, decision, sinks):
     """Teacher-forced logits through DMSCache (prefill -> decode -> second prefill -> decode, batch 2,
-    left padding) equal one full-sequence forward with the hard delayed-eviction mask."""
+    left padding) equal one full-sequence forward with the hard delayed-eviction mask. With sinks, the
+    first real tokens of each row stay whatever their flags (the cache reads `first_pos`, the mask the
+    padding mask: two separate paths)."""
     w = 3
     model = with_random_dms(tiny_model(family), window=w, decision=decision, evict_bias=8.0 if decision == "adapter" else 0.0)
+    for layer in model.model.layers:
+        layer.self_attn.dms.sinks = sinks
     if decision == "neuron":  # a random query channel * 100 gives random decisions; push it towards eviction
         for cfg_layer in model.model.layers:
             cfg_layer.self_attn.dms.alpha_offset = -5.0
@@ -93,6 +98,16 @@ def test_dms_cache_matches_dense_reference_multi_turn(family, decision):
     assert (cached - reference)[real_rows].abs().max() < 1e-4
     # memory follows the evictions: fewer live tokens than tokens seen
     assert cache.live_tokens().float().mean() < 0.6 * T
+    # the first real tokens: flagged somewhere (so the check can fail), kept iff they are sinks
+    first_real = [int((~row.bool()).sum()) for row in mask]
+    for layer_cache, layer_flags in zip(cache.layers, flags):
+        for b, start in enumerate(first_real):
+            stored = layer_cache.live[b] & (layer_cache.pos[b] >= start) & (layer_cache.pos[b] < start + 3)
+            if sinks:
+                assert (stored.sum(-1) == 3).all()
+            else:
+                marked = layer_flags[b, :, start + 1:start + 4].bool()  # the decision at t+1 marks token t
+                assert (stored.sum(-1) == 3 - marked.sum(-1)).all()
 
 
 def test_generation_cache_matches_dense_reference_greedy():

@@ -99,6 +99,25 @@ def test_resume_is_exact(base_dir, tmp_path):
     assert [x["step"] for x in lines] == list(range(1, 101))
 
 
+def test_resume_with_a_new_recipe_keeps_its_phases_and_sinks_reach_the_model(base_dir, tmp_path):
+    """A finished run extended with more steps and sinks: retrofit.json and the model card keep what each
+    stretch of steps ran with; the final model keeps the sinks in its config and its policy."""
+    from kvshrink.generation import resolve_policy
+    from kvshrink.zoo.cards import retrofit_card
+
+    out = tmp_path / "run"
+    retrofit(config(base_dir, out, steps=4, batch_size=2, save_every=2), progress=False)
+    assert "phases" not in json.loads((out / "retrofit.json").read_text())
+    retrofit(config(base_dir, out, steps=6, batch_size=2, save_every=2, sinks=2, resume=True), progress=False)
+    settings = json.loads((out / "retrofit.json").read_text())
+    assert [(p["until_step"], p["steps"], p["sinks"]) for p in settings["phases"]] == [(4, 4, 0)]
+    assert (settings["steps"], settings["sinks"]) == (6, 2)
+    card = retrofit_card("toy-dms4", out, "toy")
+    assert "Steps 1-4:" in card and "Steps 5-6:" in card and "--sinks 2 --resume --pack toy-dms4" in card
+    model, _ = kvshrink.load(out)
+    assert resolve_policy(model, None).sinks == 2
+
+
 def test_truncated_checkpoint_names_the_file(base_dir, tmp_path):
     out = tmp_path / "run"
     retrofit(config(base_dir, out, steps=10, save_every=5, stop_at=5), progress=False)

@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .cache import KVCache
 from .dms.config import DMSConfig
-from .dms.mask import delayed_eviction_bias, hard_log_keep, soft_log_keep
+from .dms.mask import delayed_eviction_bias, hard_log_keep, protect_sinks, soft_log_keep
 from .dms.retention import adapter_logits, borrowed_channel_keep, forced_logits, gumbel_sigmoid, neuron_logits
 from .errors import KVShrinkError
 
@@ -153,9 +153,10 @@ class KVAttention(nn.Module):
         collect = kwargs.get("dms_collect")
         if collect is not None:
             collect.append({"layer": self.layer_idx, "flags": hard, "logits": logits})
-        bias = delayed_eviction_bias(log_keep, self.dms.window).to(q.dtype)  # (B, Hkv, T, T)
+        valid = new_token_validity(attention_mask, B, T, q.device)
+        bias = delayed_eviction_bias(protect_sinks(log_keep, valid, self.dms.sinks), self.dms.window).to(q.dtype)  # (B, Hkv, T, T)
         if attention_mask is not None:  # padding: hide padded keys (a query still sees itself)
-            pad = ~new_token_validity(attention_mask, B, T, q.device)
+            pad = ~valid
             bias = bias.masked_fill(pad[:, None, None, :] & ~torch.eye(T, dtype=torch.bool, device=q.device), float("-inf"))
         G = H // self.n_kv_heads
         qg = q.reshape(B, self.n_kv_heads, G * T, D)  # query heads grouped per KV head: no repeat_kv

@@ -22,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 BF16_OPTION = typer.Option(False, "--bf16", help="bf16 autocast, fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16")
 AIM_CONTEXT_OPTION = typer.Option(None, help="context at which the reads-based CR should hit the target (default 32*w)")
 RAMP_STEPS_OPTION = typer.Option(None, help="steps over which the CR ramps to the target (default 80% of --steps)")
+SINKS_OPTION = typer.Option(0, help="never evict a sequence's first N tokens (attention sinks; 0 = the paper)")
 CR_LOSS_OPTION = typer.Option("one-sided", help="one-sided (the paper: penalize too little eviction) | two-sided (also too much)")
 
 
@@ -143,6 +144,7 @@ def retrofit(
     aim_context: Optional[int] = AIM_CONTEXT_OPTION,
     ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
     cr_loss: str = CR_LOSS_OPTION,
+    sinks: int = SINKS_OPTION,
     save_every: int = typer.Option(50, help="checkpoint every N steps"),
     seed: int = typer.Option(0, help="data order and Gumbel noise seed"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
@@ -160,7 +162,7 @@ def retrofit(
 
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, train=train,
-                         decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss,
+                         decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, sinks=sinks,
                          save_every=save_every, seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device, bf16=bf16)
     last = run(cfg)
     if last and os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
@@ -325,6 +327,7 @@ def zoo_retrofit(
     aim_context: Optional[int] = AIM_CONTEXT_OPTION,
     ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
     cr_loss: str = CR_LOSS_OPTION,
+    sinks: int = SINKS_OPTION,
     save_every: int = typer.Option(25, help="checkpoint every N steps"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
@@ -338,7 +341,7 @@ def zoo_retrofit(
 
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, seq_len=seq_len, lr=lr, train="adapter", decision="adapter",
-                         aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16)
+                         aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, sinks=sinks, save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16)
     last = run(cfg)
     if pack and last.get("step") == steps:
         print(pack_adapter(out, MODELS_DIR / pack, base=model))

@@ -63,7 +63,7 @@ def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = N
         if window is not None and window != cfg.window:
             warnings.warn(f"--window {window} overrides the trained DMS window {cfg.window}", stacklevel=2)
             dms_window = window
-    return make_policy(name, dms_window=dms_window, cr=cr)
+    return make_policy(name, dms_window=dms_window, dms_sinks=cfg.sinks if cfg is not None else 0, cr=cr)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:

@@ -55,7 +55,7 @@ def DMSCache(model, window: int | None = None, **kwargs) -> KVCache:
         from ..errors import KVShrinkError
 
         raise KVShrinkError("this model has no DMS; retrofit one with `kvshrink retrofit MODEL --out DIR`")
-    return KVCache(model, DMSPolicy(cfg.window if window is None else window), **kwargs)
+    return KVCache(model, DMSPolicy(cfg.window if window is None else window, sinks=cfg.sinks), **kwargs)
 
 
 

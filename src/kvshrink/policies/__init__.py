@@ -15,15 +15,16 @@ BUDGETED = {"tova": TOVAPolicy, "h2o": H2OPolicy, "window": WindowPolicy, "quest
 POLICY_NAMES = ("none", "dms", "dms-immediate", *BUDGETED)
 
 
-def make_policy(name: str, *, dms_window: int | None = None, cr: float | None = None) -> CachePolicy:
-    """Build a policy by name. dms_window: the DMS model's window (or the --window override)."""
+def make_policy(name: str, *, dms_window: int | None = None, dms_sinks: int = 0, cr: float | None = None) -> CachePolicy:
+    """Build a policy by name. dms_window: the DMS model's window (or the --window override); dms_sinks:
+    its never-evicted first tokens."""
     check_cr(cr)
     if name == "none":
         return CachePolicy()
     if name in ("dms", "dms-immediate"):
         if dms_window is None:
             raise KVShrinkError(f"policy {name!r} needs a DMS model; retrofit one with `kvshrink retrofit MODEL --out DIR`")
-        return DMSPolicy(0 if name == "dms-immediate" else dms_window)
+        return DMSPolicy(0 if name == "dms-immediate" else dms_window, sinks=dms_sinks)
     if name in BUDGETED:
         if cr is None:
             raise KVShrinkError(f"policy {name!r} works to a token budget: give --cr (e.g. --cr 8)")

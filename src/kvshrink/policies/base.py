@@ -67,3 +67,9 @@ class CachePolicy:
 
     def describe(self) -> dict:
         return {"policy": self.name}
+
+
+def sink_slots(layer, sinks: int) -> torch.Tensor:
+    """(B, Hkv, S) bool: slots holding one of the first `sinks` real tokens of their sequence (attention
+    sinks, which window and DMS policies never evict). `first_pos` skips each row's left padding."""
+    return layer.pos < (layer.first_pos + sinks)[:, None, None]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import sink_slots
 from .budget import PROTECTED, BudgetPolicy
 
 
@@ -18,5 +19,4 @@ class WindowPolicy(BudgetPolicy):
     name = "window"
 
     def keep_scores(self, layer) -> torch.Tensor:
-        sink = layer.pos < (layer.first_pos + self.sinks)[:, None, None]
-        return layer.pos.to(torch.float32) + PROTECTED * sink  # newest first, sinks always
+        return layer.pos.to(torch.float32) + PROTECTED * sink_slots(layer, self.sinks)  # newest first, sinks always

@@ -56,6 +56,7 @@ class RetrofitConfig:
     cr_loss: str = "one-sided"  # one-sided (the paper) | two-sided: also pull an eviction rate above the target back
     aim_context: int | None = None  # default 32 * window
     ramp_steps: int | None = None  # steps to reach target_cr (default 80% of steps); then it holds
+    sinks: int = 0  # never evict each sequence's first N tokens (see DMSConfig.sinks); 0 = the paper
     save_every: int = 50
     seed: int = 0
     max_minutes: float | None = None  # wall-clock ceiling: checkpoint and stop
@@ -183,7 +184,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         blocks = token_blocks(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed)
     model.to("cpu")
 
-    attach_dms(model, DMSConfig(window=cfg.window, decision=cfg.decision, target_cr=cfg.target_cr))
+    attach_dms(model, DMSConfig(window=cfg.window, decision=cfg.decision, target_cr=cfg.target_cr, sinks=cfg.sinks))
     rows = borrowed_rows(model)
     original_rows = [(layer.self_attn.q_proj.weight.detach()[r].clone(),
                       None if layer.self_attn.q_proj.bias is None else layer.self_attn.q_proj.bias.detach()[r].clone())
@@ -224,7 +225,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "retrofit.json").write_text(json.dumps(asdict(cfg), indent=1))
+        (out / "retrofit.json").write_text(json.dumps(_settings_with_phases(out / "retrofit.json", cfg, start_step), indent=1))
     metrics_path = out / "metrics.jsonl"
     if acc.is_main_process and metrics_path.exists():  # drop lines past the checkpoint we resume from
         keep_jsonl(metrics_path, lambda row: row["step"] <= start_step)
@@ -300,6 +301,18 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
             tokenizer.save_pretrained(out)
     acc.wait_for_everyone()
     return last
+
+
+def _settings_with_phases(path: Path, cfg: RetrofitConfig, start_step: int) -> dict:
+    """cfg as JSON. A resume that changes the recipe (more steps, another lr, sinks...) keeps the
+    settings each earlier stretch of steps ran with under `phases`, so the model card can say so."""
+    ignore = ("resume", "phases", "max_minutes", "stop_at", "save_every")
+    new = asdict(cfg)
+    old = json.loads(path.read_text()) if start_step and path.is_file() else {}
+    phases = old.pop("phases", [])
+    if old and {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}:
+        phases = [p for p in phases if p["until_step"] <= start_step] + [{**old, "until_step": start_step}]
+    return {**new, "phases": phases} if phases else new
 
 
 def _shift_borrowed_rows(model, rows, original_rows, fraction: float) -> None:

@@ -80,9 +80,7 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
 
 ## How it was made
 
-    kvshrink zoo retrofit {base} --out runs/zoo/{name} --target-cr {cfg["target_cr"]:g} --window {cfg["window"]} \\
-        --steps {cfg["steps"]} --data {cfg["data"]} --seq-len {cfg["seq_len"]} --batch-size {cfg["batch_size"]} \\
-        --lr {cfg["lr"]:g}{f" --ramp-steps {cfg['ramp_steps']}" if cfg.get("ramp_steps") else ""}{f" --aim-context {cfg['aim_context']}" if cfg.get("aim_context") else ""}{f" --cr-loss {cfg['cr_loss']}" if cfg.get("cr_loss", "one-sided") != "one-sided" else ""}{" --bf16" if cfg.get("bf16") else ""} --pack {name}
+{_retrofit_commands(cfg, base, name)}
 
 Data: `{base}`'s own sampled answers (temperature 1) to training-seed problems ({cfg["data"]}), each problem
 and its answer whole in one {cfg["seq_len"]}-token block (padding masked out of the losses). Loss: KL(student || teacher)
@@ -95,6 +93,31 @@ Last step: KL {last.get("kl", float("nan")):.4f}, flag-based CR {last.get("flag_
 
 Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
 """
+
+
+def _retrofit_commands(cfg: dict, base: str, name: str) -> str:
+    """The command of each stretch of steps: a resume that changed the recipe left a phase behind."""
+    stages = [*cfg.get("phases", []), {**cfg, "until_step": cfg["steps"]}]
+    if len(stages) == 1:
+        return _retrofit_command(stages[0], base, name, f" --pack {name}")
+    lines, first = [], 1
+    for i, stage in enumerate(stages):
+        tail = (" --resume" if i else "") + (f" --pack {name}" if i == len(stages) - 1 else "")
+        lines.append(f"Steps {first}-{stage['until_step']}:\n\n" + _retrofit_command(stage, base, name, tail))
+        first = stage["until_step"] + 1
+    return "\n\n".join(lines)
+
+
+def _retrofit_command(cfg: dict, base: str, name: str, tail: str) -> str:
+    options = [f"--lr {cfg['lr']:g}"]
+    options += [f"--ramp-steps {cfg['ramp_steps']}"] if cfg.get("ramp_steps") else []
+    options += [f"--aim-context {cfg['aim_context']}"] if cfg.get("aim_context") else []
+    options += [f"--cr-loss {cfg['cr_loss']}"] if cfg.get("cr_loss", "one-sided") != "one-sided" else []
+    options += [f"--sinks {cfg['sinks']}"] if cfg.get("sinks") else []
+    options += ["--bf16"] if cfg.get("bf16") else []
+    return f"""    kvshrink zoo retrofit {base} --out runs/zoo/{name} --target-cr {cfg["target_cr"]:g} --window {cfg["window"]} \\
+        --steps {cfg["until_step"]} --data {cfg["data"]} --seq-len {cfg["seq_len"]} --batch-size {cfg["batch_size"]} \\
+        {" ".join(options)}{tail}"""
 
 
 def set_accuracy(card: Path, table: str) -> None:
