@@ -49,6 +49,8 @@ def test_unsupported_family(tmp_path, capsys, monkeypatch):
     [
         (["--cr", "0.5"], "--cr must be >= 1"),
         (["--window", "-1"], "--window must be >= 0"),
+        (["--sinks", "-1"], "--sinks must be >= 0"),
+        (["--sinks", "4"], "--sinks is a DMS setting"),
         (["--policy", "magic"], "unknown policy 'magic'"),
         (["--policy", "dms"], "kvshrink retrofit"),
     ],

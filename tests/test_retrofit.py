@@ -116,6 +116,8 @@ def test_resume_with_a_new_recipe_keeps_its_phases_and_sinks_reach_the_model(bas
     assert "Steps 1-4:" in card and "Steps 5-6:" in card and "--sinks 2 --resume --pack toy-dms4" in card
     model, _ = kvshrink.load(out)
     assert resolve_policy(model, None).sinks == 2
+    with pytest.warns(UserWarning, match="overrides the trained DMS sinks 2"):
+        assert resolve_policy(model, "dms-immediate", sinks=0).sinks == 0
 
 
 def test_truncated_checkpoint_names_the_file(base_dir, tmp_path):

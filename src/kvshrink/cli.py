@@ -23,6 +23,7 @@ BF16_OPTION = typer.Option(False, "--bf16", help="bf16 autocast, fp32 master wei
 AIM_CONTEXT_OPTION = typer.Option(None, help="context at which the reads-based CR should hit the target (default 32*w)")
 RAMP_STEPS_OPTION = typer.Option(None, help="steps over which the CR ramps to the target (default 80% of --steps)")
 SINKS_OPTION = typer.Option(0, help="never evict a sequence's first N tokens (attention sinks; 0 = the paper)")
+SINKS_OVERRIDE = typer.Option(None, help="DMS sinks override: never evict the first N tokens (>= 0)")
 CR_LOSS_OPTION = typer.Option("one-sided", help="one-sided (the paper: penalize too little eviction) | two-sided (also too much)")
 
 
@@ -33,6 +34,7 @@ def generate(
     policy: Optional[str] = typer.Option(None, help="none | dms | dms-immediate | tova | h2o | window | quest (default: dms on a DMS model, else none)"),
     cr: Optional[float] = typer.Option(None, help="target compression ratio (>= 1)"),
     window: Optional[int] = typer.Option(None, help="DMS window override (>= 0)"),
+    sinks: Optional[int] = SINKS_OVERRIDE,
     max_new_tokens: int = typer.Option(64, help="tokens to generate"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
@@ -49,10 +51,10 @@ def generate(
 
     if not prompt.strip():
         raise KVShrinkError("empty prompt: give some text to continue")
-    _check_policy_options(policy, cr, window)
+    _check_policy_options(policy, cr, window, sinks)
     m, tok = load(model, device=device, dtype=dtype)
     result = run(m, tok, prompt, policy, cr, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_p=top_p, n=n, seed=seed, chat=chat)
+                 top_p=top_p, n=n, seed=seed, chat=chat, sinks=sinks)
     if as_json:
         print(json.dumps({"texts": result.texts, "tokens": result.tokens, "stats": result.stats}))
         return
@@ -71,12 +73,14 @@ def generate(
     console.print(table)
 
 
-def _check_policy_options(policy: str | None, cr: float | None, window: int | None) -> None:
+def _check_policy_options(policy: str | None, cr: float | None, window: int | None, sinks: int | None = None) -> None:
     """Fail on bad policy options before a model is loaded (loading takes seconds)."""
     from .policies import POLICY_NAMES
 
     check_cr(cr)
     check_window(window)
+    if sinks is not None and sinks < 0:
+        raise KVShrinkError(f"--sinks must be >= 0 (got {sinks})")
     if policy is not None and policy not in POLICY_NAMES:
         raise KVShrinkError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
 
@@ -88,6 +92,7 @@ def eval_cmd(
     policy: Optional[str] = typer.Option(None, help="cache policy (default: dms on a DMS model, else none)"),
     cr: Optional[float] = typer.Option(None, help="target compression ratio (>= 1)"),
     window: Optional[int] = typer.Option(None, help="DMS window override (>= 0)"),
+    sinks: Optional[int] = SINKS_OVERRIDE,
     problems: int = typer.Option(100, help="number of problems"),
     seed: int = typer.Option(0, help="problem seed (held out: training uses seeds >= 1,000,000)"),
     difficulty: Optional[int] = typer.Option(None, help="task difficulty (default: the task's default)"),
@@ -105,11 +110,11 @@ def eval_cmd(
     from .tasks.evaluate import evaluate
 
     task_module(task)
-    _check_policy_options(policy, cr, window)
+    _check_policy_options(policy, cr, window, sinks)
     m, tok = load(model, device=device)
     result = evaluate(m, tok, task, policy, cr=cr, window=window, problems=problems, seed=seed, difficulty=difficulty,
                       width=width, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      batch_size=batch_size, progress=not as_json)
+                      batch_size=batch_size, progress=not as_json, sinks=sinks)
     summary = {k: v for k, v in result.items() if k != "results"}
     if as_json:
         print(json.dumps(summary))

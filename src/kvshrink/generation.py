@@ -37,9 +37,10 @@ class GenerationResult:
     per_sequence: dict = field(default_factory=dict, repr=False)  # tensors (B,): reads, peak tokens, lengths
 
 
-def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = None, window: int | None = None) -> CachePolicy:
+def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = None, window: int | None = None,
+                   sinks: int | None = None) -> CachePolicy:
     """Name -> policy for this model. On a DMS model the default is 'dms'; its CR is trained, so a
-    disagreeing --cr is refused; --window overrides the trained window with a warning."""
+    disagreeing --cr is refused; --window and --sinks override the trained ones with a warning."""
     from .dms.attach import dms_config
 
     if isinstance(policy, CachePolicy):
@@ -51,9 +52,10 @@ def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = N
     if name == "none" and cr is not None and cr > 1:
         raise KVShrinkError(f"--cr {cr:g} needs a policy that compresses: add --policy tova, h2o, window or quest "
                             "(or use a DMS model)")
-    if window is not None and name not in ("dms", "dms-immediate"):
-        raise KVShrinkError(f"--window sets the DMS eviction delay; policy {name!r} has none (drop --window)")
-    dms_window = None
+    for value, option in ((window, "--window"), (sinks, "--sinks")):
+        if value is not None and name not in ("dms", "dms-immediate"):
+            raise KVShrinkError(f"{option} is a DMS setting; policy {name!r} has none (drop {option})")
+    dms_window, dms_sinks = None, 0
     if name in ("dms", "dms-immediate") and cfg is not None:
         if cr is not None and cfg.target_cr is not None and abs(cr - cfg.target_cr) > 1e-9:
             raise KVShrinkError(
@@ -63,7 +65,11 @@ def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = N
         if window is not None and window != cfg.window:
             warnings.warn(f"--window {window} overrides the trained DMS window {cfg.window}", stacklevel=2)
             dms_window = window
-    return make_policy(name, dms_window=dms_window, dms_sinks=cfg.sinks if cfg is not None else 0, cr=cr)
+        dms_sinks = cfg.sinks
+        if sinks is not None and sinks != cfg.sinks:
+            warnings.warn(f"--sinks {sinks} overrides the trained DMS sinks {cfg.sinks}", stacklevel=2)
+            dms_sinks = sinks
+    return make_policy(name, dms_window=dms_window, dms_sinks=dms_sinks, cr=cr)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -239,6 +245,7 @@ def generate(
     chat: bool = False,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     reserve: int = 0,
+    sinks: int | None = None,
 ) -> GenerationResult:
     """Generate `n` continuations per prompt under a cache policy; greedy when temperature == 0.
 
@@ -250,7 +257,7 @@ def generate(
         prompts = [prompts]
     if n < 1:
         raise KVShrinkError(f"--n must be >= 1 (got {n})")
-    pol = resolve_policy(model, policy, cr, window)
+    pol = resolve_policy(model, policy, cr, window, sinks)
     ids = encode_prompts(tokenizer, prompts, chat)
     ids = [p for p in ids for _ in range(n)]
     eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)

@@ -19,7 +19,7 @@ from . import answer_budget, extract_answer, make_problems
 def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = None, window: int | None = None,
              problems: int = 100, seed: int = 0, difficulty: int | None = None, width: int = 1,
              max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             batch_size: int = 8, first: int = 0, progress: bool = False) -> dict:
+             batch_size: int = 8, first: int = 0, progress: bool = False, sinks: int | None = None) -> dict:
     """Accuracy (majority vote of `width` samples) and cost of `problems` problems. Greedy when
     temperature == 0 (then width > 1 repeats one answer). Returns the JSON of SPEC section 6 plus
     `pass_at_w` and per-problem `results`. `first` starts at a later problem (to split a run)."""
@@ -32,7 +32,7 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
     items = make_problems(task, problems, seed=seed, difficulty=difficulty, first=first)
     if max_new_tokens is None:
         max_new_tokens = answer_budget(tokenizer, items)
-    pol = resolve_policy(model, policy, cr, window)
+    pol = resolve_policy(model, policy, cr, window, sinks)
     eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
     totals = {"kv_reads": 0.0, "vanilla_kv_reads": 0.0, "prefill_kv_reads": 0.0, "peak_kv_tokens": 0.0}
     cache_bytes, results = 0, []
