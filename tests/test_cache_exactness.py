@@ -85,7 +85,7 @@ def test_dms_cache_matches_dense_reference_multi_turn(family, decision, sinks):
         reference = model(ids, attention_mask=mask, position_ids=positions, use_cache=False, dms_collect=collected).logits
         flags = torch.stack([c["flags"] for c in collected])  # (L, B, Hkv, T)
         real = mask[None, :, None, 1:].bool().expand_as(flags[..., 1:])
-        assert flags[..., 1:][real].float().mean() >= 0.5, "the test needs real evictions"
+        assert flags[..., 1:][real].float().mean() >= 0.45, "the test needs real evictions"
 
         cache = DMSCache(model)
         schedule = [(0, 17), *[(t, t + 1) for t in range(17, 22)], (22, 31), *[(t, t + 1) for t in range(31, T)]]
@@ -105,6 +105,7 @@ def test_dms_cache_matches_dense_reference_multi_turn(family, decision, sinks):
             stored = layer_cache.live[b] & (layer_cache.pos[b] >= start) & (layer_cache.pos[b] < start + 3)
             if sinks:
                 assert (stored.sum(-1) == 3).all()
+                assert not layer_flags[b, :, start + 1:start + 4].any()  # their decisions read "keep"
             else:
                 marked = layer_flags[b, :, start + 1:start + 4].bool()  # the decision at t+1 marks token t
                 assert (stored.sum(-1) == 3 - marked.sum(-1)).all()

@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .cache import KVCache
 from .dms.config import DMSConfig
-from .dms.mask import delayed_eviction_bias, hard_log_keep, protect_sinks, soft_log_keep
+from .dms.mask import delayed_eviction_bias, hard_log_keep, sink_tokens, soft_log_keep
 from .dms.retention import adapter_logits, borrowed_channel_keep, forced_logits, gumbel_sigmoid, neuron_logits
 from .errors import KVShrinkError
 
@@ -150,11 +150,17 @@ class KVAttention(nn.Module):
         else:
             hard = (logits > 0).to(q.dtype)
             log_keep = hard_log_keep(logits > 0)
+        valid = new_token_validity(attention_mask, B, T, q.device)
+        if self.dms.sinks:  # sinks stay, and their decisions (at the next position) count as "keep"
+            sink = sink_tokens(valid, self.dms.sinks)
+            log_keep = log_keep.masked_fill(sink[:, None, :], 0.0)
+            decides_sink = torch.zeros_like(sink)
+            decides_sink[:, 1:] = sink[:, :-1]
+            hard = hard.masked_fill(decides_sink[:, None, :], 0.0)
         collect = kwargs.get("dms_collect")
         if collect is not None:
             collect.append({"layer": self.layer_idx, "flags": hard, "logits": logits})
-        valid = new_token_validity(attention_mask, B, T, q.device)
-        bias = delayed_eviction_bias(protect_sinks(log_keep, valid, self.dms.sinks), self.dms.window).to(q.dtype)  # (B, Hkv, T, T)
+        bias = delayed_eviction_bias(log_keep, self.dms.window).to(q.dtype)  # (B, Hkv, T, T)
         if attention_mask is not None:  # padding: hide padded keys (a query still sees itself)
             pad = ~valid
             bias = bias.masked_fill(pad[:, None, None, :] & ~torch.eye(T, dtype=torch.bool, device=q.device), float("-inf"))

@@ -40,10 +40,7 @@ def shift_to_marked_token(x: torch.Tensor, fill: float) -> torch.Tensor:
     return F.pad(x[..., 1:], (0, 1), value=fill)
 
 
-def protect_sinks(log_keep: torch.Tensor, valid: torch.Tensor, sinks: int) -> torch.Tensor:
-    """Keep the first `sinks` real tokens of each row whatever their flags. log_keep: (B, Hkv, T);
-    valid: (B, T) real (non-padding) tokens."""
-    if not sinks:
-        return log_keep
-    sink = valid & (valid.cumsum(-1) <= sinks)
-    return log_keep.masked_fill(sink[:, None, :], 0.0)
+def sink_tokens(valid: torch.Tensor, sinks: int) -> torch.Tensor:
+    """(B, T) bool: each row's first `sinks` real tokens, which are never evicted. valid: (B, T) real
+    (non-padding) tokens."""
+    return valid & (valid.cumsum(-1) <= sinks)
