@@ -108,12 +108,16 @@ def test_resume_with_a_new_recipe_keeps_its_phases_and_sinks_reach_the_model(bas
     out = tmp_path / "run"
     retrofit(config(base_dir, out, steps=4, batch_size=2, save_every=2), progress=False)
     assert "phases" not in json.loads((out / "retrofit.json").read_text())
-    retrofit(config(base_dir, out, steps=6, batch_size=2, save_every=2, sinks=2, resume=True), progress=False)
+    retrofit(config(base_dir, out, steps=6, batch_size=2, save_every=2, sinks=2, target_cr=8, ramp_steps=2, resume=True), progress=False)
     settings = json.loads((out / "retrofit.json").read_text())
-    assert [(p["until_step"], p["steps"], p["sinks"]) for p in settings["phases"]] == [(4, 4, 0)]
-    assert (settings["steps"], settings["sinks"]) == (6, 2)
-    card = retrofit_card("toy-dms4", out, "toy")
-    assert "Steps 1-4:" in card and "Steps 5-6:" in card and "--sinks 2 --resume --pack toy-dms4" in card
+    assert [(p["until_step"], p["steps"], p["sinks"], p["target_cr"]) for p in settings["phases"]] == [(4, 4, 0, 4)]
+    assert (settings["steps"], settings["sinks"], settings["target_cr"]) == (6, 2, 8)
+    # the raised target ramps from the old one: 4 -> 8 over 2 steps after step 4
+    targets = [json.loads(x)["target_cr"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert targets[3:] == pytest.approx([4.0, 6.0, 8.0])
+    card = retrofit_card("toy-dms8", out, "toy")
+    assert "Steps 1-4:" in card and "Steps 5-6:" in card and "--sinks 2 --resume --pack toy-dms8" in card
+    assert "ramped linearly from 4 to 8 over 2 steps from step 5" in card
     model, _ = kvshrink.load(out)
     assert resolve_policy(model, None).sinks == 2
     with pytest.warns(UserWarning, match="overrides the trained DMS sinks 2"):

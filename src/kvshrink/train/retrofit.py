@@ -6,7 +6,9 @@ variant, the borrowed channel intact). Per step (SPEC section 2, dms-notes secti
     loss = KL(student || teacher), averaged over tokens
          + mean over sequences of clamp(target_flag_rate(step) - mean hard flag, 0)   (--cr-loss two-sided: |...|)
 
-target_flag_rate follows a CR ramped linearly from 1 to --target-cr, reached after 80% of the steps.
+target_flag_rate follows a CR ramped linearly from 1 to --target-cr, reached after 80% of the steps
+(--ramp-steps). A resume that raises --target-cr (a DMS-4 run carried on to DMS-8) ramps from the old
+target to the new one over --ramp-steps, starting where the old settings stopped.
 The flag rate aimed at is the one that makes the reads-based CR reach the target at `aim_context`
 tokens (default 32 * window, where SPEC section 7 measures CR): with window w, a query at position L
 reads about w + (1 - f)(L - w) tokens, so f = 1 - (L / CR - w) / (L - w) (slightly above 1 - 1/CR).
@@ -99,11 +101,23 @@ class RetrofitConfig:
             self.aim_context = max(32 * self.window, 2)
 
 
-def ramped_cr(step: int, cfg: RetrofitConfig) -> float:
-    """CR target after `step` completed steps: linear from 1, reaching target_cr after `ramp_steps`
-    (default 80% of the steps). Extending a finished run: resume with more --steps and the same ramp."""
+def ramped_cr(step: int, cfg: RetrofitConfig, origin: tuple[float, int] = (1.0, 0)) -> float:
+    """CR target after `step` completed steps: linear from origin = (CR, step), reaching target_cr after
+    `ramp_steps` more (default 80% of the steps). Extending a finished run: resume with more --steps and
+    the same ramp; raising the target: see `ramp_origin`."""
+    start_cr, start_step = origin
     ramp = max(1, cfg.ramp_steps or int(0.8 * cfg.steps))
-    return 1.0 + (cfg.target_cr - 1.0) * min(1.0, (step + 1) / ramp)
+    return start_cr + (cfg.target_cr - start_cr) * min(1.0, (step + 1 - start_step) / ramp)
+
+
+def ramp_origin(settings: dict) -> tuple[float, int]:
+    """(CR, step) the ramp starts from: (1, 0), or the last resume that changed --target-cr (`phases`)."""
+    origin = (1.0, 0)
+    stages = [*settings.get("phases", []), settings]
+    for before, after in zip(stages, stages[1:]):
+        if before["target_cr"] != after["target_cr"]:
+            origin = (before["target_cr"], before["until_step"])
+    return origin
 
 
 def flag_rate_for(cr: float, window: int, context: int) -> float:
@@ -157,6 +171,10 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     checkpoints = Checkpoints(out)
     resume_from = checkpoints.resume_point(cfg.resume, "retrofit")
+    saved = None if resume_from is None else Checkpoints.load(resume_from)  # (trainable, optimizer, state)
+    start_step = 0 if saved is None else saved[2]["step"]
+    settings = _settings_with_phases(out / "retrofit.json", cfg, start_step)  # read by every process before any write
+    origin = ramp_origin(settings)
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     try:
@@ -193,12 +211,11 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         p.requires_grad_(cfg.train == "all" or ".dms_proj_alpha" in name)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
 
-    start_step = 0
     if resume_from is None and cfg.decision == "neuron" and cfg.neuron_decay == "instant":
         _shift_borrowed_rows(model, rows, original_rows, 1.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     if resume_from is not None:
-        trainable, opt_state, state = Checkpoints.load(resume_from)
+        trainable, opt_state, state = saved
         missing = set(trainable_names) - set(trainable)
         if missing:
             raise KVShrinkError(f"checkpoint {resume_from} lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}): it belongs to another run")
@@ -208,7 +225,6 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
                 params[name].copy_(trainable[name])
         if not cfg.fsdp:
             optimizer.load_state_dict(opt_state)
-        start_step = state["step"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
     model.to(acc.device)
@@ -220,12 +236,13 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
         set_optimizer_state_dict(model, optimizer, _named_optimizer_state(opt_state, trainable_names),
                                  options=StateDictOptions(full_state_dict=True))
+    saved = trainable = opt_state = None  # the loaded copies are in the model and optimizer now
     model.train()
     inner = acc.unwrap_model(model)
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "retrofit.json").write_text(json.dumps(_settings_with_phases(out / "retrofit.json", cfg, start_step), indent=1))
+        (out / "retrofit.json").write_text(json.dumps(settings, indent=1))
     metrics_path = out / "metrics.jsonl"
     if acc.is_main_process and metrics_path.exists():  # drop lines past the checkpoint we resume from
         keep_jsonl(metrics_path, lambda row: row["step"] <= start_step)
@@ -239,7 +256,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     bar = progress_bar(acc.is_main_process and progress, "retrofit", cfg.steps, start_step)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        cr_target = ramped_cr(step, cfg)
+        cr_target = ramped_cr(step, cfg, origin)
         flag_target = flag_rate_for(cr_target, cfg.window, cfg.aim_context)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in optimizer.param_groups:
@@ -408,4 +425,4 @@ def plot_training(run_dir: str | Path) -> Path:
     return png
 
 
-__all__ = ["RetrofitConfig", "compression_loss", "retrofit", "plot_training", "ramped_cr", "flag_rate_for"]
+__all__ = ["RetrofitConfig", "compression_loss", "retrofit", "plot_training", "ramped_cr", "ramp_origin", "flag_rate_for"]

@@ -84,7 +84,7 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
 
 Data: `{base}`'s own sampled answers (temperature 1) to training-seed problems ({cfg["data"]}), each problem
 and its answer whole in one {cfg["seq_len"]}-token block (padding masked out of the losses). Loss: KL(student || teacher)
-+ the {cfg.get("cr_loss", "one-sided")} compression loss, the CR target ramped from 1 over {cfg.get("ramp_steps") or int(0.8 * cfg["steps"])} steps, then held;
++ the {cfg.get("cr_loss", "one-sided")} compression loss, {_ramp(cfg)}, then held;
 the eviction rate aimed at makes the reads-based CR reach the target at {cfg.get("aim_context") or 32 * cfg["window"]:,} tokens.
 Steps: {len(metrics)} of {cfg["steps"]}, AdamW lr {cfg["lr"]:g}{", bf16 autocast" if cfg.get("bf16") else ""}. Trained: {_timing(metrics, cfg["device"])}.
 Last step: KL {last.get("kl", float("nan")):.4f}, flag-based CR {last.get("flag_cr", float("nan")):.2f}.
@@ -93,6 +93,16 @@ Last step: KL {last.get("kl", float("nan")):.4f}, flag-based CR {last.get("flag_
 
 Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
 """
+
+
+def _ramp(cfg: dict) -> str:
+    """The CR ramp of the last stretch (earlier stretches show in their commands)."""
+    from ..train.retrofit import ramp_origin
+
+    start_cr, start_step = ramp_origin(cfg)
+    steps = cfg.get("ramp_steps") or int(0.8 * cfg["steps"])
+    where = f" from step {start_step + 1}" if start_step else ""
+    return f"the CR target ramped linearly from {start_cr:g} to {cfg['target_cr']:g} over {steps} steps{where}"
 
 
 def _retrofit_commands(cfg: dict, base: str, name: str) -> str:
