@@ -15,7 +15,8 @@ from kvshrink.policies import CachePolicy, make_policy
 
 @dataclass
 class Entry:
-    """A model under a cache policy: `tiny`, `tiny-dms8` (its trained DMS policy) or `tiny@tova:4` (NAME@POLICY:CR)."""
+    """A model under a cache policy: `tiny`, `tiny-dms8` (its trained DMS policy), `tiny@tova:4` (NAME@POLICY:CR)
+    or `tiny-dms4@sinks:4` (its DMS policy with the first 4 tokens never evicted)."""
 
     model: object
     policy: CachePolicy
@@ -29,9 +30,11 @@ def load_entries(names: list[str], device, always: tuple[str, ...] = (), dtype: 
         if model_name not in models:
             models[model_name], tok = kvshrink.load(model_name, device=device, dtype=dtype)
         model = models[model_name]
-        if spec:
-            policy_name, _, cr = spec.partition(":")
-            entries[name] = Entry(model, make_policy(policy_name, cr=float(cr) if cr else None))
+        policy_name, _, arg = spec.partition(":")
+        if policy_name == "sinks":
+            entries[name] = Entry(model, resolve_policy(model, None, sinks=int(arg)))
+        elif spec:
+            entries[name] = Entry(model, make_policy(policy_name, cr=float(arg) if arg else None))
         else:
             entries[name] = Entry(model, resolve_policy(model, None))
     return entries, tok
