@@ -4,10 +4,11 @@ results file (so a run resumes where it stopped) and the 95% intervals every com
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import kvshrink
+from kvshrink.dms.attach import attach_dms, dms_config
 from kvshrink.generation import resolve_policy
 from kvshrink.jsonl import append_jsonl, read_jsonl
 from kvshrink.policies import CachePolicy, make_policy
@@ -31,8 +32,10 @@ def load_entries(names: list[str], device, always: tuple[str, ...] = (), dtype: 
             models[model_name], tok = kvshrink.load(model_name, device=device, dtype=dtype)
         model = models[model_name]
         policy_name, _, arg = spec.partition(":")
-        if policy_name == "sinks":
-            entries[name] = Entry(model, resolve_policy(model, None, sinks=int(arg)))
+        if policy_name == "sinks":  # a copy of its own: dense forwards (perplexity, flag rates) read the model's settings
+            model, _ = kvshrink.load(model_name, device=device, dtype=dtype)
+            attach_dms(model, replace(dms_config(model), sinks=int(arg)))
+            entries[name] = Entry(model, resolve_policy(model, None))
         elif spec:
             entries[name] = Entry(model, make_policy(policy_name, cr=float(arg) if arg else None))
         else:

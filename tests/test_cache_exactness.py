@@ -106,6 +106,7 @@ def test_dms_cache_matches_dense_reference_multi_turn(family, decision, sinks):
             if sinks:
                 assert (stored.sum(-1) == 3).all()
                 assert not layer_flags[b, :, start + 1:start + 4].any()  # their decisions read "keep"
+                assert not (layer_cache.flag[b] & stored).any()  # nor are they flagged in the cache (KVTC stores flags)
             else:
                 marked = layer_flags[b, :, start + 1:start + 4].bool()  # the decision at t+1 marks token t
                 assert (stored.sum(-1) == 3 - marked.sum(-1)).all()

@@ -124,6 +124,31 @@ def test_resume_with_a_new_recipe_keeps_its_phases_and_sinks_reach_the_model(bas
         assert resolve_policy(model, "dms-immediate", sinks=0).sinks == 0
 
 
+def test_phases_and_ramp_origins(tmp_path):
+    """Which resumes leave a phase behind, and where a raised target's ramp starts."""
+    from dataclasses import asdict
+
+    from kvshrink.train.retrofit import _settings_with_phases, stages_with_origins
+
+    path = tmp_path / "retrofit.json"
+    first = RetrofitConfig(model="m", out="a", data="d", target_cr=4, steps=100)
+    old = {k: v for k, v in asdict(first).items() if k != "sinks"}  # a file from before --sinks existed
+    path.write_text(json.dumps(old))
+    # same recipe (another folder, device, stop point, more saves): no phase
+    same = RetrofitConfig(model="m", out="b", data="d", target_cr=4, steps=100, device="cpu", save_every=7, stop_at=80)
+    assert "phases" not in _settings_with_phases(path, same, 40)
+    # cut short at step 40 mid-ramp (1 -> 4 over 80 steps reaches 2.5), then raised to 8 over 10 steps
+    raised = _settings_with_phases(path, RetrofitConfig(model="m", out="a", data="d", target_cr=8, steps=60, ramp_steps=10), 40)
+    assert [p["until_step"] for p in raised["phases"]] == [40] and raised["phases"][0]["sinks"] == 0
+    (_, o1), (_, o2) = stages_with_origins(raised)
+    assert o1 == (1.0, 0) and o2 == pytest.approx((2.5, 40))
+    # resuming again from the same step, or rewinding before a phase's end, adds no empty stretch
+    path.write_text(json.dumps(raised))
+    again = _settings_with_phases(path, RetrofitConfig(model="m", out="a", data="d", target_cr=8, steps=60, ramp_steps=10, lr=1e-4), 40)
+    assert [p["until_step"] for p in again["phases"]] == [40]
+    assert "phases" not in _settings_with_phases(path, first, 30)
+
+
 def test_truncated_checkpoint_names_the_file(base_dir, tmp_path):
     out = tmp_path / "run"
     retrofit(config(base_dir, out, steps=10, save_every=5, stop_at=5), progress=False)

@@ -154,8 +154,7 @@ class KVAttention(nn.Module):
         if self.dms.sinks:  # sinks stay, and their decisions (at the next position) count as "keep"
             sink = sink_tokens(valid, self.dms.sinks)
             log_keep = log_keep.masked_fill(sink[:, None, :], 0.0)
-            decides_sink = torch.zeros_like(sink)
-            decides_sink[:, 1:] = sink[:, :-1]
+            decides_sink = F.pad(sink[:, :-1], (1, 0), value=False)  # the decision at t+1 marks token t
             hard = hard.masked_fill(decides_sink[:, None, :], 0.0)
         collect = kwargs.get("dms_collect")
         if collect is not None:

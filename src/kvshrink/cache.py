@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KVShrinkError
-from .policies.base import CachePolicy
+from .policies.base import CachePolicy, sink_slots
 
 DEFAULT_CHUNK = 64
 
@@ -167,6 +167,11 @@ class SlotLayer(CacheLayerMixin):
             return self.bias.argmin(-1, keepdim=True)  # the first free slot (-inf)
         return torch.sort(self.live.to(torch.uint8), dim=-1, stable=True).indices[..., :n]
 
+    def _unflag_sinks(self) -> None:
+        """A sequence's first `policy.sinks` real tokens are never evicted: their flags read "keep"."""
+        if self.cache.policy.sinks:
+            self.flag &= ~sink_slots(self, self.cache.policy.sinks)
+
     def _free(self, gone: torch.Tensor) -> None:
         self.live.masked_fill_(gone, False)
         self.bias.masked_fill_(gone, float("-inf"))
@@ -206,6 +211,7 @@ class SlotLayer(CacheLayerMixin):
             decisions = decisions & valid[:, None, :]
             if t0 > 0:  # the first new decision marks the previous forward's last token
                 self.flag.scatter_(2, self.last_slot[..., None], decisions[..., :1])
+                self._unflag_sinks()
 
         gone = policy.expired(self, t0)
         if gone is not None:
@@ -240,6 +246,7 @@ class SlotLayer(CacheLayerMixin):
         if decisions is not None:
             new_flags[..., :-1] = decisions[..., 1:]
         self.flag.scatter_(2, slots, new_flags)
+        self._unflag_sinks()
         visible = self.live[:, :, None, :] & (self.pos[:, :, None, :] <= qpos[None, None, :, None])
         hidden = policy.hidden(self, qpos)
         if hidden is not None:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .errors import KVShrinkError, check_cr, check_window
+from .errors import KVShrinkError, check_cr, check_sinks, check_window
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Shrink the KV cache of Hugging Face decoders.")
 
@@ -79,8 +79,7 @@ def _check_policy_options(policy: str | None, cr: float | None, window: int | No
 
     check_cr(cr)
     check_window(window)
-    if sinks is not None and sinks < 0:
-        raise KVShrinkError(f"--sinks must be >= 0 (got {sinks})")
+    check_sinks(sinks)
     if policy is not None and policy not in POLICY_NAMES:
         raise KVShrinkError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
 

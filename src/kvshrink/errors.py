@@ -11,6 +11,12 @@ def check_cr(cr: float | None, flag: str = "--cr") -> None:
         raise KVShrinkError(f"{flag} must be >= 1 (got {cr}); 1 means no compression, e.g. {flag} 8")
 
 
+def check_sinks(sinks: int | None) -> None:
+    """Sinks (never-evicted first tokens) are an integer >= 0 (None: not given)."""
+    if sinks is not None and (not isinstance(sinks, int) or sinks < 0):
+        raise KVShrinkError(f"--sinks must be >= 0, a whole number of tokens (got {sinks}); e.g. --sinks 4")
+
+
 def check_window(window: int | None, flag: str = "--window") -> None:
     """A delayed-eviction window is an integer >= 0 (None: not given)."""
     if window is not None and (not isinstance(window, int) or window < 0):

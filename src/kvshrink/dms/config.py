@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import KVShrinkError, check_cr, check_window
+from ..errors import KVShrinkError, check_cr, check_sinks, check_window
 
 # our field -> the release's config attribute
 _HF_FIELDS = {
@@ -60,8 +60,7 @@ class DMSConfig:
         if self.alpha_per not in ("head", "layer"):
             raise KVShrinkError(f"dms_alpha_per must be 'head' or 'layer' (got {self.alpha_per!r})")
         check_cr(self.target_cr, "--target-cr")
-        if self.sinks < 0:
-            raise KVShrinkError(f"--sinks must be >= 0 (got {self.sinks})")
+        check_sinks(self.sinks)
         if self.forced_keep_every is not None and self.forced_keep_every < 1:
             raise KVShrinkError(f"forced_keep_every must be >= 1 (got {self.forced_keep_every})")
 

@@ -30,6 +30,8 @@ class CachePolicy:
     needs_attention = False
     #: prefill chunk length the policy is defined with (budget policies evict between 16-token chunks)
     prefill_chunk: int | None = None
+    #: a sequence's first `sinks` real tokens are never evicted (DMS: the cache clears their flags)
+    sinks: int = 0
     #: extra per-slot float32 tensors the policy keeps on each layer (zeroed for every new token)
     slot_fields: tuple[str, ...] = ()
     #: extra per-layer tensors the policy keeps (e.g. page summaries): made by `init_layer`, counted in cache bytes

@@ -5,8 +5,8 @@ Release: NVIDIA Model-Optimizer `experimental/dms`.
 
 The model flags tokens (the decision at t+1 marks token t, see `kvshrink.dms.retention`); a flagged
 token j stays visible to query i while i - j <= window and is then dropped, its slot reused. Prefill and
-decode follow the same rule. `window=0` is the paper's immediate-eviction ablation. `sinks` first tokens
-are never dropped (kvshrink's option, 0 = the paper; see `DMSConfig.sinks`).
+decode follow the same rule. `window=0` is the paper's immediate-eviction ablation. The first `sinks`
+tokens are never flagged (kvshrink's option, 0 = the paper; see `DMSConfig.sinks`): the cache clears their flags.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import KVShrinkError, check_window
-from .base import CachePolicy, sink_slots
+from ..errors import check_sinks, check_window
+from .base import CachePolicy
 
 
 @dataclass
@@ -28,19 +28,16 @@ class DMSPolicy(CachePolicy):
 
     def __post_init__(self):
         check_window(self.window)
-        if self.sinks < 0:
-            raise KVShrinkError(f"--sinks must be >= 0 (got {self.sinks})")
+        check_sinks(self.sinks)
 
     def expired(self, layer, first_query_pos: int) -> torch.Tensor:
         # free slots may match too (stale flags): freeing them again is harmless and saves an op per step
-        gone = layer.flag & (layer.pos < first_query_pos - self.window)
-        return gone & ~sink_slots(layer, self.sinks) if self.sinks else gone
+        return layer.flag & (layer.pos < first_query_pos - self.window)
 
     def hidden(self, layer, query_pos: torch.Tensor) -> torch.Tensor:
         # (B, Hkv, Q, S): flagged and older than the window for that query
         age = query_pos[None, None, :, None] - layer.pos[:, :, None, :]
-        flagged = layer.flag & ~sink_slots(layer, self.sinks) if self.sinks else layer.flag
-        return flagged[:, :, None, :] & (age > self.window)
+        return layer.flag[:, :, None, :] & (age > self.window)
 
     def describe(self) -> dict:
         return {"policy": self.name, "window": self.window, **({"sinks": self.sinks} if self.sinks else {})}

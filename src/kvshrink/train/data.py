@@ -98,7 +98,9 @@ def pack(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Te
 
 def pack_whole(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Tensor:
     """Blocks of whole documents (each + EOS, in order, as many as fit), filled up with PAD. A document
-    longer than a block is cut to its first seq_len tokens."""
+    longer than a block is cut to its first seq_len tokens. Documents of a block attend to those before
+    them (no per-document mask), so with --sinks only the block's first document starts at the sinks;
+    the later ones (short `arith` answers) train with the block's first tokens as theirs."""
     blocks: list[list[int]] = []
     for doc in token_docs:
         doc = (doc + ([eos] if eos is not None else []))[:seq_len]

@@ -24,7 +24,7 @@ import copy
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -101,23 +101,41 @@ class RetrofitConfig:
             self.aim_context = max(32 * self.window, 2)
 
 
+def ramp_length(settings: dict, start_step: int = 0) -> int:
+    """Steps the CR ramp takes: --ramp-steps, else 80% of the steps left after the ramp's start."""
+    return max(1, settings.get("ramp_steps") or int(0.8 * (settings["steps"] - start_step)))
+
+
+def _cr_at(step: int, settings: dict, origin: tuple[float, int]) -> float:
+    start_cr, start_step = origin
+    done = min(1.0, (step + 1 - start_step) / ramp_length(settings, start_step))
+    return start_cr + (settings["target_cr"] - start_cr) * done
+
+
 def ramped_cr(step: int, cfg: RetrofitConfig, origin: tuple[float, int] = (1.0, 0)) -> float:
     """CR target after `step` completed steps: linear from origin = (CR, step), reaching target_cr after
-    `ramp_steps` more (default 80% of the steps). Extending a finished run: resume with more --steps and
-    the same ramp; raising the target: see `ramp_origin`."""
-    start_cr, start_step = origin
-    ramp = max(1, cfg.ramp_steps or int(0.8 * cfg.steps))
-    return start_cr + (cfg.target_cr - start_cr) * min(1.0, (step + 1 - start_step) / ramp)
+    `ramp_length` more. Extending a finished run: resume with more --steps and the same ramp; raising
+    the target: see `ramp_origin`."""
+    return _cr_at(step, asdict(cfg), origin)
+
+
+def stages_with_origins(settings: dict) -> list[tuple[dict, tuple[float, int]]]:
+    """Each stretch of a run (its `phases`, then the current settings, each with `until_step`) and the
+    (CR, step) its ramp starts from: (1, 0), or, after a resume that changed --target-cr, the CR reached
+    by then (a ramp cut short by --stop-at included)."""
+    stages = [*settings.get("phases", []), {**settings, "until_step": settings["steps"]}]
+    out, origin = [], (1.0, 0)
+    for i, stage in enumerate(stages):
+        before = stages[i - 1] if i else stage
+        if before["target_cr"] != stage["target_cr"]:
+            origin = (_cr_at(before["until_step"] - 1, before, origin), before["until_step"])
+        out.append((stage, origin))
+    return out
 
 
 def ramp_origin(settings: dict) -> tuple[float, int]:
-    """(CR, step) the ramp starts from: (1, 0), or the last resume that changed --target-cr (`phases`)."""
-    origin = (1.0, 0)
-    stages = [*settings.get("phases", []), settings]
-    for before, after in zip(stages, stages[1:]):
-        if before["target_cr"] != after["target_cr"]:
-            origin = (before["target_cr"], before["until_step"])
-    return origin
+    """(CR, step) the current ramp starts from (see `stages_with_origins`)."""
+    return stages_with_origins(settings)[-1][1]
 
 
 def flag_rate_for(cr: float, window: int, context: int) -> float:
@@ -322,14 +340,20 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
 def _settings_with_phases(path: Path, cfg: RetrofitConfig, start_step: int) -> dict:
     """cfg as JSON. A resume that changes the recipe (more steps, another lr, sinks...) keeps the
-    settings each earlier stretch of steps ran with under `phases`, so the model card can say so."""
-    ignore = ("resume", "phases", "max_minutes", "stop_at", "save_every")
+    settings each earlier stretch of steps ran with under `phases`, so the model card can say so.
+    Settings that do not change what is trained (where, how often saved, when stopped) are not compared;
+    a setting missing from an older file ran with its default."""
+    ignore = {"out", "resume", "max_minutes", "stop_at", "save_every", "device", "data_cache", "fsdp", "until_step"}
     new = asdict(cfg)
-    old = json.loads(path.read_text()) if start_step and path.is_file() else {}
-    phases = old.pop("phases", [])
-    if old and {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}:
-        phases = [p for p in phases if p["until_step"] <= start_step] + [{**old, "until_step": start_step}]
-    return {**new, "phases": phases} if phases else new
+    saved = json.loads(path.read_text()) if start_step and path.is_file() else {}
+    stretches = [*saved.pop("phases", []), saved] if saved else []
+    earlier = [p for p in stretches[:-1] if p["until_step"] < start_step]
+    # the settings step `start_step` ran with: a rewind may land inside a recorded phase
+    ran = next((p for p in stretches[:-1] if p["until_step"] >= start_step), saved)
+    ran = {f.name: f.default for f in fields(RetrofitConfig)} | ran if ran else {}
+    if ran and any(ran.get(k) != v for k, v in new.items() if k not in ignore):
+        earlier.append({**ran, "until_step": start_step})
+    return {**new, "phases": earlier} if earlier else new
 
 
 def _shift_borrowed_rows(model, rows, original_rows, fraction: float) -> None:
@@ -425,4 +449,4 @@ def plot_training(run_dir: str | Path) -> Path:
     return png
 
 
-__all__ = ["RetrofitConfig", "compression_loss", "retrofit", "plot_training", "ramped_cr", "ramp_origin", "flag_rate_for"]
+__all__ = ["RetrofitConfig", "compression_loss", "retrofit", "plot_training", "ramped_cr", "ramp_length", "ramp_origin", "stages_with_origins", "flag_rate_for"]

@@ -97,36 +97,40 @@ Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
 
 def _ramp(cfg: dict) -> str:
     """The CR ramp of the last stretch (earlier stretches show in their commands)."""
-    from ..train.retrofit import ramp_origin
+    from ..train.retrofit import ramp_length, ramp_origin
 
     start_cr, start_step = ramp_origin(cfg)
-    steps = cfg.get("ramp_steps") or int(0.8 * cfg["steps"])
     where = f" from step {start_step + 1}" if start_step else ""
-    return f"the CR target ramped linearly from {start_cr:g} to {cfg['target_cr']:g} over {steps} steps{where}"
+    return f"the CR target ramped linearly from {start_cr:g} to {cfg['target_cr']:g} over {ramp_length(cfg, start_step)} steps{where}"
 
 
 def _retrofit_commands(cfg: dict, base: str, name: str) -> str:
     """The command of each stretch of steps: a resume that changed the recipe left a phase behind."""
-    stages = [*cfg.get("phases", []), {**cfg, "until_step": cfg["steps"]}]
+    from ..train.retrofit import stages_with_origins
+
+    stages = stages_with_origins(cfg)
     if len(stages) == 1:
-        return _retrofit_command(stages[0], base, name, f" --pack {name}")
+        return _retrofit_command(*stages[0], base, name, f" --pack {name}")
     lines, first = [], 1
-    for i, stage in enumerate(stages):
+    for i, (stage, origin) in enumerate(stages):
         tail = (" --resume" if i else "") + (f" --pack {name}" if i == len(stages) - 1 else "")
-        lines.append(f"Steps {first}-{stage['until_step']}:\n\n" + _retrofit_command(stage, base, name, tail))
+        lines.append(f"Steps {first}-{stage['until_step']}:\n\n" + _retrofit_command(stage, origin, base, name, tail))
         first = stage["until_step"] + 1
     return "\n\n".join(lines)
 
 
-def _retrofit_command(cfg: dict, base: str, name: str, tail: str) -> str:
-    options = [f"--lr {cfg['lr']:g}"]
-    options += [f"--ramp-steps {cfg['ramp_steps']}"] if cfg.get("ramp_steps") else []
-    options += [f"--aim-context {cfg['aim_context']}"] if cfg.get("aim_context") else []
-    options += [f"--cr-loss {cfg['cr_loss']}"] if cfg.get("cr_loss", "one-sided") != "one-sided" else []
-    options += [f"--sinks {cfg['sinks']}"] if cfg.get("sinks") else []
-    options += ["--bf16"] if cfg.get("bf16") else []
-    return f"""    kvshrink zoo retrofit {base} --out runs/zoo/{name} --target-cr {cfg["target_cr"]:g} --window {cfg["window"]} \\
-        --steps {cfg["until_step"]} --data {cfg["data"]} --seq-len {cfg["seq_len"]} --batch-size {cfg["batch_size"]} \\
+def _retrofit_command(stage: dict, origin: tuple[float, int], base: str, name: str, tail: str) -> str:
+    """One stretch as a command; --ramp-steps resolved, so a stretch cut short (--steps = where it stopped)
+    shows the ramp it really ran."""
+    from ..train.retrofit import ramp_length
+
+    options = [f"--lr {stage['lr']:g}", f"--ramp-steps {ramp_length(stage, origin[1])}"]
+    options += [f"--aim-context {stage['aim_context']}"] if stage.get("aim_context") else []
+    options += [f"--cr-loss {stage['cr_loss']}"] if stage.get("cr_loss", "one-sided") != "one-sided" else []
+    options += [f"--sinks {stage['sinks']}"] if stage.get("sinks") else []
+    options += ["--bf16"] if stage.get("bf16") else []
+    return f"""    kvshrink zoo retrofit {base} --out runs/zoo/{name} --target-cr {stage["target_cr"]:g} --window {stage["window"]} \\
+        --steps {stage["until_step"]} --data {stage["data"]} --seq-len {stage["seq_len"]} --batch-size {stage["batch_size"]} \\
         {" ".join(options)}{tail}"""
 
 
