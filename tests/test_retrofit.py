@@ -327,12 +327,11 @@ def test_data_sources(tmp_path, base_dir):
 
 
 def test_whole_document_packing_and_masked_kl():
-    """Task data is packed whole (never split between blocks), and padding counts in no loss."""
+    """Task data gets one whole document per block (cut only past the block length), and padding counts in no loss."""
     from kvshrink.train.data import PAD, pack_whole
 
-    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11], [20] * 9, [30]]
-    assert pack_whole(docs, eos=0, seq_len=7).tolist() == [
-        [1, 2, 3, 0, 4, 5, 0], [6, 7, 8, 9, 10, 11, 0], [20] * 7, [30, 0] + [PAD] * 5]
+    docs = [[1, 2, 3], [4, 5], [20] * 9]
+    assert pack_whole(docs, eos=0, seq_len=7).tolist() == [[1, 2, 3, 0] + [PAD] * 3, [4, 5, 0] + [PAD] * 4, [20] * 7]
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
     live = torch.tensor([[True] * 5, [True, True, False, False, False]])

@@ -12,9 +12,10 @@ Sources (`--data`):
   data, so that the KL on the answer penalizes evicting the key.
 - `A+B+...`: the blocks of several sources together (e.g. `teacher:prompts.txt+passkey:128`).
 Documents are joined with the EOS token and cut into blocks of `seq_len` tokens (the tail is dropped).
-Task and passkey documents are packed whole instead (`pack_whole`): an answer must sit in the same block as the facts
-it retrieves, or distillation never rewards keeping them. PAD (-1) fills a block after its last document;
-the retrofit's losses skip it.
+Task and passkey documents get a block each instead (`pack_whole`): an answer must sit in the same block as
+the facts it retrieves, or distillation never rewards keeping them; and a problem then starts at position 0,
+as at inference (sinks included), instead of after other problems it could attend to. PAD (-1) fills the
+block after its document; the retrofit skips padding columns and counts padding in no loss.
 """
 
 from __future__ import annotations
@@ -97,19 +98,12 @@ def pack(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Te
 
 
 def pack_whole(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Tensor:
-    """Blocks of whole documents (each + EOS, in order, as many as fit), filled up with PAD. A document
-    longer than a block is cut to its first seq_len tokens. Documents of a block attend to those before
-    them (no per-document mask), so with --sinks only the block's first document starts at the sinks;
-    the later ones (short `arith` answers) train with the block's first tokens as theirs."""
-    blocks: list[list[int]] = []
-    for doc in token_docs:
-        doc = (doc + ([eos] if eos is not None else []))[:seq_len]
-        if not blocks or len(blocks[-1]) + len(doc) > seq_len:
-            blocks.append([])
-        blocks[-1].extend(doc)
-    if not blocks:
+    """One document (+ EOS) per block, filled up with PAD; a document longer than a block is cut to its
+    first seq_len tokens."""
+    if not token_docs:
         raise KVShrinkError("the data holds no documents")
-    return torch.tensor([b + [PAD] * (seq_len - len(b)) for b in blocks], dtype=torch.long)
+    docs = [(doc + ([eos] if eos is not None else []))[:seq_len] for doc in token_docs]
+    return torch.tensor([doc + [PAD] * (seq_len - len(doc)) for doc in docs], dtype=torch.long)
 
 
 def teacher_documents(prompts: list[str], model, tokenizer, max_new_tokens: int, seed: int, progress_file: Path | None = None) -> list[str]:
@@ -193,7 +187,7 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
     if not src.startswith(GENERATED) and not Path(rest).exists():
         raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, teacher:FILE, task:NAME or passkey:N")
     key = data_key(src, tokenizer, seq_len, seed)
-    cache_file = cache_dir / f"data-{key}.pt"
+    cache_file = cache_dir / f"blocks-{key}.pt"  # not data-*.pt: those packed several documents per block
     if cache_file.exists():
         return torch.load(cache_file)
     if kind:

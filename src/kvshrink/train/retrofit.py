@@ -280,13 +280,17 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         totals = torch.zeros(4, device=acc.device)  # loss, kl, compression loss, flag rate
+        tokens = torch.zeros((), device=acc.device)  # real (non-padding) tokens this step
         for micro in range(cfg.grad_accum):
             first = micro * world * local_batch + rank * local_batch
             g_idx = [step * cfg.batch_size + first + i for i in range(local_batch)]
             ids = blocks[order[torch.tensor(g_idx) % len(blocks)]].to(acc.device)
-            live = ids != PAD  # (B, T): padding after a block's last whole document counts in no loss
+            T = int(torch.nonzero((ids != PAD).any(0)).max()) + 1  # columns that are padding in every row go
+            ids = ids[:, :T]
+            live = ids != PAD  # (B, T): padding after a block's document counts in no loss
             ids = ids.clamp(min=0)  # any real id: causal attention keeps padding out of earlier positions
-            uniform = noise_for(cfg.seed, step, g_idx, (n_layers, n_kv, cfg.seq_len)).to(acc.device)
+            uniform = noise_for(cfg.seed, step, g_idx, (n_layers, n_kv, cfg.seq_len))[..., :T].to(acc.device)
+            tokens += live.sum()
             with torch.no_grad(), acc.autocast():
                 teacher_logits = (teacher(ids, use_cache=False) if teacher is not None
                                   else model(ids, use_cache=False, dms_teacher=True)).logits
@@ -308,13 +312,14 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         if cfg.decision == "neuron" and cfg.neuron_decay == "linear" and step < decay_steps:
             _shift_borrowed_rows(inner, rows, original_rows, 1.0 / decay_steps)
         totals = acc.reduce(totals, reduction="mean")
+        tokens = acc.reduce(tokens, reduction="sum")
         seconds = time.perf_counter() - t0
         flag_rate = float(totals[3])
         last = {
             "step": step + 1, "loss": float(totals[0]), "kl": float(totals[1]), "compression_loss": float(totals[2]),
             "flag_rate": flag_rate, "target_flag_rate": flag_target, "target_cr": cr_target,
             "flag_cr": 1.0 / max(1e-9, 1.0 - flag_rate), "lr": lr, "seconds": seconds,
-            "tokens_per_second": cfg.batch_size * cfg.seq_len / seconds, "processes": world,
+            "tokens_per_second": float(tokens) / seconds, "processes": world,
         }
         if acc.is_main_process:
             append_jsonl(metrics_path, last)
