@@ -83,7 +83,7 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
 {_retrofit_commands(cfg, base, name)}
 
 Data: `{base}`'s own sampled answers (temperature 1) to training-seed problems ({cfg["data"]}), each problem
-and its answer whole in one {cfg["seq_len"]}-token block (padding masked out of the losses). Loss: KL(student || teacher)
+and its answer whole (never split) in {cfg["seq_len"]}-token blocks (padding masked out of the losses). Loss: KL(student || teacher)
 + the {cfg.get("cr_loss", "one-sided")} compression loss, {_ramp(cfg)}, then held;
 the eviction rate aimed at makes the reads-based CR reach the target at {cfg.get("aim_context") or 32 * cfg["window"]:,} tokens.
 Steps: {len(metrics)} of {cfg["steps"]}, AdamW lr {cfg["lr"]:g}{", bf16 autocast" if cfg.get("bf16") else ""}. Trained: {_timing(metrics, cfg["device"])}.
