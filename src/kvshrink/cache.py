@@ -168,7 +168,8 @@ class SlotLayer(CacheLayerMixin):
         return torch.sort(self.live.to(torch.uint8), dim=-1, stable=True).indices[..., :n]
 
     def _unflag_sinks(self) -> None:
-        """A sequence's first `policy.sinks` real tokens are never evicted: their flags read "keep"."""
+        """A sequence's first `policy.sinks` real tokens are never evicted: their flags read "keep". Runs
+        only where decisions were written (DMS), not for every policy that has sinks."""
         if self.cache.policy.sinks:
             self.flag &= ~sink_slots(self, self.cache.policy.sinks)
 
@@ -246,7 +247,8 @@ class SlotLayer(CacheLayerMixin):
         if decisions is not None:
             new_flags[..., :-1] = decisions[..., 1:]
         self.flag.scatter_(2, slots, new_flags)
-        self._unflag_sinks()
+        if decisions is not None:
+            self._unflag_sinks()
         visible = self.live[:, :, None, :] & (self.pos[:, :, None, :] <= qpos[None, None, :, None])
         hidden = policy.hidden(self, qpos)
         if hidden is not None:

@@ -106,17 +106,13 @@ def ramp_length(settings: dict, start_step: int = 0) -> int:
     return max(1, settings.get("ramp_steps") or int(0.8 * (settings["steps"] - start_step)))
 
 
-def _cr_at(step: int, settings: dict, origin: tuple[float, int]) -> float:
+def ramped_cr(step: int, settings: dict, origin: tuple[float, int] = (1.0, 0)) -> float:
+    """CR target after `step` completed steps of a run with these settings (`asdict(RetrofitConfig)`):
+    linear from origin = (CR, step), reaching target_cr after `ramp_length` more. Extending a finished
+    run: resume with more --steps and the same ramp; raising the target: see `ramp_origin`."""
     start_cr, start_step = origin
     done = min(1.0, (step + 1 - start_step) / ramp_length(settings, start_step))
     return start_cr + (settings["target_cr"] - start_cr) * done
-
-
-def ramped_cr(step: int, cfg: RetrofitConfig, origin: tuple[float, int] = (1.0, 0)) -> float:
-    """CR target after `step` completed steps: linear from origin = (CR, step), reaching target_cr after
-    `ramp_length` more. Extending a finished run: resume with more --steps and the same ramp; raising
-    the target: see `ramp_origin`."""
-    return _cr_at(step, asdict(cfg), origin)
 
 
 def stages_with_origins(settings: dict) -> list[tuple[dict, tuple[float, int]]]:
@@ -128,7 +124,7 @@ def stages_with_origins(settings: dict) -> list[tuple[dict, tuple[float, int]]]:
     for i, stage in enumerate(stages):
         before = stages[i - 1] if i else stage
         if before["target_cr"] != stage["target_cr"]:
-            origin = (_cr_at(before["until_step"] - 1, before, origin), before["until_step"])
+            origin = (ramped_cr(before["until_step"] - 1, before, origin), before["until_step"])
         out.append((stage, origin))
     return out
 
@@ -274,7 +270,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     bar = progress_bar(acc.is_main_process and progress, "retrofit", cfg.steps, start_step)
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        cr_target = ramped_cr(step, cfg, origin)
+        cr_target = ramped_cr(step, settings, origin)
         flag_target = flag_rate_for(cr_target, cfg.window, cfg.aim_context)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in optimizer.param_groups:
