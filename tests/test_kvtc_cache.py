@@ -18,7 +18,7 @@ from kvshrink.errors import KVShrinkError
 from kvshrink.generation import generate_ids
 from kvshrink.kvtc import (Calibration, KVTCFormatError, ModelIdentity, PrefixStore, cache_features, cos_sin,
                            export_cache, generate_with_prefix_store, pack_cache, prefix, restore_cache, unpack_cache)
-from kvshrink.kvtc.commands import calibrate, evaluate
+from kvshrink.kvtc.commands import calibrate, evaluate, evaluate_model
 from kvshrink.generation import prefill_row
 from kvshrink.kvtc.store import STALE_SECONDS
 from kvshrink.loading import load
@@ -302,3 +302,18 @@ def test_calibrate_and_evaluate_smoke(tiny_model_dir, tmp_path):
     assert methods["int2"]["middle_ratio"] == pytest.approx(16 * 16 / (2 * 16 + 32))
     assert methods["kvtc4"]["middle_ratio"] > 3 and methods["kvtc4"]["compress_mb_s"] > 0
     assert methods["tova4"]["compression_ratio"] > 1
+    assert all(len(m["correct"]) == 2 for m in methods.values())
+
+
+def test_evaluate_stores_a_dms_cache_against_vanilla_bytes(tiny_model_dir, tmp_path):
+    """On a DMS model the stored cache is DMS's own (evicted slots not stored): its ratio against the vanilla
+    cache is above 1 and KVTC multiplies it; int and TOVA baselines only make sense on a vanilla cache."""
+    path = calibrate(tiny_model_dir, tmp_path / "calib.safetensors", tokens=1500, ratios=(4,), seq_len=256, dp_rows=512)
+    model, tokenizer = load(tiny_model_dir, device="cpu")
+    dms = with_random_dms(model, window=DMS_WINDOW, evict_bias=5.0)
+    calib = Calibration.load(path, expect=ModelIdentity.from_model(dms))
+    report = evaluate_model(dms, tokenizer, calib, (4,), "vt", 2, first=3, max_new_tokens=4)
+    methods = report["methods"]
+    assert set(methods) == {"dms", "kvtc4"} and report["first"] == 3
+    assert methods["dms"]["ratio"] > 1.2  # about a third of the slots evicted
+    assert methods["kvtc4"]["ratio"] > 2 * methods["dms"]["ratio"]

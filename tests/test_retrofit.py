@@ -18,7 +18,7 @@ from kvshrink.dms.config import DMSConfig
 from kvshrink.errors import KVShrinkError
 from kvshrink.generation import generate_ids
 from kvshrink.policies import DMSPolicy
-from kvshrink.train.retrofit import RetrofitConfig, kl_student_teacher, retrofit
+from kvshrink.train.retrofit import RetrofitConfig, kl_student_teacher, retrofit, token_weights
 from kvshrink.train.toy import SEQ, build_toy_base
 
 @pytest.fixture(scope="module")
@@ -275,11 +275,14 @@ def test_teacher_data_and_plot(base_dir, tmp_path, retrofitted):
     prompts.write_text("t1 w4 w5\nt2 w8\nt3 w12 w13 w14\n")
     model, tok = kvshrink.load(base_dir)
     blocks = token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=model)
-    assert blocks.shape[1] == 16 and blocks.shape[0] >= 3
-    assert torch.equal(token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=None), blocks)  # cached
-    for f in (tmp_path / "cache").glob("data-*.pt"):  # lose the packed cache: the sampled documents survive
-        f.unlink()
-    assert torch.equal(token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=None), blocks)
+    assert blocks.ids.shape[1] == 16 and len(blocks) >= 3
+    assert blocks.answer_start.tolist() == [16] * len(blocks)  # a text stream: no answer to weight
+    again = token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=None)  # cached
+    assert torch.equal(again.ids, blocks.ids) and torch.equal(again.answer_start, blocks.answer_start)
+    packed = list((tmp_path / "cache").glob("blocks2-*.pt"))
+    assert len(packed) == 1
+    packed[0].unlink()  # lose the packed cache: the sampled documents survive
+    assert torch.equal(token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=None).ids, blocks.ids)
     png = plot_training(retrofitted[0])
     assert png.stat().st_size > 10_000
 
@@ -319,8 +322,8 @@ def test_data_sources(tmp_path, base_dir):
     Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "hf"))
     from_jsonl = token_blocks(str(tmp_path / "d.jsonl"), tok, 8, tmp_path / "c")
     from_hf = token_blocks(str(tmp_path / "hf"), tok, 8, tmp_path / "c")
-    assert torch.equal(from_jsonl, from_hf) and from_jsonl.shape[1] == 8
-    assert token_blocks(str(tmp_path / "folder"), tok, 4, tmp_path / "c").shape == (1, 4)  # 6 tokens + EOS -> one block of 4
+    assert torch.equal(from_jsonl.ids, from_hf.ids) and from_jsonl.ids.shape[1] == 8
+    assert token_blocks(str(tmp_path / "folder"), tok, 4, tmp_path / "c").ids.shape == (1, 4)  # 6 tokens + EOS -> one block of 4
     (tmp_path / "bad.jsonl").write_text("{not json")
     with pytest.raises(KVShrinkError, match="bad.jsonl:1 is not valid JSON"):
         token_blocks(str(tmp_path / "bad.jsonl"), tok, 8, tmp_path / "c")
@@ -331,13 +334,24 @@ def test_whole_document_packing_and_masked_kl():
     from kvshrink.train.data import PAD, pack_whole
 
     docs = [[1, 2, 3], [4, 5], [20] * 9]
-    assert pack_whole(docs, eos=0, seq_len=7).tolist() == [[1, 2, 3, 0] + [PAD] * 3, [4, 5, 0] + [PAD] * 4, [20] * 7]
+    blocks = pack_whole(docs, eos=0, seq_len=7, prompt_lengths=[2, 1, 8])
+    assert blocks.ids.tolist() == [[1, 2, 3, 0] + [PAD] * 3, [4, 5, 0] + [PAD] * 4, [20] * 7]
+    assert blocks.answer_start.tolist() == [2, 1, 7]  # a prompt cut by the block leaves no answer in it
+    assert pack_whole(docs, eos=0, seq_len=7).answer_start.tolist() == [7, 7, 7]
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
     live = torch.tensor([[True] * 5, [True, True, False, False, False]])
     per_token = torch.nn.functional.kl_div(teacher.log_softmax(-1), student.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     assert float(kl_student_teacher(student, teacher, live)) == pytest.approx(float(per_token[live].mean()), rel=1e-5)
     assert float(kl_student_teacher(student, teacher)) == pytest.approx(float(per_token.mean()), rel=1e-5)
+    # --answer-weight: tokens from each row's answer start on count K times, padding still not at all
+    weights = token_weights(live, torch.tensor([3, 1]), 4.0)
+    assert weights.tolist() == [[1, 1, 1, 4, 4], [1, 4, 0, 0, 0]]
+    expected = (per_token * weights).sum() / weights.sum()
+    assert float(kl_student_teacher(student, teacher, weights)) == pytest.approx(float(expected), rel=1e-5)
+    assert torch.equal(token_weights(live, torch.tensor([3, 1]), 1.0), live.float())
+    with pytest.raises(KVShrinkError, match="--answer-weight"):
+        RetrofitConfig(model="m", out="o", data="d", answer_weight=0.5)
 
 
 def test_compression_loss_one_and_two_sided():

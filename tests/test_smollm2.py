@@ -98,11 +98,12 @@ def test_task_data_is_teacher_answers_to_training_problems(cache, tmp_path):
     assert not any(p.prompt in held_out for p in expected)
     blocks = token_blocks("task:arith:2", tok, 512, tmp_path, teacher=model)
     # packed whole: each block is whole documents (prompt + teacher answer + EOS), then only padding
-    for block in blocks:
+    for block, start, prompt in zip(blocks.ids, blocks.answer_start, prompts):
         live = block[block != PAD]
         assert torch.all(block[len(live):] == PAD) and live[-1] == tok.eos_token_id
-    texts = [tok.decode(b[b != PAD]) for b in blocks]
-    assert blocks.shape[1] == 512 and sum(t.count("Start with") for t in texts) == 2
+        assert tok.decode(block[:start]) == prompt  # the answer (weighted by --answer-weight) starts after the prompt
+    texts = [tok.decode(b[b != PAD]) for b in blocks.ids]
+    assert blocks.ids.shape[1] == 512 and sum(t.count("Start with") for t in texts) == 2
     assert all(sum(p.prompt in t for t in texts) == 1 for p in expected[:2])  # no problem split across blocks
     with pytest.raises(KVShrinkError, match="task:NAME"):
         token_blocks("task:arith:many", tok, 32, tmp_path, teacher=model)
@@ -127,6 +128,7 @@ def test_passkey_data_hides_keys_in_train_text(cache, tmp_path):
         assert len(snippet) == 60 and snippet in train and snippet not in held
     joined = token_blocks("task:arith:1+passkey:1", tok, 512, tmp_path, teacher=model)
     parts = [token_blocks(src, tok, 512, tmp_path) for src in ("task:arith:1", "passkey:1")]  # cached by the join
-    assert torch.equal(joined, torch.cat(parts))
+    assert torch.equal(joined.ids, torch.cat([p.ids for p in parts]))
+    assert torch.equal(joined.answer_start, torch.cat([p.answer_start for p in parts]))
     with pytest.raises(KVShrinkError, match="passkey:N"):
         token_blocks("passkey:some", tok, 512, tmp_path, teacher=model)

@@ -24,6 +24,7 @@ AIM_CONTEXT_OPTION = typer.Option(None, help="context at which the reads-based C
 RAMP_STEPS_OPTION = typer.Option(None, help="steps over which the CR ramps to the target (default 80% of --steps)")
 SINKS_OPTION = typer.Option(0, help="never evict a sequence's first N tokens (attention sinks; 0 = the paper)")
 SINKS_OVERRIDE = typer.Option(None, help="DMS sinks override: never evict the first N tokens (>= 0)")
+ANSWER_WEIGHT_OPTION = typer.Option(1.0, help="KL weight of the teacher's answer tokens (task:/passkey: data) against 1 for the prompt (1 = the paper)")
 CR_LOSS_OPTION = typer.Option("one-sided", help="one-sided (the paper: penalize too little eviction) | two-sided (also too much)")
 
 
@@ -149,6 +150,7 @@ def retrofit(
     ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
     cr_loss: str = CR_LOSS_OPTION,
     sinks: int = SINKS_OPTION,
+    answer_weight: float = ANSWER_WEIGHT_OPTION,
     save_every: int = typer.Option(50, help="checkpoint every N steps"),
     seed: int = typer.Option(0, help="data order and Gumbel noise seed"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
@@ -167,7 +169,7 @@ def retrofit(
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, train=train,
                          decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, sinks=sinks,
-                         save_every=save_every, seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device, bf16=bf16)
+                         answer_weight=answer_weight, save_every=save_every, seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device, bf16=bf16)
     last = run(cfg)
     if last and os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
         print(json.dumps(last))
@@ -332,6 +334,7 @@ def zoo_retrofit(
     ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
     cr_loss: str = CR_LOSS_OPTION,
     sinks: int = SINKS_OPTION,
+    answer_weight: float = ANSWER_WEIGHT_OPTION,
     save_every: int = typer.Option(25, help="checkpoint every N steps"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
@@ -345,7 +348,8 @@ def zoo_retrofit(
 
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, seq_len=seq_len, lr=lr, train="adapter", decision="adapter",
-                         aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, sinks=sinks, save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16)
+                         aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, sinks=sinks, answer_weight=answer_weight,
+                         save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16)
     last = run(cfg)
     if pack and last.get("step") == steps:
         print(pack_adapter(out, MODELS_DIR / pack, base=model))

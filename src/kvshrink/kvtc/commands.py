@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -18,9 +18,9 @@ import torch
 
 from ..cache import KVCache
 from ..errors import KVShrinkError
-from ..generation import generate_ids, prefill_row
+from ..generation import generate_ids, prefill_row, resolve_policy
 from ..loading import load
-from ..policies import make_policy
+from ..policies import CachePolicy, make_policy
 from ..prompts import chat_prompt, pad_token_id
 from ..tasks import TASKS, answer_budget, grade, make_problems
 from ..train.text import pydoc_split
@@ -67,42 +67,53 @@ def calibrate(model_name, out_path, tokens: int = 100_000, ratios=(4, 8, 16, 32,
 
 
 def evaluate(model_name, calibration_path, ratios, task: str, problems: int, seed: int = 0, *, device: str = "auto",
-             prefix_tokens: int = 0, difficulty: int | None = None, max_new_tokens: int | None = None,
-             batch_size: int = 8) -> dict:
-    """Greedy accuracy on `problems` problems of `task` when the prompt's cache goes through each method
-    before the answer is generated, with the bytes each method stores.
-
-    Methods: `vanilla` (uncompressed); `int4`, `int2` (the middle quantized per token, layer and head
-    with an fp16 shift and scale, sinks and window kept); `kvtc<cr>` per ratio; `tova<cr>` per ratio (TOVA
-    evicting during prefill and decode, reads-based `compression_ratio`). `ratio` counts the whole cache,
-    window included, against fp16; `middle_ratio` only the compressed middle (the paper's headline);
-    KVTC's speeds are fp16-equivalent MB per second of compress / decompress. The cache is the vanilla
-    one (policy none), prompt minus its last token, which then runs on the restored cache.
-    prefix_tokens: prepend solved problems up to this many tokens (SPEC 7: >= 512 for arith)."""
-    model, tokenizer = load(model_name, device=device)
+             dtype: str = "auto", **options) -> dict:
+    """`evaluate_model` on a model loaded by name, with its calibration (refused if fitted for another model)."""
+    model, tokenizer = load(model_name, device=device, dtype=dtype)
     calib = Calibration.load(calibration_path, expect=ModelIdentity.from_model(model))
-    items = make_problems(task, problems, seed=seed, difficulty=difficulty)
+    return evaluate_model(model, tokenizer, calib, ratios, task, problems, seed, **options)
+
+
+def evaluate_model(model, tokenizer, calib: Calibration, ratios, task: str, problems: int, seed: int = 0, *,
+                   first: int = 0, prefix_tokens: int = 0, difficulty: int | None = None,
+                   max_new_tokens: int | None = None, batch_size: int = 8) -> dict:
+    """Greedy accuracy on problems first .. first + problems - 1 of `task` when the prompt's cache goes
+    through each method before the answer is generated, with the bytes each method stores.
+
+    The cache is the one the model's own policy leaves (vanilla, or DMS's with its evictions) for the
+    prompt minus its last token, which then runs on the restored cache. Methods: `vanilla` (or the
+    policy's name: that cache uncompressed); `kvtc<cr>` per ratio; on a vanilla cache also `int4`, `int2`
+    (the middle quantized per token, layer and head with an fp16 shift and scale, sinks and window kept)
+    and `tova<cr>` per ratio (TOVA evicting during prefill and decode, reads-based `compression_ratio`).
+    `ratio` counts the whole cache, window included, against a vanilla fp16 cache of the same tokens;
+    `middle_ratio` only the compressed middle (the paper's headline); KVTC's speeds are fp16-equivalent
+    MB per second of compress / decompress; `correct` lists each problem's grade (for paired comparisons).
+    prefix_tokens: prepend solved problems up to this many tokens (SPEC 7: >= 512 for arith)."""
+    policy = resolve_policy(model, None)
+    items = make_problems(task, problems, seed=seed, difficulty=difficulty, first=first)
     shots = _few_shot(tokenizer, task, prefix_tokens, seed, items[0].difficulty)
     prompts = [chat_prompt(tokenizer, shots + p.prompt) for p in items]
     if max_new_tokens is None:
         max_new_tokens = answer_budget(tokenizer, items)
     eos = tokenizer.eos_token_id
-    methods = {"vanilla": _vanilla, "int4": partial(_quantized, kind="int4"), "int2": partial(_quantized, kind="int2"),
+    vanilla = policy.name == "none"
+    methods = {"vanilla" if vanilla else policy.name: _uncompressed,
+               **({"int4": partial(_quantized, kind="int4"), "int2": partial(_quantized, kind="int2")} if vanilla else {}),
                **{f"kvtc{cr:g}": partial(_kvtc, model=model, calib=calib, cr=cr) for cr in ratios}}
     tallies = {name: _Tally() for name in methods}
     start = time.perf_counter()
     for problem, ids in zip(items, prompts):
-        state = _prompt_state(model, ids[:-1])
+        state = _prompt_state(model, ids[:-1], policy)
         for name, method in methods.items():
-            cache = restore_cache(model, None, *method(state, tallies[name]))
+            cache = restore_cache(model, policy, *method(state, tallies[name]))
             tokens = decode(model, cache, prefill_row(model, cache, ids[-1:]), max_new_tokens, eos={eos} - {None})
-            tallies[name].correct += grade(problem, tokenizer.decode(tokens, skip_special_tokens=True))
-    report = {name: tally.report(len(items)) for name, tally in tallies.items()}
-    for cr in ratios:
+            tallies[name].correct.append(grade(problem, tokenizer.decode(tokens, skip_special_tokens=True)))
+    report = {name: tally.report() for name, tally in tallies.items()}
+    for cr in ratios if vanilla else ():
         report[f"tova{cr:g}"] = _tova(model, tokenizer, items, prompts, cr, max_new_tokens, batch_size)
-    return {"task": task, "difficulty": items[0].difficulty, "problems": len(items), "seed": seed,
-            "prompt_tokens": sum(map(len, prompts)) / len(prompts), "max_new_tokens": max_new_tokens,
-            "methods": report, "seconds": time.perf_counter() - start}
+    return {"task": task, "difficulty": items[0].difficulty, "problems": len(items), "first": first, "seed": seed,
+            "policy": policy.describe(), "prompt_tokens": sum(map(len, prompts)) / len(prompts),
+            "max_new_tokens": max_new_tokens, "methods": report, "seconds": time.perf_counter() - start}
 
 
 # -- what each method does to the stored cache: a state in, the state decoding sees out -------------------------
@@ -110,7 +121,7 @@ def evaluate(model_name, calibration_path, ratios, task: str, problems: int, see
 class _Tally:
     """One method's totals over the problems: bytes against an fp16 cache, whole and middle, and codec time."""
 
-    correct: int = 0
+    correct: list[bool] = field(default_factory=list)
     fp16_bytes: int = 0
     fp16_middle_bytes: int = 0
     stored_bytes: int = 0
@@ -120,23 +131,26 @@ class _Tally:
 
     def count(self, state: CacheState, stored: int, stored_middle: int) -> None:
         start, end = _middle(len(state.positions))
-        self.fp16_bytes += _fp16_bytes(state, len(state.positions))
-        self.fp16_middle_bytes += _fp16_bytes(state, end - start)
+        self.fp16_bytes += _fp16_bytes(state)
+        self.fp16_middle_bytes += _fp16_bytes(state, start, end)
         self.stored_bytes += stored
         self.stored_middle_bytes += stored_middle
 
-    def report(self, problems: int) -> dict:
-        out = {"accuracy": self.correct / problems, "ratio": self.fp16_bytes / self.stored_bytes,
-               "middle_ratio": self.fp16_middle_bytes / self.stored_middle_bytes if self.stored_middle_bytes else None}
+    def report(self) -> dict:
+        """Accuracy and ratios, with the raw totals (so that reports of several runs can be merged)."""
+        out = {"accuracy": sum(self.correct) / len(self.correct), "ratio": self.fp16_bytes / self.stored_bytes,
+               "middle_ratio": self.fp16_middle_bytes / self.stored_middle_bytes if self.stored_middle_bytes else None,
+               **asdict(self)}
         if self.compress_seconds:
             mb = self.fp16_bytes / 1e6
             out.update(compress_mb_s=mb / self.compress_seconds, decompress_mb_s=mb / self.decompress_seconds)
         return out
 
 
-def _vanilla(state: CacheState, tally: _Tally) -> CacheState:
+def _uncompressed(state: CacheState, tally: _Tally) -> CacheState:
+    """The cache as stored in fp16: every token of a vanilla cache, the live slots of a DMS one."""
     start, end = _middle(len(state.positions))
-    tally.count(state, _fp16_bytes(state, len(state.positions)), _fp16_bytes(state, end - start))
+    tally.count(state, _fp16_bytes(state, live=state.live), _fp16_bytes(state, start, end, state.live))
     return state
 
 
@@ -148,7 +162,7 @@ def _quantized(state: CacheState, tally: _Tally, kind: str) -> CacheState:
     keys, values = ([_quantize_tokens(x, start, end, kind) for x in xs] for xs in (state.keys, state.values))
     _, H, _, D = state.keys[0].shape
     middle = 2 * len(state.keys) * H * (end - start) * (D * BITS[kind] + GROUP_OVERHEAD_BITS) // 8  # K and V
-    tally.count(state, _fp16_bytes(state, T - (end - start)) + middle, middle)
+    tally.count(state, _fp16_bytes(state) - _fp16_bytes(state, start, end) + middle, middle)
     return state._replace(keys=keys, values=values)
 
 
@@ -156,14 +170,14 @@ def _kvtc(state: CacheState, tally: _Tally, model, calib: Calibration, cr: float
     """The codec at `cr`; the bytes are the real blob's."""
     cos, sin = cos_sin(model, state.positions)
     clock = time.perf_counter()
-    blob = compress(state.keys, state.values, calib, cr, cos, sin)
+    blob = compress(state.keys, state.values, calib, cr, cos, sin, live=state.live)
     tally.compress_seconds += time.perf_counter() - clock
     clock = time.perf_counter()
-    keys, values, _ = decompress(blob, calib, cos, sin)
+    keys, values, live = decompress(blob, calib, cos, sin)
     tally.decompress_seconds += time.perf_counter() - clock
     stats = blob_stats(blob)
     tally.count(state, stats["bytes"], stats["middle_bytes"])
-    return CacheState(keys, values, None, state.positions)
+    return CacheState(keys, values, live, state.positions, state.flags)
 
 
 def _middle(T: int) -> tuple[int, int]:
@@ -179,27 +193,30 @@ def _quantize_tokens(x: torch.Tensor, start: int, end: int, kind: str) -> torch.
     return out
 
 
-def _fp16_bytes(state: CacheState, tokens: int) -> int:
-    _, H, _, D = state.keys[0].shape
-    return 2 * len(state.keys) * H * tokens * D * 2  # K and V, 2 bytes a value
+def _fp16_bytes(state: CacheState, start: int = 0, end: int | None = None, live=None) -> int:
+    """Bytes of tokens [start, end) in fp16, K and V; with `live` (per layer (Hkv, T)), only live slots."""
+    _, H, T, D = state.keys[0].shape
+    end = T if end is None else end
+    slots = len(state.keys) * H * (end - start) if live is None else sum(int(m[:, start:end].sum()) for m in live)
+    return 2 * slots * D * 2
 
 
 def _tova(model, tokenizer, items, prompts, cr: float, max_new_tokens: int, batch_size: int) -> dict:
     eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
-    correct, reads, vanilla = 0, 0.0, 0.0
+    correct, reads, vanilla = [], 0.0, 0.0
     for s in range(0, len(items), batch_size):
         tokens, _, per_seq = generate_ids(model, prompts[s:s + batch_size], make_policy("tova", cr=cr),
                                           max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-        correct += sum(grade(p, tokenizer.decode(t, skip_special_tokens=True)) for p, t in zip(items[s:s + batch_size], tokens))
+        correct += [grade(p, tokenizer.decode(t, skip_special_tokens=True)) for p, t in zip(items[s:s + batch_size], tokens)]
         reads += float(per_seq["kv_reads"].sum())
         vanilla += float(per_seq["vanilla_kv_reads"].sum())
-    return {"accuracy": correct / len(items), "compression_ratio": vanilla / reads}
+    return {"accuracy": sum(correct) / len(correct), "correct": correct, "compression_ratio": vanilla / reads}
 
 
 # -- text ---------------------------------------------------------------------------------------------------------
-def _prompt_state(model, ids: list[int]) -> CacheState:
-    """The vanilla cache of `ids` after a prefill, exported."""
-    cache = KVCache(model)
+def _prompt_state(model, ids: list[int], policy: CachePolicy | None = None) -> CacheState:
+    """The cache `policy` (default vanilla) leaves after a prefill of `ids`, exported."""
+    cache = KVCache(model, policy)
     prefill_row(model, cache, ids)
     return export_cache(cache)
 

@@ -16,6 +16,8 @@ Task and passkey documents get a block each instead (`pack_whole`): an answer mu
 the facts it retrieves, or distillation never rewards keeping them; and a problem then starts at position 0,
 as at inference (sinks included), instead of after other problems it could attend to. PAD (-1) fills the
 block after its document; the retrofit skips padding columns and counts padding in no loss.
+Each block also records where its answer starts (the teacher's continuation; the block's end for plain
+text), so that the retrofit can weight the KL on answers (`--answer-weight`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -85,7 +88,21 @@ def _read_hf_dataset(path: Path) -> list[str]:
     return list(ds["text"])
 
 
-def pack(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Tensor:
+class Blocks(NamedTuple):
+    """Training blocks: ids (N, seq_len) with PAD after a block's document, and answer_start (N,): the
+    position where the block's answer begins (seq_len: no answer, plain text)."""
+
+    ids: torch.Tensor
+    answer_start: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index) -> "Blocks":
+        return Blocks(self.ids[index], self.answer_start[index])
+
+
+def pack(token_docs: list[list[int]], eos: int | None, seq_len: int) -> Blocks:
     stream: list[int] = []
     for doc in token_docs:
         stream.extend(doc)
@@ -94,16 +111,17 @@ def pack(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Te
     n = len(stream) // seq_len
     if n == 0:
         raise KVShrinkError(f"the data has {len(stream)} tokens, fewer than one block of --seq-len {seq_len}")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return Blocks(torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len), torch.full((n,), seq_len))
 
 
-def pack_whole(token_docs: list[list[int]], eos: int | None, seq_len: int) -> torch.Tensor:
+def pack_whole(token_docs: list[list[int]], eos: int | None, seq_len: int, prompt_lengths: list[int] | None = None) -> Blocks:
     """One document (+ EOS) per block, filled up with PAD; a document longer than a block is cut to its
-    first seq_len tokens."""
+    first seq_len tokens. A document's answer starts after its prompt (`prompt_lengths`, in tokens)."""
     if not token_docs:
         raise KVShrinkError("the data holds no documents")
     docs = [(doc + ([eos] if eos is not None else []))[:seq_len] for doc in token_docs]
-    return torch.tensor([doc + [PAD] * (seq_len - len(doc)) for doc in docs], dtype=torch.long)
+    starts = [seq_len] * len(docs) if prompt_lengths is None else [min(n, seq_len) for n in prompt_lengths]
+    return Blocks(torch.tensor([doc + [PAD] * (seq_len - len(doc)) for doc in docs], dtype=torch.long), torch.tensor(starts))
 
 
 def teacher_documents(prompts: list[str], model, tokenizer, max_new_tokens: int, seed: int, progress_file: Path | None = None) -> list[str]:
@@ -178,18 +196,19 @@ def passkey_prompts(spec: str, tokenizer, seq_len: int, seed: int) -> list[str]:
     return [tokenizer.decode(passkey_prompt(tokenizer, filler, context, TRAIN_SEED + seed * n + i)[0]) for i in range(n)]
 
 
-def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=None, seed: int = 0) -> torch.Tensor:
-    """(N, seq_len) token blocks for `src` (PAD after the last whole document of a task or passkey block),
+def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=None, seed: int = 0) -> Blocks:
+    """Blocks of seq_len tokens for `src` (PAD after the last whole document of a task or passkey block),
     cached in `cache_dir` by source, tokenizer and length."""
     if "+" in src:
-        return torch.cat([token_blocks(part, tokenizer, seq_len, cache_dir, teacher, seed) for part in src.split("+")])
+        parts = [token_blocks(part, tokenizer, seq_len, cache_dir, teacher, seed) for part in src.split("+")]
+        return Blocks(*(torch.cat(x) for x in zip(*parts)))
     kind, _, rest = src.partition(":") if src.startswith(GENERATED + ("teacher:",)) else ("", "", src)
     if not src.startswith(GENERATED) and not Path(rest).exists():
         raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, teacher:FILE, task:NAME or passkey:N")
     key = data_key(src, tokenizer, seq_len, seed)
-    cache_file = cache_dir / f"blocks-{key}.pt"  # not data-*.pt: those packed several documents per block
+    cache_file = cache_dir / f"blocks2-{key}.pt"  # blocks-*.pt had no answer starts, data-*.pt packed several documents per block
     if cache_file.exists():
-        return torch.load(cache_file)
+        return Blocks(**torch.load(cache_file))
     if kind:
         if kind == "task":
             prompts = task_prompts(rest, tokenizer, seed)
@@ -203,10 +222,13 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
                                  progress_file=cache_dir / f"teacher-{key}.partial.jsonl")
     else:
         docs = read_documents(rest)
-    packer = pack_whole if src.startswith(GENERATED) else pack
-    blocks = packer([tokenizer(d)["input_ids"] for d in docs], tokenizer.eos_token_id, seq_len)
+    token_docs = [tokenizer(d)["input_ids"] for d in docs]
+    if src.startswith(GENERATED):
+        blocks = pack_whole(token_docs, tokenizer.eos_token_id, seq_len, [len(tokenizer(p)["input_ids"]) for p in prompts])
+    else:
+        blocks = pack(token_docs, tokenizer.eos_token_id, seq_len)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
-    torch.save(blocks, tmp)
+    torch.save(blocks._asdict(), tmp)
     tmp.replace(cache_file)
     return blocks

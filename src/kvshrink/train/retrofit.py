@@ -3,7 +3,7 @@
 Student = MODEL with DMS attached; teacher = the same weights with eviction off (and, for the neuron
 variant, the borrowed channel intact). Per step (SPEC section 2, dms-notes section 3):
 
-    loss = KL(student || teacher), averaged over tokens
+    loss = KL(student || teacher), averaged over tokens (answer tokens weighted by --answer-weight, 1 = the paper)
          + mean over sequences of clamp(target_flag_rate(step) - mean hard flag, 0)   (--cr-loss two-sided: |...|)
 
 target_flag_rate follows a CR ramped linearly from 1 to --target-cr, reached after 80% of the steps
@@ -59,6 +59,7 @@ class RetrofitConfig:
     aim_context: int | None = None  # default 32 * window
     ramp_steps: int | None = None  # steps to reach target_cr (default 80% of steps); then it holds
     sinks: int = 0  # never evict each sequence's first N tokens (see DMSConfig.sinks); 0 = the paper
+    answer_weight: float = 1.0  # KL weight of answer tokens (task/passkey data) against 1 for the rest; 1 = the paper
     save_every: int = 50
     seed: int = 0
     max_minutes: float | None = None  # wall-clock ceiling: checkpoint and stop
@@ -93,6 +94,8 @@ class RetrofitConfig:
             raise KVShrinkError("--batch-size, --grad-accum and --save-every must be >= 1 and --seq-len >= 2")
         if self.lr is None:
             self.lr = ADAPTER_LR if self.train == "adapter" else ALL_LR
+        if self.answer_weight < 1:
+            raise KVShrinkError(f"--answer-weight must be >= 1 (got {self.answer_weight}); 1 weights every token alike, as the paper")
         if self.lr <= 0 or self.warmup < 0 or (self.ramp_steps is not None and self.ramp_steps < 1):
             raise KVShrinkError(f"--lr must be > 0, --warmup >= 0 and --ramp-steps >= 1 (got {self.lr}, {self.warmup}, {self.ramp_steps})")
         if self.data is None:
@@ -158,12 +161,21 @@ def noise_for(seed: int, step: int, global_indices: list[int], shape: tuple[int,
     return torch.stack(draws, dim=1)
 
 
-def kl_student_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over tokens (the `live` ones, if given) of KL(student || teacher) = sum_v p_s (log p_s - log p_t)."""
+def kl_student_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens (weighted by `weights` (B, T), if given: 0 for padding) of
+    KL(student || teacher) = sum_v p_s (log p_s - log p_t)."""
     s = F.log_softmax(student_logits.float(), dim=-1)
     t = F.log_softmax(teacher_logits.float(), dim=-1)
     kl = (s.exp() * (s - t)).sum(-1)
-    return kl.mean() if live is None else (kl * live).sum() / live.sum()
+    return kl.mean() if weights is None else (kl * weights).sum() / weights.sum()
+
+
+def token_weights(live: torch.Tensor, answer_start: torch.Tensor, answer_weight: float) -> torch.Tensor:
+    """(B, T) KL weights: 0 for padding, `answer_weight` from each block's answer start on, 1 before.
+    With a frozen base, evicting a prompt's facts barely moves the KL of the filler around them; only the
+    answer's tokens depend on them, so weighting the answer up makes keeping them worth its budget."""
+    answer = torch.arange(live.shape[1], device=live.device)[None] >= answer_start[:, None].to(live.device)
+    return live * torch.where(answer, answer_weight, 1.0)
 
 
 def borrowed_rows(model) -> list[list[int]]:
@@ -280,9 +292,9 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         for micro in range(cfg.grad_accum):
             first = micro * world * local_batch + rank * local_batch
             g_idx = [step * cfg.batch_size + first + i for i in range(local_batch)]
-            ids = blocks[order[torch.tensor(g_idx) % len(blocks)]].to(acc.device)
+            ids, answer_start = blocks[order[torch.tensor(g_idx) % len(blocks)]]
             T = int(torch.nonzero((ids != PAD).any(0)).max()) + 1  # columns that are padding in every row go
-            ids = ids[:, :T]
+            ids = ids[:, :T].to(acc.device)
             live = ids != PAD  # (B, T): padding after a block's document counts in no loss
             ids = ids.clamp(min=0)  # any real id: causal attention keeps padding out of earlier positions
             uniform = noise_for(cfg.seed, step, g_idx, (n_layers, n_kv, cfg.seq_len))[..., :T].to(acc.device)
@@ -294,7 +306,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
             sync = micro == cfg.grad_accum - 1
             with acc.autocast(), (torch.enable_grad() if sync else acc.no_sync(model)):
                 student_logits = model(ids, use_cache=False, dms_uniform=uniform, dms_collect=collected).logits
-                kl = kl_student_teacher(student_logits, teacher_logits, live)
+                kl = kl_student_teacher(student_logits, teacher_logits, token_weights(live, answer_start, cfg.answer_weight))
                 flags = torch.stack([c["flags"] for c in collected]).float()  # (L, B, Hkv, T), straight-through
                 per_seq = (flags.mean(dim=(0, 2)) * live).sum(-1) / live.sum(-1)
                 comp = compression_loss(per_seq, flag_target, cfg.cr_loss)

@@ -83,7 +83,7 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
 {_retrofit_commands(cfg, base, name)}
 
 Data: `{base}`'s own sampled answers (temperature 1) to training-seed problems ({cfg["data"]}), each problem
-and its answer whole (never split) in {cfg["seq_len"]}-token blocks (padding masked out of the losses). Loss: KL(student || teacher)
+and its answer whole (never split) in {cfg["seq_len"]}-token blocks (padding masked out of the losses). Loss: KL(student || teacher){_answer_weight(cfg)}
 + the {cfg.get("cr_loss", "one-sided")} compression loss, {_ramp(cfg)}, then held;
 the eviction rate aimed at makes the reads-based CR reach the target at {cfg.get("aim_context") or 32 * cfg["window"]:,} tokens.
 Steps: {len(metrics)} of {cfg["steps"]}, AdamW lr {cfg["lr"]:g}{", bf16 autocast" if cfg.get("bf16") else ""}. Trained: {_timing(metrics, cfg["device"])}.
@@ -93,6 +93,11 @@ Last step: KL {last.get("kl", float("nan")):.4f}, flag-based CR {last.get("flag_
 
 Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
 """
+
+
+def _answer_weight(cfg: dict) -> str:
+    weight = cfg.get("answer_weight", 1)
+    return "" if weight == 1 else f" (the answer's tokens weighted {weight:g}x against the prompt's)"
 
 
 def _ramp(cfg: dict) -> str:
@@ -128,6 +133,7 @@ def _retrofit_command(stage: dict, origin: tuple[float, int], base: str, name: s
     options += [f"--aim-context {stage['aim_context']}"] if stage.get("aim_context") else []
     options += [f"--cr-loss {stage['cr_loss']}"] if stage.get("cr_loss", "one-sided") != "one-sided" else []
     options += [f"--sinks {stage['sinks']}"] if stage.get("sinks") else []
+    options += [f"--answer-weight {stage['answer_weight']:g}"] if stage.get("answer_weight", 1) != 1 else []
     options += ["--bf16"] if stage.get("bf16") else []
     return f"""    kvshrink zoo retrofit {base} --out runs/zoo/{name} --target-cr {stage["target_cr"]:g} --window {stage["window"]} \\
         --steps {stage["until_step"]} --data {stage["data"]} --seq-len {stage["seq_len"]} --batch-size {stage["batch_size"]} \\
