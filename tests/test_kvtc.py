@@ -310,6 +310,15 @@ def test_mismatched_calibration_is_refused(model, calib, source, rope, tmp_path)
         Calibration.load(path, expect=ModelIdentity.from_model(other_model))
     bf16 = copy.deepcopy(model).to(torch.bfloat16)  # a bf16 checkpoint loaded in bf16 or in fp32 is the same model
     assert ModelIdentity.from_model(bf16) == ModelIdentity.from_model(copy.deepcopy(bf16).float())
+    assert ModelIdentity.from_model(bf16) != loaded.identity  # fp32 weights rounded to bf16: another fingerprint,
+    Calibration.load(path, expect=ModelIdentity.from_model(bf16))  # but the same model: its calibration serves it
+    tuned = copy.deepcopy(model)  # a fine-tune of the same base (weights moved ~2%) is another model
+    with torch.no_grad():
+        for layer in tuned.model.layers:
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight.mul_(1 + 0.02 * torch.randn(proj.weight.shape, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(KVTCFormatError, match="does not match"):
+        Calibration.load(path, expect=ModelIdentity.from_model(tuned))
 
     keys, values = source.cache(cos, sin)
     blob = compress(keys, values, loaded, 4, cos, sin)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
 import torch
@@ -26,14 +26,18 @@ from .pca import PCABasis
 FORMAT, VERSION = "kvshrink-kvtc-calibration", "1"
 
 
+SAME_WEIGHTS_TOLERANCE = 5e-3  # bf16 rounding moves a signature ~2e-3; a LoRA fine-tune of the same base ~1e-2
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What a calibration must agree with: the cache's shape and a fingerprint of the model's weights."""
+    """What a calibration must agree with: the cache's shape and the model's k_proj/v_proj weights."""
 
     layers: int
     kv_heads: int
     head_dim: int
-    fingerprint: str = ""
+    fingerprint: str = ""  # exact: a hash of the weights cast to fp16
+    signature: tuple[float, ...] = field(default=(), compare=False)  # approximate: random sketches of the weights
 
     @property
     def features(self) -> int:
@@ -41,14 +45,34 @@ class ModelIdentity:
 
     @classmethod
     def from_model(cls, model) -> ModelIdentity:
-        """Fingerprint: a hash of every layer's k_proj and v_proj weights, cast to fp16 so that loading
-        the same checkpoint in another dtype still matches."""
+        """Fingerprint: a hash of every layer's k_proj and v_proj weights, cast to fp16. Signature: 16
+        fixed random projections of each of those weights (R_out · W · R_in), which the same weights
+        loaded in another dtype (bf16 rounds differently, and merges a LoRA in bf16) move only slightly."""
         cfg = model.config
         digest = hashlib.blake2b(digest_size=8)
+        signature = []
         for layer in model.model.layers:
             for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
-                digest.update(proj.weight.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, kv_head_dim(cfg), digest.hexdigest())
+                weight = proj.weight.detach().cpu()
+                digest.update(weight.to(torch.float16).contiguous().numpy().tobytes())
+                g = torch.Generator().manual_seed(weight.shape[0] * 100_003 + weight.shape[1])
+                r_out, r_in = torch.randn(4, weight.shape[0], generator=g), torch.randn(weight.shape[1], 4, generator=g)
+                signature += (r_out @ weight.float() @ r_in).flatten().tolist()
+        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, kv_head_dim(cfg), digest.hexdigest(),
+                   tuple(round(x, 6) for x in signature))
+
+    def matches(self, other: ModelIdentity) -> bool:
+        """Same cache shape and the same weights: bit for bit (fingerprint), or up to dtype rounding
+        (signatures within SAME_WEIGHTS_TOLERANCE, relative), so that a calibration fitted in fp32 serves
+        the model loaded in bf16."""
+        if (self.layers, self.kv_heads, self.head_dim) != (other.layers, other.kv_heads, other.head_dim):
+            return False
+        if self.fingerprint == other.fingerprint:
+            return True
+        if not self.signature or len(self.signature) != len(other.signature):
+            return False
+        a, b = torch.tensor(self.signature), torch.tensor(other.signature)
+        return float((a - b).norm() / a.norm().clamp(min=1e-12)) < SAME_WEIGHTS_TOLERANCE
 
     def __str__(self) -> str:
         return f"layers={self.layers} kv_heads={self.kv_heads} head_dim={self.head_dim} fingerprint={self.fingerprint or '-'}"
@@ -92,7 +116,7 @@ class Calibration:
         return self.plans[float(cr)]
 
     def check(self, identity: ModelIdentity) -> None:
-        if identity != self.identity:
+        if not self.identity.matches(identity):
             raise KVTCFormatError(f"KVTC calibration does not match the model: fitted for {self.identity}, model has {identity}")
 
     @cached_property
@@ -122,7 +146,8 @@ class Calibration:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
             if meta.get("format") != FORMAT or meta.get("version") != VERSION:
                 raise KVTCFormatError(f"{path} is not a version-{VERSION} KVTC calibration")
-            identity = ModelIdentity(**json.loads(meta["identity"]))
+            fields_ = json.loads(meta["identity"])
+            identity = ModelIdentity(**{**fields_, "signature": tuple(fields_.get("signature", ()))})
             plans = {float(cr): (Plan.from_json(k), Plan.from_json(v)) for cr, (k, v) in json.loads(meta["plans"]).items()}
             bases = [PCABasis(tensors[f"{s}.mean"].float(), tensors[f"{s}.components"].float()) for s in ("keys", "values")]
         except KVTCFormatError:
