@@ -18,7 +18,7 @@ from kvshrink.errors import KVShrinkError
 from kvshrink.generation import generate_ids
 from kvshrink.kvtc import (Calibration, KVTCFormatError, ModelIdentity, PrefixStore, cache_features, cos_sin,
                            export_cache, generate_with_prefix_store, pack_cache, prefix, restore_cache, unpack_cache)
-from kvshrink.kvtc.commands import calibrate, evaluate, evaluate_model
+from kvshrink.kvtc.commands import _greedy_rows, _prompt_state, _rows, calibrate, evaluate, evaluate_model
 from kvshrink.generation import prefill_row
 from kvshrink.kvtc.store import STALE_SECONDS
 from kvshrink.loading import load
@@ -303,6 +303,22 @@ def test_calibrate_and_evaluate_smoke(tiny_model_dir, tmp_path):
     assert methods["kvtc4"]["middle_ratio"] > 3 and methods["kvtc4"]["compress_mb_s"] > 0
     assert methods["tova4"]["compression_ratio"] > 1
     assert all(len(m["correct"]) == 2 for m in methods.values())
+
+
+@pytest.mark.parametrize("dms", [False, True])
+def test_eval_decodes_each_method_as_a_row_like_plain_generation(tiny_model_dir, dms):
+    """The eval restores one cache per method as rows of one batch and decodes them together: each row
+    writes what plain greedy generation from the prompt writes (vanilla, and DMS with its pending flags)."""
+    model, _ = load(tiny_model_dir, device="cpu")
+    if dms:
+        model = with_random_dms(model, window=DMS_WINDOW, evict_bias=5.0)
+    policy = DMSPolicy(window=DMS_WINDOW) if dms else CachePolicy()
+    ids = _ids(60, 5)
+    state = _prompt_state(model, ids[:-1], policy)
+    assert (state.live is not None) == dms
+    cache = restore_cache(model, policy, *_rows([state, state, state]))
+    expected = generate_ids(model, [ids], policy, max_new_tokens=7)[0][0]
+    assert _greedy_rows(model, cache, ids[-1], 7, eos=None) == [expected] * 3
 
 
 def test_evaluate_stores_a_dms_cache_against_vanilla_bytes(tiny_model_dir, tmp_path):

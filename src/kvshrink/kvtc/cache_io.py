@@ -84,9 +84,10 @@ def _by_position(x: torch.Tensor, where: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def restore_cache(model, policy: CachePolicy | None, keys, values, live=None, positions=None, flags=None) -> KVCache:
-    """A one-row `KVCache` holding these tokens as a prefill of them would leave it (see `CacheState`;
+    """A `KVCache` holding these tokens as a prefill of them would leave it (see `CacheState`;
     `restore_cache(model, policy, *export_cache(cache))` round-trips). positions default to 0..T-1;
-    the next token goes at position positions[-1] + 1."""
+    the next token goes at position positions[-1] + 1. keys and values may hold B > 1 rows that share
+    positions, live slots and flags (one cache through several codecs): a B-row cache, decoded together."""
     policy = policy or CachePolicy()
     if policy.slot_fields or any(getattr(type(policy), f) is not getattr(CachePolicy, f) for f in ("on_write", "observe")):
         raise KVShrinkError(f"policy {policy.name!r} keeps per-token state that a stored cache does not hold; "
@@ -101,16 +102,16 @@ def restore_cache(model, policy: CachePolicy | None, keys, values, live=None, po
     weight = next(model.parameters())
     seen = int(positions[-1]) + 1
     for i, layer in enumerate(cache.layers):
-        k, v = keys[i].to(weight.device, weight.dtype), values[i].to(weight.device, weight.dtype)  # (1, Hkv, T, D)
+        k, v = keys[i].to(weight.device, weight.dtype), values[i].to(weight.device, weight.dtype)  # (B, Hkv, T, D)
         alive = torch.ones(k.shape[1], T, dtype=torch.bool) if live is None else live[i].to(torch.bool).cpu()
         layer.lazy_initialization(k[:, :, :0], v[:, :, :0])
         layer._grow(T)  # every slot tensor, policy fields included, at capacity >= T
         layer.keys[:, :, :T], layer.values[:, :, :T] = k, v
-        layer.live[0, :, :T] = alive.to(weight.device)
-        layer.bias[0, :, :T] = torch.zeros(alive.shape).masked_fill(~alive, float("-inf")).to(layer.bias)
-        layer.pos[0, :, :T] = positions.to(layer.pos)
+        layer.live[:, :, :T] = alive.to(weight.device)  # every row alike
+        layer.bias[:, :, :T] = torch.zeros(alive.shape).masked_fill(~alive, float("-inf")).to(layer.bias)
+        layer.pos[:, :, :T] = positions.to(layer.pos)
         if flags is not None:
-            layer.flag[0, :, :T] = (flags[i].to(torch.bool).cpu() & alive).to(weight.device)
+            layer.flag[:, :, :T] = (flags[i].to(torch.bool).cpu() & alive).to(weight.device)
         layer.last_slot.fill_(T - 1)  # the next token's DMS decision flags the last one
         layer.seen = seen
         layer.real.fill_(seen)

@@ -28,7 +28,6 @@ from .cache_io import CacheState, cos_sin, export_cache, restore_cache
 from .calibration import Calibration, ModelIdentity
 from .codec import SINKS, WINDOW, blob_stats, compress, decompress
 from .pca import cache_features
-from .prefix import decode
 from .quant import BITS, GROUP_OVERHEAD_BITS, fake_quant
 
 CALIBRATION_SEED, EXAMPLE_SEED = 1_000_000, 2_000_000
@@ -104,9 +103,8 @@ def evaluate_model(model, tokenizer, calib: Calibration, ratios, task: str, prob
     start = time.perf_counter()
     for problem, ids in zip(items, prompts):
         state = _prompt_state(model, ids[:-1], policy)
-        for name, method in methods.items():
-            cache = restore_cache(model, policy, *method(state, tallies[name]))
-            tokens = decode(model, cache, prefill_row(model, cache, ids[-1:]), max_new_tokens, eos={eos} - {None})
+        cache = restore_cache(model, policy, *_rows([method(state, tallies[name]) for name, method in methods.items()]))
+        for name, tokens in zip(methods, _greedy_rows(model, cache, ids[-1], max_new_tokens, eos)):
             tallies[name].correct.append(grade(problem, tokenizer.decode(tokens, skip_special_tokens=True)))
     report = {name: tally.report() for name, tally in tallies.items()}
     for cr in ratios if vanilla else ():
@@ -178,6 +176,36 @@ def _kvtc(state: CacheState, tally: _Tally, model, calib: Calibration, cr: float
     stats = blob_stats(blob)
     tally.count(state, stats["bytes"], stats["middle_bytes"])
     return CacheState(keys, values, live, state.positions, state.flags)
+
+
+def _rows(states: list[CacheState]) -> CacheState:
+    """One B-row state from states of one cache (same positions, live slots and flags), a row each."""
+    def stack(per_layer):  # per_layer(state): its tensors, one per layer
+        return [torch.cat([x.to(layer[0]) for x in layer]) for layer in zip(*map(per_layer, states))]
+
+    return states[0]._replace(keys=stack(lambda s: s.keys), values=stack(lambda s: s.values))
+
+
+@torch.no_grad()
+def _greedy_rows(model, cache: KVCache, last: int, max_new_tokens: int, eos: int | None) -> list[list[int]]:
+    """Greedy answers of every row of a restored cache, each fed the prompt's last token `last`: the rows
+    step together (one forward per token for all methods) until each has written eos or max_new_tokens."""
+    B, device = cache.batch_size, next(model.parameters()).device
+    ids = torch.full((B, 1), last, device=device)
+    out, done = [[] for _ in range(B)], [False] * B
+    for _ in range(max_new_tokens):
+        seen = cache.layers[0].seen
+        logits = model(ids, attention_mask=torch.ones(B, seen + 1, dtype=torch.long, device=device),
+                       position_ids=torch.full((B, 1), seen, device=device), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+        ids = logits.argmax(-1, keepdim=True)
+        for row, token in enumerate(ids[:, 0].tolist()):
+            if not done[row]:
+                out[row].append(token)
+                done[row] = token == eos
+        if all(done):
+            break
+    return out
 
 
 def _middle(T: int) -> tuple[int, int]:
