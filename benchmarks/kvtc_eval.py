@@ -53,7 +53,7 @@ def run(args, rec: Records, deadline: float) -> None:
                 if (task, name, first) in rec.done or time.time() > deadline:
                     continue
                 r = evaluate_model(model, tok, calib, args.ratios, task, min(BATCH, args.problems - first),
-                                   first=first, prefix_tokens=PREFIX_TOKENS[task])
+                                   first=first, prefix_tokens=PREFIX_TOKENS[task], tova_ratios=args.tova_ratios)
                 rec.add({"part": task, "model": name, "item": first, **r})
                 print(f"{task} {name} {first}+: " + "  ".join(f"{m} {sum(x['correct'])}" for m, x in r["methods"].items())
                       + f"  {r['seconds']:.0f} s", flush=True)
@@ -217,6 +217,8 @@ def main():
     parser.add_argument("--tasks", nargs="+", default=list(PREFIX_TOKENS), choices=list(PREFIX_TOKENS))
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--ratios", nargs="+", type=float, default=[16.0, 32.0, 64.0])
+    parser.add_argument("--tova-ratios", nargs="*", type=float, default=[16.0],
+                        help="TOVA's CRs (its prefill, 16-token chunks scored by attention, is the slow part)")
     parser.add_argument("--dtype", default="bfloat16", help="the model's dtype (the codec stores whatever the cache holds)")
     parser.add_argument("--work", type=Path, default=ROOT / "docs" / "results" / "kvtc-eval")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new batches after this long")
@@ -230,7 +232,8 @@ def main():
     rec = Records(args.work / "records.jsonl")
     command = (f"python benchmarks/kvtc_eval.py --calibration CALIB.safetensors --model {args.model} "
                f"--dms-model {args.dms_model or repr('')} --tasks {' '.join(args.tasks)} --problems {args.problems} "
-               f"--ratios {' '.join(f'{r:g}' for r in args.ratios)} --dtype {args.dtype}")
+               f"--ratios {' '.join(f'{r:g}' for r in args.ratios)} --tova-ratios {' '.join(f'{r:g}' for r in args.tova_ratios)} "
+               f"--dtype {args.dtype}")
     if not args.report_only:
         run(args, rec, time.time() + 60 * args.max_minutes if args.max_minutes else math.inf)
     report(rec, args, command)

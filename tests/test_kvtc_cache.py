@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+import kvshrink
+
 from conftest import left_pad, tiny_model, with_random_dms
 from kvshrink.attention import install
 from kvshrink.cache import KVCache
@@ -260,6 +262,12 @@ def test_prefix_reuse_gives_the_same_tokens_as_plain_generation(kind, tiny_model
     assert out.stats["prefixes_stored"] == 5 and out.stats["prefix_hits"] == 3
     again = generate_with_prefix_store(model, tokenizer, prompts[1], store, calib, NEAR_LOSSLESS, max_new_tokens=12)
     assert again.tokens == out.tokens[1:2] and again.stats["prefix_tokens_reused"] == len(encoded[1]) - 1
+    through_generate = kvshrink.generate(model, tokenizer, prompts[2], max_new_tokens=12, prefix_store=store,
+                                         calibration=calib, kvtc_cr=NEAR_LOSSLESS)  # the library's entry point
+    assert through_generate.tokens == out.tokens[2:3]
+    assert through_generate.stats["prefix_tokens_reused"] == len(encoded[2]) - 1
+    with pytest.raises(KVShrinkError, match="calibration="):
+        kvshrink.generate(model, tokenizer, prompts[2], prefix_store=store)
 
 
 def test_prefix_reuse_through_the_codec_stays_greedy(tiny_model_dir, calib, tmp_path):

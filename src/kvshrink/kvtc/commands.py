@@ -75,7 +75,7 @@ def evaluate(model_name, calibration_path, ratios, task: str, problems: int, see
 
 def evaluate_model(model, tokenizer, calib: Calibration, ratios, task: str, problems: int, seed: int = 0, *,
                    first: int = 0, prefix_tokens: int = 0, difficulty: int | None = None,
-                   max_new_tokens: int | None = None, batch_size: int = 8) -> dict:
+                   max_new_tokens: int | None = None, batch_size: int = 8, tova_ratios=None) -> dict:
     """Greedy accuracy on problems first .. first + problems - 1 of `task` when the prompt's cache goes
     through each method before the answer is generated, with the bytes each method stores.
 
@@ -83,7 +83,8 @@ def evaluate_model(model, tokenizer, calib: Calibration, ratios, task: str, prob
     prompt minus its last token, which then runs on the restored cache. Methods: `vanilla` (or the
     policy's name: that cache uncompressed); `kvtc<cr>` per ratio; on a vanilla cache also `int4`, `int2`
     (the middle quantized per token, layer and head with an fp16 shift and scale, sinks and window kept)
-    and `tova<cr>` per ratio (TOVA evicting during prefill and decode, reads-based `compression_ratio`).
+    and `tova<cr>` per ratio in `tova_ratios` (default: `ratios`; TOVA evicting during prefill and decode,
+    reads-based `compression_ratio`).
     `ratio` counts the whole cache, window included, against a vanilla fp16 cache of the same tokens;
     `middle_ratio` only the compressed middle (the paper's headline); KVTC's speeds are fp16-equivalent
     MB per second of compress / decompress; `correct` lists each problem's grade (for paired comparisons).
@@ -107,7 +108,7 @@ def evaluate_model(model, tokenizer, calib: Calibration, ratios, task: str, prob
         for name, tokens in zip(methods, _greedy_rows(model, cache, ids[-1], max_new_tokens, eos)):
             tallies[name].correct.append(grade(problem, tokenizer.decode(tokens, skip_special_tokens=True)))
     report = {name: tally.report() for name, tally in tallies.items()}
-    for cr in ratios if vanilla else ():
+    for cr in (ratios if tova_ratios is None else tova_ratios) if vanilla else ():
         report[f"tova{cr:g}"] = _tova(model, tokenizer, items, prompts, cr, max_new_tokens, batch_size)
     return {"task": task, "difficulty": items[0].difficulty, "problems": len(items), "first": first, "seed": seed,
             "policy": policy.describe(), "prompt_tokens": sum(map(len, prompts)) / len(prompts),
