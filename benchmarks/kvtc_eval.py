@@ -6,8 +6,8 @@ restoring a stored prefix against recomputing it by prefill.
         [--ratios 16 32 64] [--work docs/results/kvtc-eval] [--max-minutes M] [--report-only]
 
 FILE is made first if missing (`kvshrink kvtc calibrate MODEL --out FILE`: 100K tokens; it is ~100 MB, so
-it lives outside the repository). `arith` problems are answered after a >= 512-token few-shot prefix of
-solved problems (SPEC 7), so the compressed middle exists; `vt` prompts are long on their own. The same
+it lives outside the repository). `arith` problems are answered after >= 512 tokens of earlier chat turns
+(solved problems: the stored prefix of SPEC 7), so the compressed middle exists; `vt` prompts are long on their own. The same
 problems for every method and model, so differences to the uncompressed cache are paired (95% interval).
 Every batch of problems is appended to WORK/records.jsonl as it finishes; rerun the command to resume.
 Writes docs/results/kvtc.md and kvtc.png.
@@ -127,7 +127,7 @@ def report(rec: Records, args, command: str) -> None:
     import matplotlib.pyplot as plt
 
     lines = ["# KVTC: stored caches on the zoo's tasks", "", f"Command: `{command}`", "",
-             f"`{args.model}` and `{args.dms_model}` on held-out problems (seed 0), greedy. Each problem's prompt cache "
+             " and ".join(f"`{m}`" for m in (args.model, args.dms_model) if m) + " on held-out problems (seed 0), greedy. Each problem's prompt cache "
              "(all but its last token) goes through a method and back, then the answer is generated from it. "
              "Methods: the uncompressed cache; `int4`/`int2` (the middle quantized per token, layer and head with an "
              "fp16 shift and scale); `kvtc<cr>` (the codec at that planned ratio, entropy coding on top); `tova<cr>` "
@@ -142,7 +142,7 @@ def report(rec: Records, args, command: str) -> None:
         ref = rows.get(args.model, {}).get("vanilla")
         if not ref:
             continue
-        lines += [f"## {task}" + (f" (after a {PREFIX_TOKENS[task]}-token few-shot prefix)" if PREFIX_TOKENS[task] else ""), "",
+        lines += [f"## {task}" + (f" (after >= {PREFIX_TOKENS[task]} tokens of earlier turns: solved problems)" if PREFIX_TOKENS[task] else ""), "",
                   "| model | method | problems | accuracy | vs uncompressed (paired) | ratio | middle ratio | compress MB/s | decompress MB/s |",
                   "|---|---|---|---|---|---|---|---|---|"]
         series: dict[str, list[tuple[float, float]]] = {}

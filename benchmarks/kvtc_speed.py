@@ -191,10 +191,10 @@ def main():
     key_plan, value_plan = calib.plan(args.cr)
     lines = [
         f"# KVTC codec speed (CPU, {args.threads} thread{'s' * (args.threads != 1)})", "",
-        f"Command: `python benchmarks/kvtc_speed.py {' '.join(sys.argv[1:])}`", "",
+        f"Command: `python benchmarks/kvtc_speed.py {' '.join(Path(a).name if a.endswith('.safetensors') else a for a in sys.argv[1:])}`", "",
         f"SmolLM2-135M's shape ({LAYERS} layers x {KV_HEADS} KV heads x {HEAD_DIM}, p = {identity.features:,}), "
         f"{args.tokens:,} tokens, fp16 cache of {fp16_bytes / 1e6:.1f} MB; "
-        f"{'calibration ' + str(args.calibration) if args.calibration else 'synthetic calibration'}, cr {args.cr:g}, "
+        f"{'calibration ' + args.calibration.name if args.calibration else 'synthetic calibration'}, cr {args.cr:g}, "
         f"{'bf16' if codec.BF16_MATMUL else 'fp32'} matmuls: "
         f"key plan rank {key_plan.rank} ({len(key_plan.groups)} groups), value plan rank {value_plan.rank} "
         f"({len(value_plan.groups)} groups). Blob {stats['bytes'] / 1e6:.2f} MB (ratio {stats['ratio']:.1f}, middle "

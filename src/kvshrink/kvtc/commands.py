@@ -92,7 +92,7 @@ def evaluate_model(model, tokenizer, calib: Calibration, ratios, task: str, prob
     policy = resolve_policy(model, None)
     items = make_problems(task, problems, seed=seed, difficulty=difficulty, first=first)
     shots = _few_shot(tokenizer, task, prefix_tokens, seed, items[0].difficulty)
-    prompts = [chat_prompt(tokenizer, shots + p.prompt) for p in items]
+    prompts = [chat_prompt(tokenizer, shots + [{"role": "user", "content": p.prompt}]) for p in items]
     if max_new_tokens is None:
         max_new_tokens = answer_budget(tokenizer, items)
     eos = tokenizer.eos_token_id
@@ -266,14 +266,15 @@ def _calibration_sequences(tokenizer, seq_len: int):
             yield chunk
 
 
-def _few_shot(tokenizer, task: str, tokens: int, seed: int, difficulty: int) -> str:
-    """Solved problems, seeds apart from the graded ones, until they fill `tokens` tokens ('' for 0)."""
-    text = ""
-    for n in itertools.count(1):
-        if len(tokenizer(text)["input_ids"]) >= tokens:
-            return text
-        example = make_problems(task, n, seed=EXAMPLE_SEED + seed, difficulty=difficulty)[-1]
-        text += f"{example.prompt}\n{example.solution}\n\n"
+def _few_shot(tokenizer, task: str, tokens: int, seed: int, difficulty: int) -> list[dict]:
+    """Earlier turns of the conversation: solved problems (seeds apart from the graded ones), each a user
+    turn and the worked answer, until they fill `tokens` tokens ([] for 0). The stored prefix a chat
+    reuses; as turns, not pasted into the question, they stay in the format the model was tuned on."""
+    turns: list[dict] = []
+    while tokens and (not turns or len(chat_prompt(tokenizer, turns)) < tokens):
+        example = make_problems(task, len(turns) // 2 + 1, seed=EXAMPLE_SEED + seed, difficulty=difficulty)[-1]
+        turns += [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.solution}]
+    return turns
 
 
 def _sample_to_front(rows: torch.Tensor, n: int, seed: int) -> None:
