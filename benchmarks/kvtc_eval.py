@@ -5,7 +5,7 @@ restoring a stored prefix against recomputing it by prefill.
     python benchmarks/kvtc_eval.py --calibration FILE [--model tiny] [--dms-model tiny-dms8] [--problems 200]
         [--ratios 16 32 64] [--work docs/results/kvtc-eval] [--max-minutes M] [--report-only]
 
-FILE is made first if missing (`kvshrink kvtc calibrate MODEL --out FILE`: 100K tokens; it is ~100 MB, so
+FILE is made first if missing (`kvshrink kvtc calibrate MODEL --out FILE`: 100K tokens; it is ~230 MB, so
 it lives outside the repository). `arith` problems are answered after >= 512 tokens of earlier chat turns
 (solved problems: the stored prefix of SPEC 7), so the compressed middle exists; `vt` prompts are long on their own. The same
 problems for every method and model, so differences to the uncompressed cache are paired (95% interval).
@@ -34,7 +34,7 @@ from kvshrink.kvtc.cache_io import cos_sin, export_cache, restore_cache  # noqa:
 from kvshrink.kvtc.codec import compress, decompress  # noqa: E402
 from kvshrink.kvtc.commands import calibrate, evaluate_model  # noqa: E402
 from kvshrink.train.text import pydoc_split  # noqa: E402
-from shared import Records, binomial_ci, paired_ci  # noqa: E402
+from shared import Records, best_of, binomial_ci, paired_ci  # noqa: E402
 
 BATCH = 20
 PREFIX_TOKENS = {"arith": 512, "vt": 0}  # SPEC 7: arith's stored prefix is >= 512 tokens of solved problems
@@ -87,14 +87,9 @@ def restore_timings(model, tok, calib: Calibration, rec: Records, deadline: floa
 
 
 @torch.no_grad()
-def _best(fn, repeats: int = 2) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _best(fn) -> float:
+    fn()  # warm-up
+    return best_of(fn, 2)
 
 
 def merged(rows: list[dict]) -> dict[str, dict]:

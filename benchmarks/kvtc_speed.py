@@ -34,6 +34,7 @@ from kvshrink.kvtc import Calibration, ModelIdentity, PCABasis, allocate, budget
 from kvshrink.kvtc import codec
 from kvshrink.kvtc.codec import blob_stats
 from kvshrink.kvtc.pca import from_features
+from shared import best_of
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "results" / "kvtc-speed.md"
@@ -120,15 +121,6 @@ def cache(srcs: dict[str, Source], tokens: int, cos, sin):
     K = redo_rope(from_features(srcs["keys"].rows(tokens, 100), LAYERS, KV_HEADS, HEAD_DIM), cos, sin)
     V = from_features(srcs["values"].rows(tokens, 101), LAYERS, KV_HEADS, HEAD_DIM)
     return list(K.half().split(1)), list(V.half().split(1))
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def breakdown(fn, stages) -> tuple[list[tuple[str, float]], float]:

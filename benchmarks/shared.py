@@ -4,6 +4,7 @@ results file (so a run resumes where it stopped) and the 95% intervals every com
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,3 +75,13 @@ def binomial_ci(k: int, n: int) -> float:
     """Normal-approximation 95% half-width of a proportion k/n, in points."""
     p = k / n
     return 100 * 1.96 * math.sqrt(p * (1 - p) / n)
+
+
+def best_of(fn, repeats: int) -> float:
+    """Shortest wall time of `repeats` calls of fn (run any warm-up before)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

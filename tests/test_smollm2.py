@@ -129,6 +129,6 @@ def test_passkey_data_hides_keys_in_train_text(cache, tmp_path):
     joined = token_blocks("task:arith:1+passkey:1", tok, 512, tmp_path, teacher=model)
     parts = [token_blocks(src, tok, 512, tmp_path) for src in ("task:arith:1", "passkey:1")]  # cached by the join
     assert torch.equal(joined.ids, torch.cat([p.ids for p in parts]))
-    assert torch.equal(joined.answer_start, torch.cat([p.answer_start for p in parts]))
+    assert torch.equal(joined.answer_start, torch.cat([p.answer_start for p in parts]))  # Blocks.cat joins both
     with pytest.raises(KVShrinkError, match="passkey:N"):
         token_blocks("passkey:some", tok, 512, tmp_path, teacher=model)

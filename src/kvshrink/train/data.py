@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -88,9 +88,10 @@ def _read_hf_dataset(path: Path) -> list[str]:
     return list(ds["text"])
 
 
-class Blocks(NamedTuple):
+@dataclass(frozen=True)
+class Blocks:
     """Training blocks: ids (N, seq_len) with PAD after a block's document, and answer_start (N,): the
-    position where the block's answer begins (seq_len: no answer, plain text)."""
+    position where the block's answer begins (seq_len: no answer, plain text). Indexing selects blocks."""
 
     ids: torch.Tensor
     answer_start: torch.Tensor
@@ -98,8 +99,12 @@ class Blocks(NamedTuple):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index) -> "Blocks":
+    def __getitem__(self, index) -> Blocks:
         return Blocks(self.ids[index], self.answer_start[index])
+
+    @classmethod
+    def cat(cls, parts: list[Blocks]) -> Blocks:
+        return cls(torch.cat([p.ids for p in parts]), torch.cat([p.answer_start for p in parts]))
 
 
 def pack(token_docs: list[list[int]], eos: int | None, seq_len: int) -> Blocks:
@@ -200,8 +205,7 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
     """Blocks of seq_len tokens for `src` (PAD after the last whole document of a task or passkey block),
     cached in `cache_dir` by source, tokenizer and length."""
     if "+" in src:
-        parts = [token_blocks(part, tokenizer, seq_len, cache_dir, teacher, seed) for part in src.split("+")]
-        return Blocks(*(torch.cat(x) for x in zip(*parts)))
+        return Blocks.cat([token_blocks(part, tokenizer, seq_len, cache_dir, teacher, seed) for part in src.split("+")])
     kind, _, rest = src.partition(":") if src.startswith(GENERATED + ("teacher:",)) else ("", "", src)
     if not src.startswith(GENERATED) and not Path(rest).exists():
         raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, teacher:FILE, task:NAME or passkey:N")
@@ -229,6 +233,6 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
         blocks = pack(token_docs, tokenizer.eos_token_id, seq_len)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
-    torch.save(blocks._asdict(), tmp)
+    torch.save(vars(blocks), tmp)
     tmp.replace(cache_file)
     return blocks

@@ -292,9 +292,9 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         for micro in range(cfg.grad_accum):
             first = micro * world * local_batch + rank * local_batch
             g_idx = [step * cfg.batch_size + first + i for i in range(local_batch)]
-            ids, answer_start = blocks[order[torch.tensor(g_idx) % len(blocks)]]
-            T = int(torch.nonzero((ids != PAD).any(0)).max()) + 1  # columns that are padding in every row go
-            ids = ids[:, :T].to(acc.device)
+            batch = blocks[order[torch.tensor(g_idx) % len(blocks)]]
+            T = int(torch.nonzero((batch.ids != PAD).any(0)).max()) + 1  # columns that are padding in every row go
+            ids = batch.ids[:, :T].to(acc.device)
             live = ids != PAD  # (B, T): padding after a block's document counts in no loss
             ids = ids.clamp(min=0)  # any real id: causal attention keeps padding out of earlier positions
             uniform = noise_for(cfg.seed, step, g_idx, (n_layers, n_kv, cfg.seq_len))[..., :T].to(acc.device)
@@ -306,7 +306,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
             sync = micro == cfg.grad_accum - 1
             with acc.autocast(), (torch.enable_grad() if sync else acc.no_sync(model)):
                 student_logits = model(ids, use_cache=False, dms_uniform=uniform, dms_collect=collected).logits
-                kl = kl_student_teacher(student_logits, teacher_logits, token_weights(live, answer_start, cfg.answer_weight))
+                kl = kl_student_teacher(student_logits, teacher_logits, token_weights(live, batch.answer_start, cfg.answer_weight))
                 flags = torch.stack([c["flags"] for c in collected]).float()  # (L, B, Hkv, T), straight-through
                 per_seq = (flags.mean(dim=(0, 2)) * live).sum(-1) / live.sum(-1)
                 comp = compression_loss(per_seq, flag_target, cfg.cr_loss)
