@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import torch
 
+#: prompt chunk length for policies that evict while the prompt goes through (SPEC 7: 16)
+EVICTION_CHUNK = 16
+
 
 class CachePolicy:
     """Base class: keeps everything (vanilla attention)."""

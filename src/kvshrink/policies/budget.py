@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import KVShrinkError, check_cr
-from .base import CachePolicy
+from .base import EVICTION_CHUNK, CachePolicy
 
 PROTECTED = 1e30  # a score no attention weight or position reaches: the token is never evicted
 
@@ -21,7 +21,7 @@ PROTECTED = 1e30  # a score no attention weight or position reaches: the token i
 @dataclass
 class BudgetPolicy(CachePolicy):
     cr: float
-    prefill_chunk = 16
+    prefill_chunk = EVICTION_CHUNK
 
     def __post_init__(self):
         if self.cr is None:

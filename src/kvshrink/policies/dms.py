@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import check_sinks, check_window
-from .base import CachePolicy
+from .base import EVICTION_CHUNK, CachePolicy
 
 
 @dataclass
@@ -25,6 +25,9 @@ class DMSPolicy(CachePolicy):
     sinks: int = 0
     name = "dms"
     needs_dms = True
+    #: the prompt goes through in the budget policies' chunks, so expired tokens leave as it is read and
+    #: peak memory compares on the same terms (a 512-token chunk is held whole before its evictions apply)
+    prefill_chunk = EVICTION_CHUNK
 
     def __post_init__(self):
         check_window(self.window)
