@@ -267,7 +267,8 @@ def test_interrupted_checkpoint_write_is_ignored(base_dir, tmp_path):
     assert last["step"] == 10
 
 
-def test_teacher_data_and_plot(base_dir, tmp_path, retrofitted):
+def test_teacher_data_and_plot(base_dir, tmp_path, retrofitted, monkeypatch):
+    from kvshrink.train import data
     from kvshrink.train.data import token_blocks
     from kvshrink.train.retrofit import plot_training
 
@@ -277,12 +278,18 @@ def test_teacher_data_and_plot(base_dir, tmp_path, retrofitted):
     blocks = token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=model)
     assert blocks.ids.shape[1] == 16 and len(blocks) >= 3
     assert blocks.answer_start.tolist() == [16] * len(blocks)  # a text stream: no answer to weight
-    again = token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=None)  # cached
+    monkeypatch.setattr(data, "teacher_documents", lambda *a, **k: pytest.fail("sampled again instead of reading the cache"))
+    again = token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=model)
     assert torch.equal(again.ids, blocks.ids) and torch.equal(again.answer_start, blocks.answer_start)
     packed = list((tmp_path / "cache").glob("blocks2-*.pt"))
     assert len(packed) == 1
     packed[0].unlink()  # lose the packed cache: the sampled documents survive
-    assert torch.equal(token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=None).ids, blocks.ids)
+    monkeypatch.undo()
+    assert torch.equal(token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=model).ids, blocks.ids)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)  # another teacher (a re-tuned base): its own samples, not the cached ones
+    token_blocks(f"teacher:{prompts}", tok, 16, tmp_path / "cache", teacher=model)
+    assert len(list((tmp_path / "cache").glob("blocks2-*.pt"))) == 2
     png = plot_training(retrofitted[0])
     assert png.stat().st_size > 10_000
 

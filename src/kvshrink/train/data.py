@@ -163,9 +163,23 @@ def teacher_documents(prompts: list[str], model, tokenizer, max_new_tokens: int,
     return docs
 
 
-def data_key(src: str, tokenizer, seq_len: int, seed: int) -> str:
-    """Cache key of a data source: its spec, the tokenizer, the block length and its files' stamps."""
+def weights_fingerprint(model) -> str:
+    """A hash of every weight (cast to fp16): teacher samples belong to the exact model that wrote them."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_key(src: str, tokenizer, seq_len: int, seed: int, teacher=None) -> str:
+    """Cache key of a data source: its spec, the tokenizer, the block length, its files' stamps and, for
+    sources the teacher writes, the teacher's weights (a re-tuned base must not reuse old samples)."""
     stamp = [src, seq_len, getattr(tokenizer, "name_or_path", ""), len(tokenizer), seed, "whole" if src.startswith(GENERATED) else "stream"]
+    if src.startswith(GENERATED + ("teacher:",)):
+        if teacher is None:
+            raise KVShrinkError(f"--data {src} is written by the teacher: give the teacher model")
+        stamp.append(weights_fingerprint(teacher))
     if not src.startswith(GENERATED):
         path = Path(src[len("teacher:"):] if src.startswith("teacher:") else src)
         for f in ([path] if path.is_file() else sorted(path.rglob("*"))):
@@ -203,13 +217,13 @@ def passkey_prompts(spec: str, tokenizer, seq_len: int, seed: int) -> list[str]:
 
 def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=None, seed: int = 0) -> Blocks:
     """Blocks of seq_len tokens for `src` (PAD after the last whole document of a task or passkey block),
-    cached in `cache_dir` by source, tokenizer and length."""
+    cached in `cache_dir` by source, tokenizer, length and (for generated sources) teacher."""
     if "+" in src:
         return Blocks.cat([token_blocks(part, tokenizer, seq_len, cache_dir, teacher, seed) for part in src.split("+")])
     kind, _, rest = src.partition(":") if src.startswith(GENERATED + ("teacher:",)) else ("", "", src)
     if not src.startswith(GENERATED) and not Path(rest).exists():
         raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, teacher:FILE, task:NAME or passkey:N")
-    key = data_key(src, tokenizer, seq_len, seed)
+    key = data_key(src, tokenizer, seq_len, seed, teacher)
     cache_file = cache_dir / f"blocks2-{key}.pt"  # blocks-*.pt had no answer starts, data-*.pt packed several documents per block
     if cache_file.exists():
         return Blocks(**torch.load(cache_file))
