@@ -271,6 +271,29 @@ def test_codec_live_mask_for_dms_caches(calib, source, rope):
         # mean-filled slots pull each token off the basis' subspace, so live slots lose accuracy: ~2.5x here,
         # where random eviction of half the slots breaks the cross-head correlations PCA relies on
         assert masked_err < 3 * plain_err
+        recent = mask[:, :, -128:].expand_as(x[:, :, -128:])
+        assert torch.equal(y[:, :, -128:][recent], x[:, :, -128:][recent])  # live window vectors: as they were
+
+
+def test_codec_stores_no_bits_for_evicted_slots(calib, source, rope):
+    """A DMS blob leaves out middle tokens evicted in every (layer, head) and the window's evicted vectors:
+    evicting them all leaves the sinks, the mask and the window's live vectors, and nothing else."""
+    cos, sin = rope
+    keys, values = source.cache(cos, sin)
+    live = [torch.zeros(KV_HEADS, T, dtype=torch.bool) for _ in range(LAYERS)]
+    for m in live:
+        m[:, :4] = True
+        m[0, -128:] = True  # the window's first head only
+    blob = compress(keys, values, calib, 8, cos, sin, live=live)
+    sinks = 2 * LAYERS * KV_HEADS * 4 * (4 + HEAD_DIM)
+    window = 2 * LAYERS * 128 * HEAD_DIM * 2  # K and V, one head per layer, 16 bits
+    mask = -(-LAYERS * KV_HEADS * T // 8)
+    assert blob_stats(blob)["middle_bytes"] < 64  # an empty middle, entropy-coded
+    assert len(blob) - blob_stats(blob)["middle_bytes"] - (sinks + mask + window) < 100  # + magic, checksum, header
+    out = decompress(blob, calib, cos, sin)
+    for x, y in ((keys, out.keys), (values, out.values)):
+        x, y = torch.cat(x), torch.cat(y)
+        assert torch.equal(y[:, 0, -128:], x[:, 0, -128:]) and (y[:, :, 4:-128] == 0).all() and (y[:, 1:, -128:] == 0).all()
 
 
 # -- blob integrity and refusals --------------------------------------------------------------------------------

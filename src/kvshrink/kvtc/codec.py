@@ -8,16 +8,18 @@ quantized per token, the codes are packed component-major in one stream per (kin
 one component across tokens suit LZ77), and everything is entropy-coded with zstd, or zlib's DEFLATE
 (the paper's coder) where zstandard is not installed.
 
-For a DMS cache, `live` marks evicted (layer, head, token) slots: they are filled with the calibration
-mean (zero in PCA coordinates), the mask travels in the blob, and they come back as zeros.
+For a DMS cache, `live` marks evicted (layer, head, token) slots. The mask travels in the blob, so
+nothing evicted is stored twice over: the window keeps only its live vectors, middle tokens evicted in
+every (layer, head) are left out, and the other middle tokens' evicted slots are filled with the
+calibration mean (zero in PCA coordinates). Evicted slots come back as zeros.
 
 Speed (benchmarks/kvtc_speed.py): the projection and reconstruction matmuls are nearly all the work.
 They multiply only the components the plan quantizes, in bfloat16 where the CPU does so natively (see
 `_Stream`), on 256-token chunks held token-major in fp32, so that RoPE, centring and layout copies
 run on data in cache.
 
-Blob: b"KVTC" | version | blake2b-128 of the body | body = header | sinks K, V | window K, V |
-live bits | entropy-coded middle. A blob that fails any check raises KVTCFormatError.
+Blob: b"KVTC" | version | blake2b-128 of the body | body = header | sinks K, V | live bits | window K, V
+(live vectors only when masked) | entropy-coded middle. A blob that fails any check raises KVTCFormatError.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ _ZSTD_ERROR = zstandard.ZstdError if zstandard else ValueError
 
 SINKS, WINDOW = 4, 128
 CHUNK = 256  # tokens the middle is built/projected in: 6 MB of SmolLM2-135M's fp32 features, matmuls still efficient
-MAGIC, VERSION = b"KVTC", 1
+MAGIC, VERSION = b"KVTC", 2  # 2: a masked blob stores only live window vectors and middle tokens
 ZLIB, ZSTD = 0, 1
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PREFIX = len(MAGIC) + 1 + 16  # magic, version, checksum
@@ -62,7 +64,7 @@ class _Header(NamedTuple):
     window: int
     dtype: int  # index in DTYPES
     coder: int  # ZLIB or ZSTD
-    masked: int  # 1 if a live mask follows the window
+    masked: int  # 1 if a live mask follows the sinks
     middle_bytes: int  # size of the middle before entropy coding
 
 
@@ -89,9 +91,11 @@ def compress(keys, values, calib: Calibration, cr: float, cos: torch.Tensor, sin
     key_stream, value_stream = _streams(calib, cr)
     mask = None if live is None else _stack_live(live, (L, H, T))
 
-    dead = None if mask is None else ~mask[:, :, mid].permute(2, 0, 1)[..., None]  # (T_mid, L, H, 1)
-    middle = _encode_middle(key_stream, keys, mid, dead, cos[0, mid], sin[0, mid]) + \
-        _encode_middle(value_stream, values, mid, dead)
+    kept = _middle_tokens(mask, mid)
+    mid_keys, mid_values = ([x[:, :, kept] for x in layers] for layers in (keys, values))  # views unless masked
+    dead = None if mask is None else ~mask[:, :, kept].permute(2, 0, 1)[..., None]  # (t, L, H, 1)
+    middle = _encode_middle(key_stream, mid_keys, dead, cos[0, kept], sin[0, kept]) + \
+        _encode_middle(value_stream, mid_values, dead)
     coder, coded = _entropy_encode(middle)
 
     header = _HEADER.pack(calib.digest, float(cr), L, H, D, T, s, w, DTYPES.index(dtype), coder, mask is not None, len(middle))
@@ -99,9 +103,11 @@ def compress(keys, values, calib: Calibration, cr: float, cos: torch.Tensor, sin
     parts = [header]
     for layers in (keys, values):
         parts.append(_encode_sinks(_stack(layers, slice(0, s))))
+    parts.append(b"" if mask is None else np.packbits(mask.numpy().reshape(-1)).tobytes())
     for layers in (keys, values):
-        parts.append(to_bytes(_stack(layers, slice(T - w, T)).to(wdtype)))
-    parts += [b"" if mask is None else np.packbits(mask.numpy().reshape(-1)).tobytes(), coded]
+        recent = _stack(layers, slice(T - w, T)).to(wdtype)
+        parts.append(to_bytes(recent if mask is None else recent[mask[:, :, T - w:]]))
+    parts.append(coded)
     body = b"".join(parts)
     return MAGIC + bytes([VERSION]) + checksum(body) + body
 
@@ -114,27 +120,24 @@ def decompress(blob: bytes, calib: Calibration, cos: torch.Tensor, sin: torch.Te
         raise KVTCFormatError("this KVTC blob was written with a different calibration")
     key_plan, value_plan = calib.plan(h.cr)
     L, H, T, D, s, w = h.layers, h.heads, h.tokens, h.head_dim, h.sinks, h.window
-    mid = slice(s, T - w)
-    if h.middle_bytes != _middle_bytes(key_plan, T - s - w) + _middle_bytes(value_plan, T - s - w):
-        raise KVTCFormatError("KVTC blob's middle does not match its calibration's plan")
     cos, sin = _tables(cos, sin, T, D)
     key_stream, value_stream = _streams(calib, h.cr)
 
     Ks, Vs = _decode_sinks(body, (L, H, s, D)), _decode_sinks(body, (L, H, s, D))
-    wdtype = _window_dtype(DTYPES[h.dtype])
-    Kw, Vw = (from_bytes(body.take(L * H * w * D * 2), wdtype, (L, H, w, D)) for _ in range(2))
-    mask = None
-    if h.masked:
-        bits = np.unpackbits(np.frombuffer(body.take(_mask_bytes(h)), dtype=np.uint8), count=L * H * T)
-        mask = torch.from_numpy(bits.astype(bool)).reshape(L, H, T)
-    middle = _Reader(_entropy_decode(h.coder, body.rest(), h.middle_bytes))
+    mask = _read_mask(body, h)
+    kept = _middle_tokens(mask, slice(s, T - w))
+    n = _count(kept)
+    if h.middle_bytes != _middle_bytes(key_plan, n) + _middle_bytes(value_plan, n):
+        raise KVTCFormatError("KVTC blob's middle does not match its calibration's plan")
     dtype = DTYPES[h.dtype]
-    K, V = torch.empty(L, H, T, D, dtype=dtype), torch.empty(L, H, T, D, dtype=dtype)
-    for x, kept in ((K, (Ks, Kw)), (V, (Vs, Vw))):
-        x[:, :, :s] = kept[0]
-        x[:, :, T - w:] = kept[1]
-    _decode_middle(key_stream, middle, K, mid, cos[0, mid], sin[0, mid])
-    _decode_middle(value_stream, middle, V, mid)
+    K, V = torch.empty(L, H, T, D, dtype=dtype), torch.empty(L, H, T, D, dtype=dtype)  # masked: dead slots zeroed below
+    recent = None if mask is None else mask[:, :, T - w:]
+    for x, sink in ((K, Ks), (V, Vs)):
+        x[:, :, :s] = sink
+        x[:, :, T - w:] = _read_window(body, h, recent)
+    middle = _Reader(_entropy_decode(h.coder, body.rest(), h.middle_bytes))
+    _decode_middle(key_stream, middle, K, kept, cos[0, kept], sin[0, kept])
+    _decode_middle(value_stream, middle, V, kept)
     if mask is not None:
         K.masked_fill_(~mask[..., None], 0)
         V.masked_fill_(~mask[..., None], 0)
@@ -147,7 +150,11 @@ def blob_stats(blob: bytes) -> dict:
     h, body = _open(blob)
     L, H, T, D = h.layers, h.heads, h.tokens, h.head_dim
     middle_tokens = T - h.sinks - h.window
-    middle = len(body.rest()) - 2 * _sinks_bytes(h) - 2 * L * H * h.window * D * 2 - _mask_bytes(h)
+    body.take(2 * _sinks_bytes(h))
+    mask = _read_mask(body, h)
+    for _ in range(2):
+        _read_window(body, h, None if mask is None else mask[:, :, T - h.window:])
+    middle = len(body.rest())
     fp16_per_token = 2 * L * H * D * 2  # K and V
     return {"tokens": T, "compressed_tokens": middle_tokens, "cr": h.cr, "bytes": len(blob), "middle_bytes": middle,
             "ratio": fp16_per_token * T / len(blob),
@@ -213,16 +220,16 @@ def _stream(basis: PCABasis, plan: Plan) -> _Stream:
                    rows[:split], rows[split:].bfloat16() if split < rows.shape[0] else None, basis.mean)
 
 
-def _encode_middle(stream: _Stream, layers, mid: slice, dead=None, cos=None, sin=None) -> bytes:
-    """The middle tokens of per-layer (1, H, T, D) caches -> quantized, packed codes; keys (given cos, sin:
-    (T_mid, D)) lose their RoPE, dead (T_mid, L, H, 1) slots become the mean.
+def _encode_middle(stream: _Stream, layers, dead=None, cos=None, sin=None) -> bytes:
+    """The middle tokens, as per-layer (1, H, T, D) caches of them alone -> quantized, packed codes; keys
+    (given cos, sin: (T, D)) lose their RoPE, dead (T, L, H, 1) slots become the mean.
 
     Features are built and projected CHUNK tokens at a time: a chunk's fp32 features stay in cache, where
     a whole cache's would be ~100 MB written and read back several times (and page-faulted in afresh)."""
-    first, T = mid.start, mid.stop - mid.start
+    T = layers[0].shape[2]
     d = torch.empty(stream.rows, T)
     for c in _chunks(T):
-        x = _gather(layers, slice(first + c.start, first + c.stop))
+        x = _gather(layers, c)
         if cos is None:
             x.sub_(stream.mean.view(x.shape[1:]))
         else:
@@ -237,10 +244,10 @@ def _encode_middle(stream: _Stream, layers, mid: slice, dead=None, cos=None, sin
     return b"".join(out)
 
 
-def _decode_middle(stream: _Stream, reader: _Reader, out: torch.Tensor, mid: slice, cos=None, sin=None) -> None:
-    """Inverse of `_encode_middle`, into out[:, :, mid] ((L, H, T, D), the output dtype), CHUNK tokens at a
-    time; keys (given cos, sin: (T_mid, D)) get their RoPE back."""
-    T = mid.stop - mid.start
+def _decode_middle(stream: _Stream, reader: _Reader, out: torch.Tensor, tokens, cos=None, sin=None) -> None:
+    """Inverse of `_encode_middle`, into out[:, :, tokens] ((L, H, T, D), the output dtype; tokens: the
+    `_middle_tokens`), CHUNK tokens at a time; keys (given cos, sin: (t, D)) get their RoPE back."""
+    T = _count(tokens)
     d = torch.empty(stream.rows, T)
     for kind, size, G, row in stream.buckets:
         shift = from_bytes(reader.take(2 * G * T), torch.float16, (G, T))
@@ -252,7 +259,7 @@ def _decode_middle(stream: _Stream, reader: _Reader, out: torch.Tensor, mid: sli
         x = _reconstruct(stream, d[:, c]).view(-1, L, H, D)
         if cos is not None:
             x = _redo_rope(x, cos[c], sin[c])
-        _scatter(out, x, slice(mid.start + c.start, mid.start + c.stop))
+        _scatter(out, x, slice(tokens.start + c.start, tokens.start + c.stop) if isinstance(tokens, slice) else tokens[c])
 
 
 def _chunks(T: int) -> list[slice]:
@@ -269,9 +276,10 @@ def _gather(layers, tokens: slice) -> torch.Tensor:
     return x
 
 
-def _scatter(out: torch.Tensor, x: torch.Tensor, tokens: slice) -> None:
-    """(t, L, H, D) fp32 -> out[:, :, tokens] ((L, H, T, D), the output dtype)."""
-    out[:, :, tokens] = x.permute(1, 2, 0, 3)
+def _scatter(out: torch.Tensor, x: torch.Tensor, tokens: slice | torch.Tensor) -> None:
+    """(t, L, H, D) fp32 -> out[:, :, tokens] ((L, H, T, D), the output dtype; a slice or (t,) positions)."""
+    x = x.permute(1, 2, 0, 3)
+    out[:, :, tokens] = x if isinstance(tokens, slice) else x.to(out.dtype)  # index_put does not cast
 
 
 def _undo_rope(y: torch.Tensor, mean: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -323,6 +331,35 @@ def _decode_sinks(reader: _Reader, shape: tuple[int, int, int, int]) -> torch.Te
     shift = from_bytes(reader.take(2 * n), torch.float16, shape[:3])
     scale = from_bytes(reader.take(2 * n), torch.float16, shape[:3])
     return dequantize(from_bytes(reader.take(n * shape[3]), torch.uint8, shape), shift, scale, "fp8")
+
+
+def _middle_tokens(mask: torch.Tensor | None, mid: slice) -> slice | torch.Tensor:
+    """The middle tokens that are stored: all of them (the slice), or for a DMS cache the (t,) positions
+    live in some (layer, head) (a token every head evicted needs no bits)."""
+    return mid if mask is None else torch.arange(mid.start, mid.stop)[mask[:, :, mid].any(0).any(0)]
+
+
+def _count(tokens: slice | torch.Tensor) -> int:
+    return tokens.stop - tokens.start if isinstance(tokens, slice) else len(tokens)
+
+
+def _read_mask(reader: _Reader, h: _Header) -> torch.Tensor | None:
+    if not h.masked:
+        return None
+    n = h.layers * h.heads * h.tokens
+    bits = np.unpackbits(np.frombuffer(reader.take(_mask_bytes(h)), dtype=np.uint8), count=n)
+    return torch.from_numpy(bits.astype(bool)).reshape(h.layers, h.heads, h.tokens)
+
+
+def _read_window(reader: _Reader, h: _Header, live: torch.Tensor | None) -> torch.Tensor:
+    """One stream's window (L, H, w, D): all of it, or only its `live` (L, H, w) vectors (the rest zeros)."""
+    dtype, shape = _window_dtype(DTYPES[h.dtype]), (h.layers, h.heads, h.window, h.head_dim)
+    if live is None:
+        return from_bytes(reader.take(2 * h.layers * h.heads * h.window * h.head_dim), dtype, shape)
+    out = torch.zeros(shape, dtype=dtype)
+    n = int(live.sum())
+    out[live] = from_bytes(reader.take(2 * n * h.head_dim), dtype, (n, h.head_dim))
+    return out
 
 
 def _sinks_bytes(h: _Header) -> int:
@@ -411,8 +448,8 @@ def _check(keys, values, identity: ModelIdentity) -> tuple[int, int, int, int, t
     return len(keys), H, T, D, keys[0].dtype
 
 
-def _stack(layers, tokens: slice) -> torch.Tensor:
-    """Per-layer (1, H, T, D) -> (L, H, t, D) of the `tokens` slice."""
+def _stack(layers, tokens: slice | torch.Tensor) -> torch.Tensor:
+    """Per-layer (1, H, T, D) -> (L, H, t, D) of `tokens` (a slice or positions)."""
     return torch.cat([x[:, :, tokens] for x in layers])
 
 
