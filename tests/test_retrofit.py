@@ -377,6 +377,22 @@ def test_compression_loss_one_and_two_sided():
         RetrofitConfig(model="m", out="o", data="d", cr_loss="both")
 
 
+def test_compression_loss_by_length():
+    """--cr-by-length: a 256-token problem pulls on the eviction rate a quarter as hard as a full 1,024-token
+    context (and a longer one no harder than a full one)."""
+    from kvshrink.train.retrofit import compression_loss, length_weights
+
+    live = torch.zeros(3, 2048, dtype=torch.bool)
+    live[0, :256], live[1, :1024], live[2, :] = True, True, True
+    weights = length_weights(live, 1024)
+    assert weights.tolist() == [0.25, 1.0, 1.0]
+    rates = torch.tensor([0.5, 0.5, 0.9], requires_grad=True)
+    loss = compression_loss(rates, 0.7, "two-sided", weights)
+    assert float(loss) == pytest.approx((0.25 * 0.2 + 0.2 + 0.2) / 3)
+    loss.backward()
+    assert rates.grad.tolist() == pytest.approx([-0.25 / 3, -1 / 3, 1 / 3])
+
+
 def test_linear_neuron_decay_removes_weight_and_bias():
     """Zeroing the borrowed q_proj rows over several steps reaches the same rows as zeroing at once (Qwen2 has a q bias)."""
     from conftest import tiny_model

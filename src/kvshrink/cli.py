@@ -26,6 +26,8 @@ SINKS_OPTION = typer.Option(0, help="never evict a sequence's first N tokens (at
 SINKS_OVERRIDE = typer.Option(None, help="DMS sinks override: never evict the first N tokens (>= 0)")
 ANSWER_WEIGHT_OPTION = typer.Option(1.0, help="KL weight of the teacher's answer tokens (task:/passkey: data) against 1 for the prompt (1 = the paper)")
 CR_LOSS_OPTION = typer.Option("one-sided", help="one-sided (the paper: penalize too little eviction) | two-sided (also too much)")
+CR_BY_LENGTH_OPTION = typer.Option(False, "--cr-by-length", help="weight each sequence's compression loss by min(1, its tokens / --aim-context), "
+                                   "so short problems are not pushed to the eviction rate aimed at long contexts")
 
 
 @app.command()
@@ -149,6 +151,7 @@ def retrofit(
     aim_context: Optional[int] = AIM_CONTEXT_OPTION,
     ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
     cr_loss: str = CR_LOSS_OPTION,
+    cr_by_length: bool = CR_BY_LENGTH_OPTION,
     sinks: int = SINKS_OPTION,
     answer_weight: float = ANSWER_WEIGHT_OPTION,
     save_every: int = typer.Option(50, help="checkpoint every N steps"),
@@ -168,7 +171,7 @@ def retrofit(
 
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, train=train,
-                         decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, sinks=sinks,
+                         decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, cr_by_length=cr_by_length, sinks=sinks,
                          answer_weight=answer_weight, save_every=save_every, seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device, bf16=bf16)
     last = run(cfg)
     if last and os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
@@ -333,6 +336,7 @@ def zoo_retrofit(
     aim_context: Optional[int] = AIM_CONTEXT_OPTION,
     ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
     cr_loss: str = CR_LOSS_OPTION,
+    cr_by_length: bool = CR_BY_LENGTH_OPTION,
     sinks: int = SINKS_OPTION,
     answer_weight: float = ANSWER_WEIGHT_OPTION,
     save_every: int = typer.Option(25, help="checkpoint every N steps"),
@@ -348,7 +352,7 @@ def zoo_retrofit(
 
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, seq_len=seq_len, lr=lr, train="adapter", decision="adapter",
-                         aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, sinks=sinks, answer_weight=answer_weight,
+                         aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, cr_by_length=cr_by_length, sinks=sinks, answer_weight=answer_weight,
                          save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16)
     last = run(cfg)
     if pack and last.get("step") == steps:

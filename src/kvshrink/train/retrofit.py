@@ -5,6 +5,7 @@ variant, the borrowed channel intact). Per step (SPEC section 2, dms-notes secti
 
     loss = KL(student || teacher), averaged over tokens (answer tokens weighted by --answer-weight, 1 = the paper)
          + mean over sequences of clamp(target_flag_rate(step) - mean hard flag, 0)   (--cr-loss two-sided: |...|)
+           (--cr-by-length: each sequence's term times min(1, its tokens / aim_context))
 
 target_flag_rate follows a CR ramped linearly from 1 to --target-cr, reached after 80% of the steps
 (--ramp-steps). A resume that raises --target-cr (a DMS-4 run carried on to DMS-8) ramps from the old
@@ -60,6 +61,7 @@ class RetrofitConfig:
     ramp_steps: int | None = None  # steps to reach target_cr (default 80% of steps); then it holds
     sinks: int = 0  # never evict each sequence's first N tokens (see DMSConfig.sinks); 0 = the paper
     answer_weight: float = 1.0  # KL weight of answer tokens (task/passkey data) against 1 for the rest; 1 = the paper
+    cr_by_length: bool = False  # weight each sequence's compression term by min(1, its tokens / aim_context)
     save_every: int = 50
     seed: int = 0
     max_minutes: float | None = None  # wall-clock ceiling: checkpoint and stop
@@ -144,12 +146,21 @@ def flag_rate_for(cr: float, window: int, context: int) -> float:
     return min(1.0, max(0.0, 1.0 - (context / cr - window) / (context - window)))
 
 
-def compression_loss(flag_rate: torch.Tensor, target: float, kind: str = "one-sided") -> torch.Tensor:
+def compression_loss(flag_rate: torch.Tensor, target: float, kind: str = "one-sided", weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over sequences of max(0, target - rate) (the paper: only too little eviction is penalized), or
     of |target - rate|: with a frozen base and a small window the KL barely resists extra eviction, so the
-    one-sided loss lets the rate drift past the target; the two-sided one holds it there."""
+    one-sided loss lets the rate drift past the target; the two-sided one holds it there.
+
+    weights (B,) scale each sequence's term (`length_weights`): a short problem holds little memory, and
+    the target rate, aimed at long contexts, would make it evict the few tokens it needs."""
     gap = target - flag_rate
-    return (gap.clamp(min=0) if kind == "one-sided" else gap.abs()).mean()
+    term = gap.clamp(min=0) if kind == "one-sided" else gap.abs()
+    return (term if weights is None else term * weights).mean()
+
+
+def length_weights(live: torch.Tensor, aim_context: int) -> torch.Tensor:
+    """(B,) min(1, real tokens / aim_context): a sequence's share of a full context's memory."""
+    return (live.sum(-1).float() / aim_context).clamp(max=1.0)
 
 
 def noise_for(seed: int, step: int, global_indices: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -309,7 +320,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
                 kl = kl_student_teacher(student_logits, teacher_logits, token_weights(live, batch.answer_start, cfg.answer_weight))
                 flags = torch.stack([c["flags"] for c in collected]).float()  # (L, B, Hkv, T), straight-through
                 per_seq = (flags.mean(dim=(0, 2)) * live).sum(-1) / live.sum(-1)
-                comp = compression_loss(per_seq, flag_target, cfg.cr_loss)
+                comp = compression_loss(per_seq, flag_target, cfg.cr_loss,
+                                        length_weights(live, cfg.aim_context) if cfg.cr_by_length else None)
                 loss = (kl + comp) / cfg.grad_accum
                 acc.backward(loss)
             totals += torch.stack([loss.detach() * cfg.grad_accum, kl.detach(), comp.detach(), per_seq.detach().mean()]) / cfg.grad_accum

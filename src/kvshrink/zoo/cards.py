@@ -84,7 +84,7 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
 
 Data: `{base}`'s own sampled answers (temperature 1) to training-seed problems ({cfg["data"]}), each problem
 and its answer whole (never split) in {cfg["seq_len"]}-token blocks (padding masked out of the losses). Loss: KL(student || teacher){_answer_weight(cfg)}
-+ the {cfg.get("cr_loss", "one-sided")} compression loss, {_ramp(cfg)}, then held;
++ the {cfg.get("cr_loss", "one-sided")} compression loss{" (each sequence's term weighted by min(1, its tokens / the aimed context))" if cfg.get("cr_by_length") else ""}, {_ramp(cfg)}, then held;
 the eviction rate aimed at makes the reads-based CR reach the target at {cfg.get("aim_context") or 32 * cfg["window"]:,} tokens.
 Steps: {len(metrics)} of {cfg["steps"]}, AdamW lr {cfg["lr"]:g}{", bf16 autocast" if cfg.get("bf16") else ""}. Trained: {_timing(metrics, cfg["device"])}.
 Last step: KL {last.get("kl", float("nan")):.4f}, flag-based CR {last.get("flag_cr", float("nan")):.2f}.
@@ -132,6 +132,7 @@ def _retrofit_command(stage: dict, origin: tuple[float, int], base: str, name: s
     options = [f"--lr {stage['lr']:g}", f"--ramp-steps {ramp_length(stage, origin[1])}"]
     options += [f"--aim-context {stage['aim_context']}"] if stage.get("aim_context") else []
     options += [f"--cr-loss {stage['cr_loss']}"] if stage.get("cr_loss", "one-sided") != "one-sided" else []
+    options += ["--cr-by-length"] if stage.get("cr_by_length") else []
     options += [f"--sinks {stage['sinks']}"] if stage.get("sinks") else []
     options += [f"--answer-weight {stage['answer_weight']:g}"] if stage.get("answer_weight", 1) != 1 else []
     options += ["--bf16"] if stage.get("bf16") else []
