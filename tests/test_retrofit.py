@@ -373,6 +373,10 @@ def test_compression_loss_one_and_two_sided():
     assert float(compression_loss(rates, 0.7, "two-sided")) == pytest.approx((0.2 + 0.2) / 2)
     compression_loss(rates, 0.7, "two-sided").backward()
     assert rates.grad.tolist() == [-0.5, 0.5]  # and the one above it is pulled down
+    rates.grad = None
+    compression_loss(rates, 0.7, "squared").backward()
+    assert float(compression_loss(rates, 0.7, "squared")) == pytest.approx(5 * (0.04 + 0.04) / 2)
+    assert rates.grad.tolist() == pytest.approx([-1.0, 1.0])  # 10 * gap / 2: as hard as |gap| at a gap of 0.1
     with pytest.raises(KVShrinkError, match="--cr-loss"):
         RetrofitConfig(model="m", out="o", data="d", cr_loss="both")
 

@@ -25,7 +25,8 @@ RAMP_STEPS_OPTION = typer.Option(None, help="steps over which the CR ramps to th
 SINKS_OPTION = typer.Option(0, help="never evict a sequence's first N tokens (attention sinks; 0 = the paper)")
 SINKS_OVERRIDE = typer.Option(None, help="DMS sinks override: never evict the first N tokens (>= 0)")
 ANSWER_WEIGHT_OPTION = typer.Option(1.0, help="KL weight of the teacher's answer tokens (task:/passkey: data) against 1 for the prompt (1 = the paper)")
-CR_LOSS_OPTION = typer.Option("one-sided", help="one-sided (the paper: penalize too little eviction) | two-sided (also too much)")
+CR_LOSS_OPTION = typer.Option("one-sided", help="one-sided (the paper: penalize too little eviction) | two-sided (also too much) | "
+                              "squared (two-sided, fading near the target so that the KL decides which tokens go)")
 CR_BY_LENGTH_OPTION = typer.Option(False, "--cr-by-length", help="weight each sequence's compression loss by min(1, its tokens / --aim-context), "
                                    "so short problems are not pushed to the eviction rate aimed at long contexts")
 

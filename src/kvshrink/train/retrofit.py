@@ -39,6 +39,9 @@ from .checkpoints import Checkpoints
 ADAPTER_LR, ALL_LR = 3e-5, 1e-5
 
 
+CR_LOSSES = ("one-sided", "two-sided", "squared")
+
+
 @dataclass
 class RetrofitConfig:
     model: str
@@ -56,7 +59,7 @@ class RetrofitConfig:
     train: str = "all"  # all (the paper) | adapter (the release)
     decision: str | None = None  # default: neuron with --train all, adapter with --train adapter
     neuron_decay: str = "instant"  # instant | linear (over the first 10% of steps, as DMC)
-    cr_loss: str = "one-sided"  # one-sided (the paper) | two-sided: also pull an eviction rate above the target back
+    cr_loss: str = "one-sided"  # one-sided (the paper) | two-sided: also pull an eviction rate above the target back | squared
     aim_context: int | None = None  # default 32 * window
     ramp_steps: int | None = None  # steps to reach target_cr (default 80% of steps); then it holds
     sinks: int = 0  # never evict each sequence's first N tokens (see DMSConfig.sinks); 0 = the paper
@@ -87,8 +90,8 @@ class RetrofitConfig:
             raise KVShrinkError("--train adapter --decision neuron trains nothing: the neuron variant needs --train all")
         if self.neuron_decay not in ("instant", "linear"):
             raise KVShrinkError(f"--neuron-decay must be 'instant' or 'linear' (got {self.neuron_decay!r})")
-        if self.cr_loss not in ("one-sided", "two-sided"):
-            raise KVShrinkError(f"--cr-loss must be 'one-sided' or 'two-sided' (got {self.cr_loss!r})")
+        if self.cr_loss not in CR_LOSSES:
+            raise KVShrinkError(f"--cr-loss must be one of {', '.join(CR_LOSSES)} (got {self.cr_loss!r})")
         if self.fsdp and self.decision == "neuron" and self.neuron_decay == "linear":
             raise KVShrinkError("--neuron-decay linear edits weight rows in place, which sharded weights do not allow: "
                                 "use --neuron-decay instant with --fsdp")
@@ -149,12 +152,15 @@ def flag_rate_for(cr: float, window: int, context: int) -> float:
 def compression_loss(flag_rate: torch.Tensor, target: float, kind: str = "one-sided", weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over sequences of max(0, target - rate) (the paper: only too little eviction is penalized), or
     of |target - rate|: with a frozen base and a small window the KL barely resists extra eviction, so the
-    one-sided loss lets the rate drift past the target; the two-sided one holds it there.
+    one-sided loss lets the rate drift past the target; the two-sided one holds it there. But |gap| pushes
+    every flag of a sequence up or down with the same unit force even at the target, which drowns the KL's
+    token-by-token signal of what to keep; "squared", (target - rate)^2 scaled so that a gap of 0.1 pulls
+    as hard as |gap|, holds the rate near the target and fades there.
 
     weights (B,) scale each sequence's term (`length_weights`): a short problem holds little memory, and
     the target rate, aimed at long contexts, would make it evict the few tokens it needs."""
     gap = target - flag_rate
-    term = gap.clamp(min=0) if kind == "one-sided" else gap.abs()
+    term = {"one-sided": gap.clamp(min=0), "two-sided": gap.abs(), "squared": 5.0 * gap.square()}[kind]
     return (term if weights is None else term * weights).mean()
 
 
