@@ -109,10 +109,11 @@ def test_task_data_is_teacher_answers_to_training_problems(cache, tmp_path):
         token_blocks("task:arith:many", tok, 32, tmp_path, teacher=model)
 
 
-def test_passkey_data_hides_keys_in_train_text(cache, tmp_path):
+def test_passkey_data_hides_keys_in_train_text(cache, tmp_path, monkeypatch):
     """`--data passkey:N`: prompts hide a key in the train half (never the held-out one); `A+B` joins sources."""
     import re
 
+    from kvshrink.train import data
     from kvshrink.train.data import passkey_prompts, token_blocks
     from kvshrink.train.text import pydoc_split
 
@@ -127,7 +128,8 @@ def test_passkey_data_hides_keys_in_train_text(cache, tmp_path):
         snippet = filler[len(filler) // 2 - 30:len(filler) // 2 + 30]
         assert len(snippet) == 60 and snippet in train and snippet not in held
     joined = token_blocks("task:arith:1+passkey:1", tok, 512, tmp_path, teacher=model)
-    parts = [token_blocks(src, tok, 512, tmp_path) for src in ("task:arith:1", "passkey:1")]  # cached by the join
+    monkeypatch.setattr(data, "teacher_documents", lambda *a, **k: pytest.fail("sampled again instead of reading the cache"))
+    parts = [token_blocks(src, tok, 512, tmp_path, teacher=model) for src in ("task:arith:1", "passkey:1")]  # cached by the join
     assert torch.equal(joined.ids, torch.cat([p.ids for p in parts]))
     assert torch.equal(joined.answer_start, torch.cat([p.answer_start for p in parts]))  # Blocks.cat joins both
     with pytest.raises(KVShrinkError, match="passkey:N"):
