@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import kvshrink  # noqa: E402
 from kvshrink.generation import generate_ids  # noqa: E402
 from kvshrink.policies import DMSPolicy  # noqa: E402
-from kvshrink.train.retrofit import RetrofitConfig, retrofit  # noqa: E402
+from kvshrink.train.retrofit import CR_LOSSES, RetrofitConfig, retrofit  # noqa: E402
 from kvshrink.train.text import write_if_changed, write_pydoc_data  # noqa: E402
 from kvshrink.zoo import pack_adapter  # noqa: E402
 
@@ -118,7 +118,7 @@ def main():
     parser.add_argument("--passkeys", type=int, default=0,
                         help="also distil on the teacher's answers to N passkey prompts built from the train part")
     parser.add_argument("--aim-context", type=int, default=None, help="context where the reads-based CR hits the target (default 32 w)")
-    parser.add_argument("--cr-loss", choices=["one-sided", "two-sided", "squared"], default="one-sided",
+    parser.add_argument("--cr-loss", choices=CR_LOSSES, default="one-sided",
                         help="two-sided also pulls an eviction rate above the target back (see kvshrink retrofit --cr-loss)")
     parser.add_argument("--train", choices=["adapter", "all"], default="adapter",
                         help="adapter: the release recipe (shipped); all: the paper's recipe (compared, not shipped)")

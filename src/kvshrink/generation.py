@@ -98,7 +98,7 @@ def prefill_row(model, cache: KVCache, ids: list[int], chunk: int = DEFAULT_PREF
     if not ids:
         raise KVShrinkError("nothing to prefill: give at least one token")
     device = next(model.parameters()).device
-    chunk = cache.policy.prefill_chunk or chunk  # budget policies are defined with 16-token chunks
+    chunk = cache.policy.prefill_chunk or chunk  # evicting policies read prompts in 16-token chunks (SPEC 7)
     start = cache.layers[0].seen
     for s in range(0, len(ids), chunk):
         piece = torch.tensor([ids[s:s + chunk]], device=device)  # (1, Q)
@@ -157,7 +157,7 @@ def generate_ids(
     prefill_reads = torch.zeros(B, dtype=torch.float64, device=device)
     start = time.perf_counter()
 
-    chunk = policy.prefill_chunk or prefill_chunk  # budget policies are defined with 16-token chunks
+    chunk = policy.prefill_chunk or prefill_chunk  # evicting policies read prompts in 16-token chunks (SPEC 7)
     for s in range(0, P, chunk):
         e = min(P, s + chunk)
         out = model(input_ids[:, s:e], attention_mask=attn[:, :e], position_ids=positions[:, s:e],

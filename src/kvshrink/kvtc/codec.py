@@ -152,8 +152,7 @@ def blob_stats(blob: bytes) -> dict:
     middle_tokens = T - h.sinks - h.window
     body.take(2 * _sinks_bytes(h))
     mask = _read_mask(body, h)
-    for _ in range(2):
-        _read_window(body, h, None if mask is None else mask[:, :, T - h.window:])
+    body.take(2 * _window_bytes(h, None if mask is None else mask[:, :, T - h.window:]))
     middle = len(body.rest())
     fp16_per_token = 2 * L * H * D * 2  # K and V
     return {"tokens": T, "compressed_tokens": middle_tokens, "cr": h.cr, "bytes": len(blob), "middle_bytes": middle,
@@ -354,12 +353,18 @@ def _read_mask(reader: _Reader, h: _Header) -> torch.Tensor | None:
 def _read_window(reader: _Reader, h: _Header, live: torch.Tensor | None) -> torch.Tensor:
     """One stream's window (L, H, w, D): all of it, or only its `live` (L, H, w) vectors (the rest zeros)."""
     dtype, shape = _window_dtype(DTYPES[h.dtype]), (h.layers, h.heads, h.window, h.head_dim)
+    data = reader.take(_window_bytes(h, live))
     if live is None:
-        return from_bytes(reader.take(2 * h.layers * h.heads * h.window * h.head_dim), dtype, shape)
+        return from_bytes(data, dtype, shape)
     out = torch.zeros(shape, dtype=dtype)
-    n = int(live.sum())
-    out[live] = from_bytes(reader.take(2 * n * h.head_dim), dtype, (n, h.head_dim))
+    out[live] = from_bytes(data, dtype, (len(data) // (2 * h.head_dim), h.head_dim))
     return out
+
+
+def _window_bytes(h: _Header, live: torch.Tensor | None) -> int:
+    """One stream's stored window: every vector, or only the `live` (L, H, w) ones, 16 bits each."""
+    vectors = h.layers * h.heads * h.window if live is None else int(live.sum())
+    return 2 * vectors * h.head_dim
 
 
 def _sinks_bytes(h: _Header) -> int:
@@ -448,8 +453,8 @@ def _check(keys, values, identity: ModelIdentity) -> tuple[int, int, int, int, t
     return len(keys), H, T, D, keys[0].dtype
 
 
-def _stack(layers, tokens: slice | torch.Tensor) -> torch.Tensor:
-    """Per-layer (1, H, T, D) -> (L, H, t, D) of `tokens` (a slice or positions)."""
+def _stack(layers, tokens: slice) -> torch.Tensor:
+    """Per-layer (1, H, T, D) -> (L, H, t, D) of the `tokens` slice."""
     return torch.cat([x[:, :, tokens] for x in layers])
 
 

@@ -4,7 +4,7 @@ Student = MODEL with DMS attached; teacher = the same weights with eviction off 
 variant, the borrowed channel intact). Per step (SPEC section 2, dms-notes section 3):
 
     loss = KL(student || teacher), averaged over tokens (answer tokens weighted by --answer-weight, 1 = the paper)
-         + mean over sequences of clamp(target_flag_rate(step) - mean hard flag, 0)   (--cr-loss two-sided: |...|)
+         + mean over sequences of clamp(target_flag_rate(step) - mean hard flag, 0)   (--cr-loss two-sided: |...|; squared: 5 (...)^2)
            (--cr-by-length: each sequence's term times min(1, its tokens / aim_context))
 
 target_flag_rate follows a CR ramped linearly from 1 to --target-cr, reached after 80% of the steps
