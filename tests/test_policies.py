@@ -186,11 +186,34 @@ def test_quest_matches_brute_force():
                 assert all(r / pairs < int(mask[b, :e].sum()) for b, r in enumerate(ref.quest_reads))  # reads fewer tokens
     assert int(cache.live_tokens().sum()) == int(mask.sum()) * pairs  # nothing is freed
 
-    # its memory: vanilla's slots plus the max and min key of every page (fp32), counted in the cache bytes
+    # its memory: vanilla's slots plus the max and min key of every page (fp32) and the page table (int32
+    # slot of each of a page's 16 tokens), counted in the cache bytes
     vanilla = KVCache(model, make_policy("none"))
     with torch.no_grad():
         model(ids, attention_mask=mask, position_ids=positions, past_key_values=vanilla, use_cache=True)
     pages = math.ceil(ids.shape[1] / 16)  # the longest row (no padding) has written every position
     D = model.config.hidden_size // model.config.num_attention_heads
-    summary_bytes = model.config.num_hidden_layers * 2 * 2 * model.config.num_key_value_heads * pages * D * 4
+    summary_bytes = model.config.num_hidden_layers * 2 * model.config.num_key_value_heads * pages * (2 * D + 16) * 4
     assert cache.allocated_bytes() == vanilla.allocated_bytes() + summary_bytes
+
+
+def test_quest_page_table_follows_compaction():
+    """A batch row leaves and the cache compacts the survivor's slots (its left padding goes): Quest's
+    page table must follow the moved slots, so the survivor decodes exactly as it would alone."""
+    model = install(copy.deepcopy(tiny_model("llama")))
+    ids, mask, P = teacher_forced_batch(11, (150, 117), 6)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch, alone = KVCache(model, make_policy("quest", cr=CR)), KVCache(model, make_policy("quest", cr=CR))
+    start = P - 117  # row 1's first real token
+    with torch.no_grad():
+        model(ids[:, :P], attention_mask=mask[:, :P], position_ids=positions[:, :P], past_key_values=batch, use_cache=True)
+        capacity = batch.layers[0].capacity
+        batch.take_rows([1])
+        model(ids[1:, start:P], position_ids=positions[1:, start:P], past_key_values=alone, use_cache=True)
+        for t in range(P, ids.shape[1]):
+            got = model(ids[1:, t:t + 1], attention_mask=mask[1:, :t + 1], position_ids=positions[1:, t:t + 1],
+                        past_key_values=batch, use_cache=True).logits
+            expected = model(ids[1:, t:t + 1], position_ids=positions[1:, t:t + 1], past_key_values=alone, use_cache=True).logits
+            assert (got - expected).abs().max() < 1e-4, t
+            assert batch.accounting.last_reads.tolist() == alone.accounting.last_reads.tolist()
+    assert batch.layers[0].capacity < capacity  # the padding slots really were compacted away

@@ -154,6 +154,7 @@ class SlotLayer(CacheLayerMixin):
             t = getattr(self, name)
             i = idx if t.dim() == 3 else idx[..., None].expand(-1, -1, -1, t.shape[-1])
             setattr(self, name, t.gather(2, i))
+        self.cache.policy.on_compact(self, inverse)
         self.live_upper = int(self.live.sum(-1).max())
 
     def _allocate(self, n: int) -> torch.Tensor:
@@ -177,15 +178,24 @@ class SlotLayer(CacheLayerMixin):
         self.live.masked_fill_(gone, False)
         self.bias.masked_fill_(gone, float("-inf"))
 
-    def gather(self, chosen: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values and a decode mask (B, Hkv, 1, n) holding only the `chosen` (B, Hkv, S) slots, at most
-        n per row, so that attention reads n slots instead of S (rows with fewer are padded and masked)."""
-        idx = chosen.to(self.keys.dtype).topk(n, dim=-1).indices  # chosen slots first, in any order
-        picked = chosen.gather(-1, idx)
-        keys = self.keys.gather(2, idx[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
-        values = self.values.gather(2, idx[..., None].expand(-1, -1, -1, self.values.shape[-1]))
-        mask = torch.zeros(picked.shape, dtype=self.keys.dtype, device=picked.device).masked_fill(~picked, float("-inf"))
+    def gather(self, slots: torch.Tensor, readable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and a decode mask (B, Hkv, 1, n) for just the (B, Hkv, n) `slots`, so that attention
+        reads n slots instead of S; entries that are not `readable` are masked."""
+        B, H, S, _ = self.keys.shape
+        rows = (torch.arange(B * H, device=slots.device).view(B, H, 1) * S + slots).flatten()
+        keys, values = (self._pick_rows(t, rows, i).view(B, H, -1, t.shape[-1]) for i, t in enumerate((self.keys, self.values)))
+        mask = torch.zeros(slots.shape, dtype=self.keys.dtype, device=slots.device).masked_fill(~readable, float("-inf"))
         return keys, values, mask[:, :, None, :]
+
+    def _pick_rows(self, storage: torch.Tensor, rows: torch.Tensor, buffer: int) -> torch.Tensor:
+        """Rows of the flattened (B * Hkv * S, D) storage: one row copy per slot, far faster than an
+        element-wise gather. Outside autograd they land in one of the cache's two reusable buffers
+        (layers run one at a time), so that decode does not allocate and fault in fresh pages every step."""
+        flat = storage.reshape(-1, storage.shape[-1])
+        if torch.is_grad_enabled():
+            return flat.index_select(0, rows)
+        out = self.cache.scratch(buffer, rows.numel() * flat.shape[1], flat).view(rows.numel(), flat.shape[1])
+        return torch.index_select(flat, 0, rows, out=out)
 
     def enforce_budget(self, budget: torch.Tensor, scores: torch.Tensor, added: int) -> None:
         """Free the lowest-scoring live slots of each row until it holds at most budget[b] tokens. Rows
@@ -329,12 +339,20 @@ class KVCache(Cache):
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.policy = policy or CachePolicy()
         self.reserve, self.chunk = reserve, chunk
+        self._scratch: dict[int, torch.Tensor] = {}  # per-layer temporaries reused across layers and steps
         self.accounting = Accounting(config.num_hidden_layers, config.num_key_value_heads)
         super().__init__(layers=[SlotLayer(self, i) for i in range(config.num_hidden_layers)])
 
     def reset(self) -> None:
         super().reset()
         self.accounting = self.accounting.fresh(self.accounting.groups)
+
+    def scratch(self, buffer: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """Flat reusable buffer number `buffer` with at least `numel` elements of `like`'s dtype and device."""
+        have = self._scratch.get(buffer)
+        if have is None or have.numel() < numel or have.dtype != like.dtype or have.device != like.device:
+            have = self._scratch[buffer] = like.new_empty(numel)
+        return have[:numel]
 
     def allocated_bytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
@@ -356,9 +374,9 @@ class KVCache(Cache):
         keys, values = layer.keys, layer.values
         selected = policy.select(layer, qg, valid) if Q == 1 else None
         if selected is not None:  # a read-selection policy (Quest): read only the chosen slots
-            chosen, extra_reads, most = selected
-            keys, values, mask = layer.gather(chosen, most)
-            reads = chosen.sum(-1).sum(1, keepdim=True) + extra_reads[:, None]
+            slots, readable, extra_reads = selected
+            keys, values, mask = layer.gather(slots, readable)
+            reads = readable.sum(-1).sum(1, keepdim=True) + extra_reads[:, None]
         elif Q == 1:
             reads = layer.live.sum(-1).sum(1, keepdim=True)  # (B, 1): every live slot is read
         else:

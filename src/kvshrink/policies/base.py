@@ -52,11 +52,15 @@ class CachePolicy:
     def on_write(self, layer, k: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> None:
         """New keys k (B, Hkv, Q, D) were stored in `slots` (B, Hkv, Q): keep per-layer summaries current."""
 
-    def select(self, layer, q: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """Decode only, read-selection policies: ((B, Hkv, S) bool slots this query reads, (B,) extra
-        reads its selection cost (e.g. page summaries), a host-side upper bound on any row's chosen
-        slots). q: (B, Hkv, G, D). None: read every live slot."""
+    def select(self, layer, q: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Decode only, read-selection policies: ((B, Hkv, n) slot indices this query reads, (B, Hkv, n)
+        bool which of them hold a token to read, (B,) extra reads the selection cost, e.g. page
+        summaries). q: (B, Hkv, G, D). None: read every live slot."""
         return None
+
+    def on_compact(self, layer, new_slot: torch.Tensor) -> None:
+        """The cache moved its slots: old slot s is now `new_slot[..., s]` (B, Hkv, S_old). Policies
+        that remember slot indices update them here."""
 
     def observe(self, layer, weights: torch.Tensor, valid: torch.Tensor) -> None:
         """weights: (B, Hkv, Q, S) attention of this forward's queries, averaged over each KV head's

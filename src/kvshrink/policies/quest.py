@@ -8,6 +8,9 @@ heads) that fit its token budget ceil(t / CR), the current page always included.
 reads are, minus the two summary vectors per page that the selection itself reads (SPEC 7 counts them
 in `kv_reads`, so Quest's achieved ratio sits below the nominal CR). The prompt is read densely, as in
 the paper.
+
+A page table (the slot of each page's 16 tokens) lets a query gather just its chosen pages, so a
+decode step touches the page summaries and a quarter of the cache at CR 4, never every slot.
 """
 
 from __future__ import annotations
@@ -28,43 +31,54 @@ class QuestPolicy(BudgetPolicy):
     page: int = 16
     name = "quest"
     prefill_chunk = None
-    layer_fields = ("page_max", "page_min")  # (B, Hkv, pages, D): channel-wise key bounds of every page
+    # (B, Hkv, pages, 2D): each page's channel-wise key max, then min; (B, Hkv, pages, page) int32: the
+    # slot of each of a page's tokens, -1 where none is stored yet
+    layer_fields = ("page_bounds", "page_slots")
 
     def init_layer(self, layer, keys: torch.Tensor) -> None:
-        layer.page_max = keys.new_zeros(*keys.shape[:2], 0, keys.shape[3])
-        layer.page_min = layer.page_max.clone()
-
-    def _page_of(self, layer, pos: torch.Tensor) -> torch.Tensor:
-        return ((pos - layer.first_pos[:, None, None]) // self.page).clamp(min=0).long()
+        B, H, _, D = keys.shape
+        layer.page_bounds = keys.new_zeros(B, H, 0, 2 * D)
+        layer.page_slots = torch.zeros(B, H, 0, self.page, dtype=torch.int32, device=keys.device)
 
     def on_write(self, layer, k, slots, valid) -> None:
-        """Fold the new real keys into their pages' max/min (pages grow as positions do)."""
-        pages = self._page_of(layer, layer.pos.gather(2, slots))  # (B, Hkv, Q)
-        grow = layer.seen // self.page + 1 - layer.page_max.shape[2]  # a host bound on the pages written (no sync)
+        """Fold the new real keys into their pages' bounds and page table (pages grow as positions do)."""
+        B, H, _, D = k.shape
+        index = (layer.pos.gather(2, slots).long() - layer.first_pos[:, None, None]).clamp(min=0)  # in its sequence; padding -> 0
+        grow = layer.seen // self.page + 1 - layer.page_bounds.shape[2]  # a host bound on the pages written (no sync)
         if grow > 0:
-            new_max = k.new_full((*k.shape[:2], grow, k.shape[3]), float("-inf"))
-            layer.page_max = torch.cat([layer.page_max, new_max], 2)
-            layer.page_min = torch.cat([layer.page_min, -new_max], 2)
+            fresh = k.new_full((B, H, grow, D), float("inf"))
+            layer.page_bounds = torch.cat([layer.page_bounds, torch.cat([-fresh, fresh], -1)], 2)
+            layer.page_slots = torch.cat([layer.page_slots, layer.page_slots.new_full((B, H, grow, self.page), -1)], 2)
             layer.cache.accounting.note_bytes(layer.cache.allocated_bytes())
-        real = valid[:, None, :, None].expand_as(k)
-        index = pages[..., None].expand_as(k)
-        layer.page_max.scatter_reduce_(2, index, k.masked_fill(~real, float("-inf")), "amax")
-        layer.page_min.scatter_reduce_(2, index, k.masked_fill(~real, float("inf")), "amin")
+        real = valid[:, None, :].expand_as(slots)
+        where = (index // self.page)[..., None].expand_as(k)
+        layer.page_bounds[..., :D].scatter_reduce_(2, where, k.masked_fill(~real[..., None], float("-inf")), "amax")
+        layer.page_bounds[..., D:].scatter_reduce_(2, where, k.masked_fill(~real[..., None], float("inf")), "amin")
+        # padding writes -1, which "amax" never lets win over a real slot of the same entry
+        layer.page_slots.view(B, H, -1).scatter_reduce_(2, index, torch.where(real, slots, -1).to(torch.int32), "amax")
+
+    def on_compact(self, layer, new_slot: torch.Tensor) -> None:
+        stored = layer.page_slots >= 0
+        moved = new_slot.gather(2, layer.page_slots.clamp(min=0).long().flatten(2)).view_as(layer.page_slots)
+        layer.page_slots = torch.where(stored, moved.to(torch.int32), -1)
 
     def select(self, layer, q, valid):
-        empty = torch.isneginf(layer.page_max[..., 0])  # (B, Hkv, P): pages holding no real token
-        bound = torch.maximum(q[:, :, :, None] * layer.page_max[:, :, None], q[:, :, :, None] * layer.page_min[:, :, None])
-        score = bound.sum(-1).mean(2).masked_fill(empty, float("-inf"))  # (B, Hkv, P), q: (B, Hkv, G, D)
-        current = self._page_of(layer, layer.pos.gather(2, layer.last_slot[..., None]))  # the query's own page
+        B, H = q.shape[:2]
+        empty = torch.isneginf(layer.page_bounds[..., 0])  # (B, Hkv, P): pages holding no real token
+        # sum_c max(q_c max_c, q_c min_c) = q+ . max + q- . min, and the mean over the G query heads of a
+        # linear form is the form of their mean: one matrix-vector product; q: (B, Hkv, G, D)
+        q_split = torch.cat([q.clamp(min=0), q.clamp(max=0)], -1).mean(2, keepdim=True)
+        score = (q_split @ layer.page_bounds.mT).squeeze(2).masked_fill(empty, float("-inf"))  # (B, Hkv, P)
+        current = ((layer.real - 1) // self.page).view(B, 1, 1).expand(B, H, 1)  # the query's own page
         score = score.scatter(2, current, float("inf"))
         pages_allowed = (self.budget(layer) // self.page).clamp(min=1)  # (B,)
-        k = min(max(1, math.ceil(layer.seen / self.cr) // self.page), score.shape[2])  # >= every row's allowance
-        top = score.topk(k, dim=-1).indices
-        allowed = (torch.arange(k, device=top.device) < pages_allowed[:, None, None]).expand_as(top)
-        chosen_pages = torch.zeros_like(empty).scatter_(2, top, allowed)
-        chosen = layer.live & chosen_pages.gather(2, self._page_of(layer, layer.pos).clamp(max=score.shape[2] - 1))
+        n = min(max(1, math.ceil(layer.seen / self.cr) // self.page), score.shape[2])  # >= every row's allowance
+        top = score.topk(n, dim=-1).indices  # best first, the current page at the head
+        slots = layer.page_slots.gather(2, top[..., None].expand(-1, -1, -1, self.page))  # (B, Hkv, n, page)
+        allowed = torch.arange(n, device=top.device) < pages_allowed[:, None, None]
+        readable = (slots >= 0) & allowed[..., None]
         summaries = 2 * (~empty).sum(-1).sum(1)  # the max and min vector of every non-empty page, over KV heads
-        return chosen, summaries.to(torch.float64), min(k * self.page, chosen.shape[2])
+        return slots.flatten(2).clamp(min=0).long(), readable.flatten(2), summaries.to(torch.float64)
 
     def describe(self) -> dict:
         return {"policy": self.name, "cr": self.cr, "page": self.page}
