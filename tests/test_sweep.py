@@ -9,7 +9,7 @@ import pytest
 
 import kvshrink
 from kvshrink.errors import KVShrinkError
-from kvshrink.scaling.sweep import SweepConfig, pareto, run_sweep, write_report
+from kvshrink.scaling.sweep import SweepConfig, findings, pareto, run_sweep, write_report
 from kvshrink.tasks.evaluate import evaluate
 
 
@@ -24,6 +24,23 @@ def test_pareto_equals_brute_force_definition():
         steps = [(c, a) for c, a in sorted(best.items()) if all(a > best[d] for d in best if d < c)]
         assert [(p["kv_reads"], p["accuracy"]) for p in front] == steps
         assert not any(q["kv_reads"] <= p["kv_reads"] and q["accuracy"] > p["accuracy"] for p, q in itertools.product(front, pts))
+
+
+def test_findings_on_hand_computed_points():
+    def pt(policy, cr, L, acc, reads, peak):
+        return {"task": "vt", "policy": policy, "cr": cr, "L": L, "W": 1, "accuracy": acc, "kv_reads": reads, "peak_kv_tokens": peak}
+
+    rows = [pt("none", 1, 96, 0.5, 100, 50), pt("none", 1, 192, 0.6, 200, 100),
+            pt("dms", 8, 96, 0.55, 20, 10), pt("dms", 8, 192, 0.4, 40, 20),
+            pt("tova", 8, 96, 0.3, 20, 10), pt("tova", 8, 192, 0.2, 40, 20),
+            pt("dms-immediate", 8, 96, 0.5, 20, 10), pt("quest", 8, 96, 0.5, 50, 52)]
+    text = "\n".join(findings(rows))
+    # DMS's best within 100 reads (0.55) beats vanilla's 0.5; within 200 it is still 0.55 < 0.6
+    assert "at equal kv_reads: DMS's frontier is at or above vanilla's at 1 of 2 vanilla points (mean difference +0.000)" in text
+    assert "DMS minus tova: +0.225 accuracy (mean over 2 (L, W) pairs)" in text
+    assert "DMS minus dms-immediate: +0.050 accuracy (mean over 1 (L, W) pairs)" in text
+    assert "Quest vs vanilla (same L, W): 2.00x fewer reads, 1.04x vanilla's peak tokens, accuracy +0.000" in text
+    assert "h2o" not in text  # no points, no claim
 
 
 def test_sweep_none_equals_eval_and_resumes(tmp_path):

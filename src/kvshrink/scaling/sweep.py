@@ -145,6 +145,51 @@ def pareto(points: list[dict], cost: str) -> list[dict]:
     return front
 
 
+def best_within(points: list[dict], cost: str, budget: float) -> float | None:
+    """Highest accuracy among points costing at most `budget` (None if every point costs more)."""
+    fits = [p["accuracy"] for p in points if p[cost] <= budget]
+    return max(fits) if fits else None
+
+
+def paired_gain(rows: list[dict], a: str, b: str, cr: float) -> tuple[float, int] | None:
+    """Mean accuracy of policy `a` minus policy `b` at compression `cr` over the (L, W) both ran, and how many."""
+    mine = {(r["L"], r["W"]): r["accuracy"] for r in rows if r["policy"] == a and r["cr"] == cr}
+    theirs = {(r["L"], r["W"]): r["accuracy"] for r in rows if r["policy"] == b and r["cr"] == cr}
+    both = sorted(set(mine) & set(theirs))
+    return (sum(mine[k] - theirs[k] for k in both) / len(both), len(both)) if both else None
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """The study's four questions answered from the points, one line per task and question."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        by = {policy: [r for r in mine if r["policy"] == policy] for policy in dict.fromkeys(r["policy"] for r in mine)}
+        if by.get("dms") and by.get("none"):
+            for cost in ("kv_reads", "peak_kv_tokens"):
+                gains = [best_within(by["dms"], cost, v[cost]) for v in by["none"]]
+                pairs = [(g, v["accuracy"]) for g, v in zip(gains, by["none"]) if g is not None]
+                ahead = sum(g >= a for g, a in pairs)
+                mean = sum(g - a for g, a in pairs) / len(pairs) if pairs else float("nan")
+                lines.append(f"- `{task}`, DMS vs vanilla at equal {cost}: DMS's frontier is at or above vanilla's at "
+                             f"{ahead} of {len(by['none'])} vanilla points (mean difference {mean:+.3f}).")
+        for cr in sorted({r["cr"] for r in by.get("dms", [])} & {8}):
+            for base in ("tova", "h2o", "window", "quest", "dms-immediate"):
+                gain = paired_gain(mine, "dms", base, cr)
+                if gain:
+                    lines.append(f"- `{task}`, CR {cr:g}: DMS minus {base}: {gain[0]:+.3f} accuracy (mean over {gain[1]} (L, W) pairs).")
+        if by.get("quest") and by.get("none"):
+            vanilla = {(r["L"], r["W"]): r for r in by["none"]}
+            matched = [(q, vanilla[(q["L"], q["W"])]) for q in by["quest"] if (q["L"], q["W"]) in vanilla]
+            if matched:
+                reads = sum(v["kv_reads"] / q["kv_reads"] for q, v in matched) / len(matched)
+                peak = sum(q["peak_kv_tokens"] / v["peak_kv_tokens"] for q, v in matched) / len(matched)
+                gain = sum(q["accuracy"] - v["accuracy"] for q, v in matched) / len(matched)
+                lines.append(f"- `{task}`, Quest vs vanilla (same L, W): {reads:.2f}x fewer reads, {peak:.2f}x vanilla's peak "
+                             f"tokens, accuracy {gain:+.3f}.")
+    return lines
+
+
 def write_report(rows: list[dict], out_md: Path, command: str) -> list[Path]:
     import matplotlib
 
@@ -154,7 +199,8 @@ def write_report(rows: list[dict], out_md: Path, command: str) -> list[Path]:
     pngs = []
     lines = ["# Hyper-scaling: accuracy against KV-cache reads and peak memory", "", f"Command: `{command}`", "",
              "Per-problem means: `kv_reads` over generated tokens (prompt reads separately), `peak_kv_tokens` = a problem's "
-             "W samples' live tokens summed at their peak. Frontier = best accuracy at or below that cost.", ""]
+             "W samples' live tokens summed at their peak. Frontier = best accuracy at or below that cost.", "",
+             "## Findings (computed from the points below)", "", *findings(rows), ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
         lines += [f"## {task}", "", "| policy | CR | model | L | W | problems | accuracy | pass@W | kv_reads | peak_kv_tokens | achieved CR |",
