@@ -97,7 +97,7 @@ def main():
     vanilla = min(times["vanilla (HF cache)"], times["vanilla (our dense cache)"])
     cmd = "python benchmarks/decode_policies.py " + " ".join(sys.argv[1:])
     lines = [f"# Decode speed per policy: context {C:,}, batch {B}, CR {args.cr} ({args.device}, {args.dtype})", "",
-             f"Command: `{cmd}`; no other job was running. Read bandwidth {bw / 1e9:.1f} GB/s. Best of {args.rounds} blocks of "
+             f"Command: `{cmd}`. Read bandwidth {bw / 1e9:.1f} GB/s. Best of {args.rounds} blocks of "
              f"{args.steps} steps (each after 5 warm-up steps), the policies taking turns block by block.", "",
              "| policy | decode tok/s | vs vanilla | cache MB |", "|---|---|---|---|"]
     for name, t in times.items():

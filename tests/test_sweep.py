@@ -27,20 +27,28 @@ def test_pareto_equals_brute_force_definition():
 
 
 def test_findings_on_hand_computed_points():
-    def pt(policy, cr, L, acc, reads, peak):
-        return {"task": "vt", "policy": policy, "cr": cr, "L": L, "W": 1, "accuracy": acc, "kv_reads": reads, "peak_kv_tokens": peak}
+    def pt(policy, cr, L, acc, reads, peak, achieved=1.0, cache_bytes=100):
+        return {"task": "vt", "policy": policy, "cr": cr, "L": L, "W": 1, "accuracy": acc, "kv_reads": reads,
+                "peak_kv_tokens": peak, "compression_ratio": achieved, "cache_bytes": cache_bytes}
 
-    rows = [pt("none", 1, 96, 0.5, 100, 50), pt("none", 1, 192, 0.6, 200, 100),
+    rows = [pt("none", 1, 96, 0.5, 100, 50), pt("none", 1, 192, 0.6, 200, 100), pt("none", 1, 384, 0.55, 400, 200),
             pt("dms", 8, 96, 0.55, 20, 10), pt("dms", 8, 192, 0.4, 40, 20),
             pt("tova", 8, 96, 0.3, 20, 10), pt("tova", 8, 192, 0.2, 40, 20),
-            pt("dms-immediate", 8, 96, 0.5, 20, 10), pt("quest", 8, 96, 0.5, 50, 52)]
+            pt("dms-immediate", 8, 96, 0.5, 20, 10),
+            pt("quest", 8, 96, 0.5, 50, 52, achieved=2.5, cache_bytes=110), pt("quest", 4, 96, 0.4, 60, 52, achieved=1.5)]
     text = "\n".join(findings(rows))
-    # DMS's best within 100 reads (0.55) beats vanilla's 0.5; within 200 it is still 0.55 < 0.6
-    assert "at equal kv_reads: DMS's frontier is at or above vanilla's at 1 of 2 vanilla points (mean difference +0.000)" in text
+    # vanilla's frontier is (100, 0.5), (200, 0.6): its L = 384 point is dominated. DMS's best within 100
+    # reads (0.55) beats 0.5; within 200 it is still 0.55 < 0.6
+    assert ("at equal kv_reads: DMS's best accuracy within each of vanilla's 2 frontier points' cost is at or above it "
+            "at 1 (mean difference +0.000; 0 cheaper than any DMS point)") in text
     assert "DMS minus tova: +0.225 accuracy (mean over 2 (L, W) pairs)" in text
     assert "DMS minus dms-immediate: +0.050 accuracy (mean over 1 (L, W) pairs)" in text
-    assert "Quest vs vanilla (same L, W): 2.00x fewer reads, 1.04x vanilla's peak tokens, accuracy +0.000" in text
+    assert "Quest at CR 8 vs vanilla (same L, W): 2.50x fewer reads (achieved CR), 1.10x vanilla's cache bytes, accuracy +0.000" in text
+    assert "Quest at CR 4 vs vanilla (same L, W): 1.50x fewer reads (achieved CR), 1.00x vanilla's cache bytes, accuracy -0.100" in text
     assert "h2o" not in text  # no points, no claim
+    # DMS points all cost more than vanilla's cheapest: nothing to compare there, and the line says so
+    costly = [dict(r, kv_reads=r["kv_reads"] * 50) if r["policy"] == "dms" else r for r in rows]
+    assert "(mean difference n/a; 2 cheaper than any DMS point)" in "\n".join(findings(costly))
 
 
 def test_sweep_none_equals_eval_and_resumes(tmp_path):

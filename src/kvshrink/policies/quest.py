@@ -69,7 +69,7 @@ class QuestPolicy(BudgetPolicy):
         # linear form is the form of their mean: one matrix-vector product; q: (B, Hkv, G, D)
         q_split = torch.cat([q.clamp(min=0), q.clamp(max=0)], -1).mean(2, keepdim=True)
         score = (q_split @ layer.page_bounds.mT).squeeze(2).masked_fill(empty, float("-inf"))  # (B, Hkv, P)
-        current = ((layer.real - 1) // self.page).view(B, 1, 1).expand(B, H, 1)  # the query's own page
+        current = ((layer.real - 1).clamp(min=0) // self.page).view(B, 1, 1).expand(B, H, 1)  # the query's own page
         score = score.scatter(2, current, float("inf"))
         pages_allowed = (self.budget(layer) // self.page).clamp(min=1)  # (B,)
         n = min(max(1, math.ceil(layer.seen / self.cr) // self.page), score.shape[2])  # >= every row's allowance
