@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -9,7 +10,7 @@ import pytest
 
 import kvshrink
 from kvshrink.errors import KVShrinkError
-from kvshrink.scaling.sweep import SweepConfig, findings, pareto, run_sweep, write_report
+from kvshrink.scaling.sweep import SweepConfig, findings, pareto, point_key, run_sweep, write_report
 from kvshrink.tasks.evaluate import evaluate
 
 
@@ -66,6 +67,16 @@ def test_sweep_none_equals_eval_and_resumes(tmp_path):
     assert run_sweep(cfg, points, progress=False) == rows and points.read_text() == before  # nothing rerun
     pngs = write_report(rows, tmp_path / "h.md", "test")
     assert all(p.stat().st_size > 10_000 for p in pngs) and "| window | 4 |" in (tmp_path / "h.md").read_text()
+
+
+def test_a_finished_point_is_reused_only_under_the_same_settings():
+    cfg = SweepConfig(base="smollm2", tasks=["arith"], policies=["none"], crs=[1], lengths=[6], widths=[1, 2], problems=2)
+    greedy, sampled = cfg.points()
+    assert (greedy["temperature"], sampled["temperature"], sampled["top_p"]) == (0.0, cfg.temperature, cfg.top_p)
+    for change in ({"problems": 3}, {"seed": 1}, {"temperature": 0.9}):
+        other = dataclasses.replace(cfg, **change).points()
+        assert point_key(other[1]) != point_key(sampled)
+    assert point_key(dataclasses.replace(cfg, temperature=0.9).points()[0]) == point_key(greedy)  # greedy ignores it
 
 
 def test_bad_sweep_config(tmp_path):

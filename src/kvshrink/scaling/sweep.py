@@ -90,8 +90,15 @@ class SweepConfig:
                         continue
                     for length in self.lengths:
                         for width in self.widths:
-                            out.append({"task": task, "policy": policy, "cr": cr, "model": model, "L": length, "W": width})
+                            out.append({"task": task, "policy": policy, "cr": cr, "model": model, "L": length, "W": width,
+                                        **self._sampling(width)})
         return out
+
+    def _sampling(self, width: int) -> dict:
+        """What else decides a point's result: its problems and, for W > 1, how samples are drawn."""
+        greedy = width == 1
+        return {"problems": self.problems, "seed": self.seed, "temperature": 0.0 if greedy else self.temperature,
+                "top_p": 1.0 if greedy else self.top_p}
 
     def _model(self, policy: str, cr: float) -> str | None:
         if policy == "none":
@@ -106,7 +113,8 @@ class SweepConfig:
 
 
 def point_key(p: dict) -> str:
-    return json.dumps([p["task"], p["policy"], p["cr"], p["model"], p["L"], p["W"]])
+    """A finished point is reused only if everything that decides its result is the same."""
+    return json.dumps([p.get(k) for k in ("task", "policy", "cr", "model", "L", "W", "problems", "seed", "temperature", "top_p")])
 
 
 def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device: str = "auto") -> list[dict]:
@@ -122,11 +130,9 @@ def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device
         model, tok = load(model_name, device=device)
         for p in (q for q in todo if q["model"] == model_name):
             policy = p["policy"]
-            greedy = p["W"] == 1
             result = evaluate(model, tok, p["task"], policy, cr=None if policy in ("none", "dms", "dms-immediate") else p["cr"],
-                              problems=cfg.problems, seed=cfg.seed, width=p["W"], max_new_tokens=p["L"],
-                              temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
-                              batch_size=max(1, cfg.batch_size // p["W"]))
+                              problems=p["problems"], seed=p["seed"], width=p["W"], max_new_tokens=p["L"],
+                              temperature=p["temperature"], top_p=p["top_p"], batch_size=max(1, cfg.batch_size // p["W"]))
             row = {**p, **{k: result[k] for k in POINT_FIELDS}, "problems": result["problems"], "finished": time.time()}
             append_jsonl(points_file, row)
             done[point_key(row)] = row
