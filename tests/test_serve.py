@@ -169,3 +169,26 @@ def test_streamed_text_equals_decoding_everything(smollm2):
     for token in ids:
         engine._emit(request, seq, token)
     assert seq.text == tok.decode(ids, skip_special_tokens=True) == "".join(deltas)
+
+
+def test_admission_follows_the_ratio_sequences_really_reach(smollm2):
+    """An engine told to expect CR 8 whose sequences compress at 1 (here: no eviction at all) must admit by
+    what the running sequences really hold. Admitting at 8 overfills the budget, pauses the newest
+    request and lets it straight back in, re-reading its prompt every step."""
+    from kvshrink.policies import CachePolicy
+    from kvshrink.serve.engine import Engine, SamplingParams
+
+    model, tok = smollm2
+    engine = Engine(model, tok, CachePolicy(), budget_tokens=110, expected_cr=8.0)  # ~2 requests of 48 tokens
+    prefills = []
+    real_prefill = engine._prefill_ids
+    engine._prefill_ids = lambda ids: prefills.append(len(ids)) or real_prefill(ids)
+    prompt = tok("The Python language was created by a programmer who liked short readable programs. " * 3)["input_ids"][:40]
+    requests = [engine.submit(prompt, SamplingParams(max_tokens=8), lambda event: None) for _ in range(4)]
+    for _ in range(60):
+        engine.step()
+        assert engine.live_tokens() <= engine.budget
+        if all(r.done for r in requests):
+            break
+    assert all(r.done and len(r.sequences[0].tokens) == 8 for r in requests)
+    assert prefills == [40] * 4  # each prompt read once: nobody was paused and let back in

@@ -7,7 +7,8 @@ their slots (`take_rows`). The budget is counted in live cache slots, averaged o
 i.e. in tokens actually held, which is what DMS shrinks: a DMS-8x model admits about 8x the sequences.
 
 Admission reserves each request's expected footprint: prompt plus `max_tokens`, compressed by the
-policy's ratio (DMS: its trained CR, plus the window, which is never compressed). If the batch still
+policy's ratio (DMS: its trained CR, plus the window, which is never compressed), or by the ratio the
+running sequences really reach if that is lower. If the batch still
 outgrows the budget (a sequence compressing worse than expected), the newest request is paused: its
 rows leave, and it is re-prefilled (prompt + what it generated) when there is room again. Requests
 that could never fit are refused at submission.
@@ -102,15 +103,27 @@ class Engine:
         self._publish()
 
     # -- bookkeeping (integers only) ---------------------------------------------------------------
-    def footprint(self, prompt: int, new: int, n: int) -> int:
+    def footprint(self, prompt: int, new: int, n: int, cr: float | None = None) -> int:
         """Expected live tokens at the end of a request: the window stays, the rest is compressed."""
         total = prompt + new
-        keep = min(total, self.window + math.ceil(max(0, total - self.window) / self.expected_cr))
+        keep = min(total, self.window + math.ceil(max(0, total - self.window) / (cr or self.expected_cr)))
         return n * keep
 
-    def reserved(self) -> int:
+    def achieved_cr(self) -> float:
+        """The ratio the running sequences really reach beyond the window, capped by the expected one.
+        Text unlike a DMS model's training data can compress less than its target; admitting at the
+        target would overfill the budget, pause the newest request and let it straight back in, over and
+        over, re-reading its prompt each time."""
+        if not self.rows:
+            return self.expected_cr
+        live = self.cache.live_tokens().float().mean((0, 2)).tolist()
+        seen = sum(max(0, len(r.prompt_ids) + len(s.tokens) - self.window) for r, s in self.rows)
+        held = sum(max(0.0, t - self.window) for t in live)
+        return min(self.expected_cr, max(1.0, seen / held)) if held > 0 else self.expected_cr
+
+    def reserved(self, cr: float | None = None) -> int:
         requests = {id(r): r for r, _ in self.rows}.values()
-        return sum(self.footprint(len(r.prompt_ids), r.params.max_tokens, len(r.sequences)) for r in requests)
+        return sum(self.footprint(len(r.prompt_ids), r.params.max_tokens, len(r.sequences), cr) for r in requests)
 
     def live_tokens(self) -> float:
         if self.cache.batch_size == 0:
@@ -200,7 +213,8 @@ class Engine:
                     return
                 r = self.waiting[0]
                 n = len(r.sequences)
-                fits = self.reserved() + self.footprint(len(r.prompt_ids), r.params.max_tokens, n) <= self.budget
+                cr = self.achieved_cr()
+                fits = self.reserved(cr) + self.footprint(len(r.prompt_ids), r.params.max_tokens, n, cr) <= self.budget
                 if not (fits and len(self.rows) + n <= self.max_batch) and self.rows:
                     return  # FIFO: the head waits for room, nobody overtakes it
                 self.waiting.popleft()
