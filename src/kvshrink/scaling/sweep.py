@@ -133,7 +133,7 @@ def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device
             result = evaluate(model, tok, p["task"], policy, cr=None if policy in ("none", "dms", "dms-immediate") else p["cr"],
                               problems=p["problems"], seed=p["seed"], width=p["W"], max_new_tokens=p["L"],
                               temperature=p["temperature"], top_p=p["top_p"], batch_size=max(1, cfg.batch_size // p["W"]))
-            row = {**p, **{k: result[k] for k in POINT_FIELDS}, "problems": result["problems"], "finished": time.time()}
+            row = {**p, **{k: result[k] for k in POINT_FIELDS}, "finished": time.time()}
             append_jsonl(points_file, row)
             done[point_key(row)] = row
             advance(bar, info=f"{p['task']} {p['policy']} CR {p['cr']:g} L {p['L']} W {p['W']}: acc {row['accuracy']:.2f}")
@@ -181,11 +181,10 @@ def findings(rows: list[dict]) -> list[str]:
                 lines.append(f"- `{task}`, DMS vs vanilla at equal {cost}: DMS's best accuracy within each of vanilla's "
                              f"{len(front)} frontier points' cost is at or above it at {ahead} (mean difference {mean}; "
                              f"{len(front) - len(pairs)} cheaper than any DMS point).")
-        for cr in sorted({r["cr"] for r in by.get("dms", [])} & {8}):
-            for base in ("tova", "h2o", "window", "quest", "dms-immediate"):
-                gain = paired_gain(mine, "dms", base, cr)
-                if gain:
-                    lines.append(f"- `{task}`, CR {cr:g}: DMS minus {base}: {gain[0]:+.3f} accuracy (mean over {gain[1]} (L, W) pairs).")
+        for base in ("tova", "h2o", "window", "quest", "dms-immediate"):
+            gain = paired_gain(mine, "dms", base, 8)
+            if gain:
+                lines.append(f"- `{task}`, CR 8: DMS minus {base}: {gain[0]:+.3f} accuracy (mean over {gain[1]} (L, W) pairs).")
         vanilla = {(r["L"], r["W"]): r for r in by.get("none", [])}
         for cr in sorted({r["cr"] for r in by.get("quest", [])}):
             matched = [(q, vanilla[(q["L"], q["W"])]) for q in by["quest"] if q["cr"] == cr and (q["L"], q["W"]) in vanilla]

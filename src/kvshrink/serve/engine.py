@@ -116,7 +116,7 @@ class Engine:
         over, re-reading its prompt each time."""
         if not self.rows:
             return self.expected_cr
-        live = self.cache.live_tokens().float().mean((0, 2)).tolist()
+        live = self.row_live_tokens()
         seen = sum(max(0, len(r.prompt_ids) + len(s.tokens) - self.window) for r, s in self.rows)
         held = sum(max(0.0, t - self.window) for t in live)
         return min(self.expected_cr, max(1.0, seen / held)) if held > 0 else self.expected_cr
@@ -125,10 +125,14 @@ class Engine:
         requests = {id(r): r for r, _ in self.rows}.values()
         return sum(self.footprint(len(r.prompt_ids), r.params.max_tokens, len(r.sequences), cr) for r in requests)
 
-    def live_tokens(self) -> float:
+    def row_live_tokens(self) -> list[float]:
+        """Live tokens of each running row (cache row order), averaged over (layer, KV head)."""
         if self.cache.batch_size == 0:
-            return 0.0
-        return float(self.cache.live_tokens().float().mean((0, 2)).sum())
+            return []
+        return self.cache.live_tokens().float().mean((0, 2)).tolist()
+
+    def live_tokens(self) -> float:
+        return sum(self.row_live_tokens())
 
     # -- API used by the HTTP layer ------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event) -> Request:
@@ -286,8 +290,7 @@ class Engine:
         self.cache = KVCache(self.model, self.policy)
 
     def _account(self, reads: torch.Tensor) -> None:
-        live = self.cache.live_tokens().float().mean((0, 2)).tolist()
-        for (r, s), row_reads, row_live in zip(self.rows, reads.tolist(), live):
+        for (r, s), row_reads, row_live in zip(self.rows, reads.tolist(), self.row_live_tokens()):
             s.reads += row_reads
             s.peak_tokens = max(s.peak_tokens, row_live)
             self.vanilla_reads_total += len(r.prompt_ids) + len(s.tokens)
