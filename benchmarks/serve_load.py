@@ -8,7 +8,9 @@ streaming clients start together, each with its own held-out passage of `context
 `--max-tokens` greedy tokens. Measured: the most and the mean number of sequences decoded together
 (polled from /metrics), aggregate generated tokens/s over the run and the best 10-second rate the
 server reported (decode with the batch at its fullest, prefill aside), time to first token and
-inter-token latency (p50, p99) seen by the clients. Writes docs/results/serving.md and serving.png.
+inter-token latency (p50, p99) seen by the clients. Clients ask for `ignore_eos`, so every request
+generates `--max-tokens` and both models do the same work. Writes docs/results/serving.md and serving.png;
+finished points are kept in serving.points.jsonl, so an interrupted run resumes (delete it to measure again).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def client(url: str, prompt: str, max_tokens: int) -> dict:
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}).encode()
     start_t = time.perf_counter()
     stamps = []
     with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/completions", data=body,
@@ -76,7 +78,7 @@ def run_point(name: str, context: int, args, passages: list[str]) -> dict:
     thread.join(timeout=10)
     busy = [r for r in running if r > 0]
     itl = [x for r in results for x in r["itl"]]
-    return {"model": name, "context": context, "budget_tokens": engine.budget, "max_concurrent": max(running),
+    return {**point_key(name, context, args), "budget_tokens": engine.budget, "max_concurrent": max(running),
             "mean_concurrent": statistics.mean(busy) if busy else 0.0, "tokens_per_second": sum(r["tokens"] for r in results) / wall,
             "peak_tokens_per_second": max(rates),
             "ttft_p50": percentile([r["ttft"] for r in results], 0.5), "ttft_p99": percentile([r["ttft"] for r in results], 0.99),
@@ -95,13 +97,26 @@ def main():
     held = pydoc_split()[1]
     stride = (len(held) - 40_000) // args.requests
     passages = [held[i * stride:i * stride + 40_000] for i in range(args.requests)]  # distinct held-out passages
+    done_file = args.out.with_suffix(".points.jsonl")
+    done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
     rows = []
     for pair in args.pairs:
         for context in args.contexts:
             for name in pair.split(":"):
-                rows.append(run_point(name, context, args, passages))
-                print(json.dumps(rows[-1]), flush=True)
+                key = point_key(name, context, args)
+                row = next((r for r in done if {k: r.get(k) for k in key} == key), None)
+                if row is None:
+                    row = run_point(name, context, args, passages)
+                    with done_file.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     write_report(rows, args)
+
+
+def point_key(name: str, context: int, args) -> dict:
+    return {"model": name, "context": context, "kv_budget_mb": args.kv_budget_mb, "requests": args.requests,
+            "max_tokens": args.max_tokens}
 
 
 def write_report(rows: list[dict], args) -> None:
@@ -120,6 +135,13 @@ def write_report(rows: list[dict], args) -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['context']} | {r['budget_tokens']:,} | {r['max_concurrent']:.0f} | {r['mean_concurrent']:.1f} | "
                      f"{r['tokens_per_second']:.1f} | {r['peak_tokens_per_second']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | {r['itl_p50']:.3f} / {r['itl_p99']:.3f} |")
+    lines += ["", "| pair | context | concurrent sequences (DMS / vanilla) | tokens/s, whole run (DMS / vanilla) |", "|---|---|---|---|"]
+    for pair in args.pairs:
+        vanilla, dms = pair.split(":")
+        for context in args.contexts:
+            v, d = ([r for r in rows if r["model"] == m and r["context"] == context][0] for m in (vanilla, dms))
+            lines.append(f"| {dms} / {vanilla} | {context} | {d['max_concurrent'] / v['max_concurrent']:.1f}x | "
+                         f"{d['tokens_per_second'] / v['tokens_per_second']:.1f}x |")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in zip(axes, ("max_concurrent", "tokens_per_second"), ("sequences decoded together", "aggregate tokens/s")):
         for model in dict.fromkeys(r["model"] for r in rows):

@@ -123,3 +123,19 @@ def test_generation_cache_matches_dense_reference_greedy():
         logits = model(seq, use_cache=False).logits
     assert logits[0, len(prompt) - 1:].argmax(-1).tolist() == tokens[0]
     assert stats["compression_ratio"] > 1.2
+
+
+def test_dms_output_does_not_depend_on_the_prompt_chunk():
+    """A server reads DMS prompts in long chunks: tokens that expire inside a chunk are hidden, so the
+    tokens, the reads and the cache once decoding starts equal reading the prompt in 16-token chunks;
+    only the peak (one chunk held whole) may differ."""
+    w = 4
+    model = with_random_dms(tiny_model("llama"), window=w, evict_bias=8.0)
+    prompt = torch.randint(3, 128, (70,), generator=torch.Generator().manual_seed(7)).tolist()
+    runs = [generate_ids(model, [prompt], DMSPolicy(w, prefill_chunk=chunk), max_new_tokens=12)[:2] for chunk in (16, 64)]
+    (short_tokens, short_stats), (long_tokens, long_stats) = runs
+    assert short_tokens == long_tokens
+    assert long_stats["kv_reads"] == pytest.approx(short_stats["kv_reads"])
+    assert long_stats["compression_ratio"] == pytest.approx(short_stats["compression_ratio"])
+    assert short_stats["compression_ratio"] > 1.5
+    assert long_stats["peak_kv_tokens"] >= short_stats["peak_kv_tokens"]

@@ -135,7 +135,7 @@ def test_bad_input_keeps_serving(serve):
     assert code == 400 and "role" in body["error"]["message"]
 
     # a step that fails (at prefill, then while decoding) ends only the requests in flight, with a 500
-    for method in ("_prefill_ids", "_pick"):
+    for method in ("_prefill_piece", "_pick"):
         original = getattr(engine, method)
         calls = []
 
@@ -181,8 +181,8 @@ def test_admission_follows_the_ratio_sequences_really_reach(smollm2):
     model, tok = smollm2
     engine = Engine(model, tok, CachePolicy(), budget_tokens=110, expected_cr=8.0)  # ~2 requests of 48 tokens
     prefills = []
-    real_prefill = engine._prefill_ids
-    engine._prefill_ids = lambda ids: prefills.append(len(ids)) or real_prefill(ids)
+    real_prefill = engine._prefill_piece
+    engine._prefill_piece = lambda cache, ids: prefills.append(len(ids)) or real_prefill(cache, ids)
     prompt = tok("The Python language was created by a programmer who liked short readable programs. " * 3)["input_ids"][:40]
     requests = [engine.submit(prompt, SamplingParams(max_tokens=8), lambda event: None) for _ in range(4)]
     for _ in range(60):
@@ -192,3 +192,32 @@ def test_admission_follows_the_ratio_sequences_really_reach(smollm2):
             break
     assert all(r.done and len(r.sequences[0].tokens) == 8 for r in requests)
     assert prefills == [40] * 4  # each prompt read once: nobody was paused and let back in
+
+
+def test_running_sequences_keep_decoding_while_a_long_prompt_is_read(smollm2):
+    """Chunked prefill: a long prompt is read one chunk per step, and every step still gives each running
+    sequence its next token. The chunked request's greedy tokens equal reading its prompt at once."""
+    from kvshrink.generation import generate_ids
+    from kvshrink.policies import CachePolicy
+    from kvshrink.serve.engine import SamplingParams
+
+    model, tok = smollm2
+    engine = build_engine(model, tok, budget_tokens=5000, prefill_chunk=32)
+    short = engine.submit(tok("Once upon a time")["input_ids"], SamplingParams(max_tokens=40, ignore_eos=True), lambda event: None)
+    engine.step()
+    assert len(short.sequences[0].tokens) == 2  # its first token at joining, the next one from the step
+    long_ids = tok("The Python language was created by a programmer who liked short readable programs. " * 12)["input_ids"][:150]
+    assert len(long_ids) == 150
+    long = engine.submit(long_ids, SamplingParams(max_tokens=6), lambda event: None)
+    steps = 0
+    while not long.sequences[0].tokens:
+        before = len(short.sequences[0].tokens)
+        engine.step()
+        steps += 1
+        assert len(short.sequences[0].tokens) == before + 1  # the running sequence never waits a step
+        assert engine.live_tokens() <= engine.budget
+    assert steps == -(-150 // 32)  # 150 tokens in chunks of 32
+    while not long.done:
+        engine.step()
+    expected, _, _ = generate_ids(model, [long_ids], CachePolicy(), max_new_tokens=6, eos_token_id=tok.eos_token_id)
+    assert long.sequences[0].tokens == expected[0]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import check_sinks, check_window
+from ..errors import KVShrinkError, check_sinks, check_window
 from .base import EVICTION_CHUNK, CachePolicy
 
 
@@ -23,15 +23,19 @@ from .base import EVICTION_CHUNK, CachePolicy
 class DMSPolicy(CachePolicy):
     window: int
     sinks: int = 0
+    #: DMS's output does not depend on how the prompt is chunked (`hidden` masks tokens that expire inside
+    #: a chunk); only transient memory does. The default reads prompts in the budget policies' chunks, so
+    #: expired tokens leave as they are read and peak memory compares on the same terms; a server reads
+    #: longer chunks for speed and holds at most one chunk more.
+    prefill_chunk: int = EVICTION_CHUNK
     name = "dms"
     needs_dms = True
-    #: the prompt goes through in the budget policies' chunks, so expired tokens leave as it is read and
-    #: peak memory compares on the same terms (a 512-token chunk is held whole before its evictions apply)
-    prefill_chunk = EVICTION_CHUNK
 
     def __post_init__(self):
         check_window(self.window)
         check_sinks(self.sinks)
+        if self.prefill_chunk < 1:
+            raise KVShrinkError(f"prefill_chunk must be >= 1 (got {self.prefill_chunk})")
 
     def expired(self, layer, first_query_pos: int) -> torch.Tensor:
         # free slots may match too (stale flags): freeing them again is harmless and saves an op per step

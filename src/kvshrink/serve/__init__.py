@@ -6,8 +6,12 @@ __all__ = ["Engine", "SamplingParams", "build_engine"]
 
 
 def build_engine(model, tokenizer, policy: str | None = None, cr: float | None = None, budget_tokens: int | None = None,
-                 budget_mb: float | None = None, max_batch: int = 64) -> Engine:
-    """An engine for `model` under its default (or the named) policy, with a budget in live KV tokens or MB."""
+                 budget_mb: float | None = None, max_batch: int = 64, prefill_chunk: int = 256) -> Engine:
+    """An engine for `model` under its default (or the named) policy, with a budget in live KV tokens or MB.
+    prefill_chunk: prompt tokens read per engine step, between the running batch's decode steps (DMS reads
+    them in one forward: its output does not depend on the chunk; budget policies keep their 16-token chunks)."""
+    import dataclasses
+
     from ..attention import kv_bytes_per_token
     from ..dms.attach import dms_config
     from ..errors import KVShrinkError
@@ -20,6 +24,7 @@ def build_engine(model, tokenizer, policy: str | None = None, cr: float | None =
     if isinstance(pol, DMSPolicy):
         cfg = dms_config(model)
         expected, window = (cfg.target_cr or 1.0), pol.window
+        pol = dataclasses.replace(pol, prefill_chunk=prefill_chunk)
     else:
         expected, window = getattr(pol, "cr", 1.0), (pol.prefill_chunk or 0)  # a prefill chunk is held whole before eviction
     if (budget_tokens is None) == (budget_mb is None):
@@ -27,4 +32,5 @@ def build_engine(model, tokenizer, policy: str | None = None, cr: float | None =
     budget = budget_tokens if budget_tokens is not None else int(budget_mb * 2**20 // kv_bytes_per_token(model))
     if budget < 1:
         raise KVShrinkError(f"the KV budget must hold at least one token (got {budget})")
-    return Engine(model, tokenizer, pol, budget_tokens=budget, max_batch=max_batch, expected_cr=expected, window=window)
+    return Engine(model, tokenizer, pol, budget_tokens=budget, max_batch=max_batch, expected_cr=expected, window=window,
+                  prefill_chunk=prefill_chunk)

@@ -4,7 +4,8 @@ server-sent-event streaming), /v1/models, /health and Prometheus /metrics.
 The engine runs in its own thread; each request gets an asyncio queue that the engine's callbacks
 fill (thread-safe), so HTTP handlers only wait. `usage` carries kvshrink's accounting beside OpenAI's
 token counts. `vote: true` (with `n` > 1) adds the majority answer: extracted with the task's grader
-when `task` is given, else the whole stripped text.
+when `task` is given, else the whole stripped text. `ignore_eos: true` generates `max_tokens` whatever
+the model says (for load tests, as vLLM's field of that name).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             max_tokens = body.get("max_tokens")
             params = SamplingParams(max_tokens=int(16 if max_tokens is None else max_tokens), temperature=float(body.get("temperature", 1.0)),
                                     top_p=float(body.get("top_p", 1.0)), stop=[stop_words] if isinstance(stop_words, str) else list(stop_words),
-                                    seed=body.get("seed"), n=int(body.get("n", 1)))
+                                    seed=body.get("seed"), n=int(body.get("n", 1)), ignore_eos=bool(body.get("ignore_eos", False)))
             task_kind = vote_kind(body)
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()

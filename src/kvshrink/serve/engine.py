@@ -1,17 +1,20 @@
 """The serving engine: continuous batching over one `KVCache`, admission by live cache slots.
 
-One loop (`step`) advances every running sequence by one token in a single forward. Between steps,
-waiting requests are admitted in FIFO order when the budget has room: each is prefilled alone, then
-its rows join the running batch (`KVCache.append_rows`); finished sequences leave at once and free
-their slots (`take_rows`). The budget is counted in live cache slots, averaged over (layer, KV head),
+One loop (`step`) advances every running sequence by one token in a single forward. Waiting requests
+are admitted in FIFO order when the budget has room, one at a time: the admitted request's prompt is
+read `prefill_chunk` tokens per step, between the decode steps of the running batch (chunked prefill),
+so a long prompt delays the others' next token by one chunk, not by the whole prompt. When its prompt
+is read, its rows join the running batch (`KVCache.append_rows`); finished sequences leave at once and
+free their slots (`take_rows`). The budget is counted in live cache slots, averaged over (layer, KV head),
 i.e. in tokens actually held, which is what DMS shrinks: a DMS-8x model admits about 8x the sequences.
 
 Admission reserves each request's expected footprint: prompt plus `max_tokens`, compressed by the
 policy's ratio (DMS: its trained CR, plus the window, which is never compressed), or by the ratio the
-running sequences really reach if that is lower. If the batch still
-outgrows the budget (a sequence compressing worse than expected), the newest request is paused: its
-rows leave, and it is re-prefilled (prompt + what it generated) when there is room again. Requests
-that could never fit are refused at submission.
+running sequences really reach if that is lower, plus one prefill chunk of headroom when the policy
+evicts (a chunk is held whole before its evictions apply). Live tokens include the request being read.
+If they still outgrow the budget (a sequence compressing worse than expected), the newest request is
+paused: the one being read stops, or a running one's rows leave, and it is read again (prompt + what
+it generated) when there is room. Requests that could never fit are refused at submission.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     n: int = 1
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (load tests; vLLM's extension)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -67,6 +71,23 @@ class Sequence:
 
 
 @dataclass
+class Prefill:
+    """The admitted request whose prompt is being read, one chunk per engine step. A new request reads its
+    prompt once and its n samples copy that row; a paused one re-reads each unfinished sample's prompt +
+    generated tokens, one row each. Finished rows wait in `ready` until all of them are read."""
+
+    request: "Request"
+    jobs: list[tuple[list[Sequence], list[int]]]  # (samples that share the row, token ids) still to read
+    cache: KVCache  # the row being read
+    read: int = 0  # tokens of jobs[0] already in `cache`
+    ready: list[tuple[KVCache, list[Sequence], torch.Tensor]] = field(default_factory=list)  # (row, samples, last logits)
+
+    def live_tokens(self) -> float:
+        caches = [self.cache] + [c for c, _, _ in self.ready]
+        return sum(c.live_tokens().float().mean().item() for c in caches if c.batch_size)
+
+
+@dataclass
 class Request:
     id: str
     prompt_ids: list[int]
@@ -84,10 +105,14 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer, policy, budget_tokens: int, max_batch: int = 64, expected_cr: float = 1.0,
-                 window: int = 0):
+                 window: int = 0, prefill_chunk: int = 256):
+        if prefill_chunk < 1:
+            raise KVShrinkError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
-        self.budget, self.max_batch = budget_tokens, max_batch
+        self.budget, self.max_batch, self.prefill_chunk = budget_tokens, max_batch, prefill_chunk
         self.expected_cr, self.window = expected_cr, window
+        # an evicting policy holds the chunk it reads at once whole until its evictions apply
+        self.headroom = (policy.prefill_chunk or 0) if expected_cr > 1 else 0
         self.device = next(model.parameters()).device
         self.bytes_per_token = kv_bytes_per_token(model)
         self.eos = tokenizer.eos_token_id
@@ -99,7 +124,7 @@ class Engine:
         self.generated_total, self.reads_total, self.vanilla_reads_total = 0, 0.0, 0.0
         self.rate_window: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) per step
         self.admitted: deque[str] = deque(maxlen=4096)  # request ids in admission order (FIFO, checked by tests)
-        self.admitting: Request | None = None  # popped from the queue, being prefilled
+        self.prefill: Prefill | None = None  # admitted, its prompt being read between decode steps
         self._publish()
 
     # -- bookkeeping (integers only) ---------------------------------------------------------------
@@ -122,7 +147,7 @@ class Engine:
         return min(self.expected_cr, max(1.0, seen / held)) if held > 0 else self.expected_cr
 
     def reserved(self, cr: float | None = None) -> int:
-        requests = {id(r): r for r, _ in self.rows}.values()
+        requests = self._admitted_requests().values()
         return sum(self.footprint(len(r.prompt_ids), r.params.max_tokens, len(r.sequences), cr) for r in requests)
 
     def row_live_tokens(self) -> list[float]:
@@ -132,14 +157,21 @@ class Engine:
         return self.cache.live_tokens().float().mean((0, 2)).tolist()
 
     def live_tokens(self) -> float:
-        return sum(self.row_live_tokens())
+        """Live tokens held: the running rows and the request being read."""
+        return sum(self.row_live_tokens()) + (self.prefill.live_tokens() if self.prefill else 0.0)
+
+    def _admitted_requests(self) -> dict[int, Request]:
+        requests = {id(r): r for r, _ in self.rows}
+        if self.prefill:
+            requests[id(self.prefill.request)] = self.prefill.request
+        return requests
 
     # -- API used by the HTTP layer ------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event) -> Request:
         check_context(self.model.config, len(prompt_ids), params.max_tokens)
         if params.n > self.max_batch:
             raise KVShrinkError(f"n = {params.n} samples exceed the server's --max-batch {self.max_batch}; lower n")
-        need = self.footprint(len(prompt_ids), params.max_tokens, params.n)
+        need = self.footprint(len(prompt_ids), params.max_tokens, params.n) + self.headroom
         if need > self.budget:
             raise KVShrinkError(f"this request needs about {need} KV tokens ({len(prompt_ids)} prompt + {params.max_tokens} "
                                 f"max_tokens, x{params.n} samples, at CR {self.expected_cr:g}), more than the server's "
@@ -174,7 +206,7 @@ class Engine:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             with self.lock:
-                while not stop.is_set() and not self.rows and not self.waiting:
+                while not stop.is_set() and not self.rows and not self.waiting and not self.prefill:
                     self.lock.wait(timeout=0.5)
             if stop.is_set():
                 return
@@ -184,7 +216,8 @@ class Engine:
                 self._fail_running(exc)
 
     def step(self) -> None:
-        """Drop cancelled work, admit what fits, decode one token for every running sequence."""
+        """Drop cancelled work, admit what fits, read one chunk of the admitted prompt, decode one token
+        for every running sequence."""
         try:
             self._step()
         finally:
@@ -195,10 +228,13 @@ class Engine:
             for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
         self._leave([i for i, (r, _) in enumerate(self.rows) if r.cancelled])
+        if self.prefill and self.prefill.request.cancelled:
+            self.prefill = None
         self._admit()
+        self._read_chunk()
+        self._pause_if_over_budget()
         if not self.rows:
             return
-        self._pause_if_over_budget()
         tokens = torch.tensor([[s.tokens[-1]] for _, s in self.rows], device=self.device)
         positions = torch.tensor([[len(r.prompt_ids) + len(s.tokens) - 1] for r, s in self.rows], device=self.device)
         with torch.no_grad():
@@ -211,52 +247,75 @@ class Engine:
 
     # -- steps' parts ---------------------------------------------------------------------------------
     def _admit(self) -> None:
-        while True:
-            with self.lock:
-                if not self.waiting:
-                    return
-                r = self.waiting[0]
-                n = len(r.sequences)
-                cr = self.achieved_cr()
-                fits = self.reserved(cr) + self.footprint(len(r.prompt_ids), r.params.max_tokens, n, cr) <= self.budget
-                if not (fits and len(self.rows) + n <= self.max_batch) and self.rows:
-                    return  # FIFO: the head waits for room, nobody overtakes it
-                self.waiting.popleft()
-            if not r.sequences[0].tokens:
-                self.admitted.append(r.id)
-            self.admitting = r
-            self._prefill(r)
-            self.admitting = None
+        """Admit the queue's head if nothing is being read and the budget has room (FIFO: nobody overtakes it)."""
+        with self.lock:
+            if self.prefill or not self.waiting:
+                return
+            r = self.waiting[0]
+            n = len(r.sequences)
+            cr = self.achieved_cr()
+            need = self.reserved(cr) + self.footprint(len(r.prompt_ids), r.params.max_tokens, n, cr) + self.headroom
+            if self.rows and not (need <= self.budget and len(self.rows) + n <= self.max_batch):
+                return
+            self.waiting.popleft()
+        if r.sequences[0].tokens:  # paused: each unfinished sample re-reads its prompt + what it generated
+            jobs = [([s], r.prompt_ids + s.tokens[:-1]) for s in r.sequences if s.finish_reason is None]
+        else:
+            jobs = [(r.sequences, r.prompt_ids)]
+        self.prefill = Prefill(r, jobs, KVCache(self.model, self.policy))
 
-    def _prefill(self, r: Request) -> None:
-        """A new request: prefill its prompt alone and let its n samples share that cache (rows copied).
-        A paused one: re-prefill each sample's prompt + generated tokens. Then the rows join the batch."""
-        if not r.sequences[0].tokens:
-            single, logits, first_reads = self._prefill_ids(r.prompt_ids)
-            if len(r.sequences) > 1:
-                single.take_rows([0] * len(r.sequences))
-            self.cache.append_rows(single)
-            self.rows += [(r, s) for s in r.sequences]
-            for s in r.sequences:  # the first token comes from the prompt's last position
+    def _read_chunk(self) -> None:
+        """Read the next chunk of the admitted request; when all its rows are read, they join the batch."""
+        p = self.prefill
+        if p is None:
+            return
+        samples, ids = p.jobs[0]
+        piece = ids[p.read:p.read + self.prefill_chunk]
+        logits = self._prefill_piece(p.cache, piece)
+        p.read += len(piece)
+        if p.read < len(ids):
+            return
+        p.ready.append((p.cache, samples, logits[None]))
+        p.jobs.pop(0)
+        p.cache, p.read = KVCache(self.model, self.policy), 0
+        if not p.jobs:
+            self._join(p)
+            self.prefill = None  # after joining: a failure while joining still finds the request here
+
+    def _prefill_piece(self, cache: KVCache, ids: list[int]) -> torch.Tensor:
+        """Read `ids` into a one-row cache after what it holds; the last position's logits."""
+        return prefill_row(self.model, cache, ids)
+
+    def _join(self, p: Prefill) -> None:
+        """The read rows join the batch. A new request's samples share its one row (copied n times) and
+        take their first token from the prompt's last position."""
+        r = p.request
+        for row, samples, logits in p.ready:
+            resumed = bool(samples[0].tokens)
+            first_reads = float(row.accounting.last_reads[0, -1])
+            if len(samples) > 1:
+                row.take_rows([0] * len(samples))
+            self.cache.append_rows(row)
+            self.rows += [(r, s) for s in samples]
+            if resumed:
+                continue
+            self.admitted.append(r.id)
+            for s in samples:
                 s.reads += first_reads
                 self.reads_total += first_reads
                 self.vanilla_reads_total += len(r.prompt_ids)
                 self._emit(r, s, self._pick(logits, r, s))
-        else:
-            for s in (s for s in r.sequences if s.finish_reason is None):
-                self.cache.append_rows(self._prefill_ids(r.prompt_ids + s.tokens[:-1])[0])
-                self.rows.append((r, s))
         self._leave([i for i, (_, s) in enumerate(self.rows) if s.finish_reason is not None])
 
-    def _prefill_ids(self, ids: list[int]) -> tuple[KVCache, torch.Tensor, float]:
-        """(a one-row cache holding `ids`, the last position's logits, that position's reads)."""
-        single = KVCache(self.model, self.policy)
-        logits = prefill_row(self.model, single, ids)
-        return single, logits[None], float(single.accounting.last_reads[0, -1])
-
     def _pause_if_over_budget(self) -> None:
-        """The batch outgrew the budget: the newest request leaves and waits at the queue's head."""
-        while len({id(r) for r, _ in self.rows}) > 1 and self.live_tokens() > self.budget:
+        """Live tokens outgrew the budget: the newest request (the one being read, else the newest running
+        one) stops and waits at the queue's head."""
+        while len(self._admitted_requests()) > 1 and self.live_tokens() > self.budget:
+            if self.prefill:
+                newest, self.prefill = self.prefill.request, None
+                with self.lock:
+                    self.waiting.appendleft(newest)
+                continue
             newest = self.rows[-1][0]
             self._leave([i for i, (r, _) in enumerate(self.rows) if r is newest])
             with self.lock:
@@ -266,16 +325,14 @@ class Engine:
         """Finish every running (and half-admitted) request with the error, free the cache, go on serving."""
         message = f"{type(exc).__name__}: {exc}"
         print(f"kvshrink serve: a step failed, its requests end with an error: {message}", file=sys.stderr, flush=True)
-        requests = {id(r): r for r, _ in self.rows}
-        if self.admitting is not None:
-            requests[id(self.admitting)] = self.admitting
+        requests = self._admitted_requests()
         for r in requests.values():
             r.error = message
             for s in r.sequences:
                 if s.finish_reason is None:
                     s.finish_reason = "error"
                     r.on_event({"index": s.index, "delta": "", "finish_reason": "error"})
-        self.rows, self.admitting = [], None
+        self.rows, self.prefill = [], None
         self._reset_cache()
         self._publish()
 
@@ -306,7 +363,7 @@ class Engine:
         # decode only the current line (a token's text can depend on its neighbours, not across a newline)
         line = self.tokenizer.decode(s.tokens[s.line_start:], skip_special_tokens=True)
         text = s.text_before_line + line
-        ends = "stop" if token == self.eos else "length" if len(s.tokens) >= r.params.max_tokens else None
+        ends = "stop" if token == self.eos and not r.params.ignore_eos else "length" if len(s.tokens) >= r.params.max_tokens else None
         shown = text if ends else text.rstrip("\ufffd")  # a character split across tokens waits for its other bytes
         delta, s.text = shown[len(s.text):], shown
         if line.endswith("\n"):
