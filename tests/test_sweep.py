@@ -10,7 +10,7 @@ import pytest
 
 import kvshrink
 from kvshrink.errors import KVShrinkError
-from kvshrink.scaling.sweep import SweepConfig, findings, pareto, point_key, run_sweep, write_report
+from kvshrink.scaling.sweep import SweepConfig, findings, matched_budgets, pareto, point_key, run_sweep, write_report
 from kvshrink.tasks.evaluate import evaluate
 
 
@@ -47,6 +47,12 @@ def test_findings_on_hand_computed_points():
     assert "Quest at CR 8 vs vanilla (same L, W): 2.50x fewer reads (achieved CR), 1.10x vanilla's cache bytes, accuracy +0.000" in text
     assert "Quest at CR 4 vs vanilla (same L, W): 1.50x fewer reads (achieved CR), 1.00x vanilla's cache bytes, accuracy -0.100" in text
     assert "h2o" not in text  # no points, no claim
+    # at DMS-8's (96, 1) reads of 20: vanilla has nothing that cheap, TOVA-8 0.3, Quest-8 costs 50: nothing
+    table = matched_budgets(rows)
+    assert table[0] == "| task | cost | DMS 8x point (L, W) | its cost | DMS | vanilla | tova 8x | quest 8x |"
+    assert "| vt | kv_reads | (96, 1) | 20 | 0.550 | - | 0.300 | - |" in table
+    assert "| vt | peak_kv_tokens | (192, 1) | 20 | 0.400 | - | 0.300 | - |" in table  # tova's best within 20 tokens
+    assert matched_budgets([r for r in rows if r["policy"] != "dms"]) == []
     # DMS points all cost more than vanilla's cheapest: nothing to compare there, and the line says so
     costly = [dict(r, kv_reads=r["kv_reads"] * 50) if r["policy"] == "dms" else r for r in rows]
     assert "(mean difference n/a; 2 cheaper than any DMS point)" in "\n".join(findings(costly))

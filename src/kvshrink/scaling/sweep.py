@@ -197,6 +197,24 @@ def findings(rows: list[dict]) -> list[str]:
     return lines
 
 
+def matched_budgets(rows: list[dict], cr: float = 8) -> list[str]:
+    """A table: at each DMS point's cost at `cr` (reads, then peak tokens), the best accuracy vanilla (any L, W)
+    and each baseline at the same CR reach within that cost ('-': every point of theirs costs more)."""
+    rivals = [("vanilla", lambda r: r["policy"] == "none")] + [
+        (f"{p} {cr:g}x", lambda r, p=p: r["policy"] == p and r["cr"] == cr) for p in ("tova", "h2o", "window", "quest")]
+    rivals = [(name, keep) for name, keep in rivals if any(keep(r) for r in rows)]
+    lines = [f"| task | cost | DMS {cr:g}x point (L, W) | its cost | DMS | " + " | ".join(n for n, _ in rivals) + " |",
+             "|---|---|---|---|---|" + "---|" * len(rivals)]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        for cost in ("kv_reads", "peak_kv_tokens"):
+            for d in (r for r in mine if r["policy"] == "dms" and r["cr"] == cr):
+                best = [best_within([r for r in mine if keep(r)], cost, d[cost]) for _, keep in rivals]
+                lines.append(f"| {task} | {cost} | ({d['L']}, {d['W']}) | {d[cost]:,.0f} | {d['accuracy']:.3f} | "
+                             + " | ".join("-" if b is None else f"{b:.3f}" for b in best) + " |")
+    return lines if len(lines) > 2 else []
+
+
 def write_report(rows: list[dict], out_md: Path, command: str) -> list[Path]:
     import matplotlib
 
@@ -207,7 +225,9 @@ def write_report(rows: list[dict], out_md: Path, command: str) -> list[Path]:
     lines = ["# Hyper-scaling: accuracy against KV-cache reads and peak memory", "", f"Command: `{command}`", "",
              "Per-problem means: `kv_reads` over generated tokens (prompt reads separately), `peak_kv_tokens` = a problem's "
              "W samples' live tokens summed at their peak. Frontier = best accuracy at or below that cost.", "",
-             "## Findings (computed from the points below)", "", *findings(rows), ""]
+             "## Findings (computed from the points below)", "", *findings(rows), "",
+             "### At DMS-8x's cost: the best accuracy each method reaches for the same reads or peak memory", "",
+             *matched_budgets(rows), ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
         lines += [f"## {task}", "", "| policy | CR | model | L | W | problems | accuracy | pass@W | kv_reads | peak_kv_tokens | achieved CR |",
