@@ -12,7 +12,7 @@ from kvshrink.attention import install
 from kvshrink.cache import KVCache
 from kvshrink.dms.attach import DMSCache
 from kvshrink.dms.mask import delayed_eviction_bias, hard_log_keep
-from kvshrink.generation import generate_ids
+from kvshrink.generation import generate_ids, prefill_row
 from kvshrink.policies import CachePolicy, DMSPolicy
 
 pytestmark = pytest.mark.exactness
@@ -139,3 +139,13 @@ def test_dms_output_does_not_depend_on_the_prompt_chunk():
     assert long_stats["compression_ratio"] == pytest.approx(short_stats["compression_ratio"])
     assert short_stats["compression_ratio"] > 1.5
     assert long_stats["peak_kv_tokens"] >= short_stats["peak_kv_tokens"]
+    # read alone: once `free_expired` runs, the long-chunk row holds exactly the short-chunk row's tokens
+    rows = []
+    for chunk in (16, 64):
+        cache = KVCache(model, DMSPolicy(w, prefill_chunk=chunk))
+        prefill_row(model, cache, prompt)
+        held_before = cache.live_tokens().sum()
+        cache.free_expired()
+        rows.append((held_before, cache.live_tokens()))
+    assert rows[1][0] > rows[1][1].sum()  # the 64-token chunk held expired tokens until freed
+    assert torch.equal(rows[0][1], rows[1][1])

@@ -197,6 +197,13 @@ class SlotLayer(CacheLayerMixin):
         out = self.cache.scratch(buffer, rows.numel() * flat.shape[1], flat).view(rows.numel(), flat.shape[1])
         return torch.index_select(flat, 0, rows, out=out)
 
+    def free_expired(self) -> None:
+        """Free the slots the policy says are gone for the next query. Runs before each write; tokens that
+        expire inside a multi-token forward are only hidden until then."""
+        gone = self.cache.policy.expired(self, self.seen)
+        if gone is not None:
+            self._free(gone)
+
     def enforce_budget(self, budget: torch.Tensor, scores: torch.Tensor, added: int) -> None:
         """Free the lowest-scoring live slots of each row until it holds at most budget[b] tokens. Rows
         were within budget before this forward's `added` tokens and budgets never shrink, so at most
@@ -224,9 +231,7 @@ class SlotLayer(CacheLayerMixin):
                 self.flag.scatter_(2, self.last_slot[..., None], decisions[..., :1])
                 self._unflag_sinks()
 
-        gone = policy.expired(self, t0)
-        if gone is not None:
-            self._free(gone)
+        self.free_expired()
         if self.compact_pending:
             self._compact(int(self.live.sum(-1).max()) + Q)
         self.compact_pending = Q > 1
@@ -396,6 +401,13 @@ class KVCache(Cache):
         if scores is not None:
             layer.enforce_budget(policy.budget(layer), scores, Q)
         return out.reshape(B, H, Q, -1)  # some GPU kernels return a non-contiguous output
+
+    def free_expired(self) -> None:
+        """Free now what the next write would free: a prompt read in long chunks holds the tokens that
+        expired inside its last chunk until then (e.g. before its row is copied for n samples)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.free_expired()
 
     def live_tokens(self) -> torch.Tensor:
         """(L, B, Hkv) live tokens per layer, sequence and KV head."""

@@ -112,7 +112,7 @@ class Engine:
         self.budget, self.max_batch, self.prefill_chunk = budget_tokens, max_batch, prefill_chunk
         self.expected_cr, self.window = expected_cr, window
         # an evicting policy holds the chunk it reads at once whole until its evictions apply
-        self.headroom = (policy.prefill_chunk or 0) if expected_cr > 1 else 0
+        self.headroom = policy.prefill_chunk or 0
         self.device = next(model.parameters()).device
         self.bytes_per_token = kv_bytes_per_token(model)
         self.eos = tokenizer.eos_token_id
@@ -198,7 +198,7 @@ class Engine:
         rate = sum(n for _, n in recent[1:]) / max(1e-9, recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
         live = self.live_tokens()
         self.snapshot = {"live_kv_tokens": live, "live_kv_bytes": live * self.bytes_per_token, "budget_kv_tokens": self.budget,
-                         "running_requests": len({id(r) for r, _ in self.rows}), "running_sequences": len(self.rows),
+                         "running_requests": len(self._admitted_requests()), "running_sequences": len(self.rows),
                          "generated_tokens_per_second": rate, "generated_tokens_total": self.generated_total,
                          "compression_ratio": self.vanilla_reads_total / self.reads_total if self.reads_total else 1.0}
 
@@ -275,6 +275,7 @@ class Engine:
         p.read += len(piece)
         if p.read < len(ids):
             return
+        p.cache.free_expired()  # a finished row holds no expired tokens, however many samples copy it
         p.ready.append((p.cache, samples, logits[None]))
         p.jobs.pop(0)
         p.cache, p.read = KVCache(self.model, self.policy), 0
