@@ -57,7 +57,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         for key, help_text in (("live_kv_tokens", "live KV cache tokens held, averaged over (layer, KV head)"),
                                ("live_kv_bytes", "bytes of those live tokens' keys and values"),
                                ("budget_kv_tokens", "the admission budget in live KV tokens"),
-                               ("running_requests", "requests being decoded"), ("running_sequences", "sequences being decoded"),
+                               ("running_requests", "admitted requests (decoding, or their prompt being read)"), ("running_sequences", "sequences being decoded"),
                                ("queued_requests", "requests waiting for room"),
                                ("generated_tokens_per_second", "generated tokens per second, last 10 s"),
                                ("generated_tokens_total", "tokens generated since start"),
