@@ -57,7 +57,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         for key, help_text in (("live_kv_tokens", "live KV cache tokens held, averaged over (layer, KV head)"),
                                ("live_kv_bytes", "bytes of those live tokens' keys and values"),
                                ("budget_kv_tokens", "the admission budget in live KV tokens"),
-                               ("running_requests", "admitted requests (decoding, or their prompt being read)"), ("running_sequences", "sequences being decoded"),
+                               ("running_requests", "admitted requests (decoding, or their prompt being read)"),
+                               ("running_sequences", "sequences being decoded"),
                                ("queued_requests", "requests waiting for room"),
                                ("generated_tokens_per_second", "generated tokens per second, last 10 s"),
                                ("generated_tokens_total", "tokens generated since start"),
@@ -88,7 +89,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             max_tokens = body.get("max_tokens")
             params = SamplingParams(max_tokens=int(16 if max_tokens is None else max_tokens), temperature=float(body.get("temperature", 1.0)),
                                     top_p=float(body.get("top_p", 1.0)), stop=[stop_words] if isinstance(stop_words, str) else list(stop_words),
-                                    seed=body.get("seed"), n=int(body.get("n", 1)), ignore_eos=bool(body.get("ignore_eos", False)))
+                                    seed=body.get("seed"), n=int(body.get("n", 1)),
+                                    ignore_eos=bool(body.get("ignore_eos", False)))
             task_kind = vote_kind(body)
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
