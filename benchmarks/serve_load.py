@@ -74,6 +74,7 @@ def run_point(name: str, context: int, args, passages: list[str]) -> dict:
     wall = time.perf_counter() - began
     stop.set()
     watcher.join()
+    achieved = read_metrics(url)["kvshrink_compression_ratio"]
     server.should_exit = True
     thread.join(timeout=10)
     busy = [r for r in running if r > 0]
@@ -82,7 +83,7 @@ def run_point(name: str, context: int, args, passages: list[str]) -> dict:
             "mean_concurrent": statistics.mean(busy) if busy else 0.0, "tokens_per_second": sum(r["tokens"] for r in results) / wall,
             "peak_tokens_per_second": max(rates),
             "ttft_p50": percentile([r["ttft"] for r in results], 0.5), "ttft_p99": percentile([r["ttft"] for r in results], 0.99),
-            "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99), "wall_s": wall}
+            "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99), "wall_s": wall, "compression_ratio": achieved}
 
 
 def main():
@@ -130,11 +131,13 @@ def write_report(rows: list[dict], args) -> None:
              f"Budget {args.kv_budget_mb:g} MB of live keys and values; {args.requests} streaming clients start together, "
              f"{args.max_tokens} greedy tokens each.", "",
              "| model | context | budget (KV tokens) | max concurrent | mean concurrent | tokens/s (whole run) | best 10 s tokens/s | "
-             "TTFT p50 / p99 s | ITL p50 / p99 s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "TTFT p50 / p99 s | ITL p50 / p99 s | achieved CR |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        cr = f"{r['compression_ratio']:.2f}" if "compression_ratio" in r else "n/a"
         lines.append(f"| {r['model']} | {r['context']} | {r['budget_tokens']:,} | {r['max_concurrent']:.0f} | {r['mean_concurrent']:.1f} | "
-                     f"{r['tokens_per_second']:.1f} | {r['peak_tokens_per_second']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | {r['itl_p50']:.3f} / {r['itl_p99']:.3f} |")
+                     f"{r['tokens_per_second']:.1f} | {r['peak_tokens_per_second']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
+                     f"{r['itl_p50']:.3f} / {r['itl_p99']:.3f} | {cr} |")
     lines += ["", "| pair | context | concurrent sequences (DMS / vanilla) | tokens/s, whole run (DMS / vanilla) |", "|---|---|---|---|"]
     for pair in args.pairs:
         vanilla, dms = pair.split(":")
