@@ -74,7 +74,8 @@ class KVAttention(nn.Module):
         self._keep = None  # cached borrowed-channel multiplier (neuron variant)
         self.train(hf_attn.training)  # a new module starts in training mode; follow the model's
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24 passes `cache`
         B, T, _ = hidden_states.shape
         shape = (B, T, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)
