@@ -413,6 +413,10 @@ class KVCache(Cache):
         """(L, B, Hkv) live tokens per layer, sequence and KV head."""
         return torch.stack([layer.live.sum(-1) for layer in self.layers])
 
+    def row_live_tokens(self) -> list[float]:
+        """Live tokens of each sequence (row order), averaged over (layer, KV head); [] when empty."""
+        return self.live_tokens().float().mean((0, 2)).tolist() if self.batch_size else []
+
     @property
     def batch_size(self) -> int:
         layer = self.layers[0]

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .errors import KVShrinkError, check_cr, check_sinks, check_window
+from .errors import KVShrinkError, check_cr, check_prefill_chunk, check_sinks, check_window
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Shrink the KV cache of Hugging Face decoders.")
 
@@ -217,6 +217,7 @@ def serve(
     from .serve.app import create_app
 
     _check_policy_options(policy, cr, None)
+    check_prefill_chunk(prefill_chunk)
     if kv_budget_tokens is None and kv_budget_mb is None:
         kv_budget_mb = 512.0
     m, tok = load(model, device=device)

@@ -11,6 +11,12 @@ def check_cr(cr: float | None, flag: str = "--cr") -> None:
         raise KVShrinkError(f"{flag} must be >= 1 (got {cr}); 1 means no compression, e.g. {flag} 8")
 
 
+def check_prefill_chunk(chunk: int, flag: str = "--prefill-chunk") -> None:
+    """Prompt tokens per forward: an integer >= 1."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise KVShrinkError(f"{flag} must be >= 1, a whole number of tokens (got {chunk}); e.g. {flag} 256")
+
+
 def check_sinks(sinks: int | None) -> None:
     """Sinks (never-evicted first tokens) are an integer >= 0 (None: not given)."""
     if sinks is not None and (not isinstance(sinks, int) or sinks < 0):

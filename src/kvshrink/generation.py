@@ -22,7 +22,7 @@ import torch
 
 from .attention import check_context
 from .cache import KVCache
-from .errors import KVShrinkError, check_cr, check_window
+from .errors import KVShrinkError, check_cr, check_prefill_chunk, check_window
 from .policies import CachePolicy, make_policy
 from .prompts import chat_prompt, pad_token_id
 
@@ -133,8 +133,7 @@ def generate_ids(
     check_sampling(max_new_tokens, temperature, top_p)
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise KVShrinkError("empty prompt: give at least one token of text")
-    if prefill_chunk < 1:
-        raise KVShrinkError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
+    check_prefill_chunk(prefill_chunk)
     check_context(model.config, max(len(p) for p in prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
     eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), device=device)

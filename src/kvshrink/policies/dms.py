@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import KVShrinkError, check_sinks, check_window
+from ..errors import check_prefill_chunk, check_sinks, check_window
 from .base import EVICTION_CHUNK, CachePolicy
 
 
@@ -34,8 +34,7 @@ class DMSPolicy(CachePolicy):
     def __post_init__(self):
         check_window(self.window)
         check_sinks(self.sinks)
-        if self.prefill_chunk < 1:
-            raise KVShrinkError(f"prefill_chunk must be >= 1 (got {self.prefill_chunk})")
+        check_prefill_chunk(self.prefill_chunk)
 
     def expired(self, layer, first_query_pos: int) -> torch.Tensor:
         # free slots may match too (stale flags): freeing them again is harmless and saves an op per step

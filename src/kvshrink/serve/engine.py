@@ -32,7 +32,7 @@ import torch
 
 from ..attention import check_context, kv_bytes_per_token
 from ..cache import KVCache
-from ..errors import KVShrinkError
+from ..errors import KVShrinkError, check_prefill_chunk
 from ..generation import prefill_row, sample_next
 
 
@@ -83,8 +83,7 @@ class Prefill:
     ready: list[tuple[KVCache, list[Sequence], torch.Tensor]] = field(default_factory=list)  # (row, samples, last logits)
 
     def live_tokens(self) -> float:
-        caches = [self.cache] + [c for c, _, _ in self.ready]
-        return sum(c.live_tokens().float().mean().item() for c in caches if c.batch_size)
+        return sum(sum(row.row_live_tokens()) for row in [self.cache] + [c for c, _, _ in self.ready])
 
 
 @dataclass
@@ -106,8 +105,7 @@ class Request:
 class Engine:
     def __init__(self, model, tokenizer, policy, budget_tokens: int, max_batch: int = 64, expected_cr: float = 1.0,
                  window: int = 0, prefill_chunk: int = 256):
-        if prefill_chunk < 1:
-            raise KVShrinkError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
+        check_prefill_chunk(prefill_chunk)
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
         self.budget, self.max_batch, self.prefill_chunk = budget_tokens, max_batch, prefill_chunk
         self.expected_cr, self.window = expected_cr, window
@@ -141,7 +139,7 @@ class Engine:
         over, re-reading its prompt each time."""
         if not self.rows:
             return self.expected_cr
-        live = self.row_live_tokens()
+        live = self.cache.row_live_tokens()
         seen = sum(max(0, len(r.prompt_ids) + len(s.tokens) - self.window) for r, s in self.rows)
         held = sum(max(0.0, t - self.window) for t in live)
         return min(self.expected_cr, max(1.0, seen / held)) if held > 0 else self.expected_cr
@@ -150,15 +148,9 @@ class Engine:
         requests = self._admitted_requests().values()
         return sum(self.footprint(len(r.prompt_ids), r.params.max_tokens, len(r.sequences), cr) for r in requests)
 
-    def row_live_tokens(self) -> list[float]:
-        """Live tokens of each running row (cache row order), averaged over (layer, KV head)."""
-        if self.cache.batch_size == 0:
-            return []
-        return self.cache.live_tokens().float().mean((0, 2)).tolist()
-
     def live_tokens(self) -> float:
         """Live tokens held: the running rows and the request being read."""
-        return sum(self.row_live_tokens()) + (self.prefill.live_tokens() if self.prefill else 0.0)
+        return sum(self.cache.row_live_tokens()) + (self.prefill.live_tokens() if self.prefill else 0.0)
 
     def _admitted_requests(self) -> dict[int, Request]:
         requests = {id(r): r for r, _ in self.rows}
@@ -314,11 +306,9 @@ class Engine:
         while len(self._admitted_requests()) > 1 and self.live_tokens() > self.budget:
             if self.prefill:
                 newest, self.prefill = self.prefill.request, None
-                with self.lock:
-                    self.waiting.appendleft(newest)
-                continue
-            newest = self.rows[-1][0]
-            self._leave([i for i, (r, _) in enumerate(self.rows) if r is newest])
+            else:
+                newest = self.rows[-1][0]
+                self._leave([i for i, (r, _) in enumerate(self.rows) if r is newest])
             with self.lock:
                 self.waiting.appendleft(newest)
 
@@ -348,7 +338,7 @@ class Engine:
         self.cache = KVCache(self.model, self.policy)
 
     def _account(self, reads: torch.Tensor) -> None:
-        for (r, s), row_reads, row_live in zip(self.rows, reads.tolist(), self.row_live_tokens()):
+        for (r, s), row_reads, row_live in zip(self.rows, reads.tolist(), self.cache.row_live_tokens()):
             s.reads += row_reads
             s.peak_tokens = max(s.peak_tokens, row_live)
             self.vanilla_reads_total += len(r.prompt_ids) + len(s.tokens)
