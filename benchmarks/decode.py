@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from kvshrink.attention import install  # noqa: E402
-from kvshrink.cache import KVCache  # noqa: E402
+from kvshrink.cache import KVCache, cache_arg  # noqa: E402
 from kvshrink.dms.attach import attach_dms  # noqa: E402
 from kvshrink.dms.config import DMSConfig  # noqa: E402
 from kvshrink.dms.retention import forced_logits  # noqa: E402
@@ -118,7 +118,7 @@ def time_decode(model, cache, batch, context, steps, device, blocks: int = 3) ->
         sync(device)
         start = time.perf_counter()
         for _ in range(n):
-            out = model(token, position_ids=torch.full((batch, 1), pos, device=device), past_key_values=cache, use_cache=True)
+            out = model(token, position_ids=torch.full((batch, 1), pos, device=device), **cache_arg(cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             pos += 1
         sync(device)

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from kvshrink.compare import leading_agreement  # noqa: E402
-from kvshrink.cache import KVCache  # noqa: E402
+from kvshrink.cache import KVCache, cache_arg  # noqa: E402
 from kvshrink.generation import generate_ids  # noqa: E402
 from kvshrink.train.text import passkey_prompt, pydoc_split  # noqa: E402
 from shared import Entry, Records, load_entries, paired_ci  # noqa: E402
@@ -77,7 +77,7 @@ def cached_forward(entry: Entry, ids: torch.Tensor) -> tuple[torch.Tensor, float
     pieces, reads = [], 0.0
     for s in range(0, ids.shape[1], chunk):
         positions = torch.arange(s, min(ids.shape[1], s + chunk), device=ids.device)[None]
-        pieces.append(entry.model(ids[:, s:s + chunk], position_ids=positions, past_key_values=cache, use_cache=True).logits)
+        pieces.append(entry.model(ids[:, s:s + chunk], position_ids=positions, **cache_arg(cache), use_cache=True).logits)
         reads += float(cache.accounting.last_reads.sum())
     return torch.cat(pieces, 1), reads
 

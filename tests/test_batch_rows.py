@@ -8,13 +8,13 @@ import torch
 
 from conftest import tiny_model, with_random_dms
 from kvshrink.attention import install
-from kvshrink.cache import KVCache
+from kvshrink.cache import KVCache, cache_arg
 from kvshrink.policies import CachePolicy, DMSPolicy, make_policy
 
 
 def step(model, cache, token_ids, positions):
     ids = torch.tensor(token_ids)[:, None]
-    return model(ids, position_ids=torch.tensor(positions)[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+    return model(ids, position_ids=torch.tensor(positions)[:, None], **cache_arg(cache), use_cache=True).logits[:, -1]
 
 
 @pytest.mark.parametrize("kind", ["none", "dms", "tova"])
@@ -29,7 +29,7 @@ def test_join_decode_leave_equals_alone(kind):
     def alone(i):
         cache = KVCache(model, policy)
         with torch.no_grad():
-            model(torch.tensor([prompts[i]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([prompts[i]]), **cache_arg(cache), use_cache=True)
             return torch.stack([step(model, cache, [steps[i][t]], [len(prompts[i]) + t])[0] for t in range(8)])
 
     expected = [alone(i) for i in range(3)]
@@ -38,13 +38,13 @@ def test_join_decode_leave_equals_alone(kind):
     with torch.no_grad():
         for i in (0, 1):  # 0 and 1 start together (joined after separate prefills)
             single = KVCache(model, policy)
-            model(torch.tensor([prompts[i]]), past_key_values=single, use_cache=True)
+            model(torch.tensor([prompts[i]]), **cache_arg(single), use_cache=True)
             batch.append_rows(single)
         rows = [0, 1]
         for t in range(8):
             if t == 3:  # 2 joins mid-way, after its own prefill
                 single = KVCache(model, policy)
-                model(torch.tensor([prompts[2]]), past_key_values=single, use_cache=True)
+                model(torch.tensor([prompts[2]]), **cache_arg(single), use_cache=True)
                 batch.append_rows(single)
                 rows.append(2)
             if t == 5:  # 0 leaves

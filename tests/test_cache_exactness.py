@@ -9,7 +9,7 @@ import torch
 
 from conftest import FAMILIES, left_pad, tiny_model, with_random_dms
 from kvshrink.attention import install
-from kvshrink.cache import KVCache
+from kvshrink.cache import KVCache, cache_arg
 from kvshrink.dms.attach import DMSCache
 from kvshrink.dms.mask import delayed_eviction_bias, hard_log_keep
 from kvshrink.generation import generate_ids, prefill_row
@@ -31,7 +31,7 @@ def test_policy_none_equals_hf_generate(family):
     assert tokens == expected.tolist()
     # the same cache also works as a drop-in for model.generate
     via_generate = ours.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                                 past_key_values=KVCache(ours))[:, ids.shape[1]:]
+                                 **cache_arg(KVCache(ours)))[:, ids.shape[1]:]
     assert via_generate.tolist() == expected.tolist()
     assert stats["compression_ratio"] == pytest.approx(1.0)
 
@@ -91,7 +91,7 @@ def test_dms_cache_matches_dense_reference_multi_turn(family, decision, sinks):
         schedule = [(0, 17), *[(t, t + 1) for t in range(17, 22)], (22, 31), *[(t, t + 1) for t in range(31, T)]]
         pieces = []
         for s, e in schedule:
-            out = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e], past_key_values=cache, use_cache=True)
+            out = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e], **cache_arg(cache), use_cache=True)
             pieces.append(out.logits)
         cached = torch.cat(pieces, dim=1)
     real_rows = mask.bool()

@@ -15,7 +15,7 @@ import kvshrink
 
 from conftest import left_pad, tiny_model, with_random_dms
 from kvshrink.attention import install
-from kvshrink.cache import KVCache
+from kvshrink.cache import KVCache, cache_arg
 from kvshrink.errors import KVShrinkError
 from kvshrink.generation import generate_ids
 from kvshrink.kvtc import (Calibration, KVTCFormatError, ModelIdentity, PrefixStore, cache_features, cos_sin,
@@ -99,9 +99,9 @@ def test_export_of_a_left_padded_finished_row(base):
     ids, mask = left_pad(prompts)
     batch = KVCache(base)
     with torch.no_grad():
-        base(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), past_key_values=batch, use_cache=True)
+        base(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **cache_arg(batch), use_cache=True)
         mask = torch.cat([mask, torch.tensor([[1], [0]])], 1)  # row 1 is done: its next step is padding
-        base(torch.tensor([[5], [0]]), attention_mask=mask, position_ids=torch.tensor([[90], [70]]), past_key_values=batch)
+        base(torch.tensor([[5], [0]]), attention_mask=mask, position_ids=torch.tensor([[90], [70]]), **cache_arg(batch))
     state = export_cache(batch, row=1)
     assert len(state.positions) == 70 and state.live is None
     assert _max_logit_gap(base, _prefilled(base, None, prompts[1]), restore_cache(base, None, *state), _ids(8, 5)) < 1e-5

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from kvshrink.cache import DEFAULT_CHUNK
+from kvshrink.cache import DEFAULT_CHUNK, cache_arg
 from kvshrink.dms.attach import attach_dms
 from kvshrink.dms.config import DMSConfig
 from kvshrink.generation import generate_ids
@@ -96,9 +96,9 @@ def test_cache_reset_clears_accounting():
     model = forced_dms(tiny_model("llama", layers=1, heads=2, kv_heads=1), window=2, keep_every=2)
     cache = KVCache(model, DMSPolicy(2))
     with torch.no_grad():
-        model(torch.tensor([[5, 6, 7, 8, 9, 10]]), past_key_values=cache)
+        model(torch.tensor([[5, 6, 7, 8, 9, 10]]), **cache_arg(cache))
     assert float(cache.accounting.peak_tokens_total) == 6
     cache.reset()
     with torch.no_grad():
-        model(torch.tensor([[5, 6]]), past_key_values=cache)
+        model(torch.tensor([[5, 6]]), **cache_arg(cache))
     assert float(cache.accounting.peak_tokens_total) == 2 and cache.get_seq_length() == 2

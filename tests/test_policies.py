@@ -18,7 +18,7 @@ import torch
 
 from conftest import left_pad, tiny_model
 from kvshrink.attention import apply_rope, install
-from kvshrink.cache import KVCache
+from kvshrink.cache import KVCache, cache_arg
 from kvshrink.errors import KVShrinkError
 from kvshrink.generation import generate_ids
 from kvshrink.policies import make_policy
@@ -141,7 +141,7 @@ def test_budget_policy_matches_brute_force(policy):
     evicted_somewhere = False
     with torch.no_grad():
         for s, e in schedule:
-            got = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e], past_key_values=cache, use_cache=True).logits
+            got = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e], **cache_arg(cache), use_cache=True).logits
             expected = ref.forward(ids, mask, positions, s, e)
             rows = mask[:, s:e].bool()
             assert (got - expected)[rows].abs().max() < 1e-4, (s, e)
@@ -177,7 +177,7 @@ def test_quest_matches_brute_force():
     pairs = model.config.num_hidden_layers * model.config.num_key_value_heads
     with torch.no_grad():
         for s, e in [(0, 64), (64, P)] + [(t, t + 1) for t in range(P, ids.shape[1])]:
-            got = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e], past_key_values=cache, use_cache=True).logits
+            got = model(ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e], **cache_arg(cache), use_cache=True).logits
             ref.quest_reads = [0.0, 0.0]
             expected = ref.forward(ids, mask, positions, s, e)
             assert (got - expected)[mask[:, s:e].bool()].abs().max() < 1e-4, (s, e)
@@ -190,7 +190,7 @@ def test_quest_matches_brute_force():
     # slot of each of a page's 16 tokens), counted in the cache bytes
     vanilla = KVCache(model, make_policy("none"))
     with torch.no_grad():
-        model(ids, attention_mask=mask, position_ids=positions, past_key_values=vanilla, use_cache=True)
+        model(ids, attention_mask=mask, position_ids=positions, **cache_arg(vanilla), use_cache=True)
     pages = math.ceil(ids.shape[1] / 16)  # the longest row (no padding) has written every position
     D = model.config.hidden_size // model.config.num_attention_heads
     summary_bytes = model.config.num_hidden_layers * 2 * model.config.num_key_value_heads * pages * (2 * D + 16) * 4
@@ -206,14 +206,14 @@ def test_quest_page_table_follows_compaction():
     batch, alone = KVCache(model, make_policy("quest", cr=CR)), KVCache(model, make_policy("quest", cr=CR))
     start = P - 117  # row 1's first real token
     with torch.no_grad():
-        model(ids[:, :P], attention_mask=mask[:, :P], position_ids=positions[:, :P], past_key_values=batch, use_cache=True)
+        model(ids[:, :P], attention_mask=mask[:, :P], position_ids=positions[:, :P], **cache_arg(batch), use_cache=True)
         capacity = batch.layers[0].capacity
         batch.take_rows([1])
-        model(ids[1:, start:P], position_ids=positions[1:, start:P], past_key_values=alone, use_cache=True)
+        model(ids[1:, start:P], position_ids=positions[1:, start:P], **cache_arg(alone), use_cache=True)
         for t in range(P, ids.shape[1]):
             got = model(ids[1:, t:t + 1], attention_mask=mask[1:, :t + 1], position_ids=positions[1:, t:t + 1],
-                        past_key_values=batch, use_cache=True).logits
-            expected = model(ids[1:, t:t + 1], position_ids=positions[1:, t:t + 1], past_key_values=alone, use_cache=True).logits
+                        **cache_arg(batch), use_cache=True).logits
+            expected = model(ids[1:, t:t + 1], position_ids=positions[1:, t:t + 1], **cache_arg(alone), use_cache=True).logits
             assert (got - expected).abs().max() < 1e-4, t
             assert batch.accounting.last_reads.tolist() == alone.accounting.last_reads.tolist()
     assert batch.layers[0].capacity < capacity  # the padding slots really were compacted away

@@ -21,6 +21,7 @@ import torch
 
 import kvshrink
 from conftest import left_pad, tiny_model
+from kvshrink.cache import cache_arg
 from kvshrink.dms.attach import DMSCache, dms_config
 
 RELEASE_FIELDS = {
@@ -70,8 +71,8 @@ def test_release_checkpoint_runs_on_our_cache(tmp_path, tiny_model_dir):
         dense = model(ids, attention_mask=mask, position_ids=positions, use_cache=False, dms_collect=collected).logits
         assert torch.stack([c["flags"] for c in collected]).float().mean() > 0.2  # the adapter really evicts
         cache = DMSCache(model)
-        pieces = [model(ids[:, :12], attention_mask=mask[:, :12], position_ids=positions[:, :12], past_key_values=cache).logits]
+        pieces = [model(ids[:, :12], attention_mask=mask[:, :12], position_ids=positions[:, :12], **cache_arg(cache)).logits]
         for t in range(12, ids.shape[1]):
-            pieces.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=positions[:, t:t + 1], past_key_values=cache).logits)
+            pieces.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=positions[:, t:t + 1], **cache_arg(cache)).logits)
     cached = torch.cat(pieces, 1)
     assert (cached - dense)[mask.bool()].abs().max() < 1e-4

@@ -8,6 +8,7 @@ import torch
 
 import kvshrink
 from conftest import tiny_model, with_random_dms
+from kvshrink.cache import cache_arg
 from kvshrink.dms.attach import DMSCache, dms_config
 from kvshrink.generation import generate_ids
 from kvshrink.policies import DMSPolicy
@@ -34,7 +35,7 @@ def test_dms_cache_with_transformers_generate():
     prompt = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(1)).tolist()
     ours, stats, _ = generate_ids(model, [prompt], DMSPolicy(3), max_new_tokens=10)
     hf = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0,
-                        past_key_values=DMSCache(model))[0, len(prompt):].tolist()
+                        **cache_arg(DMSCache(model)))[0, len(prompt):].tolist()
     assert hf == ours[0]
     assert stats["compression_ratio"] > 1.2
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kvshrink
+from kvshrink.cache import cache_arg
 from kvshrink.errors import KVShrinkError
 from kvshrink.zoo import smollm2
 
@@ -78,7 +79,7 @@ def test_shipped_dms8_cache_equals_dense_reference_on_real_text(cache):
         dms_cache, pieces, reads = DMSCache(model), [], 0.0
         for s in range(0, T, 512):
             positions = torch.arange(s, min(T, s + 512))[None]
-            pieces.append(model(ids[:, s:s + 512], position_ids=positions, past_key_values=dms_cache, use_cache=True).logits)
+            pieces.append(model(ids[:, s:s + 512], position_ids=positions, **cache_arg(dms_cache), use_cache=True).logits)
             reads += float(dms_cache.accounting.last_reads.sum())
     assert (torch.cat(pieces, dim=1) - reference).abs().max() < 1e-3
     vanilla_reads = T * (T + 1) / 2  # query t attends t + 1 tokens

@@ -22,12 +22,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KVShrinkError
 from .policies.base import CachePolicy, sink_slots
 
 DEFAULT_CHUNK = 64
+
+# transformers 5.24 renamed the model's cache argument `past_key_values` to `cache` (the old name warns)
+_CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
+
+
+def cache_arg(cache: Cache) -> dict:
+    """`model(..., **cache_arg(cache))`: the cache under the name this transformers version expects."""
+    return {_CACHE_ARG: cache}
 
 
 class Accounting:

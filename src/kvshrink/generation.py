@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import check_context
-from .cache import KVCache
+from .cache import KVCache, cache_arg
 from .errors import KVShrinkError, check_cr, check_prefill_chunk, check_window
 from .policies import CachePolicy, make_policy
 from .prompts import chat_prompt, pad_token_id
@@ -105,7 +105,7 @@ def prefill_row(model, cache: KVCache, ids: list[int], chunk: int = DEFAULT_PREF
         end = start + s + piece.shape[1]
         out = model(piece, attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
                     position_ids=torch.arange(end - piece.shape[1], end, device=device)[None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    **cache_arg(cache), use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]
 
 
@@ -160,7 +160,7 @@ def generate_ids(
     for s in range(0, P, chunk):
         e = min(P, s + chunk)
         out = model(input_ids[:, s:e], attention_mask=attn[:, :e], position_ids=positions[:, s:e],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    **cache_arg(cache), use_cache=True, logits_to_keep=1)
         step_reads = cache.accounting.last_reads
         if e == P:
             reads += step_reads[:, -1]
@@ -184,7 +184,7 @@ def generate_ids(
         attn = torch.cat([attn, valid.long()[:, None]], dim=1)
         last_pos = last_pos + 1
         out = model(token[:, None], attention_mask=attn, position_ids=last_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+                    **cache_arg(cache), use_cache=True)
         reads += cache.accounting.last_reads[:, 0]
         token = sample_next(out.logits[:, -1], temperature, top_p, generator)
     seconds = time.perf_counter() - start

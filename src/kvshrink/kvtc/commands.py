@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import KVCache
+from ..cache import KVCache, cache_arg
 from ..errors import KVShrinkError
 from ..generation import generate_ids, prefill_row, resolve_policy
 from ..loading import load
@@ -197,7 +197,7 @@ def _greedy_rows(model, cache: KVCache, last: int, max_new_tokens: int, eos: int
     for _ in range(max_new_tokens):
         seen = cache.layers[0].seen
         logits = model(ids, attention_mask=torch.ones(B, seen + 1, dtype=torch.long, device=device),
-                       position_ids=torch.full((B, 1), seen, device=device), past_key_values=cache, use_cache=True,
+                       position_ids=torch.full((B, 1), seen, device=device), **cache_arg(cache), use_cache=True,
                        logits_to_keep=1).logits[:, -1]
         ids = logits.argmax(-1, keepdim=True)
         for row, token in enumerate(ids[:, 0].tolist()):

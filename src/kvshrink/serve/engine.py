@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ..attention import check_context, kv_bytes_per_token
-from ..cache import KVCache
+from ..cache import KVCache, cache_arg
 from ..errors import KVShrinkError, check_prefill_chunk
 from ..generation import prefill_row, sample_next
 
@@ -230,7 +230,7 @@ class Engine:
         tokens = torch.tensor([[s.tokens[-1]] for _, s in self.rows], device=self.device)
         positions = torch.tensor([[len(r.prompt_ids) + len(s.tokens) - 1] for r, s in self.rows], device=self.device)
         with torch.no_grad():
-            logits = self.model(tokens, position_ids=positions, past_key_values=self.cache, use_cache=True).logits[:, -1]
+            logits = self.model(tokens, position_ids=positions, **cache_arg(self.cache), use_cache=True).logits[:, -1]
         self._account(self.cache.accounting.last_reads[:, 0])
         greedy = logits.argmax(-1).tolist()  # one transfer for every greedy row
         for i, (r, s) in enumerate(self.rows):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_arg
 from ..errors import KVShrinkError
 from ..prompts import chat_prompt, pad_token_id
 
@@ -153,7 +154,7 @@ def teacher_documents(prompts: list[str], model, tokenizer, max_new_tokens: int,
         mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
-                                 top_k=0, pad_token_id=pad, past_key_values=DynamicCache(config=model.config))
+                                 top_k=0, pad_token_id=pad, **cache_arg(DynamicCache(config=model.config)))
         new = [p + tokenizer.decode(o[width:], skip_special_tokens=True) for p, o in zip(prompts[i:i + batch_size], out)]
         docs = docs[:i] + new
         if progress_file is not None:
