@@ -29,7 +29,7 @@ def test_pareto_equals_brute_force_definition():
 
 def test_findings_on_hand_computed_points():
     def pt(policy, cr, L, acc, reads, peak, achieved=1.0, cache_bytes=100):
-        return {"task": "vt", "policy": policy, "cr": cr, "L": L, "W": 1, "accuracy": acc, "kv_reads": reads,
+        return {"task": "vt", "policy": policy, "cr": cr, "L": L, "W": 1, "problems": 16, "accuracy": acc, "kv_reads": reads,
                 "peak_kv_tokens": peak, "compression_ratio": achieved, "cache_bytes": cache_bytes}
 
     rows = [pt("none", 1, 96, 0.5, 100, 50), pt("none", 1, 192, 0.6, 200, 100), pt("none", 1, 384, 0.55, 400, 200),
@@ -40,10 +40,12 @@ def test_findings_on_hand_computed_points():
     text = "\n".join(findings(rows))
     # vanilla's frontier is (100, 0.5), (200, 0.6): its L = 384 point is dominated. DMS's best within 100
     # reads (0.55) beats 0.5; within 200 it is still 0.55 < 0.6
-    assert ("at equal kv_reads: DMS's best accuracy within each of vanilla's 2 frontier points' cost is at or above it "
-            "at 1 (mean difference +0.000; 0 cheaper than any DMS point)") in text
-    assert "DMS minus tova: +0.225 accuracy (mean over 2 (L, W) pairs)" in text
-    assert "DMS minus dms-immediate: +0.050 accuracy (mean over 1 (L, W) pairs)" in text
+    assert ("at equal kv_reads: vanilla's frontier has 2 points; within each one's cost DMS reaches at least its accuracy "
+            "at 1 (mean DMS - vanilla +0.000); 0 cost less than any DMS point") in text
+    # 95% half-width by hand: 1.96 * sqrt(.55 * .45 / 16 + .3 * .7 / 16) = 0.3314...; 1.96 * sqrt(.4 * .6 / 16 + .2 * .8 / 16) = 0.3099...
+    assert ("DMS minus tova: +0.225 accuracy (mean over 2 (L, W) pairs; L 96, W 1: +0.250 \u00b1 0.331; "
+            "L 192, W 1: +0.200 \u00b1 0.310; 95% CI, 16 problems)") in text
+    assert "DMS minus dms-immediate: +0.050 accuracy (mean over 1 (L, W) pairs; L 96, W 1: +0.050 \u00b1 0.346" in text
     assert "Quest at CR 8 vs vanilla (same L, W): 2.50x fewer reads (achieved CR), 1.10x vanilla's cache bytes, accuracy +0.000" in text
     assert "Quest at CR 4 vs vanilla (same L, W): 1.50x fewer reads (achieved CR), 1.00x vanilla's cache bytes, accuracy -0.100" in text
     assert "h2o" not in text  # no points, no claim
@@ -55,7 +57,7 @@ def test_findings_on_hand_computed_points():
     assert matched_budgets([r for r in rows if r["policy"] != "dms"]) == []
     # DMS points all cost more than vanilla's cheapest: nothing to compare there, and the line says so
     costly = [dict(r, kv_reads=r["kv_reads"] * 50) if r["policy"] == "dms" else r for r in rows]
-    assert "(mean difference n/a; 2 cheaper than any DMS point)" in "\n".join(findings(costly))
+    assert "(mean DMS - vanilla n/a); 2 cost less than any DMS point" in "\n".join(findings(costly))
 
 
 def test_sweep_none_equals_eval_and_resumes(tmp_path):

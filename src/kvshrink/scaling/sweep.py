@@ -31,6 +31,7 @@ Config (TOML):
 from __future__ import annotations
 
 import json
+import math
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -157,12 +158,18 @@ def best_within(points: list[dict], cost: str, budget: float) -> float | None:
     return max(fits) if fits else None
 
 
-def paired_gain(rows: list[dict], a: str, b: str, cr: float) -> tuple[float, int] | None:
-    """Mean accuracy of policy `a` minus policy `b` at compression `cr` over the (L, W) both ran, and how many."""
-    mine = {(r["L"], r["W"]): r["accuracy"] for r in rows if r["policy"] == a and r["cr"] == cr}
-    theirs = {(r["L"], r["W"]): r["accuracy"] for r in rows if r["policy"] == b and r["cr"] == cr}
-    both = sorted(set(mine) & set(theirs))
-    return (sum(mine[k] - theirs[k] for k in both) / len(both), len(both)) if both else None
+def difference_ci(a: dict, b: dict) -> float:
+    """95% half-width of accuracy(a) - accuracy(b), normal approximation for two independent proportions.
+
+    The points share their problems, so the paired interval would be narrower: this one is conservative."""
+    var = sum(p["accuracy"] * (1 - p["accuracy"]) / p["problems"] for p in (a, b))
+    return 1.96 * math.sqrt(var)
+
+
+def paired_gains(rows: list[dict], a: str, b: str, cr: float) -> list[tuple[dict, dict]]:
+    """(point of policy `a`, point of policy `b`) at compression `cr` for every (L, W) both ran."""
+    theirs = {(r["L"], r["W"]): r for r in rows if r["policy"] == b and r["cr"] == cr}
+    return [(r, theirs[(r["L"], r["W"])]) for r in rows if r["policy"] == a and r["cr"] == cr and (r["L"], r["W"]) in theirs]
 
 
 def findings(rows: list[dict]) -> list[str]:
@@ -178,13 +185,18 @@ def findings(rows: list[dict]) -> list[str]:
                 pairs = [(g, a) for g, a in gains if g is not None]
                 ahead = sum(g >= a for g, a in pairs)
                 mean = f"{sum(g - a for g, a in pairs) / len(pairs):+.3f}" if pairs else "n/a"
-                lines.append(f"- `{task}`, DMS vs vanilla at equal {cost}: DMS's best accuracy within each of vanilla's "
-                             f"{len(front)} frontier points' cost is at or above it at {ahead} (mean difference {mean}; "
-                             f"{len(front) - len(pairs)} cheaper than any DMS point).")
+                lines.append(f"- `{task}`, DMS vs vanilla at equal {cost}: vanilla's frontier has {len(front)} "
+                             f"point{'s' * (len(front) != 1)}; within "
+                             f"each one's cost DMS reaches at least its accuracy at {ahead} (mean DMS - vanilla {mean}); "
+                             f"{len(front) - len(pairs)} cost less than any DMS point.")
         for base in ("tova", "h2o", "window", "quest", "dms-immediate"):
-            gain = paired_gain(mine, "dms", base, 8)
-            if gain:
-                lines.append(f"- `{task}`, CR 8: DMS minus {base}: {gain[0]:+.3f} accuracy (mean over {gain[1]} (L, W) pairs).")
+            pairs = paired_gains(mine, "dms", base, 8)
+            if pairs:
+                each = "; ".join(f"L {d['L']}, W {d['W']}: {d['accuracy'] - o['accuracy']:+.3f} \u00b1 {difference_ci(d, o):.3f}"
+                                 for d, o in pairs)
+                mean = sum(d["accuracy"] - o["accuracy"] for d, o in pairs) / len(pairs)
+                lines.append(f"- `{task}`, CR 8: DMS minus {base}: {mean:+.3f} accuracy (mean over {len(pairs)} (L, W) pairs; "
+                             f"{each}; 95% CI, {pairs[0][0]['problems']} problems).")
         vanilla = {(r["L"], r["W"]): r for r in by.get("none", [])}
         for cr in sorted({r["cr"] for r in by.get("quest", [])}):
             matched = [(q, vanilla[(q["L"], q["W"])]) for q in by["quest"] if q["cr"] == cr and (q["L"], q["W"]) in vanilla]
