@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,7 +91,9 @@ def merge_lora(model, folder: Path):
     except ImportError as exc:
         raise KVShrinkError("this model ships a LoRA adapter, which needs the `peft` package: pip install peft") from exc
     try:
-        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        with warnings.catch_warnings():  # peft reads a property transformers has renamed: not the user's concern
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except Exception as exc:  # a truncated or corrupt adapter file
         raise KVShrinkError(f"cannot apply the LoRA adapter in {folder}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
 
