@@ -1,11 +1,12 @@
 """Load test of `kvshrink serve`: the same KV budget, vanilla vs DMS (127.0.0.1 only, bounded).
 
     python benchmarks/serve_load.py --pairs smollm2:smollm2-dms8 tiny:tiny-dms8 --contexts 2048 4096 \
-        --kv-budget-mb 256 --requests 24 --max-tokens 64
+        --kv-budget-mb 256 --requests 12 --max-tokens 512 1536
 
-For each model and context: a server on a free loopback port with `--kv-budget-mb`; `--requests`
-streaming clients start together, each with its own held-out passage of `context` tokens and
-`--max-tokens` greedy tokens. Measured: the most and the mean number of sequences decoded together
+For each model, context and `--max-tokens` value: a server on a free loopback port with `--kv-budget-mb`;
+`--requests` streaming clients start together, each with its own held-out passage as prompt and
+`max_tokens` greedy tokens, so that prompt + generated = `context` tokens (a small `max_tokens` is a
+prompt-heavy load, a large one the long-generation load that hyper-scaling is about). Measured: the most and the mean number of sequences decoded together
 (polled from /metrics), aggregate generated tokens/s over the run and the best 10-second rate the
 server reported (decode with the batch at its fullest, prefill aside), time to first token and
 inter-token latency (p50, p99) seen by the clients. Clients ask for `ignore_eos`, so every request
@@ -16,6 +17,7 @@ finished points are kept in serving.points.jsonl, so an interrupted run resumes 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -52,7 +54,7 @@ def client(url: str, prompt: str, max_tokens: int) -> dict:
             "tokens": len(stamps)}
 
 
-def run_point(name: str, context: int, args, passages: list[str]) -> dict:
+def run_point(name: str, context: int, max_tokens: int, args, passages: list[str]) -> dict:
     model, tok = kvshrink.load(name)
     engine = build_engine(model, tok, budget_mb=args.kv_budget_mb, max_batch=args.requests)
     server, thread, url = run_in_thread(engine, name)
@@ -67,10 +69,10 @@ def run_point(name: str, context: int, args, passages: list[str]) -> dict:
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    prompts = [tok.decode(tok(p)["input_ids"][:context - args.max_tokens]) for p in passages[:args.requests]]
+    prompts = [tok.decode(tok(p)["input_ids"][:context - max_tokens]) for p in passages[:args.requests]]
     began = time.perf_counter()
     with ThreadPoolExecutor(args.requests) as pool:
-        results = list(pool.map(lambda p: client(url, p, args.max_tokens), prompts))
+        results = list(pool.map(lambda p: client(url, p, max_tokens), prompts))
     wall = time.perf_counter() - began
     stop.set()
     watcher.join()
@@ -79,7 +81,7 @@ def run_point(name: str, context: int, args, passages: list[str]) -> dict:
     thread.join(timeout=10)
     busy = [r for r in running if r > 0]
     itl = [x for r in results for x in r["itl"]]
-    return {**point_key(name, context, args), "budget_tokens": engine.budget, "max_concurrent": max(running),
+    return {**point_key(name, context, max_tokens, args), "budget_tokens": engine.budget, "max_concurrent": max(running),
             "mean_concurrent": statistics.mean(busy) if busy else 0.0, "tokens_per_second": sum(r["tokens"] for r in results) / wall,
             "peak_tokens_per_second": max(rates),
             "ttft_p50": percentile([r["ttft"] for r in results], 0.5), "ttft_p99": percentile([r["ttft"] for r in results], 0.99),
@@ -92,7 +94,7 @@ def main():
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--kv-budget-mb", type=float, default=256)
     parser.add_argument("--requests", type=int, default=24)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[512], help="generated tokens per request (one load each)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "serving.md")
     args = parser.parse_args()
     held = pydoc_split()[1]
@@ -101,23 +103,22 @@ def main():
     done_file = args.out.with_suffix(".points.jsonl")
     done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
     rows = []
-    for pair in args.pairs:
-        for context in args.contexts:
-            for name in pair.split(":"):
-                key = point_key(name, context, args)
-                row = next((r for r in done if {k: r.get(k) for k in key} == key), None)
-                if row is None:
-                    row = run_point(name, context, args, passages)
-                    with done_file.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+    for pair, max_tokens, context in itertools.product(args.pairs, args.max_tokens, args.contexts):
+        for name in pair.split(":"):
+            key = point_key(name, context, max_tokens, args)
+            row = next((r for r in done if {k: r.get(k) for k in key} == key), None)
+            if row is None:
+                row = run_point(name, context, max_tokens, args, passages)
+                with done_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     write_report(rows, args)
 
 
-def point_key(name: str, context: int, args) -> dict:
+def point_key(name: str, context: int, max_tokens: int, args) -> dict:
     return {"model": name, "context": context, "kv_budget_mb": args.kv_budget_mb, "requests": args.requests,
-            "max_tokens": args.max_tokens}
+            "max_tokens": max_tokens}
 
 
 def write_report(rows: list[dict], args) -> None:
@@ -129,27 +130,27 @@ def write_report(rows: list[dict], args) -> None:
     cmd = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
     lines = ["# Serving under one KV budget: vanilla vs DMS", "", f"Command: `{cmd}` (127.0.0.1, no other job running)", "",
              f"Budget {args.kv_budget_mb:g} MB of live keys and values; {args.requests} streaming clients start together, "
-             f"{args.max_tokens} greedy tokens each.", "",
-             "| model | context | budget (KV tokens) | max concurrent | mean concurrent | tokens/s (whole run) | best 10 s tokens/s | "
+             "each with a held-out prompt of context - new tokens and `max_tokens` = new tokens (greedy).", "",
+             "| model | context | new tokens | budget (KV tokens) | max concurrent | mean concurrent | tokens/s (whole run) | best 10 s tokens/s | "
              "TTFT p50 / p99 s | ITL p50 / p99 s | achieved CR |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cr = f"{r['compression_ratio']:.2f}" if "compression_ratio" in r else "n/a"
-        lines.append(f"| {r['model']} | {r['context']} | {r['budget_tokens']:,} | {r['max_concurrent']:.0f} | {r['mean_concurrent']:.1f} | "
+        lines.append(f"| {r['model']} | {r['context']} | {r['max_tokens']} | {r['budget_tokens']:,} | {r['max_concurrent']:.0f} | {r['mean_concurrent']:.1f} | "
                      f"{r['tokens_per_second']:.1f} | {r['peak_tokens_per_second']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
                      f"{r['itl_p50']:.3f} / {r['itl_p99']:.3f} | {cr} |")
-    lines += ["", "| pair | context | concurrent sequences (DMS / vanilla) | tokens/s, whole run (DMS / vanilla) |", "|---|---|---|---|"]
-    for pair in args.pairs:
-        vanilla, dms = pair.split(":")
-        for context in args.contexts:
-            v, d = ([r for r in rows if r["model"] == m and r["context"] == context][0] for m in (vanilla, dms))
-            lines.append(f"| {dms} / {vanilla} | {context} | {d['max_concurrent'] / v['max_concurrent']:.1f}x | "
-                         f"{d['tokens_per_second'] / v['tokens_per_second']:.1f}x |")
+    lines += ["", "| pair | context | new tokens | concurrent sequences (DMS / vanilla) | tokens/s, whole run (DMS / vanilla) |",
+              "|---|---|---|---|---|"]
+    for pair, max_tokens, context in itertools.product(args.pairs, args.max_tokens, args.contexts):
+        v, d = ([r for r in rows if r["model"] == m and r["context"] == context and r["max_tokens"] == max_tokens][0]
+                for m in pair.split(":"))
+        lines.append(f"| {d['model']} / {v['model']} | {context} | {max_tokens} | {d['max_concurrent'] / v['max_concurrent']:.1f}x | "
+                     f"{d['tokens_per_second'] / v['tokens_per_second']:.1f}x |")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in zip(axes, ("max_concurrent", "tokens_per_second"), ("sequences decoded together", "aggregate tokens/s")):
-        for model in dict.fromkeys(r["model"] for r in rows):
-            pts = [r for r in rows if r["model"] == model]
-            ax.plot([r["context"] for r in pts], [r[key] for r in pts], marker="o", label=model)
+        for model, new in dict.fromkeys((r["model"], r["max_tokens"]) for r in rows):
+            pts = [r for r in rows if (r["model"], r["max_tokens"]) == (model, new)]
+            ax.plot([r["context"] for r in pts], [r[key] for r in pts], marker="o", label=f"{model}, {new} new tokens")
         ax.set_xlabel("context tokens")
         ax.set_title(label)
         ax.legend(fontsize=8)
