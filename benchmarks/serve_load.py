@@ -6,12 +6,13 @@
 For each model, context and `--max-tokens` value: a server on a free loopback port with `--kv-budget-mb`;
 `--requests` streaming clients start together, each with its own held-out passage as prompt and
 `max_tokens` greedy tokens, so that prompt + generated = `context` tokens (a small `max_tokens` is a
-prompt-heavy load, a large one the long-generation load that hyper-scaling is about). Measured: the most and the mean number of sequences decoded together
-(polled from /metrics), aggregate generated tokens/s over the run and the best 10-second rate the
+prompt-heavy load, a large one the long-generation load that hyper-scaling is about). Measured: the most
+and the mean number of sequences decoded together (polled from /metrics), aggregate generated tokens/s over the run and the best 10-second rate the
 server reported (decode with the batch at its fullest, prefill aside), time to first token and
 inter-token latency (p50, p99) seen by the clients. Clients ask for `ignore_eos`, so every request
-generates `--max-tokens` and both models do the same work. Writes docs/results/serving.md and serving.png;
-finished points are kept in serving.points.jsonl, so an interrupted run resumes (delete it to measure again).
+generates `max_tokens` and both models do the same work. Finished points are kept in serving.points.jsonl
+with the command that made them, so an interrupted run resumes (delete a point to measure it again);
+docs/results/serving.md and serving.png show every finished point.
 """
 
 from __future__ import annotations
@@ -102,18 +103,18 @@ def main():
     passages = [held[i * stride:i * stride + 40_000] for i in range(args.requests)]  # distinct held-out passages
     done_file = args.out.with_suffix(".points.jsonl")
     done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
-    rows = []
+    command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
     for pair, max_tokens, context in itertools.product(args.pairs, args.max_tokens, args.contexts):
         for name in pair.split(":"):
             key = point_key(name, context, max_tokens, args)
             row = next((r for r in done if {k: r.get(k) for k in key} == key), None)
             if row is None:
-                row = run_point(name, context, max_tokens, args, passages)
+                row = {**run_point(name, context, max_tokens, args, passages), "pair": pair, "command": command}
+                done.append(row)
                 with done_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-            rows.append(row)
-    write_report(rows, args)
+    write_report(done, args.out)
 
 
 def point_key(name: str, context: int, max_tokens: int, args) -> dict:
@@ -121,31 +122,36 @@ def point_key(name: str, context: int, max_tokens: int, args) -> dict:
             "max_tokens": max_tokens}
 
 
-def write_report(rows: list[dict], args) -> None:
+def write_report(rows: list[dict], out: Path) -> None:
+    """Every finished point (all loads measured so far), then DMS / vanilla per pair and load."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cmd = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
-    lines = ["# Serving under one KV budget: vanilla vs DMS", "", f"Command: `{cmd}` (127.0.0.1, no other job running)", "",
-             f"Budget {args.kv_budget_mb:g} MB of live keys and values; {args.requests} streaming clients start together, "
-             "each with a held-out prompt of context - new tokens and `max_tokens` = new tokens (greedy).", "",
-             "| model | context | new tokens | budget (KV tokens) | max concurrent | mean concurrent | tokens/s (whole run) | best 10 s tokens/s | "
-             "TTFT p50 / p99 s | ITL p50 / p99 s | achieved CR |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    load = lambda r: (r["context"], r["max_tokens"], r["requests"], r["kv_budget_mb"])  # noqa: E731
+    rows = sorted(rows, key=lambda r: (r["pair"], load(r), r["pair"].split(":").index(r["model"])))
+    lines = ["# Serving under one KV budget: vanilla vs DMS", "", "Commands (127.0.0.1, no other job running):", "",
+             *[f"    {c}" for c in dict.fromkeys(r["command"] for r in rows)], "",
+             "Each load: `clients` streaming clients start together, each with its own held-out prompt of context - new "
+             "tokens, asking for `max_tokens` = new tokens (greedy, `ignore_eos`); the budget counts live keys and values.", "",
+             "| model | context | new tokens | clients | budget (KV tokens) | max concurrent | mean concurrent | tokens/s (whole run) | "
+             "best 10 s tokens/s | TTFT p50 / p99 s | ITL p50 / p99 s | achieved CR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cr = f"{r['compression_ratio']:.2f}" if "compression_ratio" in r else "n/a"
-        lines.append(f"| {r['model']} | {r['context']} | {r['max_tokens']} | {r['budget_tokens']:,} | {r['max_concurrent']:.0f} | {r['mean_concurrent']:.1f} | "
-                     f"{r['tokens_per_second']:.1f} | {r['peak_tokens_per_second']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
+        lines.append(f"| {r['model']} | {r['context']} | {r['max_tokens']} | {r['requests']} | {r['budget_tokens']:,} | "
+                     f"{r['max_concurrent']:.0f} | {r['mean_concurrent']:.1f} | {r['tokens_per_second']:.1f} | "
+                     f"{r['peak_tokens_per_second']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
                      f"{r['itl_p50']:.3f} / {r['itl_p99']:.3f} | {cr} |")
-    lines += ["", "| pair | context | new tokens | concurrent sequences (DMS / vanilla) | tokens/s, whole run (DMS / vanilla) |",
-              "|---|---|---|---|---|"]
-    for pair, max_tokens, context in itertools.product(args.pairs, args.max_tokens, args.contexts):
-        v, d = ([r for r in rows if r["model"] == m and r["context"] == context and r["max_tokens"] == max_tokens][0]
-                for m in pair.split(":"))
-        lines.append(f"| {d['model']} / {v['model']} | {context} | {max_tokens} | {d['max_concurrent'] / v['max_concurrent']:.1f}x | "
-                     f"{d['tokens_per_second'] / v['tokens_per_second']:.1f}x |")
+    lines += ["", "| pair | context | new tokens | clients | concurrent sequences (DMS / vanilla) | tokens/s, whole run (DMS / vanilla) |",
+              "|---|---|---|---|---|---|"]
+    for (pair, key), group in itertools.groupby(rows, key=lambda r: (r["pair"], load(r))):
+        by_model = {r["model"]: r for r in group}
+        v, d = (by_model.get(m) for m in pair.split(":"))
+        if v and d:
+            lines.append(f"| {d['model']} / {v['model']} | {key[0]} | {key[1]} | {key[2]} | "
+                         f"{d['max_concurrent'] / v['max_concurrent']:.1f}x | {d['tokens_per_second'] / v['tokens_per_second']:.1f}x |")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in zip(axes, ("max_concurrent", "tokens_per_second"), ("sequences decoded together", "aggregate tokens/s")):
         for model, new in dict.fromkeys((r["model"], r["max_tokens"]) for r in rows):
@@ -155,10 +161,10 @@ def write_report(rows: list[dict], args) -> None:
         ax.set_title(label)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    png = args.out.with_suffix(".png")
+    png = out.with_suffix(".png")
     fig.savefig(png, dpi=110)
-    args.out.write_text("\n".join(lines + ["", f"![serving]({png.name})", ""]))
-    print(f"wrote {args.out}")
+    out.write_text("\n".join(lines + ["", f"![serving]({png.name})", ""]))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
