@@ -7,8 +7,9 @@ For each model, context and `--max-tokens` value: a server on a free loopback po
 `--requests` streaming clients start together, each with its own held-out passage as prompt and
 `max_tokens` greedy tokens, so that prompt + generated = `context` tokens (a small `max_tokens` is a
 prompt-heavy load, a large one the long-generation load that hyper-scaling is about). Measured: the most
-and the mean number of sequences decoded together (polled from /metrics), aggregate generated tokens/s over the run and the best 10-second rate the
-server reported (decode with the batch at its fullest, prefill aside), time to first token and
+and the mean number of sequences decoded together (polled from /metrics), aggregate generated tokens/s
+over the run and the best 10-second rate the server reported (decode with the batch at its fullest,
+prefill aside), time to first token and
 inter-token latency (p50, p99) seen by the clients. Clients ask for `ignore_eos`, so every request
 generates `max_tokens` and both models do the same work. Finished points are kept in serving.points.jsonl
 with the command that made them, so an interrupted run resumes (delete a point to measure it again);
