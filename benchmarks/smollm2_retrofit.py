@@ -57,8 +57,10 @@ def lr_schedule(metrics: list[dict]) -> str:
 
 def passkey_line(r: dict) -> str:
     n = r.get("passkeys", 0)
+    weight = r.get("answer_weight", 1.0)
+    weighted = f", their answer tokens' KL counted {weight:g} times (`--answer-weight`)" if weight != 1 else ""
     return (f"; plus the teacher's answers to {n} passkey prompts (a 5-digit key hidden in train-part text, "
-            f"`--data passkey:{n}`), each prompt and answer whole in one block") if n else ""
+            f"`--data passkey:{n}`), each prompt and answer whole in one block{weighted}") if n else ""
 
 
 def model_card(name: str, r: dict, argv: str, metrics: list[dict]) -> str:
@@ -84,8 +86,8 @@ Data: the teacher's own sampled continuations (temperature 1, 512 new tokens) of
 256 tokens cut from the train part of CPython's `pydoc_data.topics` (even-indexed topics;
 `kvshrink.train.text`), packed into {r.get("seq_len", 512)}-token blocks{passkey_line(r)}.
 
-Trained on: {r["device_name"]}, {step_seconds / 60:.0f} min of training steps ({step_seconds / len(metrics):.1f} s/step,
-2 CPU cores shared with a second run), plus the teacher's sampling.
+Trained on: {r["device_name"]}, {step_seconds / 60:.0f} min of training steps ({step_seconds / len(metrics):.1f} s/step{", " + r["host_note"] if r.get("host_note") else ""}),
+plus the teacher's sampling.
 
 ## Results (held-out topics, never trained on)
 
@@ -118,8 +120,12 @@ def main():
     parser.add_argument("--passkeys", type=int, default=0,
                         help="also distil on the teacher's answers to N passkey prompts built from the train part")
     parser.add_argument("--aim-context", type=int, default=None, help="context where the reads-based CR hits the target (default 32 w)")
+    parser.add_argument("--answer-weight", type=float, default=1.0,
+                        help="count the KL of the teacher's passkey answers K times (see kvshrink retrofit --answer-weight)")
     parser.add_argument("--cr-loss", choices=CR_LOSSES, default="one-sided",
                         help="two-sided also pulls an eviction rate above the target back (see kvshrink retrofit --cr-loss)")
+    parser.add_argument("--host-note", default="", help="how the machine was shared, for the model card "
+                        "(e.g. '2 CPU cores, no other job')")
     parser.add_argument("--train", choices=["adapter", "all"], default="adapter",
                         help="adapter: the release recipe (shipped); all: the paper's recipe (compared, not shipped)")
     args = parser.parse_args()
@@ -142,7 +148,7 @@ def main():
         cfg = RetrofitConfig(model="smollm2", out=str(args.work / name), target_cr=cr, window=WINDOW, steps=args.steps,
                              data=f"teacher:{prompts_file}" + (f"+passkey:{args.passkeys}" if args.passkeys else ""),
                              batch_size=2, seq_len=args.seq_len, lr=args.lr, aim_context=args.aim_context, cr_loss=args.cr_loss,
-                             train=args.train, save_every=100, device=args.device,
+                             answer_weight=args.answer_weight, train=args.train, save_every=100, device=args.device,
                              data_cache=str(args.work / "data-cache"), max_minutes=args.max_minutes, ramp_steps=args.ramp_steps,
                              resume=(args.work / name / "checkpoints" / "latest").exists())
         start = time.perf_counter()
@@ -155,7 +161,7 @@ def main():
         model, _ = kvshrink.load(args.work / name, device=args.device)
         _, stats, _ = generate_ids(model, prompts, DMSPolicy(WINDOW), max_new_tokens=32)
         results = {
-            "target_cr": cr, "train": args.train, "seq_len": args.seq_len, "passkeys": args.passkeys, "aim_context": args.aim_context, "cr_loss": args.cr_loss, "ramp_steps": args.ramp_steps, "steps": args.steps, "lr": args.lr, "device": str(device),
+            "target_cr": cr, "train": args.train, "seq_len": args.seq_len, "passkeys": args.passkeys, "answer_weight": args.answer_weight, "host_note": args.host_note, "aim_context": args.aim_context, "cr_loss": args.cr_loss, "ramp_steps": args.ramp_steps, "steps": args.steps, "lr": args.lr, "device": str(device),
             "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "wall_seconds": seconds,
             "seconds_per_step": seconds / args.steps, "reads_based_cr_2048": stats["compression_ratio"],
             "flag_based_cr_last_step": last["flag_cr"], "final_kl": last["kl"],
