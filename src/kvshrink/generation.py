@@ -110,6 +110,38 @@ def prefill_row(model, cache: KVCache, ids: list[int], chunk: int = DEFAULT_PREF
 
 
 @torch.no_grad()
+def decode_rows(model, cache: KVCache, token: torch.Tensor, attn: torch.Tensor, last_pos: torch.Tensor,
+                max_new_tokens: int, eos_token_id: int | list[int] | None = None, temperature: float = 0.0,
+                top_p: float = 1.0, generator: torch.Generator | None = None):
+    """Decode every row of `cache` from its first new token `token` (B,): write it, feed it, sample the
+    next, until each row has written an eos token or `max_new_tokens` tokens. attn: (B, S) mask of the
+    positions the cache has seen (0 = padding); last_pos: (B,) position of each row's last one. A finished
+    row's later tokens are fed as padding and dropped.
+    Returns (new tokens per row, eos included; their count (B,); decode reads per row (B,))."""
+    device = token.device
+    eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
+                       dtype=token.dtype, device=device)
+    finished = torch.zeros(token.shape[0], dtype=torch.bool, device=device)
+    n_generated = torch.zeros(token.shape[0], dtype=torch.long, device=device)
+    reads = torch.zeros(token.shape[0], dtype=torch.float64, device=device)
+    generated = []
+    for step in range(max_new_tokens):
+        generated.append(token)
+        n_generated += (~finished).long()
+        finished |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        attn = torch.cat([attn, (~finished).long()[:, None]], dim=1)
+        last_pos = last_pos + 1
+        out = model(token[:, None], attention_mask=attn, position_ids=last_pos[:, None],
+                    **cache_arg(cache), use_cache=True)
+        reads += cache.accounting.last_reads[:, 0]
+        token = sample_next(out.logits[:, -1], temperature, top_p, generator)
+    rows = torch.stack(generated, dim=1).tolist()
+    return [row[: int(n)] for row, n in zip(rows, n_generated.tolist())], n_generated, reads
+
+
+@torch.no_grad()
 def generate_ids(
     model,
     prompt_ids: list[list[int]],
@@ -136,7 +168,6 @@ def generate_ids(
     check_prefill_chunk(prefill_chunk)
     check_context(model.config, max(len(p) for p in prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
-    eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), device=device)
     B = len(prompt_ids)
     lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
     P = int(lengths.max())
@@ -169,28 +200,12 @@ def generate_ids(
             prefill_reads += step_reads.sum(-1)
     prefill_seconds = time.perf_counter() - start
 
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    n_generated = torch.zeros(B, dtype=torch.long, device=device)
-    generated = []
-    last_pos = positions[:, -1]
-    token = sample_next(out.logits[:, -1], temperature, top_p, generator)
-    for step in range(max_new_tokens):
-        generated.append(token)
-        n_generated += (~finished).long()
-        finished |= torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        valid = ~finished
-        attn = torch.cat([attn, valid.long()[:, None]], dim=1)
-        last_pos = last_pos + 1
-        out = model(token[:, None], attention_mask=attn, position_ids=last_pos[:, None],
-                    **cache_arg(cache), use_cache=True)
-        reads += cache.accounting.last_reads[:, 0]
-        token = sample_next(out.logits[:, -1], temperature, top_p, generator)
+    first = sample_next(out.logits[:, -1], temperature, top_p, generator)
+    tokens, n_generated, decode_reads = decode_rows(model, cache, first, attn, positions[:, -1], max_new_tokens,
+                                                    eos_token_id, temperature, top_p, generator)
+    reads += decode_reads
     seconds = time.perf_counter() - start
 
-    tokens = torch.stack(generated, dim=1).tolist()
-    tokens = [row[: int(n)] for row, n in zip(tokens, n_generated.tolist())]
     real_prompt = lengths.to(torch.float64)
     n_gen = n_generated.to(torch.float64)
     vanilla_reads = n_gen * real_prompt + n_gen * (n_gen - 1) / 2  # sum_k (P + k - 1), k = 1..N

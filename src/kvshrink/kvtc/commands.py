@@ -18,7 +18,7 @@ import torch
 
 from ..cache import KVCache, cache_arg
 from ..errors import KVShrinkError
-from ..generation import generate_ids, prefill_row, resolve_policy
+from ..generation import decode_rows, generate_ids, prefill_row, resolve_policy
 from ..loading import load
 from ..policies import CachePolicy, make_policy
 from ..prompts import chat_prompt, pad_token_id
@@ -191,22 +191,11 @@ def _rows(states: list[CacheState]) -> CacheState:
 def _greedy_rows(model, cache: KVCache, last: int, max_new_tokens: int, eos: int | None) -> list[list[int]]:
     """Greedy answers of every row of a restored cache, each fed the prompt's last token `last`: the rows
     step together (one forward per token for all methods) until each has written eos or max_new_tokens."""
-    B, device = cache.batch_size, next(model.parameters()).device
-    ids = torch.full((B, 1), last, device=device)
-    out, done = [[] for _ in range(B)], [False] * B
-    for _ in range(max_new_tokens):
-        seen = cache.layers[0].seen
-        logits = model(ids, attention_mask=torch.ones(B, seen + 1, dtype=torch.long, device=device),
-                       position_ids=torch.full((B, 1), seen, device=device), **cache_arg(cache), use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
-        ids = logits.argmax(-1, keepdim=True)
-        for row, token in enumerate(ids[:, 0].tolist()):
-            if not done[row]:
-                out[row].append(token)
-                done[row] = token == eos
-        if all(done):
-            break
-    return out
+    B, seen, device = cache.batch_size, cache.layers[0].seen, next(model.parameters()).device
+    attn, pos = torch.ones(B, seen + 1, dtype=torch.long, device=device), torch.full((B,), seen, device=device)
+    logits = model(torch.full((B, 1), last, device=device), attention_mask=attn, position_ids=pos[:, None],
+                   **cache_arg(cache), use_cache=True).logits[:, -1]
+    return decode_rows(model, cache, logits.argmax(-1), attn, pos, max_new_tokens, eos)[0]
 
 
 def _middle(T: int) -> tuple[int, int]:
