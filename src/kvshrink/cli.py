@@ -24,6 +24,8 @@ AIM_CONTEXT_OPTION = typer.Option(None, help="context at which the reads-based C
 RAMP_STEPS_OPTION = typer.Option(None, help="steps over which the CR ramps to the target (default 80% of --steps)")
 SINKS_OPTION = typer.Option(0, help="never evict a sequence's first N tokens (attention sinks; 0 = the paper)")
 SINKS_OVERRIDE = typer.Option(None, help="DMS sinks override: never evict the first N tokens (>= 0)")
+CR_OPTION = typer.Option(None, help="target compression ratio (>= 1)")
+WINDOW_OVERRIDE = typer.Option(None, help="DMS window override (>= 0)")
 ANSWER_WEIGHT_OPTION = typer.Option(1.0, help="KL weight of the teacher's answer tokens (task:/passkey: data) against 1 for the prompt (1 = the paper)")
 CR_LOSS_OPTION = typer.Option("one-sided", help="one-sided (the paper: penalize too little eviction) | two-sided (also too much) | "
                               "squared (two-sided, fading near the target so that the KL decides which tokens go)")
@@ -36,8 +38,8 @@ def generate(
     model: str = typer.Argument(..., help="a shipped name (e.g. smollm2-dms8) or a local model folder"),
     prompt: str = typer.Argument(..., help="text to continue"),
     policy: Optional[str] = typer.Option(None, help="none | dms | dms-immediate | tova | h2o | window | quest (default: dms on a DMS model, else none)"),
-    cr: Optional[float] = typer.Option(None, help="target compression ratio (>= 1)"),
-    window: Optional[int] = typer.Option(None, help="DMS window override (>= 0)"),
+    cr: Optional[float] = CR_OPTION,
+    window: Optional[int] = WINDOW_OVERRIDE,
     sinks: Optional[int] = SINKS_OVERRIDE,
     max_new_tokens: int = typer.Option(64, help="tokens to generate"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
@@ -93,8 +95,8 @@ def eval_cmd(
     model: str = typer.Argument(..., help="a shipped name (e.g. tiny-dms8) or a local model folder"),
     task: str = typer.Option(..., help="arith | vt | niah | hops"),
     policy: Optional[str] = typer.Option(None, help="cache policy (default: dms on a DMS model, else none)"),
-    cr: Optional[float] = typer.Option(None, help="target compression ratio (>= 1)"),
-    window: Optional[int] = typer.Option(None, help="DMS window override (>= 0)"),
+    cr: Optional[float] = CR_OPTION,
+    window: Optional[int] = WINDOW_OVERRIDE,
     sinks: Optional[int] = SINKS_OVERRIDE,
     problems: int = typer.Option(100, help="number of problems"),
     seed: int = typer.Option(0, help="problem seed (held out: training uses seeds >= 1,000,000)"),
