@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -170,7 +171,7 @@ def main():
         (dest / "results.json").write_text(json.dumps(results, indent=1))
         if args.train == "adapter":
             metrics = [json.loads(x) for x in (args.work / name / "metrics.jsonl").read_text().splitlines() if x]
-            (dest / "README.md").write_text(model_card(name, results, " ".join(sys.argv[1:]), metrics))
+            (dest / "README.md").write_text(model_card(name, results, shlex.join(sys.argv[1:]), metrics))
         print(name, json.dumps(results), flush=True)
 
 
