@@ -49,20 +49,25 @@ def retrofitted(base_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def retrofitted_adapter(base_dir, tmp_path_factory):
-    """The release's recipe: base frozen, only the eviction adapter trains."""
+    """The release's recipe: base frozen, only the eviction adapter trains. 400 steps, not 200: the first
+    layer's adapter sees only the current token, so the KL of its blind evictions holds the rate below the
+    target for longer (at 200 steps it ends at 3.4-3.6x, depending on the seed; at 400, 3.8-3.9x)."""
     out = tmp_path_factory.mktemp("dms4-adapter")
-    last = retrofit(config(base_dir, out, train="adapter"), progress=False)
+    last = retrofit(config(base_dir, out, train="adapter", steps=400), progress=False)
     return out, last
 
 
 def measure(run_dir, base_dir):
-    """(reads-based CR of greedy generation after 256-token held-out prompts, held-out KL, blind-eviction KL)."""
+    """(reads-based CR of greedy generation after 16 held-out prompts of 256 tokens, held-out KL over 8
+    sequences of 300 tokens, the same KL for blind eviction). A DMS model's first layer decides from the
+    token alone, so its eviction rate follows the mix of topics: 4 prompts (~60 sentences) moved the CR by
+    +-0.3 between seeds of the held-out text, and one KL sequence put the same model above or below blind."""
     model, tok = kvshrink.load(run_dir)
     base, _ = kvshrink.load(base_dir)
     held = tok((base_dir.parent / "heldout.txt").read_text())["input_ids"]
-    prompts = [held[i * 256:(i + 1) * 256] for i in range(4)]  # 256 tokens = 32 w
+    prompts = [held[i * 256:(i + 1) * 256] for i in range(16)]  # 256 tokens = 32 w
     _, stats, _ = generate_ids(model, prompts, DMSPolicy(8), max_new_tokens=16)
-    ids = torch.tensor([held[1024:1024 + 300]])
+    ids = torch.tensor([held[4096 + i * 300:4096 + (i + 1) * 300] for i in range(8)])
     blind = attach_dms(kvshrink.load(base_dir)[0], DMSConfig(window=8, forced_keep_every=4))
     return stats["compression_ratio"], heldout_kl(model, base, ids), heldout_kl(blind, base, ids)
 
@@ -71,7 +76,7 @@ def test_retrofit_reaches_target_cr_with_low_kl(base_dir, retrofitted):
     cr, kl, kl_blind = measure(retrofitted[0], base_dir)
     assert 4 * 0.85 <= cr <= 4 * 1.15, cr
     # Untrained reference: evicting 3 tokens in 4 without looking (same window, same CR) costs this base
-    # ~0.36 nats/token on held-out text, because it loses the sentence's topic word. A retrofit that learned
+    # ~0.5 nats/token on held-out text, because it loses the sentence's topic word. A retrofit that learned
     # to keep the topic words must stay well below: we require < 0.1 (and < half the blind figure).
     assert kl < 0.1 and kl < 0.5 * kl_blind, (kl, kl_blind)
 
@@ -334,6 +339,32 @@ def test_data_sources(tmp_path, base_dir):
     (tmp_path / "bad.jsonl").write_text("{not json")
     with pytest.raises(KVShrinkError, match="bad.jsonl:1 is not valid JSON"):
         token_blocks(str(tmp_path / "bad.jsonl"), tok, 8, tmp_path / "c")
+    # `pydoc`: the train half of CPython's docs as one running text (+ EOS), whatever folder we run in
+    from kvshrink.train.text import pydoc_split
+
+    prose = tok(pydoc_split()[0])["input_ids"]
+    blocks = token_blocks("pydoc", tok, 64, tmp_path / "c")
+    assert blocks.ids.shape == ((len(prose) + 1) // 64, 64) and blocks.ids[0].tolist() == prose[:64]
+
+
+def test_init_from_starts_a_second_stage_from_a_dms_adapter(base_dir, retrofitted_adapter, tmp_path):
+    """--init-from copies a shipped DMS pack's eviction adapter (at lr ~0 it stays as it was) and its card
+    becomes the new card's earlier stage; a model without an adapter, or the neuron recipe, is refused."""
+    from kvshrink.zoo import dms_adapter_tensors, pack_adapter
+    from kvshrink.zoo.cards import retrofit_card
+
+    first = pack_adapter(retrofitted_adapter[0], tmp_path / "toy-dms4", base="toy")
+    out = tmp_path / "second"
+    retrofit(config(base_dir, out, steps=1, lr=1e-12, init_from=str(first)), progress=False)
+    before, after = dms_adapter_tensors(first), dms_adapter_tensors(out)
+    assert before.keys() == after.keys() and any(t.abs().sum() > 0 for t in before.values())
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    card = retrofit_card("toy-dms4-b", out, "toy")
+    assert "starts from the adapter of" in card and "## Earlier stage" in card and f"--init-from {first}" in card
+    with pytest.raises(KVShrinkError, match="no eviction adapter"):
+        retrofit(config(base_dir, tmp_path / "third", steps=1, init_from=str(base_dir)), progress=False)
+    with pytest.raises(KVShrinkError, match="--init-from continues an eviction adapter"):
+        config(base_dir, tmp_path / "fourth", train="all", init_from=str(first))
 
 
 def test_whole_document_packing_and_masked_kl():

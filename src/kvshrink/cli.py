@@ -350,6 +350,7 @@ def zoo_retrofit(
     pack: Optional[str] = typer.Option(None, help="when finished, ship the DMS adapter under this name (e.g. tiny-dms8)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     bf16: bool = BF16_OPTION,
+    init_from: Optional[str] = typer.Option(None, help="start from this DMS model's eviction adapter (a shipped name or run folder): a second stage on new data"),
 ):
     """DMS eviction adapter on a task model (the release recipe: --train adapter --decision adapter)."""
     from .train.retrofit import RetrofitConfig, retrofit as run
@@ -358,7 +359,7 @@ def zoo_retrofit(
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, seq_len=seq_len, lr=lr, train="adapter", decision="adapter",
                          aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, cr_by_length=cr_by_length, sinks=sinks, answer_weight=answer_weight,
-                         save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16)
+                         save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16, init_from=init_from)
     last = run(cfg)
     if pack and last.get("step") == steps:
         print(pack_adapter(out, MODELS_DIR / pack, base=model))

@@ -10,6 +10,8 @@ Sources (`--data`):
 - `passkey:N[:CONTEXT]`: N chat prompts of CONTEXT tokens (default: the block length) hiding a 5-digit key
   in the *train* half of the Python docs (`kvshrink.train.text`), answered by the teacher: retrieval-shaped
   data, so that the KL on the answer penalizes evicting the key.
+- `pydoc`: the train half of CPython's documentation topics (`kvshrink.train.text`), as plain text: prose
+  that ships with Python, so a recipe that names it runs anywhere.
 - `A+B+...`: the blocks of several sources together (e.g. `teacher:prompts.txt+passkey:128`).
 Documents are joined with the EOS token and cut into blocks of `seq_len` tokens (the tail is dropped).
 Task and passkey documents get a block each instead (`pack_whole`): an answer must sit in the same block as
@@ -36,6 +38,7 @@ from ..prompts import chat_prompt, pad_token_id
 PAD = -1  # block filler after the last whole document: not a token, masked out of every loss
 ANSWER_TOKENS = {"task": 256, "passkey": 32}  # caps on the teacher's answers, so that one rambling sample cannot hold its batch for seq_len new tokens
 GENERATED = ("task:", "passkey:")  # sources made of generated prompts + teacher answers, packed whole
+PYDOC = "pydoc"
 TRAIN_SEED = 1_000_000  # task problems for training use seeds from here; evaluation's stay below
 TEXT_SUFFIXES_SKIP = {".safetensors", ".bin", ".pt", ".png", ".jpg", ".gz", ".zip", ".arrow", ".parquet"}
 
@@ -181,7 +184,7 @@ def data_key(src: str, tokenizer, seq_len: int, seed: int, teacher=None) -> str:
         if teacher is None:
             raise KVShrinkError(f"--data {src} is written by the teacher: give the teacher model")
         stamp.append(weights_fingerprint(teacher))
-    if not src.startswith(GENERATED):
+    if not src.startswith(GENERATED) and src != PYDOC:
         path = Path(src[len("teacher:"):] if src.startswith("teacher:") else src)
         for f in ([path] if path.is_file() else sorted(path.rglob("*"))):
             if f.is_file():
@@ -222,8 +225,8 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
     if "+" in src:
         return Blocks.cat([token_blocks(part, tokenizer, seq_len, cache_dir, teacher, seed) for part in src.split("+")])
     kind, _, rest = src.partition(":") if src.startswith(GENERATED + ("teacher:",)) else ("", "", src)
-    if not src.startswith(GENERATED) and not Path(rest).exists():
-        raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, teacher:FILE, task:NAME or passkey:N")
+    if not src.startswith(GENERATED) and src != PYDOC and not Path(rest).exists():
+        raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, pydoc, teacher:FILE, task:NAME or passkey:N")
     key = data_key(src, tokenizer, seq_len, seed, teacher)
     cache_file = cache_dir / f"blocks2-{key}.pt"  # blocks-*.pt had no answer starts, data-*.pt packed several documents per block
     if cache_file.exists():
@@ -239,6 +242,10 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
                 raise KVShrinkError(f"{rest} holds no prompts (one per line)")
         docs = teacher_documents(prompts, teacher, tokenizer, max_new_tokens=ANSWER_TOKENS.get(kind, seq_len), seed=seed,
                                  progress_file=cache_dir / f"teacher-{key}.partial.jsonl")
+    elif src == PYDOC:
+        from .text import pydoc_split
+
+        docs = [pydoc_split()[0]]
     else:
         docs = read_documents(rest)
     token_docs = [tokenizer(d)["input_ids"] for d in docs]

@@ -74,6 +74,7 @@ class RetrofitConfig:
     device: str = "auto"
     bf16: bool = False  # bf16 autocast on CPU too (always on CUDA): ~1.5x on CPUs with AVX512-BF16
     data_cache: str | None = None  # where tokenized blocks are cached (default OUT/data-cache)
+    init_from: str | None = None  # start the eviction adapter from this DMS model's (a shipped name or a retrofit folder): a second stage
 
     def __post_init__(self):
         check_cr(self.target_cr, "--target-cr")
@@ -86,6 +87,8 @@ class RetrofitConfig:
             self.decision = "neuron" if self.train == "all" else "adapter"
         if self.decision not in ("neuron", "adapter"):
             raise KVShrinkError(f"--decision must be 'neuron' or 'adapter' (got {self.decision!r})")
+        if self.init_from and self.decision != "adapter":
+            raise KVShrinkError("--init-from continues an eviction adapter: use it with --train adapter")
         if self.train == "adapter" and self.decision == "neuron":
             raise KVShrinkError("--train adapter --decision neuron trains nothing: the neuron variant needs --train all")
         if self.neuron_decay not in ("instant", "linear"):
@@ -254,6 +257,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         p.requires_grad_(cfg.train == "all" or ".dms_proj_alpha" in name)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
 
+    if resume_from is None and cfg.init_from:
+        _load_initial_dms_adapter(model, cfg.init_from, out)
     if resume_from is None and cfg.decision == "neuron" and cfg.neuron_decay == "instant":
         _shift_borrowed_rows(model, rows, original_rows, 1.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -385,6 +390,26 @@ def _settings_with_phases(path: Path, cfg: RetrofitConfig, start_step: int) -> d
     if ran and any(ran.get(k) != v for k, v in new.items() if k not in ignore):
         earlier.append({**ran, "until_step": start_step})
     return {**new, "phases": earlier} if earlier else new
+
+
+def _load_initial_dms_adapter(model, init_from: str, out: Path) -> None:
+    """Copy a DMS model's eviction-adapter tensors into `model` (a second stage on new data), and keep its
+    card for the new one."""
+    from ..zoo import MODELS_DIR, dms_adapter_tensors
+
+    folder = MODELS_DIR / init_from if (MODELS_DIR / init_from).is_dir() else Path(init_from)
+    tensors = dms_adapter_tensors(folder)
+    params = {n: p for n, p in model.named_parameters() if ".dms_proj_alpha" in n}
+    if not tensors:
+        raise KVShrinkError(f"--init-from {init_from}: no eviction adapter found in {folder}; name an adapter-DMS model (e.g. tiny-dms8)")
+    if {k: tuple(v.shape) for k, v in tensors.items()} != {n: tuple(p.shape) for n, p in params.items()}:
+        raise KVShrinkError(f"--init-from {init_from}: its eviction adapter does not fit this model (another base?)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+    out.mkdir(parents=True, exist_ok=True)
+    if (folder / "README.md").is_file():
+        (out / "earlier-stage.md").write_text((folder / "README.md").read_text())
 
 
 def _shift_borrowed_rows(model, rows, original_rows, fraction: float) -> None:

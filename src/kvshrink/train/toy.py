@@ -57,5 +57,5 @@ def build_toy_base(path: Path, steps: int = 150, seed: int = 0) -> Path:
     model.save_pretrained(path)
     hf_tok.save_pretrained(path)
     (path.parent / "train.txt").write_text(corpus(seed + 1, 1500))
-    (path.parent / "heldout.txt").write_text(corpus(seed + 2, 200))
+    (path.parent / "heldout.txt").write_text(corpus(seed + 2, 500))
     return path

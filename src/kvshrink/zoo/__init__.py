@@ -36,9 +36,19 @@ def adapter_spec(name: str) -> dict:
     return json.loads((MODELS_DIR / name / MANIFEST).read_text())
 
 
+def dms_adapter_tensors(folder: Path) -> dict:
+    """The eviction-adapter tensors (`dms_proj_alpha*`) of a retrofit folder or a shipped DMS pack."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if ".dms_proj_alpha" in k})
+    return tensors
+
+
 def pack_adapter(run_dir: Path, dest: Path, base: str) -> Path:
     """Copy a retrofit output's DMS settings and adapter tensors (not the base weights) to `dest`."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from ..dms.config import DMSConfig
@@ -47,10 +57,7 @@ def pack_adapter(run_dir: Path, dest: Path, base: str) -> Path:
     cfg = DMSConfig.from_hf(type("C", (), config)())
     if cfg is None or cfg.decision != "adapter":
         raise KVShrinkError(f"{run_dir} is not an adapter-DMS model; only adapters are packed")
-    tensors = {}
-    for file in sorted(Path(run_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys() if "dms_proj_alpha" in k})
+    tensors = dms_adapter_tensors(run_dir)
     dest.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(dest / "dms_adapter.safetensors"))
     _write_manifest(run_dir, dest, {"base": base, "dms": cfg.as_dict()}, ("metrics.jsonl", "retrofit.json"))

@@ -29,17 +29,12 @@ def finetune_card(name: str, run_dir: Path) -> str:
     mixture = ", ".join(f"`{t}` difficulty {DIFFICULTIES[t][0]}-{DIFFICULTIES[t][1]}" for t in weights)
     drawn = ("uniformly from " + str(len(weights)) if len(set(weights.values())) == 1 else
              "with weights " + ", ".join(f"{t} {w:g}" for t, w in weights.items()))
-    earlier = run_dir / "earlier-stage.md"
-    stage = ""
-    if cfg.get("init_from"):
-        stage = (f"\nThis stage starts from the adapter of `{cfg['init_from']}`, made as its card says "
-                 "(under Earlier stage below).\n")
     last = metrics[-1] if metrics else {}
     return f"""# {name}
 
 {cfg["base"]} + one LoRA adapter (r = {cfg["lora_r"]}, alpha = {cfg["lora_alpha"]}, on every attention and MLP projection),
 fine-tuned on the synthetic tasks. This folder holds the adapter only; `kvshrink.load("{name}")` merges it into the base.
-{stage}
+{_stage(cfg)}
 ## How it was made
 
     kvshrink zoo finetune --out runs/zoo/{name} --tasks {cfg["tasks"]} --steps {cfg["steps"]} --batch-size {cfg["batch_size"]} \\
@@ -57,10 +52,22 @@ Last step: loss {last.get("loss", float("nan")):.4f}, answer-token accuracy {las
 {ACCURACY}
 
 Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
-""" + (_earlier_stage(earlier.read_text()) if cfg.get("init_from") and earlier.is_file() else "")
+""" + _earlier_stage(cfg, run_dir)
 
 
-def _earlier_stage(card: str) -> str:
+def _stage(cfg: dict) -> str:
+    """A second stage (--init-from) says where its adapter started."""
+    return (f"\nThis stage starts from the adapter of `{cfg['init_from']}`, made as its card says (under Earlier stage below).\n"
+            if cfg.get("init_from") else "")
+
+
+def _earlier_stage(cfg: dict, run_dir: Path) -> str:
+    """The card of the model a second stage started from (kept in its run folder), under `## Earlier stage`."""
+    earlier = run_dir / "earlier-stage.md"
+    return _earlier_card(earlier.read_text()) if cfg.get("init_from") and earlier.is_file() else ""
+
+
+def _earlier_card(card: str) -> str:
     """The earlier stage's card without its title, headings one level down and its (stale) accuracy section
     dropped; its own earlier stages are kept, so a card carries the whole chain."""
     before, _, after = card.partition(ACCURACY)
@@ -77,13 +84,12 @@ def retrofit_card(name: str, run_dir: Path, base: str) -> str:
 `{base}` + a DMS eviction adapter (the release recipe: base frozen, only `dms_proj_alpha_norm` +
 `dms_proj_alpha` train), target compression ratio {cfg["target_cr"]:g}, delayed-eviction window w = {cfg["window"]}.
 This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{name}")` applies them.
-
+{_stage(cfg)}
 ## How it was made
 
 {_retrofit_commands(cfg, base, name)}
 
-Data: `{base}`'s own sampled answers (temperature 1) to training-seed problems ({cfg["data"]}), each problem
-and its answer whole (never split) in {cfg["seq_len"]}-token blocks (padding masked out of the losses). Loss: KL(student || teacher){_answer_weight(cfg)}
+Data: {_data(cfg, base)}, in {cfg["seq_len"]}-token blocks (padding masked out of the losses). Loss: KL(student || teacher){_answer_weight(cfg)}
 + the {cfg.get("cr_loss", "one-sided")} compression loss{" (each sequence's term weighted by min(1, its tokens / the aimed context))" if cfg.get("cr_by_length") else ""}, {_ramp(cfg)}, then held;
 the eviction rate aimed at makes the reads-based CR reach the target at {cfg.get("aim_context") or 32 * cfg["window"]:,} tokens.
 Steps: {len(metrics)} of {cfg["steps"]}, AdamW lr {cfg["lr"]:g}{", bf16 autocast" if cfg.get("bf16") else ""}. Trained: {_timing(metrics, cfg["device"])}.
@@ -92,7 +98,25 @@ Last step: KL {last.get("kl", float("nan")):.4f}, flag-based CR {last.get("flag_
 {ACCURACY}
 
 Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
-"""
+""" + _earlier_stage(cfg, run_dir)
+
+
+def _data(cfg: dict, base: str) -> str:
+    """What each `--data` source of a retrofit is, in words."""
+    words = []
+    for src in cfg["data"].split("+"):
+        if src.startswith("task:"):
+            words.append(f"`{base}`'s own sampled answers (temperature 1) to training-seed problems ({src}), each problem\n"
+                         "and its answer whole (never split)")
+        elif src.startswith("passkey:"):
+            words.append(f"`{base}`'s answers to passkey prompts built from the train half of the Python docs ({src}), one per block")
+        elif src == "pydoc":
+            words.append("the train half of CPython's documentation topics (`pydoc`), as running text")
+        elif src.startswith("teacher:"):
+            words.append(f"`{base}`'s own continuations of the prompts in {src[len('teacher:'):]}")
+        else:
+            words.append(f"the text of {src}")
+    return "; ".join(words)
 
 
 def _answer_weight(cfg: dict) -> str:
@@ -136,6 +160,7 @@ def _retrofit_command(stage: dict, origin: tuple[float, int], base: str, name: s
     options += [f"--sinks {stage['sinks']}"] if stage.get("sinks") else []
     options += [f"--answer-weight {stage['answer_weight']:g}"] if stage.get("answer_weight", 1) != 1 else []
     options += ["--bf16"] if stage.get("bf16") else []
+    options += [f"--init-from {stage['init_from']}"] if stage.get("init_from") else []
     return f"""    kvshrink zoo retrofit {base} --out runs/zoo/{name} --target-cr {stage["target_cr"]:g} --window {stage["window"]} \\
         --steps {stage["until_step"]} --data {stage["data"]} --seq-len {stage["seq_len"]} --batch-size {stage["batch_size"]} \\
         {" ".join(options)}{tail}"""
