@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -92,3 +93,17 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     hf_tok.save_pretrained(path)
     return path
+
+
+def run_cli(args, capsys, monkeypatch):
+    """`kvshrink ARGS` in this process, through the entry point: (exit code, stdout, stderr)."""
+    from kvshrink.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["kvshrink", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

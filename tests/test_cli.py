@@ -9,18 +9,7 @@ import sys
 import pytest
 
 import kvshrink
-from kvshrink.cli import main
-
-
-def run_cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["kvshrink", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from conftest import run_cli
 
 
 def test_generate_json_matches_python_api(tiny_model_dir, capsys, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kvshrink
+from conftest import run_cli
 from kvshrink.dms.attach import attach_dms
 from kvshrink.dms.config import DMSConfig
 from kvshrink.errors import KVShrinkError
@@ -245,11 +246,23 @@ def _metrics(run):
         (["--steps", "0"], "--steps must be > 0"),
         (["--data", "/no/such/file.txt"], "not found"),
         (["--train", "adapter", "--decision", "neuron"], "needs --train all"),
+    ],
+)
+def test_bad_input_exit_2(base_dir, tmp_path, args, message, capsys, monkeypatch):
+    code, _, err = run_cli(["retrofit", str(base_dir), "--out", str(tmp_path / "x"), "--data", str(base_dir.parent / "train.txt"), *args],
+                           capsys, monkeypatch)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
         (["--fsdp"], "--fsdp shards over processes"),
         (["--fsdp", "--neuron-decay", "linear"], "use --neuron-decay instant with --fsdp"),
     ],
 )
-def test_bad_input_exit_2(base_dir, tmp_path, args, message):
+def test_bad_fsdp_input_exit_2(base_dir, tmp_path, args, message):
+    """In a process of its own: an FSDP Accelerator would stay in this process's accelerate state."""
     proc = subprocess.run([sys.executable, "-m", "kvshrink", "retrofit", str(base_dir), "--out", str(tmp_path / "x"),
                            "--data", str(base_dir.parent / "train.txt"), *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
