@@ -374,7 +374,7 @@ def test_init_from_starts_a_second_stage_from_a_dms_adapter(base_dir, retrofitte
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
     card = retrofit_card("toy-dms4-b", out, "toy")
     assert "starts from the adapter of" in card and "## Earlier stage" in card and f"--init-from {first}" in card
-    with pytest.raises(KVShrinkError, match="no eviction adapter"):
+    with pytest.raises(KVShrinkError, match="adapter tensors are missing.*name an adapter-DMS model"):
         retrofit(config(base_dir, tmp_path / "third", steps=1, init_from=str(base_dir)), progress=False)
     with pytest.raises(KVShrinkError, match="--init-from continues an eviction adapter"):
         config(base_dir, tmp_path / "fourth", train="all", init_from=str(first))

@@ -395,18 +395,14 @@ def _settings_with_phases(path: Path, cfg: RetrofitConfig, start_step: int) -> d
 def _load_initial_dms_adapter(model, init_from: str, out: Path) -> None:
     """Copy a DMS model's eviction-adapter tensors into `model` (a second stage on new data), and keep its
     card for the new one."""
-    from ..zoo import MODELS_DIR, dms_adapter_tensors
+    from ..loading import load_dms_weights
+    from ..zoo import MODELS_DIR
 
     folder = MODELS_DIR / init_from if (MODELS_DIR / init_from).is_dir() else Path(init_from)
-    tensors = dms_adapter_tensors(folder)
-    params = {n: p for n, p in model.named_parameters() if ".dms_proj_alpha" in n}
-    if not tensors:
-        raise KVShrinkError(f"--init-from {init_from}: no eviction adapter found in {folder}; name an adapter-DMS model (e.g. tiny-dms8)")
-    if {k: tuple(v.shape) for k, v in tensors.items()} != {n: tuple(p.shape) for n, p in params.items()}:
-        raise KVShrinkError(f"--init-from {init_from}: its eviction adapter does not fit this model (another base?)")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name])
+    try:
+        load_dms_weights(model, folder)
+    except KVShrinkError as exc:
+        raise KVShrinkError(f"--init-from {init_from}: {exc}; name an adapter-DMS model of this base (e.g. tiny-dms8)") from exc
     out.mkdir(parents=True, exist_ok=True)
     if (folder / "README.md").is_file():
         (out / "earlier-stage.md").write_text((folder / "README.md").read_text())
