@@ -27,6 +27,7 @@ SINKS_OVERRIDE = typer.Option(None, help="DMS sinks override: never evict the fi
 CR_OPTION = typer.Option(None, help="target compression ratio (>= 1)")
 WINDOW_OVERRIDE = typer.Option(None, help="DMS window override (>= 0)")
 ANSWER_WEIGHT_OPTION = typer.Option(1.0, help="KL weight of the teacher's answer tokens (task:/passkey: data) against 1 for the prompt (1 = the paper)")
+INIT_FROM_OPTION = typer.Option(None, help="start the eviction adapter from this DMS model's (a shipped name or retrofit folder; --train adapter): a second stage on new data")
 CR_LOSS_OPTION = typer.Option("one-sided", help="one-sided (the paper: penalize too little eviction) | two-sided (also too much) | "
                               "squared (two-sided, fading near the target so that the KL decides which tokens go)")
 CR_BY_LENGTH_OPTION = typer.Option(False, "--cr-by-length", help="weight each sequence's compression loss by min(1, its tokens / --aim-context), "
@@ -142,7 +143,7 @@ def retrofit(
     target_cr: float = typer.Option(8.0, help="compression ratio to reach (>= 1)"),
     window: int = typer.Option(256, help="delayed-eviction window w (>= 0)"),
     steps: int = typer.Option(1000, help="optimizer steps"),
-    data: Optional[str] = typer.Option(None, help="text/jsonl file, folder, datasets folder, teacher:FILE (teacher continues each line) or task:NAME[,NAME][:N] (teacher answers N generated problems per task)"),
+    data: Optional[str] = typer.Option(None, help="text/jsonl file, folder, datasets folder, pydoc (the Python docs' train half), teacher:FILE (teacher continues each line), task:NAME[,NAME][:N] (teacher answers N generated problems per task), passkey:N, or several joined with +"),
     batch_size: int = typer.Option(2, help="sequences per step, over all processes"),
     grad_accum: int = typer.Option(1, help="gradient accumulation micro-steps"),
     seq_len: int = typer.Option(512, help="tokens per sequence"),
@@ -165,6 +166,7 @@ def retrofit(
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     bf16: bool = BF16_OPTION,
+    init_from: Optional[str] = INIT_FROM_OPTION,
 ):
     """Retrofit DMS into a model by distilling from itself (KL + compression loss, CR ramped up).
 
@@ -175,7 +177,8 @@ def retrofit(
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, train=train,
                          decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, cr_by_length=cr_by_length, sinks=sinks,
-                         answer_weight=answer_weight, save_every=save_every, seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device, bf16=bf16)
+                         answer_weight=answer_weight, save_every=save_every, seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device, bf16=bf16,
+                         init_from=init_from)
     last = run(cfg)
     if last and os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
         print(json.dumps(last))
@@ -350,7 +353,7 @@ def zoo_retrofit(
     pack: Optional[str] = typer.Option(None, help="when finished, ship the DMS adapter under this name (e.g. tiny-dms8)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     bf16: bool = BF16_OPTION,
-    init_from: Optional[str] = typer.Option(None, help="start from this DMS model's eviction adapter (a shipped name or run folder): a second stage on new data"),
+    init_from: Optional[str] = INIT_FROM_OPTION,
 ):
     """DMS eviction adapter on a task model (the release recipe: --train adapter --decision adapter)."""
     from .train.retrofit import RetrofitConfig, retrofit as run
