@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 # training in bf16 autocast with fp32 master weights (retrofits always use it on CUDA)
-BF16_OPTION = typer.Option(False, "--bf16", help="bf16 autocast, fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16")
+BF16_OPTION = typer.Option(False, "--bf16", help="bf16 autocast, fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16 or AMX, far slower on others (warned)")
 AIM_CONTEXT_OPTION = typer.Option(None, help="context at which the reads-based CR should hit the target (default 32*w)")
 RAMP_STEPS_OPTION = typer.Option(None, help="steps over which the CR ramps to the target (default 80% of --steps)")
 SINKS_OPTION = typer.Option(0, help="never evict a sequence's first N tokens (attention sinks; 0 = the paper)")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import KVShrinkError
+from ..loading import cpu_has_fast_bf16
 from .allocate import Plan
 from .calibration import Calibration, ModelIdentity
 from .errors import KVTCFormatError
@@ -162,17 +163,7 @@ def blob_stats(blob: bytes) -> dict:
 
 
 # -- the middle: PCA coordinates, quantized group by group -------------------------------------------------
-def _fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX, through oneDNN): ~3x fp32's
-    speed there, while elsewhere torch's bfloat16 matmul may be far slower than fp32's."""
-    try:
-        return bool(torch.backends.mkldnn.is_available()
-                    and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
-    except AttributeError:  # private helpers that another torch may lack
-        return False
-
-
-BF16_MATMUL = _fast_bf16()  # read when a calibration's streams are built; tests switch it
+BF16_MATMUL = cpu_has_fast_bf16()  # read when a calibration's streams are built; tests switch it
 
 
 class _Stream(NamedTuple):

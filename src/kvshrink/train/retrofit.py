@@ -211,7 +211,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
     from ..dms.attach import attach_dms, dms_config
     from ..dms.config import DMSConfig
-    from ..loading import load
+    from ..loading import load, warn_if_slow_cpu_bf16
     from .data import PAD, token_blocks
 
     out = Path(cfg.out)
@@ -223,6 +223,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     origin = ramp_origin(settings)
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if cfg.bf16 and cpu:
+        warn_if_slow_cpu_bf16("--bf16", "fp32 (leave out --bf16)")
     try:
         acc = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.bf16 or not cpu else "no", fsdp_plugin=_fsdp_plugin() if cfg.fsdp else None)
     except ValueError as exc:  # accelerate fixes one precision per process

@@ -146,13 +146,15 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """Run (or resume) the fine-tune; writes OUT/lora (a peft adapter folder). Returns the last metrics."""
     from peft import LoraConfig, get_peft_model
 
-    from ..loading import load
+    from ..loading import load, warn_if_slow_cpu_bf16
 
     out = Path(cfg.out)
     checkpoints = Checkpoints(out)
     resume_from = checkpoints.resume_point(cfg.resume, "fine-tune")
     model, tokenizer = load(cfg.base, device=cfg.device, dtype="float32")
     device = next(model.parameters()).device
+    if cfg.bf16 and device.type == "cpu":
+        warn_if_slow_cpu_bf16("--bf16", "fp32 (leave out --bf16)")
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
