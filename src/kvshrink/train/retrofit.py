@@ -292,7 +292,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "retrofit.json").write_text(json.dumps(settings, indent=1))
+        device_name = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        (out / "retrofit.json").write_text(json.dumps({**settings, "device_name": device_name}, indent=1))
     metrics_path = out / "metrics.jsonl"
     if acc.is_main_process and metrics_path.exists():  # drop lines past the checkpoint we resume from
         keep_jsonl(metrics_path, lambda row: row["step"] <= start_step)
@@ -381,7 +382,7 @@ def _settings_with_phases(path: Path, cfg: RetrofitConfig, start_step: int) -> d
     settings each earlier stretch of steps ran with under `phases`, so the model card can say so.
     Settings that do not change what is trained (where, how often saved, when stopped) are not compared;
     a setting missing from an older file ran with its default."""
-    ignore = {"out", "resume", "max_minutes", "stop_at", "save_every", "device", "data_cache", "fsdp", "until_step"}
+    ignore = {"out", "resume", "max_minutes", "stop_at", "save_every", "device", "device_name", "data_cache", "fsdp", "until_step"}
     new = asdict(cfg)
     saved = json.loads(path.read_text()) if start_step and path.is_file() else {}
     stretches = [*saved.pop("phases", []), saved] if saved else []

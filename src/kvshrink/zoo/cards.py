@@ -92,7 +92,7 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
 Data: {_data(cfg, base)}, in {cfg["seq_len"]}-token blocks (padding masked out of the losses). Loss: KL(student || teacher){_answer_weight(cfg)}
 + the {cfg.get("cr_loss", "one-sided")} compression loss{" (each sequence's term weighted by min(1, its tokens / the aimed context))" if cfg.get("cr_by_length") else ""}, {_ramp(cfg)}, then held;
 the eviction rate aimed at makes the reads-based CR reach the target at {cfg.get("aim_context") or 32 * cfg["window"]:,} tokens.
-Steps: {len(metrics)} of {cfg["steps"]}, AdamW lr {cfg["lr"]:g}{", bf16 autocast" if cfg.get("bf16") else ""}. Trained: {_timing(metrics, cfg["device"])}.
+Steps: {len(metrics)} of {cfg["steps"]}, AdamW lr {cfg["lr"]:g}{", bf16 autocast" if cfg.get("bf16") else ""}. Trained: {_timing(metrics, cfg.get("device_name", cfg["device"]))}.
 Last step: KL {last.get("kl", float("nan")):.4f}, flag-based CR {last.get("flag_cr", float("nan")):.2f}.
 
 {ACCURACY}
@@ -130,7 +130,10 @@ def _ramp(cfg: dict) -> str:
 
     start_cr, start_step = ramp_origin(cfg)
     where = f" from step {start_step + 1}" if start_step else ""
-    return f"the CR target ramped linearly from {start_cr:g} to {cfg['target_cr']:g} over {ramp_length(cfg, start_step)} steps{where}"
+    steps = ramp_length(cfg, start_step)
+    if steps == 1:  # no ramp: a second stage (--init-from) holds its predecessor's target from the start
+        return f"the CR target at {cfg['target_cr']:g}{where or ' from the first step'}"
+    return f"the CR target ramped linearly from {start_cr:g} to {cfg['target_cr']:g} over {steps} steps{where}"
 
 
 def _retrofit_commands(cfg: dict, base: str, name: str) -> str:
