@@ -42,6 +42,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return dtype
 
 
+def device_label(device: torch.device) -> str:
+    """How run records name the device: the GPU's name, or the CPU and its torch threads."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX, through oneDNN): ~3x fp32's
     speed there, while elsewhere torch's bfloat16 matmul may be far slower than fp32's."""

@@ -211,7 +211,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
     from ..dms.attach import attach_dms, dms_config
     from ..dms.config import DMSConfig
-    from ..loading import load, warn_if_slow_cpu_bf16
+    from ..loading import device_label, load, warn_if_slow_cpu_bf16
     from .data import PAD, token_blocks
 
     out = Path(cfg.out)
@@ -292,8 +292,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        device_name = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-        (out / "retrofit.json").write_text(json.dumps({**settings, "device_name": device_name}, indent=1))
+        (out / "retrofit.json").write_text(json.dumps({**settings, "device_name": device_label(acc.device)}, indent=1))
     metrics_path = out / "metrics.jsonl"
     if acc.is_main_process and metrics_path.exists():  # drop lines past the checkpoint we resume from
         keep_jsonl(metrics_path, lambda row: row["step"] <= start_step)

@@ -146,7 +146,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """Run (or resume) the fine-tune; writes OUT/lora (a peft adapter folder). Returns the last metrics."""
     from peft import LoraConfig, get_peft_model
 
-    from ..loading import load, warn_if_slow_cpu_bf16
+    from ..loading import device_label, load, warn_if_slow_cpu_bf16
 
     out = Path(cfg.out)
     checkpoints = Checkpoints(out)
@@ -172,8 +172,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         optimizer.load_state_dict(opt_state)
         start = state["step"]
     out.mkdir(parents=True, exist_ok=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    (out / "finetune.json").write_text(json.dumps({**asdict(cfg), "device_name": device_name}, indent=1))
+    (out / "finetune.json").write_text(json.dumps({**asdict(cfg), "device_name": device_label(device)}, indent=1))
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
         keep_jsonl(metrics_path, lambda row: row["step"] <= start)
