@@ -47,13 +47,15 @@ def load_entries(names: list[str], device, always: tuple[str, ...] = (), dtype: 
 class Records:
     """Append-only results file: one JSON object per finished item, keyed by (part, model, item)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, stamp: dict | None = None):
+        self.path, self.stamp = path, stamp or {}
         path.parent.mkdir(parents=True, exist_ok=True)
         self.rows = read_jsonl(path)
         self.done = {(r["part"], r["model"], r["item"]) for r in self.rows}
 
     def add(self, row: dict) -> None:
+        """Append a finished item, stamped with the run's settings (e.g. its dtype) so mixed runs stay visible."""
+        row = {**row, **self.stamp}
         self.rows.append(row)
         self.done.add((row["part"], row["model"], row["item"]))
         append_jsonl(self.path, row)

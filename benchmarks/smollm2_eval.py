@@ -53,10 +53,18 @@ AGREE_PROMPTS, AGREE_LEN, AGREE_NEW = 100, 512, 128
 # the issue's targets: perplexity within X% of vanilla; passkey within X points of vanilla at 1k and 2k
 TARGETS = {"smollm2-dms4": {"ppl": 5.0, "passkey": 5.0}, "smollm2-dms8": {"ppl": 10.0}}
 SPEED_PROMPT, SPEED_NEW = 8128, 64  # positions 0 .. 8191: SmolLM2's whole context
-# how docs/results/smollm2.md is made: teacher forcing and agreement in fp32 (exact comparisons), passkey and
-# speed in bf16 (the serving dtype; ~2x faster prefill on CPUs with AVX512-BF16)
-RUNS = ["--parts passkey --contexts 1024 2048 --dtype bfloat16", "--parts ppl agree --dtype float32",
-        "--parts speed --dtype bfloat16", "--parts passkey --contexts 4096 8192 --dtype bfloat16"]
+# how docs/results/smollm2.md is made. DMS: teacher forcing and agreement in fp32 (exact comparisons), passkey and
+# speed in bf16 (chosen as the serving dtype before we found bf16 matmuls 43x slower than fp32 on CPUs without
+# AVX512-BF16). Baselines (TOVA, window at CR 4 and 8): everything in fp32.
+DMS, BASELINES = "smollm2-dms4 smollm2-dms8", "smollm2@tova:4 smollm2@tova:8 smollm2@window:4 smollm2@window:8"
+RUNS = [f"--models {DMS} --parts passkey --contexts 1024 2048 --dtype bfloat16",
+        f"--models {DMS} --parts ppl agree --dtype float32",
+        f"--models {DMS} --parts speed --dtype bfloat16",
+        f"--models {DMS} --parts passkey --contexts 4096 8192 --dtype bfloat16",
+        f"--models {BASELINES} {DMS} --parts agree --dtype float32",
+        f"--models {BASELINES} --parts passkey --contexts 1024 --dtype float32",
+        f"--models {BASELINES} --parts ppl --dtype float32",
+        f"--models {BASELINES} --parts passkey --contexts 2048 --dtype float32"]
 
 
 # -- items -----------------------------------------------------------------------------------------------
@@ -186,7 +194,7 @@ def training_curves(names: list[str], out_md: Path) -> list[str]:
     return ["## Training curves", "", f"![training]({png.name})", ""]
 
 
-def report(rec: Records, names: list[str], out_md: Path, command: str):
+def report(rec: Records, names: list[str], out_md: Path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,7 +202,7 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
 
     lines = ["# SmolLM2-135M-Instruct: vanilla vs DMS retrofits on held-out text", "",
              "Commands (each resumable; run in this order, then the report is rewritten from all records):", "",
-             *[f"    {command} {run}" for run in RUNS], "",
+             *[f"    python benchmarks/smollm2_eval.py {run}" for run in RUNS], "",
              "Held-out text: odd-indexed topics of CPython's `pydoc_data.topics` (`kvshrink.train.text`), never seen in "
              "training. Vanilla is the base model with no eviction.", ""]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -202,27 +210,33 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
     ppl_rows = rec.get("ppl")
     if ppl_rows:
         lines += ["## Teacher-forced perplexity and KL(vanilla || model)", "",
-                  "4,096-token windows over the whole held-out text; columns by the scored token's position in its window.", "",
+                  "4,096-token windows over the whole held-out text; columns by the scored token's position in its window. "
+                  "'vs vanilla' compares with vanilla on the same windows.", "",
                   "| model | tokens | ppl | ppl vs vanilla | KL | ppl 0-1k | ppl 1k-2k | ppl 2k-4k | KL 2k-4k | flag-based CR (DMS) | reads-based CR (cached runs) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        base_ppl = None
+        def bucket_sums(name, items=None):
+            rows = [r for r in ppl_rows if r["model"] == name and (items is None or r["item"] in items)]
+            return rows, [[sum(r["buckets"][b][i] for r in rows) for i in range(3)] for b in range(len(BUCKETS))]
+
         for name in names:
-            rows = sorted((r for r in ppl_rows if r["model"] == name), key=lambda r: r["item"])
+            rows, per_bucket = bucket_sums(name)
             if not rows:
                 continue
-            per_bucket = [[sum(r["buckets"][b][i] for r in rows) for i in range(3)] for b in range(len(BUCKETS))]
             n_tok = sum(b[0] for b in per_bucket)
             ppl = math.exp(sum(b[1] for b in per_bucket) / n_tok)
             mean_kl = sum(b[2] for b in per_bucket) / n_tok
-            base_ppl = ppl if name == VANILLA else base_ppl
+            # vanilla over the same windows, so that a run still under way compares like with like
+            base_rows, base_bucket = bucket_sums(VANILLA, {r["item"] for r in rows})
+            base_ppl = math.exp(sum(b[1] for b in base_bucket) / sum(b[0] for b in base_bucket)) if base_rows else None
             by = [math.exp(b[1] / b[0]) if b[0] else float("nan") for b in per_bucket]
             kl_far = per_bucket[-1][2] / max(1, per_bucket[-1][0])
             evict = sum(r["evict_rate"] for r in rows) / len(rows)
             reads_cr = sum(r.get("reads_cr", 1.0) for r in rows) / len(rows)
-            rel = f"{100 * (ppl / base_ppl - 1):+.2f}%" if base_ppl else "-"
+            change = 100 * (ppl / base_ppl - 1) if base_ppl else None
+            rel = "-" if change is None else f"{change:+.2f}%"
             reads_text = "-" if evict else f"{reads_cr:.2f}"  # DMS rows ran the whole-sequence mask, not the cache
-            if base_ppl and "ppl" in TARGETS.get(name, {}):
-                change, bar = 100 * (ppl / base_ppl - 1), TARGETS[name]["ppl"]
+            if change is not None and "ppl" in TARGETS.get(name, {}):
+                bar = TARGETS[name]["ppl"]
                 targets.append((name, "perplexity vs vanilla", f"{change:+.2f}%", f"<= +{bar:g}%", change <= bar))
             lines.append(f"| {name} | {n_tok:,} | {ppl:.3f} | {rel} | {mean_kl:.4f} | {by[0]:.3f} | {by[1]:.3f} | "
                          f"{by[2]:.3f} | {kl_far:.4f} | {1 / max(1e-9, 1 - evict):.2f} | {reads_text} |")
@@ -252,7 +266,7 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
         lines += ["## Passkey retrieval", "",
                   "A 5-digit key at a random depth of held-out filler, asked through the chat template; the same trials for every "
                   "model. Difference to vanilla in points with a paired 95% interval (normal approximation).", "",
-                  "| context | model | trials | accuracy | vs vanilla (paired) | reads-based CR |", "|---|---|---|---|---|---|"]
+                  "| context | model | trials | accuracy | vs vanilla (paired) | reads-based CR | dtype |", "|---|---|---|---|---|---|---|"]
         for context in PASSKEY_TRIALS:
             def trials(name):
                 return {t: ok for r in pk_rows if r["model"] == name and r["context"] == context for t, ok in zip(r["trials"], r["ok"])}
@@ -263,6 +277,7 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
                 if not mine:
                     continue
                 cr = [r["cr"] for r in pk_rows if r["model"] == name and r["context"] == context]
+                dtypes = sorted({r.get("dtype", "bfloat16") for r in pk_rows if r["model"] == name and r["context"] == context})
                 common = sorted(set(mine) & set(base))
                 diff = "-"
                 if name != VANILLA and common:
@@ -272,7 +287,7 @@ def report(rec: Records, names: list[str], out_md: Path, command: str):
                         bar = TARGETS[name]["passkey"]
                         targets.append((name, f"passkey at {context} vs vanilla (points, paired 95% CI)", diff, f">= -{bar:g}", m >= -bar))
                 lines.append(f"| {context} | {name} | {len(mine)} | {100 * sum(mine.values()) / len(mine):.0f}% | {diff} | "
-                             f"{sum(cr) / len(cr):.2f} |")
+                             f"{sum(cr) / len(cr):.2f} | {', '.join(dtypes)} |")
                 accs.append((name, 100 * sum(mine.values()) / len(mine)))
         for name in names:
             pts = [(c, 100 * sum(ok for r in pk_rows if r["model"] == name and r["context"] == c for ok in r["ok"]) /
@@ -325,12 +340,13 @@ def main():
     parser.add_argument("--limit", type=int, default=None, help="smoke test: at most N windows/batches per part")
     args = parser.parse_args()
     rec = Records(args.work / "records.jsonl")
-    names = [VANILLA, *args.models]
-    command = "python benchmarks/smollm2_eval.py --models " + " ".join(args.models)
+    # the report covers every model with records, so runs over different model lists add up
+    names = list(dict.fromkeys([VANILLA, *args.models, *(r["model"] for r in rec.rows)]))
     if not args.report_only:
         deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
         entries, tok = load_entries(args.models, args.device, always=(VANILLA,), dtype=args.dtype)
         device = next(entries[VANILLA].model.parameters()).device
+        rec.stamp = {"dtype": str(next(entries[VANILLA].model.parameters()).dtype).removeprefix("torch.")}
         _, held = pydoc_split()
         held_ids = tok(held)["input_ids"]
         if "ppl" in args.parts:
@@ -341,7 +357,7 @@ def main():
             run_passkey(entries, tok, held_ids, rec, args.contexts, deadline, args.limit)
         if "speed" in args.parts:
             run_speed(entries, held_ids, rec, deadline)
-    report(rec, names, args.out, command)
+    report(rec, names, args.out)
 
 
 if __name__ == "__main__":
