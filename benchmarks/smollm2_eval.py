@@ -200,7 +200,7 @@ def report(rec: Records, names: list[str], out_md: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["# SmolLM2-135M-Instruct: vanilla vs DMS retrofits on held-out text", "",
+    lines = ["# SmolLM2-135M-Instruct: vanilla vs DMS retrofits and training-free baselines on held-out text", "",
              "Commands (each resumable; run in this order, then the report is rewritten from all records):", "",
              *[f"    python benchmarks/smollm2_eval.py {run}" for run in RUNS], "",
              "Held-out text: odd-indexed topics of CPython's `pydoc_data.topics` (`kvshrink.train.text`), never seen in "
@@ -277,7 +277,7 @@ def report(rec: Records, names: list[str], out_md: Path):
                 if not mine:
                     continue
                 cr = [r["cr"] for r in pk_rows if r["model"] == name and r["context"] == context]
-                dtypes = sorted({r.get("dtype", "bfloat16") for r in pk_rows if r["model"] == name and r["context"] == context})
+                dtypes = sorted({r["dtype"] for r in pk_rows if r["model"] == name and r["context"] == context})
                 common = sorted(set(mine) & set(base))
                 diff = "-"
                 if name != VANILLA and common:
@@ -315,6 +315,11 @@ def report(rec: Records, names: list[str], out_md: Path):
     fig.tight_layout()
     fig.savefig(out_md.with_suffix(".png"), dpi=120)
     lines += [f"![perplexity and passkey]({out_md.with_suffix('.png').name})", ""]
+    missing = [f"{part} {name}" for part in ("ppl", "agree") for name in names if not any(r["model"] == name for r in rec.get(part))]
+    missing += [f"passkey at {c} {name}" for c in PASSKEY_TRIALS for name in names
+                if not any(r["model"] == name and r["context"] == c for r in rec.get("passkey"))]
+    if missing:
+        lines += ["Not measured yet: " + "; ".join(missing) + ".", ""]
     if targets:
         lines += ["## Targets", "", "| model | measure | measured | target | met |", "|---|---|---|---|---|",
                   *[f"| {m} | {what} | {got} | {bar} | {'yes' if ok else '**no**'} |" for m, what, got, bar, ok in targets], "",
