@@ -47,8 +47,8 @@ def load_entries(names: list[str], device, always: tuple[str, ...] = (), dtype: 
 class Records:
     """Append-only results file: one JSON object per finished item, keyed by (part, model, item)."""
 
-    def __init__(self, path: Path, stamp: dict | None = None):
-        self.path, self.stamp = path, stamp or {}
+    def __init__(self, path: Path):
+        self.path, self.stamp = path, {}  # stamp: the run's settings, set once they are known (e.g. the dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.rows = read_jsonl(path)
         self.done = {(r["part"], r["model"], r["item"]) for r in self.rows}

@@ -218,16 +218,18 @@ def report(rec: Records, names: list[str], out_md: Path):
             rows = [r for r in ppl_rows if r["model"] == name and (items is None or r["item"] in items)]
             return rows, [[sum(r["buckets"][b][i] for r in rows) for i in range(3)] for b in range(len(BUCKETS))]
 
+        def totals(per_bucket):  # tokens, perplexity, mean KL
+            n_tok = sum(b[0] for b in per_bucket)
+            return n_tok, math.exp(sum(b[1] for b in per_bucket) / n_tok), sum(b[2] for b in per_bucket) / n_tok
+
         for name in names:
             rows, per_bucket = bucket_sums(name)
             if not rows:
                 continue
-            n_tok = sum(b[0] for b in per_bucket)
-            ppl = math.exp(sum(b[1] for b in per_bucket) / n_tok)
-            mean_kl = sum(b[2] for b in per_bucket) / n_tok
+            n_tok, ppl, mean_kl = totals(per_bucket)
             # vanilla over the same windows, so that a run still under way compares like with like
             base_rows, base_bucket = bucket_sums(VANILLA, {r["item"] for r in rows})
-            base_ppl = math.exp(sum(b[1] for b in base_bucket) / sum(b[0] for b in base_bucket)) if base_rows else None
+            base_ppl = totals(base_bucket)[1] if base_rows else None
             by = [math.exp(b[1] / b[0]) if b[0] else float("nan") for b in per_bucket]
             kl_far = per_bucket[-1][2] / max(1, per_bucket[-1][0])
             evict = sum(r["evict_rate"] for r in rows) / len(rows)
@@ -245,6 +247,20 @@ def report(rec: Records, names: list[str], out_md: Path):
         axes[0].set_ylabel("perplexity")
         axes[0].legend()
         lines.append("")
+        covered = [{r["item"] for r in ppl_rows if r["model"] == name} for name in names]
+        common = set.intersection(*[c for c in covered if c])
+        if any(c and c != common for c in covered):  # a run still under way: every model on the same windows too
+            lines += [f"The same, on the {len(common)} windows every model has:", "",
+                      "| model | tokens | ppl | ppl vs vanilla | KL |", "|---|---|---|---|---|"]
+            base = None
+            for name in names:
+                rows, per_bucket = bucket_sums(name, common)
+                if rows:
+                    n_tok, ppl, mean_kl = totals(per_bucket)
+                    base = ppl if name == VANILLA else base
+                    rel = f"{100 * (ppl / base - 1):+.2f}%" if base else "-"
+                    lines.append(f"| {name} | {n_tok:,} | {ppl:.3f} | {rel} | {mean_kl:.4f} |")
+            lines.append("")
     agree_rows = rec.get("agree")
     if agree_rows:
         lines += ["## Greedy agreement with vanilla", "",
@@ -276,8 +292,8 @@ def report(rec: Records, names: list[str], out_md: Path):
                 mine = trials(name)
                 if not mine:
                     continue
-                cr = [r["cr"] for r in pk_rows if r["model"] == name and r["context"] == context]
-                dtypes = sorted({r["dtype"] for r in pk_rows if r["model"] == name and r["context"] == context})
+                at_context = [r for r in pk_rows if r["model"] == name and r["context"] == context]
+                cr, dtypes = [r["cr"] for r in at_context], sorted({r["dtype"] for r in at_context})
                 common = sorted(set(mine) & set(base))
                 diff = "-"
                 if name != VANILLA and common:
@@ -350,8 +366,8 @@ def main():
     if not args.report_only:
         deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
         entries, tok = load_entries(args.models, args.device, always=(VANILLA,), dtype=args.dtype)
-        device = next(entries[VANILLA].model.parameters()).device
-        rec.stamp = {"dtype": str(next(entries[VANILLA].model.parameters()).dtype).removeprefix("torch.")}
+        weight = next(entries[VANILLA].model.parameters())
+        device, rec.stamp = weight.device, {"dtype": str(weight.dtype).removeprefix("torch.")}
         _, held = pydoc_split()
         held_ids = tok(held)["input_ids"]
         if "ppl" in args.parts:
