@@ -1,6 +1,7 @@
 """KVTC codec throughput on a SmolLM2-135M-shaped cache, with a per-stage breakdown.
 
     python benchmarks/kvtc_speed.py --threads 2 --write    # -> docs/results/kvtc-speed.md
+    python benchmarks/kvtc_speed.py --threads 2 --write --tag avx2    # another CPU -> kvtc-speed-avx2.md
 
 No model is loaded. The calibration is synthetic but has SmolLM2-135M's shape (30 layers, 3 KV heads,
 head_dim 64: p = 5,760 features a stream): a random orthonormal basis, and the plans the real DP
@@ -34,6 +35,7 @@ from kvshrink.kvtc import Calibration, ModelIdentity, PCABasis, allocate, budget
 from kvshrink.kvtc import codec
 from kvshrink.kvtc.codec import blob_stats
 from kvshrink.kvtc.pca import from_features
+from kvshrink.loading import cpu_has_fast_bf16
 from shared import best_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,6 +156,7 @@ def main():
     parser.add_argument("--fp32", action="store_true", help="fp32 matmuls only (what CPUs without native bf16 get)")
     parser.add_argument("--calibration", type=Path, help="a real calibration for SmolLM2-135M's shape")
     parser.add_argument("--write", action="store_true", help=f"write the table to {OUT.relative_to(ROOT)}")
+    parser.add_argument("--tag", default="", help="write kvtc-speed-TAG.md instead (another CPU's table beside the first)")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
@@ -181,6 +184,9 @@ def main():
     stats = blob_stats(blob)
     middle = slice(4, args.tokens - 128)
     key_plan, value_plan = calib.plan(args.cr)
+    # each middle token is projected onto every planned component and back: 2 flops per multiply-add
+    gflop = 2 * (args.tokens - 4 - 128) * identity.features * (key_plan.rank + value_plan.rank) / 1e9
+    project = dict(c_stages)["projection matmul"]
     lines = [
         f"# KVTC codec speed (CPU, {args.threads} thread{'s' * (args.threads != 1)})", "",
         f"Command: `python benchmarks/kvtc_speed.py {' '.join(Path(a).name if a.endswith('.safetensors') else a for a in sys.argv[1:])}`", "",
@@ -192,7 +198,9 @@ def main():
         f"({len(value_plan.groups)} groups). Blob {stats['bytes'] / 1e6:.2f} MB (ratio {stats['ratio']:.1f}, middle "
         f"{stats['middle_ratio']:.1f}, {stats['coder']}); middle's relative error: keys "
         f"{rel_error(keys, out.keys, middle):.4f}, values {rel_error(values, out.values, middle):.4f}. "
-        f"Load average when it started: {load:.1f} on {os.cpu_count()} CPUs.", "",
+        f"Load average when it started: {load:.1f} on {os.cpu_count()} CPUs. CPU capability: "
+        f"{torch.backends.cpu.get_cpu_capability()}{'' if cpu_has_fast_bf16() else ' (no native bf16)'}. "
+        f"The projection is {gflop:.0f} GFLOP each way; compress ran it at {gflop / project:.0f} GFLOP/s.", "",
         "| | seconds (best of {}) | MB/s (fp16-equivalent) |".format(args.repeats), "|---|---|---|",
         f"| compress | {t_c:.3f} | {fp16_bytes / t_c / 1e6:.0f} |",
         f"| decompress | {t_d:.3f} | {fp16_bytes / t_d / 1e6:.0f} |", "",
@@ -203,8 +211,9 @@ def main():
     text = "\n".join(lines)
     print(text)
     if args.write:
-        OUT.write_text(text)
-        print(f"wrote {OUT.relative_to(ROOT)}", file=sys.stderr)
+        out = OUT.with_name(f"kvtc-speed-{args.tag}.md") if args.tag else OUT
+        out.write_text(text)
+        print(f"wrote {out.relative_to(ROOT)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
