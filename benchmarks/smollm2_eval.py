@@ -78,45 +78,61 @@ def agree_prompts(held_ids: list[int]) -> list[list[int]]:
 
 
 # -- parts -----------------------------------------------------------------------------------------------
-def cached_forward(entry: Entry, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Teacher-forced logits through the kvshrink cache in the policy's prefill chunks, and the reads."""
+def cached_forward(entry: Entry, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced logits (B, T, V) through the kvshrink cache in the policy's prefill chunks, and each
+    row's reads (B,). Rows are independent sequences of one length: batching them only amortizes the
+    per-chunk work (16-token chunks of one row would run the linear layers on 16-row matrices)."""
     cache = KVCache(entry.model, entry.policy)
     chunk = entry.policy.prefill_chunk or 512
-    pieces, reads = [], 0.0
+    pieces, reads = [], torch.zeros(ids.shape[0], dtype=torch.float64)
     for s in range(0, ids.shape[1], chunk):
-        positions = torch.arange(s, min(ids.shape[1], s + chunk), device=ids.device)[None]
+        positions = torch.arange(s, min(ids.shape[1], s + chunk), device=ids.device)[None].expand(ids.shape[0], -1)
         pieces.append(entry.model(ids[:, s:s + chunk], position_ids=positions, **cache_arg(cache), use_cache=True).logits)
-        reads += float(cache.accounting.last_reads.sum())
+        reads += cache.accounting.last_reads.sum(-1).double().cpu()
     return torch.cat(pieces, 1), reads
 
 
+def add_ppl(rec: Records, name: str, w: int, ids: list[int], logp, ref, flags=(), reads_cr: float = 1.0) -> None:
+    """One window's record: per position bucket [tokens, sum of NLL, sum of KL(vanilla || model)]."""
+    target = torch.tensor(ids[1:], device=logp.device)
+    nll = -logp.gather(-1, target[:, None])[:, 0]
+    kl = (ref.exp() * (ref - logp)).sum(-1)
+    evicted = float(torch.stack([f["flags"].float().mean() for f in flags]).mean()) if flags else 0.0
+    sums = [[int(nll[lo:hi].numel()), float(nll[lo:hi].sum()), float(kl[lo:hi].sum())] for lo, hi in BUCKETS]
+    rec.add({"part": "ppl", "model": name, "item": w, "buckets": sums, "evict_rate": evicted, "reads_cr": reads_cr})
+    print(f"ppl window {w} {name}: ppl {math.exp(float(nll.mean())):.3f} kl {float(kl.mean()):.4f}", flush=True)
+
+
 @torch.no_grad()
-def run_ppl(entries: dict[str, Entry], held_ids, rec: Records, device, deadline, limit=None):
+def run_ppl(entries: dict[str, Entry], held_ids, rec: Records, device, deadline, limit=None, batch: int = 4):
+    """Windows go `batch` at a time: vanilla and DMS models one window per forward, cached policies
+    (`NAME@POLICY:CR`) the group's windows of equal length as one batch."""
     vanilla = entries[VANILLA].model
-    for w, window in enumerate(ppl_windows(held_ids)[:limit]):
-        todo = [m for m in entries if ("ppl", m, w) not in rec.done]
+    windows = ppl_windows(held_ids)[:limit]
+    for first in range(0, len(windows), batch):
+        todo = {w: [m for m in entries if ("ppl", m, w) not in rec.done] for w in range(first, min(len(windows), first + batch))}
+        todo = {w: names for w, names in todo.items() if names}
         if not todo or time.time() > deadline:
             continue
-        ids = torch.tensor([window], device=device)
-        ref = F.log_softmax(vanilla(ids, use_cache=False).logits[0, :-1].float(), -1)
-        T = ids.shape[1]
-        for name in todo:
-            entry, flags, reads_cr = entries[name], [], 1.0
+        ids = {w: torch.tensor([windows[w]], device=device) for w in todo}
+        refs = {w: F.log_softmax(vanilla(ids[w], use_cache=False).logits[0, :-1].float(), -1) for w in todo}
+        for name, entry in entries.items():
+            need = [w for w in todo if name in todo[w]]
             if name == VANILLA:
-                logp = ref
+                for w in need:
+                    add_ppl(rec, name, w, windows[w], refs[w], refs[w])
             elif entry.policy.needs_dms:  # the whole-sequence hard mask: equal to the cache (tested)
-                logp = F.log_softmax(entry.model(ids, use_cache=False, dms_collect=flags).logits[0, :-1].float(), -1)
+                for w in need:
+                    flags = []
+                    logits = entry.model(ids[w], use_cache=False, dms_collect=flags).logits[0, :-1]
+                    add_ppl(rec, name, w, windows[w], F.log_softmax(logits.float(), -1), refs[w], flags)
             else:
-                logits, reads = cached_forward(entry, ids)
-                logp, reads_cr = F.log_softmax(logits[0, :-1].float(), -1), T * (T + 1) / 2 / reads
-            nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
-            kl = (ref.exp() * (ref - logp)).sum(-1)
-            evicted = float(torch.stack([f["flags"].float().mean() for f in flags]).mean()) if flags else 0.0
-            # per position bucket (the scored token's position in its window): [tokens, sum of NLL, sum of KL]
-            sums = [[int(nll[lo:hi].numel()), float(nll[lo:hi].sum()), float(kl[lo:hi].sum())] for lo, hi in BUCKETS]
-            rec.add({"part": "ppl", "model": name, "item": w, "buckets": sums, "evict_rate": evicted,
-                     "reads_cr": reads_cr})
-            print(f"ppl window {w} {name}: ppl {math.exp(float(nll.mean())):.3f} kl {float(kl.mean()):.4f}", flush=True)
+                for length in dict.fromkeys(len(windows[w]) for w in need):
+                    rows = [w for w in need if len(windows[w]) == length]
+                    logits, reads = cached_forward(entry, torch.cat([ids[w] for w in rows]))
+                    for i, w in enumerate(rows):
+                        add_ppl(rec, name, w, windows[w], F.log_softmax(logits[i, :-1].float(), -1), refs[w],
+                                reads_cr=length * (length + 1) / 2 / float(reads[i]))
 
 
 def run_agree(entries: dict[str, Entry], held_ids, rec: Records, batch: int, deadline, limit=None):
@@ -355,6 +371,7 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="weights and cache dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--agree-batch", type=int, default=25)
+    parser.add_argument("--ppl-batch", type=int, default=4, help="held-out windows per cached-policy forward")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new items after this long")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "smollm2.md")
     parser.add_argument("--report-only", action="store_true")
@@ -371,7 +388,7 @@ def main():
         _, held = pydoc_split()
         held_ids = tok(held)["input_ids"]
         if "ppl" in args.parts:
-            run_ppl(entries, held_ids, rec, device, deadline, args.limit)
+            run_ppl(entries, held_ids, rec, device, deadline, args.limit, args.ppl_batch)
         if "agree" in args.parts:
             run_agree(entries, held_ids, rec, args.agree_batch, deadline, args.limit)
         if "passkey" in args.parts:
