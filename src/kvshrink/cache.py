@@ -188,23 +188,32 @@ class SlotLayer(CacheLayerMixin):
         self.live.masked_fill_(gone, False)
         self.bias.masked_fill_(gone, float("-inf"))
 
-    def gather(self, slots: torch.Tensor, readable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values and a decode mask (B, Hkv, 1, n) for just the (B, Hkv, n) `slots`, so that attention
-        reads n slots instead of S; entries that are not `readable` are masked."""
+    def attend_rows(self, q: torch.Tensor, slots: torch.Tensor, readable: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of q (B, Hkv, G, D) over just the (B, Hkv, n) `slots` (entries not `readable` masked),
+        so that a step reads n slots instead of S. The keys are copied out (one row copy per slot) for
+        one batched product; the values are never copied: `embedding_bag` sums each query head's chosen
+        rows in place with its attention weights (on CPUs the copy cost about as much as the read;
+        benchmarks/quest_kernels.py)."""
         B, H, S, _ = self.keys.shape
-        rows = (torch.arange(B * H, device=slots.device).view(B, H, 1) * S + slots).flatten()
-        keys, values = (self._pick_rows(t, rows, i).view(B, H, -1, t.shape[-1]) for i, t in enumerate((self.keys, self.values)))
-        mask = torch.zeros(slots.shape, dtype=self.keys.dtype, device=slots.device).masked_fill(~readable, float("-inf"))
-        return keys, values, mask[:, :, None, :]
+        G, n = q.shape[2], slots.shape[-1]
+        rows = torch.arange(B * H, device=slots.device).view(B, H, 1) * S + slots  # rows of the flat (B*H*S, D) storage
+        keys = self._pick_rows(self.keys, rows.flatten()).view(B, H, n, -1)
+        bias = torch.zeros(slots.shape, dtype=q.dtype, device=q.device).masked_fill(~readable, float("-inf"))
+        probs = torch.softmax(((q @ keys.mT) * scaling + bias[:, :, None, :]).float(), dim=-1)  # (B, Hkv, G, n)
+        per_head = rows[:, :, None, :].expand(B, H, G, n).reshape(-1)
+        values = self.values.reshape(B * H * S, -1)
+        out = F.embedding_bag(per_head, values, torch.arange(0, per_head.numel(), n, device=q.device), mode="sum",
+                              per_sample_weights=probs.reshape(-1).to(values.dtype))
+        return out.view(B, H, G, -1)
 
-    def _pick_rows(self, storage: torch.Tensor, rows: torch.Tensor, buffer: int) -> torch.Tensor:
+    def _pick_rows(self, storage: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Rows of the flattened (B * Hkv * S, D) storage: one row copy per slot, far faster than an
-        element-wise gather. Outside autograd they land in one of the cache's two reusable buffers
-        (layers run one at a time), so that decode does not allocate and fault in fresh pages every step."""
+        element-wise gather. Outside autograd they land in the cache's reusable buffer (layers run one
+        at a time), so that decode does not allocate and fault in fresh pages every step."""
         flat = storage.reshape(-1, storage.shape[-1])
         if torch.is_grad_enabled():
             return flat.index_select(0, rows)
-        out = self.cache.scratch(buffer, rows.numel() * flat.shape[1], flat).view(rows.numel(), flat.shape[1])
+        out = self.cache.scratch(rows.numel() * flat.shape[1], flat).view(rows.numel(), flat.shape[1])
         return torch.index_select(flat, 0, rows, out=out)
 
     def free_expired(self) -> None:
@@ -354,7 +363,7 @@ class KVCache(Cache):
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.policy = policy or CachePolicy()
         self.reserve, self.chunk = reserve, chunk
-        self._scratch: dict[int, torch.Tensor] = {}  # per-layer temporaries reused across layers and steps
+        self._scratch: torch.Tensor | None = None  # a per-layer temporary reused across layers and steps
         self.accounting = Accounting(config.num_hidden_layers, config.num_key_value_heads)
         super().__init__(layers=[SlotLayer(self, i) for i in range(config.num_hidden_layers)])
 
@@ -362,11 +371,11 @@ class KVCache(Cache):
         super().reset()
         self.accounting = self.accounting.fresh(self.accounting.groups)
 
-    def scratch(self, buffer: int, numel: int, like: torch.Tensor) -> torch.Tensor:
-        """Flat reusable buffer number `buffer` with at least `numel` elements of `like`'s dtype and device."""
-        have = self._scratch.get(buffer)
+    def scratch(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A flat reusable buffer with at least `numel` elements of `like`'s dtype and device."""
+        have = self._scratch
         if have is None or have.numel() < numel or have.dtype != like.dtype or have.device != like.device:
-            have = self._scratch[buffer] = like.new_empty(numel)
+            have = self._scratch = like.new_empty(numel)
         return have[:numel]
 
     def allocated_bytes(self) -> int:
@@ -386,11 +395,9 @@ class KVCache(Cache):
         G = H // Hkv
         qg = q.reshape(B, Hkv, G * Q, D)  # heads h = kv * G + g share KV head kv
         policy = self.policy
-        keys, values = layer.keys, layer.values
         selected = policy.select(layer, qg, valid) if Q == 1 else None
         if selected is not None:  # a read-selection policy (Quest): read only the chosen slots
             slots, readable, extra_reads = selected
-            keys, values, mask = layer.gather(slots, readable)
             reads = readable.sum(-1).sum(1, keepdim=True) + extra_reads[:, None]
         elif Q == 1:
             reads = layer.live.sum(-1).sum(1, keepdim=True)  # (B, 1): every live slot is read
@@ -399,14 +406,16 @@ class KVCache(Cache):
         self.accounting.record(layer_idx, reads * valid, layer.live.sum((1, 2)))
         if Q > 1:
             mask = mask[:, :, None].expand(B, Hkv, G, Q, mask.shape[-1]).reshape(B, Hkv, G * Q, -1)
-        if policy.needs_attention:  # the weights are the policy's evidence: compute them, then reuse them
+        if selected is not None:
+            out = layer.attend_rows(qg, slots, readable, scaling)
+        elif policy.needs_attention:  # the weights are the policy's evidence: compute them, then reuse them
             if mask.dtype == torch.bool:
                 mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-            probs = torch.softmax(((qg @ keys.transpose(-1, -2)) * scaling + mask).float(), dim=-1)
-            out = probs.to(values.dtype) @ values
+            probs = torch.softmax(((qg @ layer.keys.transpose(-1, -2)) * scaling + mask).float(), dim=-1)
+            out = probs.to(layer.values.dtype) @ layer.values
             policy.observe(layer, probs.view(B, Hkv, G, Q, -1).mean(2), valid)
         else:
-            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scaling)
+            out = F.scaled_dot_product_attention(qg, layer.keys, layer.values, attn_mask=mask, scale=scaling)
         scores = policy.keep_scores(layer)
         if scores is not None:
             layer.enforce_budget(policy.budget(layer), scores, Q)

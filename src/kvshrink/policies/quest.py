@@ -31,8 +31,9 @@ class QuestPolicy(BudgetPolicy):
     page: int = 16
     name = "quest"
     prefill_chunk = None
-    # (B, Hkv, pages, 2D): each page's channel-wise key max, then min; (B, Hkv, pages, page) int32: the
-    # slot of each of a page's tokens, -1 where none is stored yet
+    # (B, Hkv, pages, 2D): each page's channel-wise key max, then minus its min (both halves are maxima, so
+    # one in-place "amax" keeps them); (B, Hkv, pages, page) int32: the slot of each of a page's tokens,
+    # -1 where none is stored yet
     layer_fields = ("page_bounds", "page_slots")
 
     def init_layer(self, layer, keys: torch.Tensor) -> None:
@@ -46,14 +47,12 @@ class QuestPolicy(BudgetPolicy):
         index = (layer.pos.gather(2, slots).long() - layer.first_pos[:, None, None]).clamp(min=0)  # in its sequence; padding -> 0
         grow = layer.seen // self.page + 1 - layer.page_bounds.shape[2]  # a host bound on the pages written (no sync)
         if grow > 0:
-            fresh = k.new_full((B, H, grow, D), float("inf"))
-            layer.page_bounds = torch.cat([layer.page_bounds, torch.cat([-fresh, fresh], -1)], 2)
+            layer.page_bounds = torch.cat([layer.page_bounds, k.new_full((B, H, grow, 2 * D), float("-inf"))], 2)
             layer.page_slots = torch.cat([layer.page_slots, layer.page_slots.new_full((B, H, grow, self.page), -1)], 2)
             layer.cache.accounting.note_bytes(layer.cache.allocated_bytes())
         real = valid[:, None, :].expand_as(slots)
-        where = (index // self.page)[..., None].expand_as(k)
-        layer.page_bounds[..., :D].scatter_reduce_(2, where, k.masked_fill(~real[..., None], float("-inf")), "amax")
-        layer.page_bounds[..., D:].scatter_reduce_(2, where, k.masked_fill(~real[..., None], float("inf")), "amin")
+        where = (index // self.page)[..., None].expand(B, H, k.shape[2], 2 * D)
+        layer.page_bounds.scatter_reduce_(2, where, torch.cat([k, -k], -1).masked_fill(~real[..., None], float("-inf")), "amax")
         # padding writes -1, which "amax" never lets win over a real slot of the same entry
         layer.page_slots.view(B, H, -1).scatter_reduce_(2, index, torch.where(real, slots, -1).to(torch.int32), "amax")
 
@@ -65,9 +64,9 @@ class QuestPolicy(BudgetPolicy):
     def select(self, layer, q, valid):
         B, H = q.shape[:2]
         empty = torch.isneginf(layer.page_bounds[..., 0])  # (B, Hkv, P): pages holding no real token
-        # sum_c max(q_c max_c, q_c min_c) = q+ . max + q- . min, and the mean over the G query heads of a
-        # linear form is the form of their mean: one matrix-vector product; q: (B, Hkv, G, D)
-        q_split = torch.cat([q.clamp(min=0), q.clamp(max=0)], -1).mean(2, keepdim=True)
+        # sum_c max(q_c max_c, q_c min_c) = q+ . max + (-q-) . (-min), and the mean over the G query heads of
+        # a linear form is the form of their mean: one matrix-vector product; q: (B, Hkv, G, D)
+        q_split = torch.cat([q.clamp(min=0), -q.clamp(max=0)], -1).mean(2, keepdim=True)
         score = (q_split @ layer.page_bounds.mT).squeeze(2).masked_fill(empty, float("-inf"))  # (B, Hkv, P)
         current = ((layer.real - 1).clamp(min=0) // self.page).view(B, 1, 1).expand(B, H, 1)  # the query's own page
         score = score.scatter(2, current, float("inf"))
