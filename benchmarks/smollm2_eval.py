@@ -377,6 +377,8 @@ def main():
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--limit", type=int, default=None, help="smoke test: at most N windows/batches per part")
     args = parser.parse_args()
+    if args.ppl_batch < 1 or args.agree_batch < 1:
+        parser.error("--ppl-batch and --agree-batch must be >= 1")
     rec = Records(args.work / "records.jsonl")
     # the report covers every model with records, so runs over different model lists add up
     names = list(dict.fromkeys([VANILLA, *args.models, *(r["model"] for r in rec.rows)]))
