@@ -303,7 +303,6 @@ def report(rec: Records, names: list[str], out_md: Path):
             def trials(name):
                 return {t: ok for r in pk_rows if r["model"] == name and r["context"] == context for t, ok in zip(r["trials"], r["ok"])}
             base = trials(VANILLA)
-            accs = []
             for name in names:
                 mine = trials(name)
                 if not mine:
@@ -320,7 +319,6 @@ def report(rec: Records, names: list[str], out_md: Path):
                         targets.append((name, f"passkey at {context} vs vanilla (points, paired 95% CI)", diff, f">= -{bar:g}", m >= -bar))
                 lines.append(f"| {context} | {name} | {len(mine)} | {100 * sum(mine.values()) / len(mine):.0f}% | {diff} | "
                              f"{sum(cr) / len(cr):.2f} | {', '.join(dtypes)} |")
-                accs.append((name, 100 * sum(mine.values()) / len(mine)))
         for name in names:
             pts = [(c, 100 * sum(ok for r in pk_rows if r["model"] == name and r["context"] == c for ok in r["ok"]) /
                     max(1, sum(len(r["ok"]) for r in pk_rows if r["model"] == name and r["context"] == c))) for c in PASSKEY_TRIALS
@@ -348,8 +346,11 @@ def report(rec: Records, names: list[str], out_md: Path):
     fig.savefig(out_md.with_suffix(".png"), dpi=120)
     lines += [f"![perplexity and passkey]({out_md.with_suffix('.png').name})", ""]
     missing = [f"{part} {name}" for part in ("ppl", "agree") for name in names if not any(r["model"] == name for r in rec.get(part))]
-    missing += [f"passkey at {c} {name}" for c in PASSKEY_TRIALS for name in names
-                if not any(r["model"] == name and r["context"] == c for r in rec.get("passkey"))]
+    for c, wanted in PASSKEY_TRIALS.items():
+        for name in names:
+            done = sum(len(r["ok"]) for r in rec.get("passkey") if r["model"] == name and r["context"] == c)
+            if done < wanted:
+                missing.append(f"passkey at {c} {name}" + (f" ({done} of {wanted} trials)" if done else ""))
     if missing:
         lines += ["Not measured yet: " + "; ".join(missing) + ".", ""]
     if targets:
