@@ -294,17 +294,19 @@ def report(rec: Records, names: list[str], out_md: Path):
                          f"{sum(got[i][1] for i in common) / len(common):.2f} |")
         lines.append("")
     pk_rows = rec.get("passkey")
+
+    def passkey_trials(name, context):  # trial -> key found, for one model at one context
+        return {t: ok for r in pk_rows if r["model"] == name and r["context"] == context for t, ok in zip(r["trials"], r["ok"])}
+
     if pk_rows:
         lines += ["## Passkey retrieval", "",
                   "A 5-digit key at a random depth of held-out filler, asked through the chat template; the same trials for every "
                   "model. Difference to vanilla in points with a paired 95% interval (normal approximation).", "",
                   "| context | model | trials | accuracy | vs vanilla (paired) | reads-based CR | dtype |", "|---|---|---|---|---|---|---|"]
         for context in PASSKEY_TRIALS:
-            def trials(name):
-                return {t: ok for r in pk_rows if r["model"] == name and r["context"] == context for t, ok in zip(r["trials"], r["ok"])}
-            base = trials(VANILLA)
+            base = passkey_trials(VANILLA, context)
             for name in names:
-                mine = trials(name)
+                mine = passkey_trials(name, context)
                 if not mine:
                     continue
                 at_context = [r for r in pk_rows if r["model"] == name and r["context"] == context]
@@ -320,9 +322,7 @@ def report(rec: Records, names: list[str], out_md: Path):
                 lines.append(f"| {context} | {name} | {len(mine)} | {100 * sum(mine.values()) / len(mine):.0f}% | {diff} | "
                              f"{sum(cr) / len(cr):.2f} | {', '.join(dtypes)} |")
         for name in names:
-            pts = [(c, 100 * sum(ok for r in pk_rows if r["model"] == name and r["context"] == c for ok in r["ok"]) /
-                    max(1, sum(len(r["ok"]) for r in pk_rows if r["model"] == name and r["context"] == c))) for c in PASSKEY_TRIALS
-                   if any(r["model"] == name and r["context"] == c for r in pk_rows)]
+            pts = [(c, 100 * sum(found.values()) / len(found)) for c in PASSKEY_TRIALS if (found := passkey_trials(name, c))]
             if pts:
                 axes[1].plot([c for c, _ in pts], [a for _, a in pts], marker="o", label=name)
         axes[1].set_xscale("log", base=2)
@@ -348,7 +348,7 @@ def report(rec: Records, names: list[str], out_md: Path):
     missing = [f"{part} {name}" for part in ("ppl", "agree") for name in names if not any(r["model"] == name for r in rec.get(part))]
     for c, wanted in PASSKEY_TRIALS.items():
         for name in names:
-            done = sum(len(r["ok"]) for r in rec.get("passkey") if r["model"] == name and r["context"] == c)
+            done = len(passkey_trials(name, c))
             if done < wanted:
                 missing.append(f"passkey at {c} {name}" + (f" ({done} of {wanted} trials)" if done else ""))
     if missing:
