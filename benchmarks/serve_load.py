@@ -4,9 +4,12 @@
         --kv-budget-mb 256 --requests 12 --max-tokens 512 1536
 
 For each model, context and `--max-tokens` value: a server on a free loopback port with `--kv-budget-mb`;
-`--requests` streaming clients start together, each with its own held-out passage as prompt and
-`max_tokens` greedy tokens, so that prompt + generated = `context` tokens (a small `max_tokens` is a
-prompt-heavy load, a large one the long-generation load that hyper-scaling is about). Measured: the most
+`--requests` streaming clients start together, each with its own held-out prompt and `max_tokens` greedy
+tokens, so that prompt + generated = `context` tokens (a small `max_tokens` is a prompt-heavy load, a large
+one the long-generation load that hyper-scaling is about). `--text pydoc` sends passages of Python
+documentation as completions (the text `smollm2-dms*` was retrofitted on); `--text tasks` sends held-out
+`vt`/`niah` problems as chat requests, each at the largest difficulty that fits in context - `max_tokens`
+(the text the zoo's `tiny-dms*` were retrofitted on). Measured: the most
 and the mean number of sequences decoded together (polled from /metrics), aggregate generated tokens/s
 over the run and the best 10-second rate the server reported (decode with the batch at its fullest,
 prefill aside), time to first token and
@@ -33,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import kvshrink  # noqa: E402
+from kvshrink.prompts import chat_prompt  # noqa: E402
 from kvshrink.serve import build_engine  # noqa: E402
+from kvshrink.tasks import TASKS, make_problems  # noqa: E402
 from kvshrink.train.text import pydoc_split  # noqa: E402
 from kvshrink.serve.app import read_metrics, run_in_thread  # noqa: E402
 
@@ -43,17 +48,38 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def client(url: str, prompt: str, max_tokens: int) -> dict:
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}).encode()
+def client(url: str, prompt: str | list[dict], max_tokens: int) -> dict:
+    """One streaming request: a completion for a text prompt, a chat completion for a list of messages."""
+    chat = isinstance(prompt, list)
+    body = json.dumps({"messages" if chat else "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "ignore_eos": True}).encode()
     start_t = time.perf_counter()
     stamps = []
-    with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/completions", data=body,
+    endpoint = "chat/completions" if chat else "completions"
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/{endpoint}", data=body,
                                                        headers={"Content-Type": "application/json"}), timeout=3600) as r:
-        for line in r:
-            if line.startswith(b"data: {") and b'"text"' in line:
+        for line in r:  # one chunk per generated token; a chat stream's first chunk (the role) and the usage chunk are not
+            if line.startswith(b"data: {") and b'"finish_reason"' in line and b'"role"' not in line:
                 stamps.append(time.perf_counter())
     return {"ttft": stamps[0] - start_t if stamps else float("nan"), "itl": [b - a for a, b in zip(stamps, stamps[1:])],
             "tokens": len(stamps)}
+
+
+def task_prompts(tok, n: int, tokens: int) -> list[list[dict]]:
+    """Held-out `vt` and `niah` problems, alternating, each at the largest difficulty whose chat prompt fits
+    in `tokens`: the load of the zoo's task models, on text of the kind their DMS adapters were trained on."""
+    def length(task: str, i: int, d: int) -> int:
+        return len(chat_prompt(tok, make_problems(task, 1, difficulty=d, first=i)[0].prompt))
+
+    prompts = []
+    for i in range(n):
+        task = ("vt", "niah")[i % 2]
+        lo, hi = 1, TASKS[task].MAX_DIFFICULTY  # prompt length grows with difficulty
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if length(task, i, mid) <= tokens else (lo, mid - 1)
+        prompts.append([{"role": "user", "content": make_problems(task, 1, difficulty=lo, first=i)[0].prompt}])
+    return prompts
 
 
 def run_point(name: str, context: int, max_tokens: int, args, passages: list[str]) -> dict:
@@ -71,7 +97,12 @@ def run_point(name: str, context: int, max_tokens: int, args, passages: list[str
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    prompts = [tok.decode(tok(p)["input_ids"][:context - max_tokens]) for p in passages[:args.requests]]
+    if args.text == "tasks":
+        prompts = task_prompts(tok, args.requests, context - max_tokens)
+        prompt_tokens = [len(chat_prompt(tok, p)) for p in prompts]
+    else:
+        prompts = [tok.decode(tok(p)["input_ids"][:context - max_tokens]) for p in passages[:args.requests]]
+        prompt_tokens = [len(tok(p)["input_ids"]) for p in prompts]
     began = time.perf_counter()
     with ThreadPoolExecutor(args.requests) as pool:
         results = list(pool.map(lambda p: client(url, p, max_tokens), prompts))
@@ -84,7 +115,8 @@ def run_point(name: str, context: int, max_tokens: int, args, passages: list[str
     busy = [r for r in running if r > 0]
     itl = [x for r in results for x in r["itl"]]
     return {**point_key(name, context, max_tokens, args), "budget_tokens": engine.budget, "max_concurrent": max(running),
-            "mean_concurrent": statistics.mean(busy) if busy else 0.0, "tokens_per_second": sum(r["tokens"] for r in results) / wall,
+            "mean_concurrent": statistics.mean(busy) if busy else 0.0, "mean_prompt_tokens": statistics.mean(prompt_tokens),
+            "tokens_per_second": sum(r["tokens"] for r in results) / wall,
             "peak_tokens_per_second": max(rates),
             "ttft_p50": percentile([r["ttft"] for r in results], 0.5), "ttft_p99": percentile([r["ttft"] for r in results], 0.99),
             "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99), "wall_s": wall, "compression_ratio": achieved}
@@ -97,6 +129,8 @@ def main():
     parser.add_argument("--kv-budget-mb", type=float, default=256)
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[512], help="generated tokens per request (one load each)")
+    parser.add_argument("--text", choices=["pydoc", "tasks"], default="pydoc",
+                        help="prompts: held-out Python documentation, or held-out vt/niah problems as chat requests")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "serving.md")
     args = parser.parse_args()
     held = pydoc_split()[1]
@@ -104,6 +138,8 @@ def main():
     passages = [held[i * stride:i * stride + 40_000] for i in range(args.requests)]  # distinct held-out passages
     done_file = args.out.with_suffix(".points.jsonl")
     done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
+    for row in done:
+        row.setdefault("text", "pydoc")  # points measured before --text existed
     command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
     for pair, max_tokens, context in itertools.product(args.pairs, args.max_tokens, args.contexts):
         for name in pair.split(":"):
@@ -120,7 +156,7 @@ def main():
 
 def point_key(name: str, context: int, max_tokens: int, args) -> dict:
     return {"model": name, "context": context, "kv_budget_mb": args.kv_budget_mb, "requests": args.requests,
-            "max_tokens": max_tokens}
+            "max_tokens": max_tokens, "text": args.text}
 
 
 def write_report(rows: list[dict], out: Path) -> None:
@@ -130,34 +166,38 @@ def write_report(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    load = lambda r: (r["context"], r["max_tokens"], r["requests"], r["kv_budget_mb"])  # noqa: E731
+    load = lambda r: (r["context"], r["max_tokens"], r["requests"], r["kv_budget_mb"], r["text"])  # noqa: E731
     rows = sorted(rows, key=lambda r: (r["pair"], load(r), r["pair"].split(":").index(r["model"])))
     lines = ["# Serving under one KV budget: vanilla vs DMS", "", "Commands (127.0.0.1, no other job running):", "",
              *[f"    {c}" for c in dict.fromkeys(r["command"] for r in rows)], "",
-             "Each load: `clients` streaming clients start together, each with its own held-out prompt of context - new "
-             "tokens, asking for `max_tokens` = new tokens (greedy, `ignore_eos`); the budget counts live keys and values.", "",
-             "| model | context | new tokens | clients | budget (KV tokens) | max concurrent | mean concurrent | tokens/s (whole run) | "
+             "Each load: `clients` streaming clients start together, each with its own held-out prompt of at most context - "
+             "new tokens (`pydoc`: held-out Python documentation, as a completion; `tasks`: a held-out `vt` or `niah` problem at the "
+             "largest difficulty that fits, as a chat request), asking for `max_tokens` = new tokens (greedy, `ignore_eos`); "
+             "the budget counts live keys and values.", "",
+             "| model | prompts | context | prompt tokens (mean) | new tokens | clients | budget (KV tokens) | max concurrent | "
+             "mean concurrent | tokens/s (whole run) | "
              "best 10 s tokens/s | TTFT p50 / p99 s | ITL p50 / p99 s | achieved CR |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cr = f"{r['compression_ratio']:.2f}" if "compression_ratio" in r else "n/a"
-        lines.append(f"| {r['model']} | {r['context']} | {r['max_tokens']} | {r['requests']} | {r['budget_tokens']:,} | "
+        prompt = f"{r['mean_prompt_tokens']:,.0f}" if "mean_prompt_tokens" in r else "-"
+        lines.append(f"| {r['model']} | {r['text']} | {r['context']} | {prompt} | {r['max_tokens']} | {r['requests']} | {r['budget_tokens']:,} | "
                      f"{r['max_concurrent']:.0f} | {r['mean_concurrent']:.1f} | {r['tokens_per_second']:.1f} | "
                      f"{r['peak_tokens_per_second']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
                      f"{r['itl_p50']:.3f} / {r['itl_p99']:.3f} | {cr} |")
-    lines += ["", "| pair | context | new tokens | clients | concurrent sequences (DMS / vanilla) | tokens/s, whole run (DMS / vanilla) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| pair | prompts | context | new tokens | clients | concurrent sequences (DMS / vanilla) | "
+              "tokens/s, whole run (DMS / vanilla) |", "|---|---|---|---|---|---|---|"]
     for (pair, key), group in itertools.groupby(rows, key=lambda r: (r["pair"], load(r))):
         by_model = {r["model"]: r for r in group}
         v, d = (by_model.get(m) for m in pair.split(":"))
         if v and d:
-            lines.append(f"| {d['model']} / {v['model']} | {key[0]} | {key[1]} | {key[2]} | "
+            lines.append(f"| {d['model']} / {v['model']} | {key[4]} | {key[0]} | {key[1]} | {key[2]} | "
                          f"{d['max_concurrent'] / v['max_concurrent']:.1f}x | {d['tokens_per_second'] / v['tokens_per_second']:.1f}x |")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in zip(axes, ("max_concurrent", "tokens_per_second"), ("sequences decoded together", "aggregate tokens/s")):
-        for model, new in dict.fromkeys((r["model"], r["max_tokens"]) for r in rows):
-            pts = [r for r in rows if (r["model"], r["max_tokens"]) == (model, new)]
-            ax.plot([r["context"] for r in pts], [r[key] for r in pts], marker="o", label=f"{model}, {new} new tokens")
+        for model, new, text in dict.fromkeys((r["model"], r["max_tokens"], r["text"]) for r in rows):
+            pts = [r for r in rows if (r["model"], r["max_tokens"], r["text"]) == (model, new, text)]
+            ax.plot([r["context"] for r in pts], [r[key] for r in pts], marker="o", label=f"{model}, {text}, {new} new tokens")
         ax.set_xlabel("context tokens")
         ax.set_title(label)
         ax.legend(fontsize=8)
