@@ -22,9 +22,12 @@ docs/results/serving.md and serving.png show every finished point.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -82,10 +85,47 @@ def task_prompts(tok, n: int, tokens: int) -> list[list[dict]]:
     return prompts
 
 
+@contextlib.contextmanager
+def serving(name: str, model, tok, args):
+    """The server under test, at a loopback URL: by default in its own process (`kvshrink serve`, as deployed,
+    so the clients' threads do not compete with the engine for this interpreter's lock), or with
+    `--in-process` in a thread of this one (how the earlier points were measured)."""
+    if args.in_process:
+        server, thread, url = run_in_thread(build_engine(model, tok, budget_mb=args.kv_budget_mb, max_batch=args.requests), name)
+        try:
+            yield url
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "kvshrink", "serve", name, "--port", str(port), "--kv-budget-mb",
+                             str(args.kv_budget_mb), "--max-batch", str(args.requests)], stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"kvshrink serve {name} exited with code {proc.returncode}")
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def run_point(name: str, context: int, max_tokens: int, args, passages: list[str]) -> dict:
-    model, tok = kvshrink.load(name)
-    engine = build_engine(model, tok, budget_mb=args.kv_budget_mb, max_batch=args.requests)
-    server, thread, url = run_in_thread(engine, name)
+    model, tok = kvshrink.load(name)  # the tokenizer for the prompts, and the model when the server runs in-process
+    with serving(name, model, tok, args) as url:
+        return measure(url, tok, context, max_tokens, args, passages) | point_key(name, context, max_tokens, args)
+
+
+def measure(url: str, tok, context: int, max_tokens: int, args, passages: list[str]) -> dict:
     running, rates, stop = [], [], threading.Event()
 
     def watch():
@@ -109,17 +149,16 @@ def run_point(name: str, context: int, max_tokens: int, args, passages: list[str
     wall = time.perf_counter() - began
     stop.set()
     watcher.join()
-    achieved = read_metrics(url)["kvshrink_compression_ratio"]
-    server.should_exit = True
-    thread.join(timeout=10)
+    final = read_metrics(url)
     busy = [r for r in running if r > 0]
     itl = [x for r in results for x in r["itl"]]
-    return {**point_key(name, context, max_tokens, args), "budget_tokens": engine.budget, "max_concurrent": max(running),
+    return {"budget_tokens": int(final["kvshrink_budget_kv_tokens"]), "max_concurrent": max(running),
             "mean_concurrent": statistics.mean(busy) if busy else 0.0, "mean_prompt_tokens": statistics.mean(prompt_tokens),
             "tokens_per_second": sum(r["tokens"] for r in results) / wall,
             "peak_tokens_per_second": max(rates),
             "ttft_p50": percentile([r["ttft"] for r in results], 0.5), "ttft_p99": percentile([r["ttft"] for r in results], 0.99),
-            "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99), "wall_s": wall, "compression_ratio": achieved}
+            "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99), "wall_s": wall,
+            "compression_ratio": final["kvshrink_compression_ratio"]}
 
 
 def main():
@@ -131,6 +170,8 @@ def main():
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[512], help="generated tokens per request (one load each)")
     parser.add_argument("--text", choices=["pydoc", "tasks"], default="pydoc",
                         help="prompts: held-out Python documentation, or held-out vt/niah problems as chat requests")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the server in a thread of the load test's process (how the earlier points were measured)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "serving.md")
     args = parser.parse_args()
     held = pydoc_split()[1]
@@ -140,6 +181,7 @@ def main():
     done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
     for row in done:
         row.setdefault("text", "pydoc")  # points measured before --text existed
+        row.setdefault("server", "thread")  # and before the server ran in its own process
     command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
     for pair, max_tokens, context in itertools.product(args.pairs, args.max_tokens, args.contexts):
         for name in pair.split(":"):
@@ -156,7 +198,7 @@ def main():
 
 def point_key(name: str, context: int, max_tokens: int, args) -> dict:
     return {"model": name, "context": context, "kv_budget_mb": args.kv_budget_mb, "requests": args.requests,
-            "max_tokens": max_tokens, "text": args.text}
+            "max_tokens": max_tokens, "text": args.text, "server": "thread" if args.in_process else "process"}
 
 
 def write_report(rows: list[dict], out: Path) -> None:
@@ -166,38 +208,41 @@ def write_report(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    load = lambda r: (r["context"], r["max_tokens"], r["requests"], r["kv_budget_mb"], r["text"])  # noqa: E731
+    load = lambda r: (r["context"], r["max_tokens"], r["requests"], r["kv_budget_mb"], r["text"], r["server"])  # noqa: E731
     rows = sorted(rows, key=lambda r: (r["pair"], load(r), r["pair"].split(":").index(r["model"])))
     lines = ["# Serving under one KV budget: vanilla vs DMS", "", "Commands (127.0.0.1, no other job running):", "",
              *[f"    {c}" for c in dict.fromkeys(r["command"] for r in rows)], "",
              "Each load: `clients` streaming clients start together, each with its own held-out prompt of at most context - "
              "new tokens (`pydoc`: held-out Python documentation, as a completion; `tasks`: a held-out `vt` or `niah` problem at the "
              "largest difficulty that fits, as a chat request), asking for `max_tokens` = new tokens (greedy, `ignore_eos`); "
-             "the budget counts live keys and values.", "",
-             "| model | prompts | context | prompt tokens (mean) | new tokens | clients | budget (KV tokens) | max concurrent | "
+             "the budget counts live keys and values. Server: `process` = `kvshrink serve` in its own process; `thread` = "
+             "in a thread of the load test's process, beside its client threads (`--in-process`).", "",
+             "| model | server | prompts | context | prompt tokens (mean) | new tokens | clients | budget (KV tokens) | max concurrent | "
              "mean concurrent | tokens/s (whole run) | "
              "best 10 s tokens/s | TTFT p50 / p99 s | ITL p50 / p99 s | achieved CR |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cr = f"{r['compression_ratio']:.2f}" if "compression_ratio" in r else "n/a"
         prompt = f"{r['mean_prompt_tokens']:,.0f}" if "mean_prompt_tokens" in r else "-"
-        lines.append(f"| {r['model']} | {r['text']} | {r['context']} | {prompt} | {r['max_tokens']} | {r['requests']} | {r['budget_tokens']:,} | "
+        lines.append(f"| {r['model']} | {r['server']} | {r['text']} | {r['context']} | {prompt} | {r['max_tokens']} | {r['requests']} | "
+                     f"{r['budget_tokens']:,} | "
                      f"{r['max_concurrent']:.0f} | {r['mean_concurrent']:.1f} | {r['tokens_per_second']:.1f} | "
                      f"{r['peak_tokens_per_second']:.1f} | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
                      f"{r['itl_p50']:.3f} / {r['itl_p99']:.3f} | {cr} |")
-    lines += ["", "| pair | prompts | context | new tokens | clients | concurrent sequences (DMS / vanilla) | "
-              "tokens/s, whole run (DMS / vanilla) |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| pair | server | prompts | context | new tokens | clients | concurrent sequences (DMS / vanilla) | "
+              "tokens/s, whole run (DMS / vanilla) |", "|---|---|---|---|---|---|---|---|"]
     for (pair, key), group in itertools.groupby(rows, key=lambda r: (r["pair"], load(r))):
         by_model = {r["model"]: r for r in group}
         v, d = (by_model.get(m) for m in pair.split(":"))
         if v and d:
-            lines.append(f"| {d['model']} / {v['model']} | {key[4]} | {key[0]} | {key[1]} | {key[2]} | "
-                         f"{d['max_concurrent'] / v['max_concurrent']:.1f}x | {d['tokens_per_second'] / v['tokens_per_second']:.1f}x |")
+            lines.append(f"| {d['model']} / {v['model']} | {key[5]} | {key[4]} | {key[0]} | {key[1]} | {key[2]} | "
+                         f"{d['max_concurrent'] / v['max_concurrent']:.1f}x | {d['tokens_per_second'] / v['tokens_per_second']:.2f}x |")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in zip(axes, ("max_concurrent", "tokens_per_second"), ("sequences decoded together", "aggregate tokens/s")):
-        for model, new, text in dict.fromkeys((r["model"], r["max_tokens"], r["text"]) for r in rows):
-            pts = [r for r in rows if (r["model"], r["max_tokens"], r["text"]) == (model, new, text)]
-            ax.plot([r["context"] for r in pts], [r[key] for r in pts], marker="o", label=f"{model}, {text}, {new} new tokens")
+        for model, new, text, where in dict.fromkeys((r["model"], r["max_tokens"], r["text"], r["server"]) for r in rows):
+            pts = [r for r in rows if (r["model"], r["max_tokens"], r["text"], r["server"]) == (model, new, text, where)]
+            ax.plot([r["context"] for r in pts], [r[key] for r in pts], marker="o",
+                    label=f"{model}, {text}, {new} new tokens, {where}")
         ax.set_xlabel("context tokens")
         ax.set_title(label)
         ax.legend(fontsize=8)
