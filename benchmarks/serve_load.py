@@ -216,7 +216,8 @@ def write_report(rows: list[dict], out: Path) -> None:
              "new tokens (`pydoc`: held-out Python documentation, as a completion; `tasks`: a held-out `vt` or `niah` problem at the "
              "largest difficulty that fits, as a chat request), asking for `max_tokens` = new tokens (greedy, `ignore_eos`); "
              "the budget counts live keys and values. Server: `process` = `kvshrink serve` in its own process; `thread` = "
-             "in a thread of the load test's process, beside its client threads (`--in-process`).", "",
+             "in a thread of the load test's process, beside its client threads (`--in-process`; the commands of points "
+             "measured before that option existed reproduce them with it).", "",
              "| model | server | prompts | context | prompt tokens (mean) | new tokens | clients | budget (KV tokens) | max concurrent | "
              "mean concurrent | tokens/s (whole run) | "
              "best 10 s tokens/s | TTFT p50 / p99 s | ITL p50 / p99 s | achieved CR |",
