@@ -78,6 +78,7 @@ def run(args, rec: Records, deadline: float) -> None:
                              difficulty=difficulty, batch_size=args.batch_size)
                 prompts = [p.prompt for p in make_problems(task, len(r["results"]), difficulty=difficulty, first=first)]
                 rec.add({"part": part, "model": name, "item": first, "task": task, "difficulty": difficulty,
+                         "dtype": str(next(entry.model.parameters()).dtype).removeprefix("torch."),
                          "correct": [x["correct"] for x in r["results"]], "kv_reads": r["kv_reads"],
                          "peak_kv_tokens": r["peak_kv_tokens"], "reads_cr": r["compression_ratio"], "seconds": r["seconds"],
                          "flag_rate": flag_rate(entry.model, tok, prompts, [x["output"] for x in r["results"]]),
@@ -96,10 +97,12 @@ def report(rec: Records, args, out_md: Path, command: str) -> None:
     lines = ["# Task zoo: accuracy, compression and KV-cache cost", "", f"Command: `{command}`", "",
              "Greedy, one sample per problem, held-out seeds; the same problems for every model, so differences to "
              f"`{ref_name}` are paired (95% interval, normal approximation). kv_reads and peak KV tokens are per problem "
-             "(SPEC 7). Bars at default difficulty: " + ", ".join(f"`{m}` within {b:g} points" for m, b in BARS.items()) + ".", "",
+             "(SPEC 7). Bars at default difficulty: " + ", ".join(f"`{m}` within {b:g} points" for m, b in BARS.items()) + ". "
+             "precision: the dtype the rows ran in (rows can come from runs at different `--dtype`); s/problem: wall time of "
+             "the batches, so it includes any time a run was paused.", "",
              "| task | difficulty | model | problems | accuracy | vs " + ref_name + " (paired) | bar | reads-based CR | "
-             "flag-based CR | kv_reads | peak KV tokens | s/problem |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "flag-based CR | kv_reads | peak KV tokens | s/problem | precision |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     header = lines[-2:]
     card_rows: dict[str, list[str]] = {}
     fig, axes = plt.subplots(1, len(args.tasks), figsize=(4 * len(args.tasks), 3.6), squeeze=False)
@@ -136,7 +139,7 @@ def report(rec: Records, args, out_md: Path, command: str) -> None:
             reads_cr = sum(r["reads_cr"] * r["kv_reads"] * w for r, w in zip(rows, weights)) / (n * mean("kv_reads"))
             lines.append(f"| {task} | {difficulty} | {name} | {n} | {100 * k / n:.1f}% ± {binomial_ci(k, n):.1f} | {diff} | {bar} | "
                          f"{reads_cr:.2f} | {flag_cr} | {mean('kv_reads'):,.0f} | {mean('peak_kv_tokens'):,.0f} | "
-                         f"{sum(r['seconds'] for r in rows) / n:.2f} |")
+                         f"{sum(r['seconds'] for r in rows) / n:.2f} | {', '.join(sorted({r.get('dtype', 'not recorded') for r in rows}))} |")
             card_rows.setdefault(name, []).append(lines[-1])
             if difficulty == TASKS[task].DEFAULT_DIFFICULTY:
                 xs.append(mean("kv_reads"))
