@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from kvshrink.prompts import chat_prompt  # noqa: E402
 from kvshrink.serve import build_engine  # noqa: E402
 from kvshrink.tasks import TASKS, make_problems  # noqa: E402
 from kvshrink.train.text import pydoc_split  # noqa: E402
-from kvshrink.serve.app import read_metrics, run_in_thread  # noqa: E402
+from kvshrink.serve.app import free_port, read_metrics, run_in_thread  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -98,9 +97,7 @@ def serving(name: str, model, tok, args):
             server.should_exit = True
             thread.join(timeout=10)
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kvshrink", "serve", name, "--port", str(port), "--kv-budget-mb",
                              str(args.kv_budget_mb), "--max-batch", str(args.requests)], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

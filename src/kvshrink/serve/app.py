@@ -192,17 +192,21 @@ def vote_kind(body: dict):
     return lambda text: extract_answer(text, kind)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def run_in_thread(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 0):
     """Start the server in a background thread (tests, benchmarks, notebooks): (server, thread, url).
     port 0 picks a free port. Stop it with `server.should_exit = True; thread.join()`."""
-    import socket
-
     import uvicorn
 
-    if port == 0:
-        with socket.socket() as sock:
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
+    port = port or free_port(host)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name), host=host, port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
