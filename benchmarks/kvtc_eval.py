@@ -47,6 +47,7 @@ def run(args, rec: Records, deadline: float) -> None:
         if not name:
             continue
         model, tok = kvshrink.load(name, device="cpu", dtype=args.dtype)
+        rec.stamp = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
         calib = Calibration.load(args.calibration, expect=ModelIdentity.from_model(model))
         for task in args.tasks:
             for first in range(0, args.problems, BATCH):
@@ -140,6 +141,7 @@ def report(rec: Records, args, command: str) -> None:
         lines += [f"## {task}" + (f" (after >= {PREFIX_TOKENS[task]} tokens of earlier turns: solved problems)" if PREFIX_TOKENS[task] else ""), "",
                   "| model | method | problems | accuracy | vs uncompressed (paired) | ratio | middle ratio | compress MB/s | decompress MB/s |",
                   "|---|---|---|---|---|---|---|---|---|"]
+        lines[-2:-2] = [precision_line(task, rec.get(task)), ""]
         series: dict[str, list[tuple[float, float]]] = {}
         for model, methods in rows.items():
             for name, m in methods.items():
@@ -170,6 +172,22 @@ def report(rec: Records, args, command: str) -> None:
     lines += ["![accuracy vs ratio](kvtc.png)", ""] + restore_lines(rec.get("restore"))
     OUT.write_text("\n".join(lines) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}")
+
+
+def precision_line(task: str, rows: list[dict]) -> str:
+    """Which problems ran in which dtype: runs at different `--dtype` resume one another, and every
+    method of a problem runs in the same one, so the paired differences stay paired."""
+    parts = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        spans: list[list] = []  # [first, last, dtype], consecutive batches of one dtype merged
+        for r in sorted((r for r in rows if r["model"] == model), key=lambda r: r["item"]):
+            dtype = r.get("dtype", "not recorded")
+            if spans and spans[-1][2] == dtype and spans[-1][1] + 1 == r["item"]:
+                spans[-1][1] = r["item"] + r["problems"] - 1
+            else:
+                spans.append([r["item"], r["item"] + r["problems"] - 1, dtype])
+        parts.append(f"`{model}` problems " + ", ".join(f"{a}-{b} {d}" for a, b, d in spans))
+    return f"Precision ({task}): " + "; ".join(parts) + "."
 
 
 def bar_lines(methods: dict, args) -> list[str]:
