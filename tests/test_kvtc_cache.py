@@ -18,13 +18,15 @@ from kvshrink.attention import install
 from kvshrink.cache import KVCache, cache_arg
 from kvshrink.errors import KVShrinkError
 from kvshrink.generation import generate_ids
-from kvshrink.kvtc import (Calibration, KVTCFormatError, ModelIdentity, PrefixStore, cache_features, cos_sin,
+from kvshrink.kvtc import (Calibration, compress, decompress, KVTCFormatError, ModelIdentity, PrefixStore, cache_features, cos_sin,
                            export_cache, generate_with_prefix_store, pack_cache, prefix, restore_cache, unpack_cache)
-from kvshrink.kvtc.commands import _greedy_rows, _prompt_state, _rows, calibrate, evaluate, evaluate_model
+from kvshrink.kvtc.commands import (_greedy_rows, _middle, _prompt_state, _rows, _task_prompts, calibrate, evaluate,
+                                   evaluate_model, reconstruction_error)
 from kvshrink.generation import prefill_row
 from kvshrink.kvtc.store import STALE_SECONDS
 from kvshrink.loading import load
 from kvshrink.policies import CachePolicy, DMSPolicy, make_policy
+from kvshrink.tasks import make_problems
 
 DMS_WINDOW = 8
 VOCAB = 128
@@ -341,3 +343,21 @@ def test_evaluate_stores_a_dms_cache_against_vanilla_bytes(tiny_model_dir, tmp_p
     assert set(methods) == {"dms", "kvtc4"} and report["first"] == 3
     assert methods["dms"]["ratio"] > 1.2  # about a third of the slots evicted
     assert methods["kvtc4"]["ratio"] > 2 * methods["dms"]["ratio"]
+
+
+def test_reconstruction_error_is_the_relative_error_of_the_middle(tiny_model_dir, calib):
+    """One prompt: the pooled relative error equals ||X - X^||_F / ||X||_F over the middle tokens of every
+    layer, computed here from the restored cache; the near-lossless plan is far closer than 2x."""
+    model, tokenizer = load(tiny_model_dir, device="cpu")
+    errors = reconstruction_error(model, tokenizer, calib, (NEAR_LOSSLESS, 2.0), "vt", 1)
+    ids = _task_prompts(tokenizer, "vt", make_problems("vt", 1, seed=0), 0, 0)[0]
+    state = _prompt_state(model, ids[:-1])
+    start, end = _middle(len(state.positions))
+    assert end - start > 100
+    cos, sin = cos_sin(model, state.positions)
+    keys, values, _ = decompress(compress(state.keys, state.values, calib, 2.0, cos, sin), calib, cos, sin)
+    for name, ref, out in (("keys", state.keys, keys), ("values", state.values, values)):
+        a = torch.cat([x[:, :, start:end].flatten() for x in ref]).double()
+        b = torch.cat([x[:, :, start:end].flatten() for x in out]).double()
+        assert errors["kvtc2"][name] == pytest.approx(float((a - b).norm() / a.norm()), rel=1e-6)
+        assert errors[f"kvtc{NEAR_LOSSLESS:g}"][name] < errors["kvtc2"][name] / 3
