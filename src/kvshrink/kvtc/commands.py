@@ -117,18 +117,23 @@ def evaluate_model(model, tokenizer, calib: Calibration, ratios, task: str, prob
 def reconstruction_error(model, tokenizer, calib: Calibration, ratios, task: str, problems: int, seed: int = 0, *,
                          prefix_tokens: int = 0) -> dict[str, dict[str, float]]:
     """Relative Frobenius error of the compressed middle, keys and values apart, per ratio, pooled over the
-    vanilla prompt caches of `problems` held-out problems (the same prompts `evaluate_model` builds): the
-    paper's diagnostic (about 0.16 for keys and 0.31 for values at 32x on Mistral NeMo 12B)."""
+    prompt caches of `problems` held-out problems (the same prompts and caches as `evaluate_model`; on a
+    DMS model its live slots only): the paper's diagnostic (about 0.16 for keys and 0.31 for values at
+    32x on Mistral NeMo 12B)."""
+    policy = resolve_policy(model, None)
     sums = {f"kvtc{cr:g}": torch.zeros(4, dtype=torch.float64) for cr in ratios}  # key err², key norm², value ...
     for ids in _task_prompts(tokenizer, task, make_problems(task, problems, seed=seed), prefix_tokens, seed):
-        state = _prompt_state(model, ids[:-1])
+        state = _prompt_state(model, ids[:-1], policy)
         start, end = _middle(len(state.positions))
         cos, sin = cos_sin(model, state.positions)
         for cr in ratios:
-            keys, values, _ = decompress(compress(state.keys, state.values, calib, cr, cos, sin), calib, cos, sin)
+            blob = compress(state.keys, state.values, calib, cr, cos, sin, live=state.live)
+            keys, values, _ = decompress(blob, calib, cos, sin)
             for i, (ref, out) in enumerate(((state.keys, keys), (state.values, values))):
-                for a, b in zip(ref, out):
-                    a, b = a[:, :, start:end].double().cpu(), b[:, :, start:end].double().cpu()
+                for layer, (a, b) in enumerate(zip(ref, out)):
+                    a, b = a[0, :, start:end].double().cpu(), b[0, :, start:end].double().cpu()  # (H, t, D)
+                    if state.live is not None:
+                        a, b = (x[state.live[layer][:, start:end].cpu()] for x in (a, b))
                     sums[f"kvtc{cr:g}"][2 * i:2 * i + 2] += torch.stack([(a - b).square().sum(), a.square().sum()])
     return {name: {"keys": float((t[0] / t[1]).sqrt()), "values": float((t[2] / t[3]).sqrt())} for name, t in sums.items()}
 
