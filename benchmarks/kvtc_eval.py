@@ -149,7 +149,7 @@ def report(rec: Records, args, command: str) -> None:
         lines += [f"## {task}" + (f" (after >= {PREFIX_TOKENS[task]} tokens of earlier turns: solved problems)" if PREFIX_TOKENS[task] else ""), "",
                   "| model | method | problems | accuracy | vs uncompressed (paired) | ratio | middle ratio | compress MB/s | decompress MB/s |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        lines[-2:-2] = [precision_line(task, rec.get(task)), ""]
+        lines[-2:-2] = [precision_line(task, [r for r in rec.get(task) if r["model"] in rows]), ""]
         series: dict[str, list[tuple[float, float]]] = {}
         for model, methods in rows.items():
             for name, m in methods.items():
