@@ -18,8 +18,9 @@ from kvshrink.attention import install
 from kvshrink.cache import KVCache, cache_arg
 from kvshrink.errors import KVShrinkError
 from kvshrink.generation import generate_ids
-from kvshrink.kvtc import (Calibration, compress, decompress, KVTCFormatError, ModelIdentity, PrefixStore, cache_features, cos_sin,
-                           export_cache, generate_with_prefix_store, pack_cache, prefix, restore_cache, unpack_cache)
+from kvshrink.kvtc import (Calibration, KVTCFormatError, ModelIdentity, PrefixStore, cache_features, compress, cos_sin,
+                           decompress, export_cache, generate_with_prefix_store, pack_cache, prefix, restore_cache,
+                           unpack_cache)
 from kvshrink.kvtc.commands import (_greedy_rows, _middle, _prompt_state, _rows, _task_prompts, calibrate, evaluate,
                                    evaluate_model, reconstruction_error)
 from kvshrink.generation import prefill_row

@@ -268,8 +268,9 @@ def _fit_live(stream: _Stream, dead: torch.Tensor, d: torch.Tensor, steps: int) 
     0.03 / 0.07). Fitted, the live slots come back nearly as well as a vanilla cache's.
 
     A token with fewer live features than components has many exact fits; unregularized, CG heads for
-    large coordinates that quantize badly (the tests' tiny DMS model: logits off by 2x their scale). A small ridge (FIT_RIDGE·I added to the normal matrix, whose eigenvalues lie in [0, 1]) keeps
-    them near the mean fill's, at no cost on `tiny-dms8` (0.050 / 0.120 against 0.051 / 0.122)."""
+    large coordinates that quantize badly (the tests' tiny DMS model: logits off by 2x their scale). A
+    small ridge (FIT_RIDGE·I added to the normal matrix, whose eigenvalues lie in [0, 1]) keeps them near
+    the mean fill's, at no cost on `tiny-dms8` (0.050 / 0.120 against 0.051 / 0.122)."""
     t, shape = d.shape[1], (d.shape[1],) + dead.shape[1:-1] + (stream.mean.numel() // dead[0].numel(),)
 
     def normal(v: torch.Tensor) -> torch.Tensor:  # (V·diag(live)·Vᵀ + ridge) v
