@@ -34,7 +34,7 @@ from kvshrink.kvtc.cache_io import cos_sin, export_cache, restore_cache  # noqa:
 from kvshrink.kvtc.codec import compress, decompress  # noqa: E402
 from kvshrink.kvtc.commands import calibrate, evaluate_model, reconstruction_error  # noqa: E402
 from kvshrink.train.text import pydoc_split  # noqa: E402
-from shared import Records, best_of, binomial_ci, paired_ci  # noqa: E402
+from shared import Records, best_of, binomial_ci, dtype_stamp, paired_ci  # noqa: E402
 
 BATCH = 20
 PREFIX_TOKENS = {"arith": 512, "vt": 0}  # SPEC 7: arith's stored prefix is >= 512 tokens of solved problems
@@ -48,7 +48,7 @@ def run(args, rec: Records, deadline: float) -> None:
         if not name:
             continue
         model, tok = kvshrink.load(name, device="cpu", dtype=args.dtype)
-        rec.stamp = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        rec.stamp = dtype_stamp(model)
         calib = Calibration.load(args.calibration, expect=ModelIdentity.from_model(model))
         for task in args.tasks:
             for first in range(0, args.problems, BATCH):

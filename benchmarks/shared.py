@@ -64,6 +64,11 @@ class Records:
         return [r for r in self.rows if r["part"] == part]
 
 
+def dtype_stamp(model) -> dict:
+    """{"dtype": ...}: the precision a model's weights ran in, as results rows record it (e.g. "float32")."""
+    return {"dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+
+
 def paired_ci(a: list[bool], b: list[bool]) -> tuple[float, float]:
     """Mean of b - a over paired trials (points) and its normal-approximation 95% half-width."""
     d = [int(y) - int(x) for x, y in zip(a, b)]

@@ -42,7 +42,7 @@ from kvshrink.compare import leading_agreement  # noqa: E402
 from kvshrink.cache import KVCache, cache_arg  # noqa: E402
 from kvshrink.generation import generate_ids  # noqa: E402
 from kvshrink.train.text import passkey_prompt, pydoc_split  # noqa: E402
-from shared import Entry, Records, load_entries, paired_ci  # noqa: E402
+from shared import Entry, Records, dtype_stamp, load_entries, paired_ci  # noqa: E402
 
 VANILLA = "smollm2"
 WINDOW_TOKENS = 4096
@@ -386,8 +386,7 @@ def main():
     if not args.report_only:
         deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
         entries, tok = load_entries(args.models, args.device, always=(VANILLA,), dtype=args.dtype)
-        weight = next(entries[VANILLA].model.parameters())
-        device, rec.stamp = weight.device, {"dtype": str(weight.dtype).removeprefix("torch.")}
+        device, rec.stamp = next(entries[VANILLA].model.parameters()).device, dtype_stamp(entries[VANILLA].model)
         _, held = pydoc_split()
         held_ids = tok(held)["input_ids"]
         if "ppl" in args.parts:

@@ -34,7 +34,7 @@ from kvshrink.zoo import MODELS_DIR  # noqa: E402
 from kvshrink.zoo.cards import set_accuracy  # noqa: E402
 from kvshrink.prompts import chat_prompt  # noqa: E402
 from kvshrink.tasks.evaluate import evaluate  # noqa: E402
-from shared import Records, binomial_ci, load_entries, paired_ci  # noqa: E402
+from shared import Records, binomial_ci, dtype_stamp, load_entries, paired_ci  # noqa: E402
 
 BATCH = 20
 HARD = {"arith": [10], "vt": [6], "niah": [5], "hops": [5]}
@@ -78,7 +78,7 @@ def run(args, rec: Records, deadline: float) -> None:
                              difficulty=difficulty, batch_size=args.batch_size)
                 prompts = [p.prompt for p in make_problems(task, len(r["results"]), difficulty=difficulty, first=first)]
                 rec.add({"part": part, "model": name, "item": first, "task": task, "difficulty": difficulty,
-                         "dtype": str(next(entry.model.parameters()).dtype).removeprefix("torch."),
+                         **dtype_stamp(entry.model),
                          "correct": [x["correct"] for x in r["results"]], "kv_reads": r["kv_reads"],
                          "peak_kv_tokens": r["peak_kv_tokens"], "reads_cr": r["compression_ratio"], "seconds": r["seconds"],
                          "flag_rate": flag_rate(entry.model, tok, prompts, [x["output"] for x in r["results"]]),
