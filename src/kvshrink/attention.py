@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .cache import KVCache
 from .dms.config import DMSConfig
-from .dms.mask import delayed_eviction_bias, hard_log_keep, sink_tokens, soft_log_keep
+from .dms.mask import delayed_eviction_bias, flex_delayed_eviction_attention, hard_log_keep, sink_tokens, soft_log_keep
 from .dms.retention import adapter_logits, borrowed_channel_keep, forced_logits, gumbel_sigmoid, neuron_logits
 from .errors import KVShrinkError
 
@@ -160,6 +160,9 @@ class KVAttention(nn.Module):
         collect = kwargs.get("dms_collect")
         if collect is not None:
             collect.append({"layer": self.layer_idx, "flags": hard, "logits": logits})
+        # training at 2k-8k tokens: no T x T mask. flex has no CPU backward, so CPU training keeps the math path (same values)
+        if kwargs.get("dms_attention") == "flex" and attention_mask is None and (q.is_cuda or not log_keep.requires_grad):
+            return flex_delayed_eviction_attention(q, k, v, log_keep, self.dms.window, self.scaling)
         bias = delayed_eviction_bias(log_keep, self.dms.window).to(q.dtype)  # (B, Hkv, T, T)
         if attention_mask is not None:  # padding: hide padded keys (a query still sees itself)
             pad = ~valid

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 # training in bf16 autocast with fp32 master weights (retrofits always use it on CUDA)
 BF16_OPTION = typer.Option(False, "--bf16", help="bf16 autocast, fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16 or AMX, far slower on others (warned)")
-AIM_CONTEXT_OPTION = typer.Option(None, help="context at which the reads-based CR should hit the target (default 32*w)")
+AIM_CONTEXT_OPTION = typer.Option(None, help="old recipes only: aim the reads-based CR at the target at this context (default: flag target 1 - 1/CR, the release)")
 RAMP_STEPS_OPTION = typer.Option(None, help="steps over which the CR ramps to the target (default 80% of --steps)")
 SINKS_OPTION = typer.Option(0, help="never evict a sequence's first N tokens (attention sinks; 0 = the paper)")
 SINKS_OVERRIDE = typer.Option(None, help="DMS sinks override: never evict the first N tokens (>= 0)")
@@ -167,6 +167,8 @@ def retrofit(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     bf16: bool = BF16_OPTION,
     init_from: Optional[str] = INIT_FROM_OPTION,
+    attention: str = typer.Option("auto", help="training attention: flex (fused, no TxT mask; CUDA) | math | auto (flex on CUDA)"),
+    export_at: Optional[str] = typer.Option(None, help="e.g. 4,8: save OUT/cr-4, OUT/cr-8 as the ramp passes each CR, stop after the last (ramp past them with --target-cr 16)"),
 ):
     """Retrofit DMS into a model by distilling from itself (KL + compression loss, CR ramped up).
 
@@ -178,7 +180,7 @@ def retrofit(
                          batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, train=train,
                          decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, cr_by_length=cr_by_length, sinks=sinks,
                          answer_weight=answer_weight, save_every=save_every, seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device, bf16=bf16,
-                         init_from=init_from)
+                         init_from=init_from, attention=attention, export_at=tuple(_floats(export_at)) if export_at else ())
     last = run(cfg)
     if last and os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
         print(json.dumps(last))

@@ -44,3 +44,42 @@ def sink_tokens(valid: torch.Tensor, sinks: int) -> torch.Tensor:
     """(B, T) bool: each row's first `sinks` real tokens, which are never evicted. valid: (B, T) real
     (non-padding) tokens."""
     return valid & (valid.cumsum(-1) <= sinks)
+
+
+def flex_delayed_eviction_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_keep: torch.Tensor, window: int,
+                                    scale: float) -> torch.Tensor:
+    """The same attention as `delayed_eviction_bias` + SDPA, without materialising any T x T tensor: a
+    flex_attention score_mod adds log_keep[key] to the scores of keys more than `window` behind the query,
+    and a causal block mask skips the blocks above the diagonal (as the authors' release trains).
+    The gradient reaches log_keep through the score_mod. q: (B, H, T, D); k, v: (B, Hkv, T, D);
+    log_keep: (B, Hkv, T). Compiled on CUDA (the fused kernel); eager elsewhere (a reference for tests).
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    group = q.shape[1] // k.shape[1]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + torch.where(q_idx - kv_idx > window, log_keep[b, h // group, kv_idx], 0.0)
+
+    attend = _compiled_flex() if q.is_cuda else flex_attention
+    return attend(q, k, v, score_mod=score_mod, block_mask=_causal_block_mask(q.shape[2], q.device), scale=scale, enable_gqa=True)
+
+
+_FLEX: dict = {}
+
+
+def _compiled_flex():
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def _causal_block_mask(length: int, device):
+    key = (length, str(device))
+    if key not in _FLEX:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        _FLEX[key] = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, length, length, device=device)
+    return _FLEX[key]

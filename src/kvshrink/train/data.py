@@ -3,8 +3,9 @@
 Sources (`--data`):
 - a text file (any extension but .jsonl), a `.jsonl` file (field "text", or "prompt" + "response"),
 - a folder of such files (read in sorted order), or a folder written by `datasets.save_to_disk`,
-- `teacher:FILE`: one prompt per line of FILE; the teacher writes the continuations (the paper distils
-  on the teacher's own outputs), which are cached with the blocks.
+- `teacher:FILE`: one prompt per line of FILE; the teacher writes the continuations, which are cached with
+  the blocks. (The authors' release does not distil on the teacher's outputs: it uses fixed reasoning traces
+  written by another model, off-policy, as `gold:` and `stdlib` are here.)
 - `task:NAME[,NAME...][:N]`: N generated problems per task (`kvshrink.tasks`, training seeds), chat-
   formatted, answered by the teacher in the same way.
 - `passkey:N[:CONTEXT]`: N chat prompts of CONTEXT tokens (default: the block length) hiding a 5-digit key
@@ -12,6 +13,10 @@ Sources (`--data`):
   data, so that the KL on the answer penalizes evicting the key.
 - `pydoc`: the train half of CPython's documentation topics (`kvshrink.train.text`), as plain text: prose
   that ships with Python, so a recipe that names it runs anywhere.
+- `stdlib`: the Python standard library's own `*.py` source (tests excluded), minus a fixed tenth of its
+  top-level modules held out for evaluation (`stdlib_files`): ~3.5M tokens of real code on any machine.
+- `gold:NAME[,NAME...]`: a fresh generated problem for every sample drawn, with its gold worked solution
+  (`ProblemStream`): never repeated, off-policy as the release's traces are, no teacher sampling.
 - `A+B+...`: the blocks of several sources together (e.g. `teacher:prompts.txt+passkey:128`).
 Documents are joined with the EOS token and cut into blocks of `seq_len` tokens (the tail is dropped).
 Task and passkey documents get a block each instead (`pack_whole`): an answer must sit in the same block as
@@ -39,6 +44,10 @@ PAD = -1  # block filler after the last whole document: not a token, masked out 
 ANSWER_TOKENS = {"task": 256, "passkey": 32}  # caps on the teacher's answers, so that one rambling sample cannot hold its batch for seq_len new tokens
 GENERATED = ("task:", "passkey:")  # sources made of generated prompts + teacher answers, packed whole
 PYDOC = "pydoc"
+STDLIB = "stdlib"
+GOLD = "gold:"
+STDLIB_HELD_OUT = 10  # one top-level stdlib module in 10 (by a hash of its name) is held out
+STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
 TRAIN_SEED = 1_000_000  # task problems for training use seeds from here; evaluation's stay below
 TEXT_SUFFIXES_SKIP = {".safetensors", ".bin", ".pt", ".png", ".jpg", ".gz", ".zip", ".arrow", ".parquet"}
 
@@ -184,7 +193,7 @@ def data_key(src: str, tokenizer, seq_len: int, seed: int, teacher=None) -> str:
         if teacher is None:
             raise KVShrinkError(f"--data {src} is written by the teacher: give the teacher model")
         stamp.append(weights_fingerprint(teacher))
-    if not src.startswith(GENERATED) and src != PYDOC:
+    if not src.startswith(GENERATED) and src not in (PYDOC, STDLIB):
         path = Path(src[len("teacher:"):] if src.startswith("teacher:") else src)
         for f in ([path] if path.is_file() else sorted(path.rglob("*"))):
             if f.is_file():
@@ -225,7 +234,7 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
     if "+" in src:
         return Blocks.cat([token_blocks(part, tokenizer, seq_len, cache_dir, teacher, seed) for part in src.split("+")])
     kind, _, rest = src.partition(":") if src.startswith(GENERATED + ("teacher:",)) else ("", "", src)
-    if not src.startswith(GENERATED) and src != PYDOC and not Path(rest).exists():
+    if not src.startswith(GENERATED) and src not in (PYDOC, STDLIB) and not Path(rest).exists():
         raise KVShrinkError(f"--data {rest!r} not found: give a text/jsonl file, a folder of them, pydoc, teacher:FILE, task:NAME or passkey:N")
     key = data_key(src, tokenizer, seq_len, seed, teacher)
     cache_file = cache_dir / f"blocks2-{key}.pt"  # blocks-*.pt had no answer starts, data-*.pt packed several documents per block
@@ -246,6 +255,8 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
         from .text import pydoc_split
 
         docs = [pydoc_split()[0]]
+    elif src == STDLIB:
+        docs = [d for f in stdlib_files("train") if (d := _read_code(f))]
     else:
         docs = read_documents(rest)
     token_docs = [tokenizer(d)["input_ids"] for d in docs]
@@ -258,3 +269,77 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
     torch.save(vars(blocks), tmp)
     tmp.replace(cache_file)
     return blocks
+
+
+def stdlib_files(split: str = "train") -> list[Path]:
+    """The running Python's standard-library `*.py` files (tests excluded), split by top-level module: a
+    module is held out when a hash of its name falls in one bucket of STDLIB_HELD_OUT, so the split of a
+    module does not change between Python versions."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not STDLIB_SKIP & set(p.relative_to(root).parts))
+
+    def held(path: Path) -> bool:
+        top = path.relative_to(root).parts[0].removesuffix(".py")
+        return int(hashlib.sha256(top.encode()).hexdigest(), 16) % STDLIB_HELD_OUT == 0
+
+    return [p for p in files if held(p) == (split == "heldout")]
+
+
+def _read_code(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):  # a few stdlib files are Latin-1 test data: skip them
+        return ""
+
+
+class ShuffledBlocks:
+    """Fixed blocks drawn in a seeded random order, one epoch after another."""
+
+    def __init__(self, blocks: Blocks, seed: int):
+        self.blocks = blocks
+        self.order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+
+    def batch(self, indices: list[int]) -> Blocks:
+        return self.blocks[self.order[torch.tensor(indices) % len(self.blocks)]]
+
+    def distinct_tokens(self) -> int:
+        return int((self.blocks.ids != PAD).sum())
+
+
+class ProblemStream:
+    """`gold:NAME[,NAME...]`: sample i is problem i // n of task i % n (training seeds, default difficulty),
+    its chat prompt followed by its gold worked solution: a fresh problem for every sample, never repeated."""
+
+    def __init__(self, names: list[str], tokenizer, seq_len: int, seed: int):
+        from ..tasks import task_module
+
+        for name in names:
+            task_module(name)  # unknown names fail here, before any training
+        self.names, self.tokenizer, self.seq_len, self.seed = names, tokenizer, seq_len, seed
+
+    def batch(self, indices: list[int]) -> Blocks:
+        from ..tasks import make_problems
+
+        docs, prompt_lengths = [], []
+        for g in indices:
+            name = self.names[g % len(self.names)]
+            problem = make_problems(name, 1, seed=TRAIN_SEED + self.seed, first=g // len(self.names))[0]
+            prompt = chat_prompt(self.tokenizer, problem.prompt)
+            docs.append(prompt + self.tokenizer(problem.solution)["input_ids"])
+            prompt_lengths.append(len(prompt))
+        return pack_whole(docs, self.tokenizer.eos_token_id, self.seq_len, prompt_lengths)
+
+    def distinct_tokens(self) -> None:
+        return None  # unbounded
+
+
+def training_source(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=None, seed: int = 0):
+    """What the retrofit draws its samples from: `.batch(global sample indices) -> Blocks`."""
+    if src.startswith(GOLD):
+        names = [n.strip() for n in src[len(GOLD):].split(",") if n.strip()]
+        if not names or "+" in src:
+            raise KVShrinkError(f"--data {src}: give gold:NAME[,NAME...] alone (a fresh problem stream joins no other source)")
+        return ProblemStream(names, tokenizer, seq_len, seed)
+    return ShuffledBlocks(token_blocks(src, tokenizer, seq_len, cache_dir, teacher=teacher, seed=seed), seed)

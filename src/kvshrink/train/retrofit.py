@@ -10,9 +10,11 @@ variant, the borrowed channel intact). Per step (SPEC section 2, dms-notes secti
 target_flag_rate follows a CR ramped linearly from 1 to --target-cr, reached after 80% of the steps
 (--ramp-steps). A resume that raises --target-cr (a DMS-4 run carried on to DMS-8) ramps from the old
 target to the new one over --ramp-steps, starting where the old settings stopped.
-The flag rate aimed at is the one that makes the reads-based CR reach the target at `aim_context`
-tokens (default 32 * window, where SPEC section 7 measures CR): with window w, a query at position L
-reads about w + (1 - f)(L - w) tokens, so f = 1 - (L / CR - w) / (L - w) (slightly above 1 - 1/CR).
+The flag rate aimed at is 1 - 1/CR, the release's flag-based CR (SPEC section 7). --aim-context L keeps the
+earlier rule for old recipes: the rate that makes the reads-based CR reach the target at L tokens, with
+window w f = 1 - (L / CR - w) / (L - w) (a "DMS-8" trained that way is a flag-based DMS-10).
+--export-at 4,8 saves a loadable model each time the ramp passes one of those CRs and stops after the
+last, as the release takes its 8x checkpoint mid-way through a 1 -> 16 ramp: one run yields DMS-4 and DMS-8.
 
 Gumbel noise is seeded by (seed, step, global sample index), never by process rank, so one and two
 processes see the same noise and data. Checkpoints are written to a temporary folder and renamed, then
@@ -60,7 +62,7 @@ class RetrofitConfig:
     decision: str | None = None  # default: neuron with --train all, adapter with --train adapter
     neuron_decay: str = "instant"  # instant | linear (over the first 10% of steps, as DMC)
     cr_loss: str = "one-sided"  # one-sided (the paper) | two-sided: also pull an eviction rate above the target back | squared
-    aim_context: int | None = None  # default 32 * window
+    aim_context: int | None = None  # None: flag target 1 - 1/CR (the release); L: aim the reads-based CR at L tokens (old recipes)
     ramp_steps: int | None = None  # steps to reach target_cr (default 80% of steps); then it holds
     sinks: int = 0  # never evict each sequence's first N tokens (see DMSConfig.sinks); 0 = the paper
     answer_weight: float = 1.0  # KL weight of answer tokens (task/passkey data) against 1 for the rest; 1 = the paper
@@ -75,6 +77,8 @@ class RetrofitConfig:
     bf16: bool = False  # bf16 autocast on CPU too (always on CUDA): ~1.5x on CPUs with AVX512-BF16
     data_cache: str | None = None  # where tokenized blocks are cached (default OUT/data-cache)
     init_from: str | None = None  # start the eviction adapter from this DMS model's (a shipped name or a retrofit folder): a second stage
+    attention: str = "auto"  # training attention: flex (fused, no T x T mask; CUDA) | math | auto (flex on CUDA)
+    export_at: tuple[float, ...] = ()  # save OUT/cr-X when the ramped CR passes each X, stop after the last
 
     def __post_init__(self):
         check_cr(self.target_cr, "--target-cr")
@@ -108,8 +112,11 @@ class RetrofitConfig:
             raise KVShrinkError(f"--lr must be > 0, --warmup >= 0 and --ramp-steps >= 1 (got {self.lr}, {self.warmup}, {self.ramp_steps})")
         if self.data is None:
             raise KVShrinkError("--data is required: a text file/folder, teacher:PROMPTS.txt or task:NAME[,NAME][:N]")
-        if self.aim_context is None:
-            self.aim_context = max(32 * self.window, 2)
+        if self.attention not in ("auto", "flex", "math"):
+            raise KVShrinkError(f"--attention must be auto, flex or math (got {self.attention!r})")
+        self.export_at = tuple(sorted(float(x) for x in self.export_at))
+        if any(x <= 1 or x > self.target_cr for x in self.export_at):
+            raise KVShrinkError(f"--export-at values must lie in (1, --target-cr {self.target_cr:g}] (got {list(self.export_at)})")
 
 
 def ramp_length(settings: dict, start_step: int = 0) -> int:
@@ -212,7 +219,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     from ..dms.attach import attach_dms, dms_config
     from ..dms.config import DMSConfig
     from ..loading import device_label, load, warn_if_slow_cpu_bf16
-    from .data import PAD, token_blocks
+    from .data import PAD, training_source
 
     out = Path(cfg.out)
     checkpoints = Checkpoints(out)
@@ -244,10 +251,10 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     model.to(acc.device)  # teacher samples are generated on the training device
     # one process tokenizes (and samples, in the training precision: bf16 samples ~2x faster on CPU); the others read its cache
     with acc.autocast():
-        blocks = token_blocks(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed) if acc.is_main_process else None
+        source = training_source(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed) if acc.is_main_process else None
     acc.wait_for_everyone()
-    if blocks is None:
-        blocks = token_blocks(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed)
+    if source is None:
+        source = training_source(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed)
     model.to("cpu")
 
     attach_dms(model, DMSConfig(window=cfg.window, decision=cfg.decision, target_cr=cfg.target_cr, sinks=cfg.sinks))
@@ -297,7 +304,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     if acc.is_main_process and metrics_path.exists():  # drop lines past the checkpoint we resume from
         keep_jsonl(metrics_path, lambda row: row["step"] <= start_step)
 
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed))
+    flex = cfg.attention == "flex" or (cfg.attention == "auto" and acc.device.type == "cuda")
+    exports = [x for x in cfg.export_at if ramped_cr(start_step - 1, settings, origin) < x] if start_step else list(cfg.export_at)
     n_layers = inner.config.num_hidden_layers
     n_kv = inner.config.num_key_value_heads
     decay_steps = max(1, int(0.1 * cfg.steps))
@@ -307,7 +315,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         cr_target = ramped_cr(step, settings, origin)
-        flag_target = flag_rate_for(cr_target, cfg.window, cfg.aim_context)
+        flag_target = flag_rate_for(cr_target, cfg.window, cfg.aim_context) if cfg.aim_context else 1.0 - 1.0 / cr_target
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -316,8 +324,9 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         for micro in range(cfg.grad_accum):
             first = micro * world * local_batch + rank * local_batch
             g_idx = [step * cfg.batch_size + first + i for i in range(local_batch)]
-            batch = blocks[order[torch.tensor(g_idx) % len(blocks)]]
-            T = int(torch.nonzero((batch.ids != PAD).any(0)).max()) + 1  # columns that are padding in every row go
+            batch = source.batch(g_idx)
+            # columns that are padding in every row go (flex keeps the full length: one compiled shape)
+            T = cfg.seq_len if flex else int(torch.nonzero((batch.ids != PAD).any(0)).max()) + 1
             ids = batch.ids[:, :T].to(acc.device)
             live = ids != PAD  # (B, T): padding after a block's document counts in no loss
             ids = ids.clamp(min=0)  # any real id: causal attention keeps padding out of earlier positions
@@ -329,12 +338,13 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
             collected = []
             sync = micro == cfg.grad_accum - 1
             with acc.autocast(), (torch.enable_grad() if sync else acc.no_sync(model)):
-                student_logits = model(ids, use_cache=False, dms_uniform=uniform, dms_collect=collected).logits
+                student_logits = model(ids, use_cache=False, dms_uniform=uniform, dms_collect=collected,
+                                       dms_attention="flex" if flex else None).logits
                 kl = kl_student_teacher(student_logits, teacher_logits, token_weights(live, batch.answer_start, cfg.answer_weight))
                 flags = torch.stack([c["flags"] for c in collected]).float()  # (L, B, Hkv, T), straight-through
                 per_seq = (flags.mean(dim=(0, 2)) * live).sum(-1) / live.sum(-1)
                 comp = compression_loss(per_seq, flag_target, cfg.cr_loss,
-                                        length_weights(live, cfg.aim_context) if cfg.cr_by_length else None)
+                                        length_weights(live, cfg.aim_context or 32 * cfg.window) if cfg.cr_by_length else None)
                 loss = (kl + comp) / cfg.grad_accum
                 acc.backward(loss)
             totals += torch.stack([loss.detach() * cfg.grad_accum, kl.detach(), comp.detach(), per_seq.detach().mean()]) / cfg.grad_accum
@@ -357,9 +367,11 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         if acc.is_main_process:
             append_jsonl(metrics_path, last)
             advance(bar, info=_status(last))
+        while exports and cr_target >= exports[0]:
+            _export(acc, inner, tokenizer, out, exports.pop(0), last)
         done = step + 1 == cfg.steps
         out_of_time = (cfg.max_minutes is not None and (time.perf_counter() - began) / 60 > cfg.max_minutes) or (
-            cfg.stop_at is not None and step + 1 >= cfg.stop_at)
+            cfg.stop_at is not None and step + 1 >= cfg.stop_at) or (cfg.export_at and not exports)
         if done or out_of_time or (step + 1) % cfg.save_every == 0:
             _save_checkpoint(acc, checkpoints, model, optimizer, trainable_names, step + 1, cfg.fsdp)
         if out_of_time and not done:
@@ -376,12 +388,31 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     return last
 
 
+def _export(acc, inner, tokenizer, out: Path, cr: float, metrics: dict) -> None:
+    """OUT/cr-X: a loadable model at this point of the ramp, labelled DMS-X (atomically: a folder is complete
+    or absent), with the step's metrics beside it."""
+    import shutil
+
+    if acc.is_main_process:
+        folder = out / f"cr-{cr:g}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        ramp_target, inner.config.dms_cr = inner.config.dms_cr, cr
+        inner.save_pretrained(tmp, safe_serialization=True)
+        inner.config.dms_cr = ramp_target
+        tokenizer.save_pretrained(tmp)
+        (tmp / "export.json").write_text(json.dumps(metrics, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    acc.wait_for_everyone()
+
+
 def _settings_with_phases(path: Path, cfg: RetrofitConfig, start_step: int) -> dict:
     """cfg as JSON. A resume that changes the recipe (more steps, another lr, sinks...) keeps the
     settings each earlier stretch of steps ran with under `phases`, so the model card can say so.
     Settings that do not change what is trained (where, how often saved, when stopped) are not compared;
     a setting missing from an older file ran with its default."""
-    ignore = {"out", "resume", "max_minutes", "stop_at", "save_every", "device", "device_name", "data_cache", "fsdp", "until_step"}
+    ignore = {"out", "resume", "max_minutes", "stop_at", "save_every", "device", "device_name", "data_cache", "fsdp", "until_step", "export_at", "attention"}
     new = asdict(cfg)
     saved = json.loads(path.read_text()) if start_step and path.is_file() else {}
     stretches = [*saved.pop("phases", []), saved] if saved else []
