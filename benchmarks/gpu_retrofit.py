@@ -66,14 +66,14 @@ def flex_check() -> dict:
     return {"logits_rel_err": float((l0 - l1).norm() / l0.norm()), "grad_rel_err": float((g0 - g1).norm() / g0.norm())}
 
 
-def job_config(name: str, out: Path, args, ramp_steps: int, minutes: float | None) -> RetrofitConfig:
+def job_config(name: str, out: Path, args, ramp_steps: int, minutes: float | None, exports=EXPORTS) -> RetrofitConfig:
     base, data, seq_len, batch, accum, window, sinks, _ = JOBS[name]
     if args.tiny_run:
         data = data.replace("passkey:512", f"passkey:{TINY_RUN['passkeys']}")
         seq_len, batch, accum = TINY_RUN["seq_len"], TINY_RUN["batch"], TINY_RUN["accum"]
     return RetrofitConfig(model=args.base or base, out=str(out), target_cr=RAMP_TO, window=window, steps=ramp_steps, data=data,
                           batch_size=batch, grad_accum=accum, seq_len=seq_len, train="adapter", lr=3e-5, sinks=sinks,
-                          cr_loss="one-sided", ramp_steps=ramp_steps, export_at=EXPORTS, save_every=25, max_minutes=minutes,
+                          cr_loss="one-sided", ramp_steps=ramp_steps, export_at=exports, save_every=25, max_minutes=minutes,
                           resume=(out / "checkpoints" / "latest").exists(), data_cache=str(args.out / "data-cache"),
                           device="cpu" if args.tiny_run else "auto", attention=args.attention)
 
@@ -84,7 +84,7 @@ def seconds_per_step(name: str, args) -> tuple[float, float]:
     probe = args.out / f"{name}-probe"
     shutil.rmtree(probe, ignore_errors=True)
     began = time.perf_counter()
-    retrofit(job_config(name, probe, args, ramp_steps=PROBE_STEPS, minutes=None), progress=False)
+    retrofit(job_config(name, probe, args, ramp_steps=PROBE_STEPS, minutes=None, exports=()), progress=False)
     rows = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(probe, ignore_errors=True)
     return min(r["seconds"] for r in rows[1:]), time.perf_counter() - began
@@ -97,13 +97,11 @@ def run_job(name: str, args, deadline: float, later_share: float) -> dict:
     if (out / "retrofit.json").is_file() and (out / "checkpoints" / "latest").exists():
         ramp = json.loads((out / "retrofit.json").read_text())["ramp_steps"]  # resume the run as it was planned
         plan = {"resumed": True}
-    elif args.tiny_run:
-        ramp, plan = TINY_RUN["steps"], {}
     else:
         step_s, probe_s = seconds_per_step(name, args)
         share = JOBS[name][-1]
         budget = (deadline - time.time() - 30) * share / (share + later_share) - (60 if later_share else 0)
-        ramp = max(int(budget / step_s / STEPS_TO_LAST), 16)
+        ramp = TINY_RUN["steps"] if args.tiny_run else max(int(budget / step_s / STEPS_TO_LAST), 16)
         plan = {"seconds_per_step": step_s, "probe_seconds": probe_s, "training_budget_s": budget}
     minutes = max(0.5, (deadline - time.time() - 20) / 60)
     began = time.perf_counter()
