@@ -76,17 +76,21 @@ def test_planted_decisions_give_every_figure():
 
 
 def test_facts_against_filler():
-    """Keep probability per token, the same in both heads: facts at logits -1 and 0, filler at 0, 1, -2, 0."""
+    """Head 0 keeps facts at logits -1 and 0, filler at 0, 1, -2, 0; head 1 keeps every token (logit -30)."""
     by_token = torch.tensor([0.0, -1.0, 1.0, 0.0, -2.0, 0.0])  # tokens 0-5; fact tokens 1 and 3
-    logits = torch.cat([torch.zeros(1), by_token, torch.zeros(1)])[None, None, :7].expand(1, 2, 7)
+    logits = torch.stack([torch.cat([torch.zeros(1), by_token]), torch.full((7,), -30.0)])[None]  # (1, 2, 7)
     fact = torch.tensor([False, True, False, True, False, False, True])  # token 6 has no decision: ignored
     f = decision_figures([logits], facts=[fact])["facts"]
-    # pairs (fact, filler) where the fact is kept more: token 1 beats 3 of 4, token 3 beats 1 and ties 2
+    # per token (head 1 adds the same to every score): token 1 beats 3 of the 4 filler tokens, token 3 beats 1, ties 2
     assert f["auc"] == pytest.approx((3 + 1 + 2 * 0.5) / 8)
+    # per decision, 4 fact against 8 filler decisions: head 0 against head 0 as above (5), head 0's facts lose to
+    # head 1's filler (0), head 1's facts beat head 0's filler (8) and tie head 1's (8 x 0.5)
+    assert f["auc_per_decision"] == pytest.approx((5 + 0 + 8 + 4) / 32)
     assert (f["fact_tokens"], f["filler_tokens"]) == (2, 4)
-    assert f["fact_keep_rate"] == 1.0 and f["filler_keep_rate"] == 0.75  # logit 0 keeps
+    assert f["fact_keep_rate"] == 1.0 and f["filler_keep_rate"] == (0.75 + 1) / 2  # logit 0 keeps
     sunk = decision_figures([logits], sinks=1, facts=[fact])["facts"]  # the sink has no learned decision
     assert sunk["filler_tokens"] == 3 and sunk["auc"] == pytest.approx((2 + 1 + 0.5) / 6)
+    assert sunk["auc_per_decision"] == pytest.approx((3.5 + 0 + 6 + 3) / 24) and sunk["filler_keep_rate"] == pytest.approx(5 / 6)
 
 
 def test_roc_auc_ties_and_edges():
@@ -148,7 +152,8 @@ def test_cli_json_on_text_and_task(dms_dir, tmp_path, capsys, monkeypatch):
     f = json.loads(out)
     facts = f["facts"]
     assert f["source"]["task"] == "vt" and f["sequences"] == 2
-    assert facts["fact_tokens"] > 0 and facts["filler_tokens"] > facts["fact_tokens"] and 0 <= facts["auc"] <= 1
+    assert facts["fact_tokens"] > 0 and facts["filler_tokens"] > facts["fact_tokens"]
+    assert 0 <= facts["auc"] <= 1 and 0 <= facts["auc_per_decision"] <= 1
     assert 0 <= facts["fact_keep_rate"] <= 1 and 0 <= facts["filler_keep_rate"] <= 1
 
     code, out, err = run_cli(["inspect", str(dms_dir), "--text", str(text), "--seq-len", "64"], capsys, monkeypatch)

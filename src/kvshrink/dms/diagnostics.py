@@ -25,8 +25,11 @@ Figures (`decision_figures`, from the logits alone, so that a test can plant the
 - `facts` (task prompts only, else null): over the prompt tokens with a learned decision, a token's score is
   its keep probability sigmoid(-logit) averaged over (layer, KV head); `auc` is the ROC AUC (Mann-Whitney,
   ties counted half) that a fact token scores above a filler token, pooled over prompts (0.5: blind to
-  content; null without both kinds). `fact_keep_rate` and `filler_keep_rate` are the shares of (layer,
-  head, token) decisions that keep them. Facts are the sentences the answer depends on
+  content; null without both kinds): does the model as a whole keep facts more? `auc_per_decision` is the
+  same over single (layer, KV head, token) decisions, each scored by its own keep probability: how much a
+  fact's label tells about one decision, which head-level on/off (all-keep and window-only heads) drags
+  towards 0.5. `fact_keep_rate` and `filler_keep_rate` are the shares of (layer, head, token) decisions
+  that keep them. Facts are the sentences the answer depends on
   (`kvshrink.tasks.fact_spans`); filler is every other prompt token, instructions and chat template included.
 """
 
@@ -57,7 +60,7 @@ def decision_figures(logits, sinks: int = 0, tau: float = 0.1, facts=None) -> di
     evicted = torch.zeros(L, H, dtype=torch.float64)  # effective flags, summed over decided tokens
     decided = 0  # decided tokens per head
     learned, t0_raw, t0_eff = [], [], []
-    scores, keeps, labels = [], [], []
+    scores, keeps, labels, decisions = [], [], [], []
     for i, lg in enumerate(seqs):
         if lg.dim() != 3 or lg.shape[:2] != (L, H):
             raise KVShrinkError(f"sequence {i}: logits of shape {tuple(lg.shape)}, expected ({L}, {H}, T)")
@@ -77,9 +80,11 @@ def decision_figures(logits, sinks: int = 0, tau: float = 0.1, facts=None) -> di
             label = torch.as_tensor(facts[i], dtype=torch.bool).cpu()
             if label.shape != (T,):
                 raise KVShrinkError(f"sequence {i}: fact mask of shape {tuple(label.shape)}, expected ({T},)")
-            scores.append(torch.sigmoid(-marks[..., ~sink]).mean((0, 1)))
+            keep_p = torch.sigmoid(-marks[..., ~sink])  # (L, H, tokens with a learned decision)
+            scores.append(keep_p.mean((0, 1)))
             keeps.append((~eff[..., ~sink]).double().mean((0, 1)))
             labels.append(label[:-1][~sink])
+            decisions.append(keep_p.reshape(L * H, -1))
 
     rate = evicted / decided  # (L, H)
     flag_rate = float(rate.mean())
@@ -109,7 +114,8 @@ def decision_figures(logits, sinks: int = 0, tau: float = 0.1, facts=None) -> di
             "per_sequence_raw": raw_counts, "per_sequence_effective": eff_counts,
             "head_rate_raw": head_t0.tolist(), "heads_raw": _pairs(head_t0 > 0.5),
         },
-        "facts": _fact_figures(torch.cat(scores), torch.cat(keeps), torch.cat(labels)) if labels else None,
+        "facts": (_fact_figures(torch.cat(scores), torch.cat(keeps), torch.cat(labels), torch.cat(decisions, -1))
+                  if labels else None),
     }
 
 
@@ -117,10 +123,12 @@ def _pairs(mask: torch.Tensor) -> list[list[int]]:
     return [[int(l), int(h)] for l, h in torch.nonzero(mask)]
 
 
-def _fact_figures(score: torch.Tensor, keep: torch.Tensor, fact: torch.Tensor) -> dict:
+def _fact_figures(score: torch.Tensor, keep: torch.Tensor, fact: torch.Tensor, decisions: torch.Tensor) -> dict:
+    """score, keep, fact: (N,) per token; decisions: (L*H, N) keep probabilities."""
     n_fact, n_filler = int(fact.sum()), int((~fact).sum())
     return {
-        "auc": roc_auc(score, fact), "fact_tokens": n_fact, "filler_tokens": n_filler,
+        "auc": roc_auc(score, fact), "auc_per_decision": roc_auc(decisions.reshape(-1), fact.expand_as(decisions).reshape(-1)),
+        "fact_tokens": n_fact, "filler_tokens": n_filler,
         "fact_keep_rate": float(keep[fact].mean()) if n_fact else None,
         "filler_keep_rate": float(keep[~fact].mean()) if n_filler else None,
     }
@@ -148,16 +156,18 @@ def summary_rows(figures: dict) -> list[tuple[str, str]]:
         ("median |logit|", f"{f['median_abs_logit']:.1f}"),
         (f"decisions within reach of a gradient (|logit + noise| < {f['reach_halfwidth']:g})", f"{100 * f['reach']:.2f}%"),
         ("heads by flag rate: " + " / ".join(BUCKETS), " / ".join(str(f["buckets"][b]) for b in BUCKETS)),
-        ("all-keep heads (layer.head)", ", ".join(f"{l}.{h}" for l, h in f["all_keep_heads"]) or "none"),
+        ("all-keep heads", ", ".join(f"L{l}h{h}" for l, h in f["all_keep_heads"]) or "none"),
         ("kept tokens held by all-keep heads", f"{100 * f['all_keep_kept_share']:.0f}%"),
         (f"heads evicting token 0, raw flag (of {heads})", _median_range(t0["raw"], t0["raw_range"], f["sequences"])),
-        (f"heads evicting token 0, after {f['sinks']} sink(s)", _median_range(t0["effective"], t0["effective_range"], f["sequences"])),
+        (f"heads evicting token 0, after {f['sinks']} sink(s)",
+         _median_range(t0["effective"], t0["effective_range"], f["sequences"])),
     ]
     facts = f.get("facts")
     if facts:
         auc = "n/a" if facts["auc"] is None else f"{facts['auc']:.3f}"
         keep = lambda r: "n/a" if r is None else f"{r:.3f}"  # noqa: E731
-        rows += [("facts-vs-filler AUC (keep probability)", auc),
+        per = "n/a" if facts["auc_per_decision"] is None else f"{facts['auc_per_decision']:.3f}"
+        rows += [("facts-vs-filler AUC: per token (keep probability averaged over heads); per decision", f"{auc}; {per}"),
                  ("keep rate: facts / filler", f"{keep(facts['fact_keep_rate'])} / {keep(facts['filler_keep_rate'])}"),
                  ("tokens: facts / filler", f"{facts['fact_tokens']:,} / {facts['filler_tokens']:,}")]
     return rows

@@ -231,8 +231,8 @@ def diagnostics_section(*figures: dict) -> str:
 |---|---|
 {rows}
 
-Flag rate per (layer, KV head); bold: all-keep (< {ALL_KEEP:g}) or window-only (>= {WINDOW_ONLY:g}); \\* its raw flag evicts token 0
-in most sequences.
+Flag rate per (layer, KV head); bold: all-keep (< {ALL_KEEP:g}) or window-only (>= {WINDOW_ONLY:g});
+\\* its raw flag evicts token 0 in most sequences.
 
 | layer | {heads} |
 |---|{"---|" * f["kv_heads"]}
@@ -254,7 +254,8 @@ def _inspect_source(f: dict) -> str:
     if "task" in src:
         seed = f" --seed {src['seed']}" if src.get("seed") else ""
         level = f" --difficulty {src['difficulty']}" if src.get("difficulty") is not None else ""
-        return f"{f['sequences']} held-out `{src['task']}` prompts (`kvshrink inspect {model} --task {src['task']} --problems {f['sequences']}{seed}{level}`)"
+        command = f"kvshrink inspect {model} --task {src['task']} --problems {f['sequences']}{seed}{level}"
+        return f"{f['sequences']} held-out `{src['task']}` prompts (`{command}`)"
     tokens = max(src.get("tokens", [0]) or [0])
     text = src.get("text", "pydoc held-out")
     option = "" if text == "pydoc held-out" else f" --text {text}"
