@@ -174,7 +174,9 @@ def summary_rows(figures: dict) -> list[tuple[str, str]]:
 
 
 def _median_range(median: float, span: list[int], sequences: int) -> str:
-    return f"{median:g}" + (f" (median; {span[0]}-{span[1]} by sequence)" if sequences > 1 else "")
+    if sequences == 1:
+        return f"{median:g}"
+    return f"{median:g} (in every sequence)" if span[0] == span[1] else f"{median:g} (median; {span[0]}-{span[1]} by sequence)"
 
 
 @torch.no_grad()
