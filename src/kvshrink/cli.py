@@ -424,6 +424,94 @@ def compare(
     Console().print(table)
 
 
+@app.command("inspect")
+def inspect_cmd(
+    model: str = typer.Argument(..., help="a DMS model: a shipped name (e.g. smollm2-dms8) or a local folder"),
+    text: Optional[Path] = typer.Option(None, "--text", help="a text file (default: the held-out half of the Python docs)"),
+    task: Optional[str] = typer.Option(None, help="arith | vt | niah | hops: held-out prompts instead of text, with the facts-vs-filler figures"),
+    problems: int = typer.Option(6, help="task prompts (--task)"),
+    seed: int = typer.Option(0, help="problem seed (--task; held out below 1,000,000)"),
+    difficulty: Optional[int] = typer.Option(None, help="task difficulty (--task; default: the task's default)"),
+    sequences: int = typer.Option(3, help="text windows (--text or the default text)"),
+    seq_len: int = typer.Option(2048, help="tokens per text window, at most the model's context"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """How a DMS model decides: per-(layer, head) flag rates, heads that evict token 0, the share of decisions
+    a training gradient can still move, all-keep and window-only heads, and on tasks whether facts are kept
+    more than filler (definitions: `kvshrink.dms.diagnostics`)."""
+    from .dms.diagnostics import inspect_decisions, task_sequences, text_sequences
+    from .loading import load
+    from .tasks import make_problems
+
+    if text is not None and task is not None:
+        raise KVShrinkError("give --text FILE or --task NAME, not both")
+    if task is not None:
+        difficulty = make_problems(task, problems, seed=seed, difficulty=difficulty)[0].difficulty  # checks them
+    if sequences < 1 or seq_len < 2:
+        raise KVShrinkError(f"--sequences must be >= 1 and --seq-len >= 2 (got {sequences} and {seq_len})")
+    content = _read_text(text) if text is not None else None
+    m, tok = load(model, device=device)
+    facts = None
+    if task is not None:
+        ids, facts = task_sequences(tok, task, problems, seed=seed, difficulty=difficulty)
+        source = {"task": task, "problems": problems, "seed": seed, "difficulty": difficulty}
+    else:
+        from .train.text import pydoc_split
+
+        limit = getattr(m.config, "max_position_embeddings", None) or seq_len
+        ids = text_sequences(tok, pydoc_split()[1] if content is None else content, sequences, min(seq_len, limit))
+        source = {"text": str(text) if text is not None else "pydoc held-out", "sequences": len(ids)}
+    source["tokens"] = [len(s) for s in ids]
+    result = {"model": model, "source": source, **inspect_decisions(m, ids, facts)}
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from .dms.diagnostics import summary_rows
+
+    what = f"{source['problems']} {task} prompts" if task else f"{len(ids)} x {max(source['tokens']):,} tokens of {source['text']}"
+    summary = Table(title=f"{model}: eviction decisions on {what}")
+    summary.add_column("figure")
+    summary.add_column("value")
+    for label, value in summary_rows(result):
+        summary.add_row(label, value)
+    heads = Table(title="flag rate per (layer, KV head)",
+                  caption="* its raw flag evicts token 0 (in most sequences); green: all-keep (< .05), red: window-only (>= .95)")
+    heads.add_column("layer")
+    for h in range(result["kv_heads"]):
+        heads.add_column(f"head {h}", justify="right")
+    t0 = result["token0"]["head_rate_raw"]
+    for layer, rates in enumerate(result["head_flag_rate"]):
+        heads.add_row(str(layer), *(_rate_cell(r, t0[layer][h] > 0.5) for h, r in enumerate(rates)))
+    console = Console()
+    console.print(summary)
+    console.print(heads)
+
+
+def _rate_cell(rate: float, evicts_token0: bool) -> str:
+    """A head's flag rate, green when all-keep (< .05), red when window-only (>= .95)."""
+    from .dms.diagnostics import ALL_KEEP, WINDOW_ONLY
+
+    style = "green" if rate < ALL_KEEP else "red" if rate >= WINDOW_ONLY else ""
+    cell = f"{rate:.2f}" + ("*" if evicts_token0 else " ")
+    return f"[{style}]{cell}[/{style}]" if style else cell
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise KVShrinkError(f"--text {path}: no such file")
+    try:
+        content = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KVShrinkError(f"--text {path}: cannot read it as text ({type(exc).__name__}); give a UTF-8 text file") from exc
+    if not content.strip():
+        raise KVShrinkError(f"--text {path} is empty")
+    return content
+
+
 @app.command()
 def demo(
     quick: bool = typer.Option(False, help="2 vt problems, no real-text section (a smoke test)"),

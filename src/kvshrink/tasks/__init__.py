@@ -2,7 +2,8 @@
 graders that read the final answer after the `Answer:` marker of free-form output.
 
 Every task module defines `DEFAULT_DIFFICULTY`, `MAX_DIFFICULTY`, `generate(rng, difficulty) -> Problem` and
-`solve(facts) -> answer` (the brute-force solver, from the problem's stated facts alone). A problem's
+`solve(facts) -> answer` (the brute-force solver, from the problem's stated facts alone), and `FACTS`, a
+regex matching the prompt's fact sentences, those the answer depends on (`fact_spans`). A problem's
 `solution` is the worked answer (the chain of thought, then the marker line) that fine-tuning
 teaches; `grade` compares the extracted answer with `answer` exactly.
 """
@@ -10,6 +11,7 @@ teaches; `grade` compares the extracted answer with `answer` exactly.
 from __future__ import annotations
 
 import random
+import re
 
 from ..errors import KVShrinkError
 from . import arith, hops, niah, vt
@@ -38,6 +40,14 @@ def make_problems(name: str, n: int, seed: int = 0, difficulty: int | None = Non
     return [mod.generate(random.Random(f"{name}/{seed}/{d}/{i}"), d) for i in range(first, first + n)]
 
 
+def fact_spans(problem: Problem) -> list[tuple[int, int]]:
+    """Character spans [start, end) of `problem.prompt` that state facts the answer depends on (`vt`'s
+    assignments, `niah`'s key-value sentences, `hops`' links, `arith`'s start value and operations);
+    the rest of the prompt is filler, instructions and the question. Used to judge whether an eviction
+    policy keeps what matters (`kvshrink inspect --task`)."""
+    return [m.span() for m in re.finditer(task_module(problem.task).FACTS, problem.prompt)]
+
+
 def answer_budget(tokenizer, problems: list[Problem]) -> int:
     """Default generation length for a set of problems: room for twice the longest worked solution."""
     return 16 + 2 * max(len(tokenizer(p.solution)["input_ids"]) for p in problems)
@@ -48,4 +58,4 @@ def grade(problem: Problem, output: str) -> bool:
     return extract_answer(output, problem.kind) == problem.answer
 
 
-__all__ = ["TASKS", "Problem", "answer_budget", "make_problems", "grade", "task_module", "extract_answer"]
+__all__ = ["TASKS", "Problem", "answer_budget", "fact_spans", "make_problems", "grade", "task_module", "extract_answer"]

@@ -19,6 +19,7 @@ MAX_DIFFICULTY = 100
 ANSWER_KIND = "int"
 MAX_VALUE = 99
 WORDS = {"+": "add", "-": "subtract", "*": "multiply by"}
+FACTS = r"Start with \d+\. Then [a-z0-9 ,]+\."  # the start value and the operations
 
 
 def _apply(value: int, op: str, x: int) -> int:

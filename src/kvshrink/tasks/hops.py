@@ -19,6 +19,7 @@ MAX_DIFFICULTY = 9  # 24 + 8 d boxes, labelled 1-99
 ANSWER_KIND = "int"
 SENTENCE_TOKENS = 6
 LINK = re.compile(r"box (\d+) points to box (\d+)\.")
+FACTS = LINK.pattern  # the links
 
 
 def n_boxes(difficulty: int) -> int:

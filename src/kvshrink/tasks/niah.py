@@ -18,6 +18,7 @@ DEFAULT_DIFFICULTY = 2
 MAX_DIFFICULTY = 100  # ~7K tokens of context
 ANSWER_KIND = "list"
 SENTENCE_TOKENS = 6
+FACTS = r"The special magic number for [a-z]+-[a-z]+ is \d+\."  # the key-value sentences
 ADJECTIVES = ["amber", "quiet", "brave", "silver", "hidden", "gentle", "rapid", "golden", "lucky", "misty", "proud",
               "sunny", "wild", "calm", "bold", "icy", "noble", "rusty", "swift", "tiny"]
 NOUNS = ["falcon", "river", "garden", "lantern", "meadow", "harbor", "comet", "forest", "pebble", "canyon", "orchid",

@@ -19,6 +19,7 @@ DEFAULT_DIFFICULTY = 4  # assignments per chain
 MAX_DIFFICULTY = 100  # ~7K tokens of context
 ANSWER_KIND = "set"
 SENTENCE_TOKENS = 6  # filler sentences are ~6 tokens each with common BPE tokenizers
+FACTS = r"VAR [A-Z]+ = \w+\."  # the assignments
 
 
 def context_tokens(difficulty: int) -> int:

@@ -1,6 +1,7 @@
 """Model cards for packed adapters, written from the run's own settings and metrics (never by hand), so
 that the command, data, steps, learning rate, wall time and device they state are the ones that ran.
-Accuracy tables are added by `benchmarks/zoo_eval.py --cards` under the `## Accuracy` heading."""
+Accuracy tables are added by `benchmarks/zoo_eval.py --cards` under the `## Accuracy` heading, and the
+figures of `kvshrink inspect MODEL --json` by `set_diagnostics` under `## Diagnostics`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 from pathlib import Path
 
 ACCURACY = "## Accuracy"
+DIAGNOSTICS = "## Diagnostics"
+MEASURED = (ACCURACY, DIAGNOSTICS)  # sections measured on the model itself: stale in an earlier stage's card
 
 
 def _run(run_dir: Path, settings: str) -> tuple[dict, list[dict]]:
@@ -68,12 +71,22 @@ def _earlier_stage(cfg: dict, run_dir: Path) -> str:
 
 
 def _earlier_card(card: str) -> str:
-    """The earlier stage's card without its title, headings one level down and its (stale) accuracy section
-    dropped; its own earlier stages are kept, so a card carries the whole chain."""
-    before, _, after = card.partition(ACCURACY)
-    rest = after.split("\n## ", 1)
-    kept = (before.split("\n", 1)[-1].strip() + ("\n\n## " + rest[1] if len(rest) > 1 else "")).strip()
+    """The earlier stage's card without its title, headings one level down and its (stale) accuracy and
+    diagnostics sections dropped; its own earlier stages are kept, so a card carries the whole chain."""
+    kept = card.split("\n", 1)[-1]
+    for heading in MEASURED:
+        kept = _drop_section(kept, heading)
+    kept = kept.strip()
     return "\n## Earlier stage\n\n" + "\n".join("#" + line if line.startswith("#") else line for line in kept.splitlines()) + "\n"
+
+
+def _drop_section(text: str, heading: str) -> str:
+    """`text` without the section under `heading` (up to the next `## ` heading)."""
+    before, found, after = text.partition(heading)
+    if not found:
+        return text
+    rest = after.split("\n## ", 1)
+    return before.rstrip() + ("\n\n## " + rest[1] if len(rest) > 1 else "")
 
 
 def retrofit_card(name: str, run_dir: Path, base: str) -> str:
@@ -98,6 +111,10 @@ Last step: KL {last.get("kl", float("nan")):.4f}, flag-based CR {last.get("flag_
 {ACCURACY}
 
 Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
+
+{DIAGNOSTICS}
+
+Not measured yet: `kvshrink inspect {name} --json` gives the figures, `kvshrink.zoo.cards.set_diagnostics` writes them here.
 """ + _earlier_stage(cfg, run_dir)
 
 
@@ -171,7 +188,77 @@ def _retrofit_command(stage: dict, origin: tuple[float, int], base: str, name: s
 
 def set_accuracy(card: Path, table: str) -> None:
     """Replace the card's accuracy section (up to the next `## ` heading) with `table`."""
+    _set_section(card, ACCURACY, table)
+
+
+def set_diagnostics(card: Path, *figures: dict) -> None:
+    """Replace the card's diagnostics section with `diagnostics_section(*figures)` (placed after the accuracy
+    section when the card has none yet)."""
+    _set_section(card, DIAGNOSTICS, diagnostics_section(*figures), after=ACCURACY)
+
+
+def _set_section(card: Path, heading: str, body: str, after: str | None = None) -> None:
+    """Replace the section under `heading` (up to the next `## ` heading) with `body`; a card without one
+    gets it after the section under `after` if there is one, else at its end."""
     text = card.read_text()
-    head, _, rest = text.partition(ACCURACY) if ACCURACY in text else (text.rstrip("\n") + "\n\n", "", "")
+    if heading not in text:
+        at = len(text)
+        if after is not None and after in text:
+            following = text.find("\n## ", text.index(after) + len(after))
+            at = following + 1 if following >= 0 else at
+        text = f"{text[:at].rstrip(chr(10))}\n\n{heading}\n\n{text[at:]}"
+    head, _, rest = text.partition(heading)
     tail = rest[rest.index("\n## "):] if "\n## " in rest else ""
-    card.write_text(f"{head}{ACCURACY}\n\n{table.strip()}\n{tail}")
+    card.write_text(f"{head}{heading}\n\n{body.strip()}\n{tail}")
+
+
+def diagnostics_section(*figures: dict) -> str:
+    """The body of a card's `## Diagnostics` section: for each result of `kvshrink inspect MODEL --json` (e.g.
+    one on held-out text and one on a task), its figures and the flag rate of every (layer, KV head).
+    Definitions: `kvshrink.dms.diagnostics`."""
+    from ..dms.diagnostics import ALL_KEEP, WINDOW_ONLY, summary_rows
+
+    parts = ["How the eviction adapter decides, teacher-forced in eval mode (definitions: `kvshrink.dms.diagnostics`)."]
+    for f in figures:
+        rows = "\n".join(f"| {label.replace('|', chr(92) + '|')} | {value} |" for label, value in summary_rows(f))
+        t0 = f["token0"]["head_rate_raw"]
+        grid = "\n".join(f"| {layer} | " + " | ".join(_rate_md(r, t0[layer][h] > 0.5) for h, r in enumerate(rates)) + " |"
+                         for layer, rates in enumerate(f["head_flag_rate"]))
+        heads = " | ".join(f"head {h}" for h in range(f["kv_heads"]))
+        parts.append(f"""On {_inspect_source(f)}:
+
+| figure | value |
+|---|---|
+{rows}
+
+Flag rate per (layer, KV head); bold: all-keep (< {ALL_KEEP:g}) or window-only (>= {WINDOW_ONLY:g});
+\\* its raw flag evicts token 0 in most sequences.
+
+| layer | {heads} |
+|---|{"---|" * f["kv_heads"]}
+{grid}""")
+    return "\n\n".join(parts)
+
+
+def _rate_md(rate: float, evicts_token0: bool) -> str:
+    """A head's flag rate, bold when all-keep or window-only, * when its raw flag evicts token 0."""
+    from ..dms.diagnostics import ALL_KEEP, WINDOW_ONLY
+
+    cell = f"**{rate:.2f}**" if rate < ALL_KEEP or rate >= WINDOW_ONLY else f"{rate:.2f}"
+    return cell + ("\\*" if evicts_token0 else "")
+
+
+def _inspect_source(f: dict) -> str:
+    """What an inspect result ran on, and the command that gives it."""
+    src, model = f.get("source", {}), f.get("model", "MODEL")
+    if "task" in src:
+        seed = f" --seed {src['seed']}" if src.get("seed") else ""
+        level = f" --difficulty {src['difficulty']}" if src.get("difficulty") is not None else ""
+        command = f"kvshrink inspect {model} --task {src['task']} --problems {f['sequences']}{seed}{level}"
+        return f"{f['sequences']} held-out `{src['task']}` prompts (`{command}`)"
+    tokens = max(src.get("tokens", [0]) or [0])
+    text = src.get("text", "pydoc held-out")
+    option = "" if text == "pydoc held-out" else f" --text {text}"
+    what = "the held-out half of the Python docs" if not option else f"`{text}`"
+    shape = "" if (f["sequences"], tokens) == (3, 2048) else f" --sequences {f['sequences']} --seq-len {tokens}"
+    return f"{f['sequences']} x {tokens:,} tokens of {what} (`kvshrink inspect {model}{option}{shape}`)"
