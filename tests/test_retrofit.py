@@ -30,7 +30,7 @@ def base_dir(tmp_path_factory):
 
 def config(base_dir, out, **kw) -> RetrofitConfig:
     args = dict(model=str(base_dir), out=str(out), target_cr=4, window=8, steps=200, data=str(base_dir.parent / "train.txt"),
-                batch_size=4, seq_len=SEQ, train="adapter", lr=1e-3, save_every=50, device="cpu")
+                batch_size=4, seq_len=SEQ, train="adapter", lr=1e-3, save_every=50, device="cpu", sinks=0)  # the toy's thresholds: no sinks
     args.update(kw)
     return RetrofitConfig(**args)
 

@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 BF16_OPTION = typer.Option(False, "--bf16", help="bf16 autocast, fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16 or AMX, far slower on others (warned)")
 AIM_CONTEXT_OPTION = typer.Option(None, help="old recipes only: aim the reads-based CR at the target at this context (default: flag target 1 - 1/CR, the release)")
 RAMP_STEPS_OPTION = typer.Option(None, help="steps over which the CR ramps to the target (default 80% of --steps)")
-SINKS_OPTION = typer.Option(0, help="never evict a sequence's first N tokens (attention sinks; 0 = the paper)")
+SINKS_OPTION = typer.Option(None, help="never evict a sequence's first N tokens (attention sinks; default 4 below w = 512, 0 from there, as the release)")
 SINKS_OVERRIDE = typer.Option(None, help="DMS sinks override: never evict the first N tokens (>= 0)")
 CR_OPTION = typer.Option(None, help="target compression ratio (>= 1)")
 WINDOW_OVERRIDE = typer.Option(None, help="DMS window override (>= 0)")
@@ -156,7 +156,7 @@ def retrofit(
     ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
     cr_loss: str = CR_LOSS_OPTION,
     cr_by_length: bool = CR_BY_LENGTH_OPTION,
-    sinks: int = SINKS_OPTION,
+    sinks: Optional[int] = SINKS_OPTION,
     answer_weight: float = ANSWER_WEIGHT_OPTION,
     save_every: int = typer.Option(50, help="checkpoint every N steps"),
     seed: int = typer.Option(0, help="data order and Gumbel noise seed"),
@@ -347,7 +347,7 @@ def zoo_retrofit(
     ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
     cr_loss: str = CR_LOSS_OPTION,
     cr_by_length: bool = CR_BY_LENGTH_OPTION,
-    sinks: int = SINKS_OPTION,
+    sinks: Optional[int] = SINKS_OPTION,
     answer_weight: float = ANSWER_WEIGHT_OPTION,
     save_every: int = typer.Option(25, help="checkpoint every N steps"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),

@@ -10,6 +10,8 @@ fine for training windows (T <= a few thousand), not for long prefill, which goe
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -61,8 +63,12 @@ def flex_delayed_eviction_attention(q: torch.Tensor, k: torch.Tensor, v: torch.T
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + torch.where(q_idx - kv_idx > window, log_keep[b, h // group, kv_idx], 0.0)
 
-    attend = _compiled_flex() if q.is_cuda else flex_attention
-    return attend(q, k, v, score_mod=score_mod, block_mask=_causal_block_mask(q.shape[2], q.device), scale=scale, enable_gqa=True)
+    block_mask = _causal_block_mask(q.shape[2], q.device)
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
+    with warnings.catch_warnings():  # eager on purpose: it warns that it is not the fused kernel
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
 _FLEX: dict = {}

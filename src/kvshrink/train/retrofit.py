@@ -64,7 +64,7 @@ class RetrofitConfig:
     cr_loss: str = "one-sided"  # one-sided (the paper) | two-sided: also pull an eviction rate above the target back | squared
     aim_context: int | None = None  # None: flag target 1 - 1/CR (the release); L: aim the reads-based CR at L tokens (old recipes)
     ramp_steps: int | None = None  # steps to reach target_cr (default 80% of steps); then it holds
-    sinks: int = 0  # never evict each sequence's first N tokens (see DMSConfig.sinks); 0 = the paper
+    sinks: int | None = None  # never evict each sequence's first N tokens (DMSConfig.sinks); default `default_sinks(window)`
     answer_weight: float = 1.0  # KL weight of answer tokens (task/passkey data) against 1 for the rest; 1 = the paper
     cr_by_length: bool = False  # weight each sequence's compression term by min(1, its tokens / aim_context)
     save_every: int = 50
@@ -112,11 +112,23 @@ class RetrofitConfig:
             raise KVShrinkError(f"--lr must be > 0, --warmup >= 0 and --ramp-steps >= 1 (got {self.lr}, {self.warmup}, {self.ramp_steps})")
         if self.data is None:
             raise KVShrinkError("--data is required: a text file/folder, teacher:PROMPTS.txt or task:NAME[,NAME][:N]")
+        if self.sinks is None:
+            self.sinks = default_sinks(self.window)
         if self.attention not in ("auto", "flex", "math"):
             raise KVShrinkError(f"--attention must be auto, flex or math (got {self.attention!r})")
         self.export_at = tuple(sorted(float(x) for x in self.export_at))
         if any(x <= 1 or x > self.target_cr for x in self.export_at):
             raise KVShrinkError(f"--export-at values must lie in (1, --target-cr {self.target_cr:g}] (got {list(self.export_at)})")
+
+
+SHORT_WINDOW, SHORT_WINDOW_SINKS = 512, 4
+
+
+def default_sinks(window: int) -> int:
+    """4 sinks below w = 512, none from there (the release, w = 512). Measured at w = 64
+    (docs/results/retrofit-ablations.md): without sinks the adapter could not follow the CR ramp (flag CR 3.5 where
+    the others reached 7.5) and 15 heads still evicted token 0; 1 and 4 sinks were equal within noise."""
+    return SHORT_WINDOW_SINKS if window < SHORT_WINDOW else 0
 
 
 def ramp_length(settings: dict, start_step: int = 0) -> int:

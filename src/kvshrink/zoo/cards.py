@@ -92,10 +92,12 @@ def _drop_section(text: str, heading: str) -> str:
 def retrofit_card(name: str, run_dir: Path, base: str) -> str:
     cfg, metrics = _run(run_dir, "retrofit.json")
     last = metrics[-1] if metrics else {}
+    exported = run_dir / "export.json"  # a model taken mid-ramp (--export-at): its own CR, not the ramp's end
+    target = json.loads((run_dir / "config.json").read_text())["dms_cr"] if exported.is_file() else cfg["target_cr"]
     return f"""# {name}
 
 `{base}` + a DMS eviction adapter (the release recipe: base frozen, only `dms_proj_alpha_norm` +
-`dms_proj_alpha` train), target compression ratio {cfg["target_cr"]:g}, delayed-eviction window w = {cfg["window"]}.
+`dms_proj_alpha` train), target compression ratio {target:g} (flag-based), delayed-eviction window w = {cfg["window"]}{_sinks(cfg)}.
 This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{name}")` applies them.
 {_stage(cfg)}
 ## How it was made
@@ -103,9 +105,10 @@ This folder holds the adapter tensors and DMS settings only; `kvshrink.load("{na
 {_retrofit_commands(cfg, base, name)}
 
 Data: {_data(cfg, base)}, in {cfg["seq_len"]}-token blocks (padding masked out of the losses). Loss: KL(student || teacher){_answer_weight(cfg)}
-+ the {cfg.get("cr_loss", "one-sided")} compression loss{" (each sequence's term weighted by min(1, its tokens / the aimed context))" if cfg.get("cr_by_length") else ""}, {_ramp(cfg)}, then held;
-the eviction rate aimed at makes the reads-based CR reach the target at {cfg.get("aim_context") or 32 * cfg["window"]:,} tokens.
-Steps: {len(metrics)} of {cfg["steps"]}, AdamW lr {cfg["lr"]:g}{", bf16 autocast" if cfg.get("bf16") else ""}. Trained: {_timing(metrics, cfg.get("device_name", cfg["device"]))}.
++ the {cfg.get("cr_loss", "one-sided")} compression loss{" (each sequence's term weighted by min(1, its tokens / the aimed context))" if cfg.get("cr_by_length") else ""}, {_ramp(cfg)}{_taken(exported, target) or ", then held"};
+{_aim(cfg)}
+Steps: {len(metrics)} of {cfg["steps"]}, AdamW (0.9, 0.95) lr {cfg["lr"]:g} constant{", bf16 autocast" if cfg.get("bf16") or "H100" in cfg.get("device_name", "") or "H200" in cfg.get("device_name", "") else ""}. Trained: {_timing(metrics, cfg.get("device_name", cfg["device"]))};
+{_tokens(metrics)}.
 Last step: KL {last.get("kl", float("nan")):.4f}, flag-based CR {last.get("flag_cr", float("nan")):.2f}.
 
 {ACCURACY}
@@ -116,6 +119,31 @@ Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
 
 Not measured yet: `kvshrink inspect {name} --json` gives the figures, `kvshrink.zoo.cards.set_diagnostics` writes them here.
 """ + _earlier_stage(cfg, run_dir)
+
+
+def _sinks(cfg: dict) -> str:
+    return f", the first {cfg['sinks']} tokens never evicted (attention sinks)" if cfg.get("sinks") else ""
+
+
+def _taken(exported: Path, target: float) -> str:
+    """How a model taken mid-ramp was taken (the release takes its 8x at step 238 of a 1 -> 16 ramp)."""
+    if not exported.is_file():
+        return ""
+    at = json.loads(exported.read_text())
+    return f"; this model is the adapter at step {at['step']}, where the ramp passed CR {target:g} (flag-based CR {at['flag_cr']:.2f} there)"
+
+
+def _aim(cfg: dict) -> str:
+    if cfg.get("aim_context"):  # the withdrawn rule of older recipes
+        return f"the eviction rate aimed at makes the reads-based CR reach the target at {cfg['aim_context']:,} tokens."
+    if "aim_context" in cfg and cfg.get("export_at") is None:  # older runs: None meant 32 * w
+        return f"the eviction rate aimed at makes the reads-based CR reach the target at {32 * cfg['window']:,} tokens."
+    return "the eviction rate aimed at is 1 - 1/CR (the flag-based CR, as the authors' release)."
+
+
+def _tokens(metrics: list[dict]) -> str:
+    seen = sum(m["tokens_per_second"] * m["seconds"] for m in metrics)
+    return f"{seen / 1e6:.1f}M tokens seen ({seen / max(1, len(metrics)) / 1e3:.0f}K real tokens per step)"
 
 
 def _data(cfg: dict, base: str) -> str:
@@ -129,6 +157,10 @@ def _data(cfg: dict, base: str) -> str:
             words.append(f"`{base}`'s answers to passkey prompts built from the train half of the Python docs ({src}), one per block")
         elif src == "pydoc":
             words.append("the train half of CPython's documentation topics (`pydoc`), as running text")
+        elif src == "stdlib":
+            words.append("the Python standard library's `*.py` source (tests and a fixed tenth of the modules held out), as running text")
+        elif src.startswith("gold:"):
+            words.append(f"a fresh generated problem with its gold worked solution for every sample ({src}), never repeated")
         elif src.startswith("teacher:"):
             words.append(f"`{base}`'s own continuations of the prompts in {src[len('teacher:'):]}")
         else:
@@ -181,6 +213,13 @@ def _retrofit_command(stage: dict, origin: tuple[float, int], base: str, name: s
     options += [f"--answer-weight {stage['answer_weight']:g}"] if stage.get("answer_weight", 1) != 1 else []
     options += ["--bf16"] if stage.get("bf16") else []
     options += [f"--init-from {stage['init_from']}"] if stage.get("init_from") else []
+    if stage.get("export_at"):  # one ramp, several models: the general command (benchmarks/gpu_retrofit.sh runs it)
+        exports = ",".join(f"{x:g}" for x in stage["export_at"])
+        return f"""    kvshrink retrofit {base} --out runs/{base}-ramp --train adapter --target-cr {stage["target_cr"]:g} --window {stage["window"]} \\
+        --steps {stage["steps"]} --data {stage["data"]} --seq-len {stage["seq_len"]} --batch-size {stage["batch_size"]} \\
+        --grad-accum {stage["grad_accum"]} {" ".join(options)} --export-at {exports}
+
+(run by `benchmarks/gpu_retrofit.sh OUT`, which sets --steps and --ramp-steps from the measured step time)"""
     return f"""    kvshrink zoo retrofit {base} --out runs/zoo/{name} --target-cr {stage["target_cr"]:g} --window {stage["window"]} \\
         --steps {stage["until_step"]} --data {stage["data"]} --seq-len {stage["seq_len"]} --batch-size {stage["batch_size"]} \\
         {" ".join(options)}{tail}"""
