@@ -426,6 +426,25 @@ def report(rec: Records, names: list[str], out_md: Path):
     lines += training_curves(names, out_md)
     out_md.write_text("\n".join(lines))
     print(f"wrote {out_md}")
+    return targets
+
+
+def write_cards(rec: Records, names: list[str], targets: list[tuple]) -> None:
+    """Each shipped DMS model's card gets its bars and its equal-cost rows (from the same records)."""
+    from kvshrink.zoo import MODELS_DIR
+    from kvshrink.zoo.cards import set_accuracy
+
+    cost = equal_cost_section(rec, names)
+    for name in TARGETS:
+        card = MODELS_DIR / name / "README.md"
+        mine = [t for t in targets if t[0] == name]
+        if not card.is_file() or not mine:
+            continue
+        table = ["From `docs/results/smollm2.md` (held-out Python docs, fp32; `python benchmarks/smollm2_eval.py --report-only --cards`):", "",
+                 "| measure | measured | target | met |", "|---|---|---|---|",
+                 *[f"| {what} | {got} | {bar} | {'yes' if ok else '**no**'} |" for _, what, got, bar, ok in mine], "",
+                 *cost[4:6], *[line for line in cost[6:] if line.startswith(f"| {name} |")], ""]
+        set_accuracy(card, "\n".join(table))
 
 
 def main():
@@ -442,6 +461,7 @@ def main():
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new items after this long")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "smollm2.md")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--cards", action="store_true", help="also write each shipped DMS model's bars into its model card")
     parser.add_argument("--limit", type=int, default=None, help="smoke test: at most N windows/batches per part")
     args = parser.parse_args()
     if args.ppl_batch < 1 or args.agree_batch < 1:
@@ -463,7 +483,9 @@ def main():
             run_passkey(entries, tok, held_ids, rec, args.contexts, deadline, args.limit)
         if "speed" in args.parts:
             run_speed(entries, held_ids, rec, deadline)
-    report(rec, names, args.out)
+    targets = report(rec, names, args.out)
+    if args.cards:
+        write_cards(rec, names, targets)
 
 
 if __name__ == "__main__":
