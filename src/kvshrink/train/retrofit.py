@@ -318,6 +318,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
     flex = cfg.attention == "flex" or (cfg.attention == "auto" and acc.device.type == "cuda")
     exports = [x for x in cfg.export_at if ramped_cr(start_step - 1, settings, origin) < x] if start_step else list(cfg.export_at)
+    if cfg.export_at and not exports:  # every model this ramp was to give is taken already
+        return {}
     n_layers = inner.config.num_hidden_layers
     n_kv = inner.config.num_key_value_heads
     decay_steps = max(1, int(0.1 * cfg.steps))
@@ -388,7 +390,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
             _save_checkpoint(acc, checkpoints, model, optimizer, trainable_names, step + 1, cfg.fsdp)
         if out_of_time and not done:
             if acc.is_main_process:
-                print(f"stopped after step {step + 1} (--max-minutes / --stop-at); continue with --resume")
+                print(f"stopped after step {step + 1} (--max-minutes / --stop-at / the last --export-at); continue with --resume")
             break
     stop(bar)
     if last.get("step") == cfg.steps:
