@@ -137,12 +137,15 @@ def test_phases_and_ramp_origins(tmp_path):
     from kvshrink.train.retrofit import _settings_with_phases, stages_with_origins
 
     path = tmp_path / "retrofit.json"
-    first = RetrofitConfig(model="m", out="a", data="d", target_cr=4, steps=100)
+    first = RetrofitConfig(model="m", out="a", data="d", target_cr=4, steps=100, sinks=0)
     old = {k: v for k, v in asdict(first).items() if k != "sinks"}  # a file from before --sinks existed
     path.write_text(json.dumps(old))
     # same recipe (another folder, device, stop point, more saves): no phase
-    same = RetrofitConfig(model="m", out="b", data="d", target_cr=4, steps=100, device="cpu", save_every=7, stop_at=80)
+    same = RetrofitConfig(model="m", out="b", data="d", target_cr=4, steps=100, device="cpu", save_every=7, stop_at=80, sinks=0)
     assert "phases" not in _settings_with_phases(path, same, 40)
+    # today's default (4 sinks below w = 512) is not what that old run trained with: a phase
+    today = _settings_with_phases(path, RetrofitConfig(model="m", out="a", data="d", target_cr=4, steps=100), 40)
+    assert [(p["until_step"], p["sinks"]) for p in today["phases"]] == [(40, 0)] and today["sinks"] == 4
     # cut short at step 40 mid-ramp (1 -> 4 over 80 steps reaches 2.5), then raised to 8 over 10 steps
     raised = _settings_with_phases(path, RetrofitConfig(model="m", out="a", data="d", target_cr=8, steps=60, ramp_steps=10), 40)
     assert [p["until_step"] for p in raised["phases"]] == [40] and raised["phases"][0]["sinks"] == 0
@@ -232,7 +235,7 @@ def test_fsdp_two_processes_with_resume_match_ddp(base_dir, one_process_run, ddp
 def two_process_args(base_dir):
     """The CLI form of `one_process_run`'s config."""
     return ["--target-cr", "4", "--window", "8", "--steps", "20", "--data", str(base_dir.parent / "train.txt"),
-            "--batch-size", "4", "--seq-len", "64", "--train", "adapter", "--lr", "1e-3", "--save-every", "20", "--device", "cpu"]
+            "--batch-size", "4", "--seq-len", "64", "--train", "adapter", "--lr", "1e-3", "--save-every", "20", "--device", "cpu", "--sinks", "0"]
 
 
 def _metrics(run):

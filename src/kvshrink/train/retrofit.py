@@ -421,11 +421,14 @@ def _export(acc, inner, tokenizer, out: Path, cr: float, metrics: dict) -> None:
     acc.wait_for_everyone()
 
 
+_BEFORE_A_SETTING_EXISTED = {"sinks": 0}  # how runs recorded before a setting existed ran, where today's default differs
+
+
 def _settings_with_phases(path: Path, cfg: RetrofitConfig, start_step: int) -> dict:
     """cfg as JSON. A resume that changes the recipe (more steps, another lr, sinks...) keeps the
     settings each earlier stretch of steps ran with under `phases`, so the model card can say so.
     Settings that do not change what is trained (where, how often saved, when stopped) are not compared;
-    a setting missing from an older file ran with its default."""
+    a setting missing from an older file ran with its default of that time."""
     ignore = {"out", "resume", "max_minutes", "stop_at", "save_every", "device", "device_name", "data_cache", "fsdp", "until_step", "export_at", "attention"}
     new = asdict(cfg)
     saved = json.loads(path.read_text()) if start_step and path.is_file() else {}
@@ -433,7 +436,7 @@ def _settings_with_phases(path: Path, cfg: RetrofitConfig, start_step: int) -> d
     earlier = [p for p in stretches[:-1] if p["until_step"] < start_step]
     # the settings step `start_step` ran with: a rewind may land inside a recorded phase
     ran = next((p for p in stretches[:-1] if p["until_step"] >= start_step), saved)
-    ran = {f.name: f.default for f in fields(RetrofitConfig)} | ran if ran else {}
+    ran = {f.name: f.default for f in fields(RetrofitConfig)} | _BEFORE_A_SETTING_EXISTED | ran if ran else {}
     if ran and any(ran.get(k) != v for k, v in new.items() if k not in ignore):
         earlier.append({**ran, "until_step": start_step})
     return {**new, "phases": earlier} if earlier else new
