@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from kvshrink.attention import install  # noqa: E402
 from kvshrink.cache import KVCache, cache_arg  # noqa: E402
-from kvshrink.dms.attach import attach_dms  # noqa: E402
+from kvshrink.attach import attach_dms  # noqa: E402
 from kvshrink.dms.config import DMSConfig  # noqa: E402
 from kvshrink.dms.retention import forced_logits  # noqa: E402
 from kvshrink.policies import CachePolicy, DMSPolicy  # noqa: E402

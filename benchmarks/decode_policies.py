@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 from decode import bench_model, fill_hf, read_bandwidth, time_decode  # noqa: E402
 from kvshrink.attention import install  # noqa: E402
 from kvshrink.cache import KVCache  # noqa: E402
-from kvshrink.dms.attach import attach_dms  # noqa: E402
+from kvshrink.attach import attach_dms  # noqa: E402
 from kvshrink.dms.config import DMSConfig  # noqa: E402
 from kvshrink.dms.retention import forced_logits  # noqa: E402
 from kvshrink.policies import CachePolicy, DMSPolicy, make_policy  # noqa: E402

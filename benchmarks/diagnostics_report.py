@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from kvshrink.dms.diagnostics import summary_rows  # noqa: E402
 from kvshrink.zoo import MODELS_DIR  # noqa: E402
-from kvshrink.zoo.cards import set_diagnostics  # noqa: E402
+from kvshrink.train.cards import set_diagnostics  # noqa: E402
 
 RECORDS = ROOT / "docs" / "results" / "diagnostics"
 TASKS = ("vt", "niah", "arith", "hops")

@@ -27,7 +27,7 @@ import torch
 import kvshrink
 from kvshrink.dms.diagnostics import inspect_decisions
 from kvshrink.train.retrofit import RetrofitConfig, retrofit
-from kvshrink.train.text import pydoc_split
+from kvshrink.corpora import pydoc_split
 
 VARIANTS = {
     "release": {},

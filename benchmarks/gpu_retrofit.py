@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from kvshrink.train.retrofit import RetrofitConfig, retrofit
-from kvshrink.zoo import pack_adapter
+from kvshrink.train.pack import pack_adapter
 
 RAMP_TO = 16.0  # the release ramps 1 -> 16 and takes its 8x mid-way
 EXPORTS = (4.0, 8.0)
@@ -43,7 +43,7 @@ TINY_RUN = {"seq_len": 256, "batch": 2, "accum": 1, "steps": 8, "passkeys": 4}
 
 def flex_check() -> dict:
     """Max relative error of logits and adapter gradients, flex against the masked math path (fp32)."""
-    from kvshrink.dms.attach import attach_dms
+    from kvshrink.attach import attach_dms
     from kvshrink.dms.config import DMSConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -111,7 +111,8 @@ def run_job(name: str, args, deadline: float, later_share: float) -> dict:
 
 
 def pack(name: str, args) -> list[str]:
-    """Each export as a shipped-style adapter folder (manifest, adapter tensors, metrics up to its step)."""
+    """Each export as a shipped-style model folder (manifest, adapter tensors, card), its logs up to its step
+    under OUT/provenance/<name>/ (the repository keeps them in docs/results/zoo/<name>/)."""
     run, packed = args.out / name, []
     for export in sorted(run.glob("cr-*")):
         if not export.is_dir() or export.name.endswith(".tmp"):
@@ -121,7 +122,7 @@ def pack(name: str, args) -> list[str]:
         (export / "metrics.jsonl").write_text("\n".join(rows) + "\n")
         shutil.copy(run / "retrofit.json", export / "retrofit.json")
         dest = args.out / "models" / f"{JOBS[name][0]}-dms{export.name[3:]}"
-        pack_adapter(export, dest, base=JOBS[name][0])
+        pack_adapter(export, dest, base=JOBS[name][0], provenance=args.out / "provenance" / dest.name)
         packed.append(dest.name)
     return packed
 

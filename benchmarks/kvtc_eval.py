@@ -32,8 +32,9 @@ from kvshrink.generation import prefill_row  # noqa: E402
 from kvshrink.kvtc import Calibration, ModelIdentity  # noqa: E402
 from kvshrink.kvtc.cache_io import cos_sin, export_cache, restore_cache  # noqa: E402
 from kvshrink.kvtc.codec import compress, decompress  # noqa: E402
-from kvshrink.kvtc.commands import calibrate, evaluate_model, reconstruction_error  # noqa: E402
-from kvshrink.train.text import pydoc_split  # noqa: E402
+from kvshrink.evaluation.kvtc import evaluate_model, reconstruction_error
+from kvshrink.kvtc.fit import calibrate  # noqa: E402
+from kvshrink.corpora import pydoc_split  # noqa: E402
 from shared import Records, best_of, binomial_ci, dtype_stamp, paired_ci  # noqa: E402
 
 BATCH = 20

@@ -21,11 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import kvshrink  # noqa: E402
-from kvshrink.dms.attach import attach_dms  # noqa: E402
+from kvshrink.attach import attach_dms  # noqa: E402
 from kvshrink.dms.config import DMSConfig  # noqa: E402
 from kvshrink.generation import generate_ids  # noqa: E402
 from kvshrink.policies import DMSPolicy  # noqa: E402
-from kvshrink.train.retrofit import RetrofitConfig, kl_student_teacher, retrofit  # noqa: E402
+from kvshrink.train.losses import kl_student_teacher  # noqa: E402
+from kvshrink.train.retrofit import RetrofitConfig, retrofit  # noqa: E402
 from kvshrink.train.toy import SEQ, build_toy_base  # noqa: E402
 
 W, CR, STEPS = 8, 4, 200

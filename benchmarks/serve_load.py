@@ -41,7 +41,7 @@ import kvshrink  # noqa: E402
 from kvshrink.prompts import chat_prompt  # noqa: E402
 from kvshrink.serve import build_engine  # noqa: E402
 from kvshrink.tasks import TASKS, make_problems  # noqa: E402
-from kvshrink.train.text import pydoc_split  # noqa: E402
+from kvshrink.corpora import pydoc_split  # noqa: E402
 from kvshrink.serve.app import free_port, read_metrics, run_in_thread  # noqa: E402
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import kvshrink
-from kvshrink.dms.attach import attach_dms, dms_config
+from kvshrink.attach import attach_dms, dms_config
 from kvshrink.generation import resolve_policy
 from kvshrink.jsonl import append_jsonl, read_jsonl
 from kvshrink.policies import CachePolicy, make_policy

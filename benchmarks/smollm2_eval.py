@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from kvshrink.compare import leading_agreement  # noqa: E402
 from kvshrink.cache import KVCache, cache_arg  # noqa: E402
 from kvshrink.generation import generate_ids  # noqa: E402
-from kvshrink.train.text import passkey_prompt, pydoc_split  # noqa: E402
+from kvshrink.corpora import passkey_prompt, pydoc_split  # noqa: E402
 from shared import Entry, Records, dtype_stamp, load_entries, paired_ci  # noqa: E402
 
 VANILLA = "smollm2"
@@ -190,11 +190,9 @@ def training_curves(names: list[str], out_md: Path) -> list[str]:
     """KL and flag-based vs target CR over training steps, for every model whose metrics are at hand."""
     import matplotlib.pyplot as plt
 
-    from kvshrink.zoo import MODELS_DIR
-
     runs = {}
     for name in names:
-        for folder in (MODELS_DIR / name, Path(name)):
+        for folder in (ROOT / "docs" / "results" / "zoo" / name, Path(name)):
             if (folder / "metrics.jsonl").is_file():
                 runs[Path(name).name] = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x]
                 break
@@ -284,7 +282,7 @@ def report(rec: Records, names: list[str], out_md: Path):
     lines = ["# SmolLM2-135M-Instruct: vanilla vs DMS retrofits and training-free baselines on held-out text", "",
              "Commands (each resumable; run in this order, then the report is rewritten from all records):", "",
              *[f"    python benchmarks/smollm2_eval.py {run}" for run in RUNS], "",
-             "Held-out text: odd-indexed topics of CPython's `pydoc_data.topics` (`kvshrink.train.text`), never seen in "
+             "Held-out text: odd-indexed topics of CPython's `pydoc_data.topics` (`kvshrink.corpora`), never seen in "
              "training. Vanilla is the base model with no eviction.", ""]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     targets = []  # (model, what, measured, target, met)
@@ -432,7 +430,7 @@ def report(rec: Records, names: list[str], out_md: Path):
 def write_cards(rec: Records, names: list[str], targets: list[tuple]) -> None:
     """Each shipped DMS model's card gets its bars and its equal-cost rows (from the same records)."""
     from kvshrink.zoo import MODELS_DIR
-    from kvshrink.zoo.cards import set_accuracy
+    from kvshrink.train.cards import set_accuracy
 
     cost = equal_cost_section(rec, names)
     for name in TARGETS:

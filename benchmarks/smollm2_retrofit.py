@@ -4,8 +4,8 @@
 
 Recipe: `--train adapter --decision adapter --window 64`, 2 x 512-token steps, lr 3e-5 (the release's),
 distilling on the teacher's own sampled continuations of 256-token prompts cut from the train part of
-the Python docs (`kvshrink.train.text`). Each run is packed (adapter tensors + DMS settings, not the
-base) into `--pack/smollm2-dms{CR}` with `results.json`: wall time, reads-based CR of greedy generation
+the Python docs (`kvshrink.corpora`). Each run is packed (adapter tensors + DMS settings, not the
+base) into `--pack/smollm2-dms{CR}`, its logs and `results.json` into `docs/results/zoo/smollm2-dms{CR}/`: wall time, reads-based CR of greedy generation
 after held-out prompts of 2,048 tokens (= 32 w), the last step's flag-based CR, and held-out perplexity
 of the base and the DMS model on 8 windows of 1,024 tokens (teacher forcing).
 """
@@ -28,9 +28,10 @@ sys.path.insert(0, str(ROOT / "src"))
 import kvshrink  # noqa: E402
 from kvshrink.generation import generate_ids  # noqa: E402
 from kvshrink.policies import DMSPolicy  # noqa: E402
-from kvshrink.train.retrofit import CR_LOSSES, RetrofitConfig, retrofit  # noqa: E402
-from kvshrink.train.text import write_if_changed, write_pydoc_data  # noqa: E402
-from kvshrink.zoo import pack_adapter  # noqa: E402
+from kvshrink.train.losses import CR_LOSSES  # noqa: E402
+from kvshrink.train.retrofit import RetrofitConfig, retrofit  # noqa: E402
+from kvshrink.corpora import write_if_changed, write_pydoc_data  # noqa: E402
+from kvshrink.train.pack import pack_adapter  # noqa: E402
 
 WINDOW = 64
 
@@ -85,7 +86,7 @@ steps and held, flag rate aimed so that the reads-based CR reaches {cr:g} at {r.
 
 Data: the teacher's own sampled continuations (temperature 1, 512 new tokens) of {r["data"]["prompts"]} prompts of
 256 tokens cut from the train part of CPython's `pydoc_data.topics` (even-indexed topics;
-`kvshrink.train.text`), packed into {r.get("seq_len", 512)}-token blocks{passkey_line(r)}.
+`kvshrink.corpora`), packed into {r.get("seq_len", 512)}-token blocks{passkey_line(r)}.
 
 Trained on: {r["device_name"]}, {step_seconds / 60:.0f} min of training steps ({step_seconds / len(metrics):.1f} s/step{", " + r["host_note"] if r.get("host_note") else ""}),
 plus the teacher's sampling.
@@ -158,7 +159,8 @@ def main():
         if last.get("step") != args.steps:
             print(f"{name}: stopped at step {last.get('step')}; rerun to resume", flush=True)
             continue
-        dest = pack_adapter(args.work / name, args.pack / name, base="smollm2") if args.train == "adapter" else args.work / name
+        provenance = ROOT / "docs" / "results" / "zoo" / name
+        dest = pack_adapter(args.work / name, args.pack / name, base="smollm2", provenance=provenance) if args.train == "adapter" else args.work / name
         model, _ = kvshrink.load(args.work / name, device=args.device)
         _, stats, _ = generate_ids(model, prompts, DMSPolicy(WINDOW), max_new_tokens=32)
         results = {
@@ -168,7 +170,8 @@ def main():
             "flag_based_cr_last_step": last["flag_cr"], "final_kl": last["kl"],
             "heldout_ppl_base": base_ppl, "heldout_ppl_dms": perplexity(model, windows, device), "data": info,
         }
-        (dest / "results.json").write_text(json.dumps(results, indent=1))
+        provenance.mkdir(parents=True, exist_ok=True)
+        (provenance / "results.json").write_text(json.dumps(results, indent=1))
         if args.train == "adapter":
             metrics = [json.loads(x) for x in (args.work / name / "metrics.jsonl").read_text().splitlines() if x]
             (dest / "README.md").write_text(model_card(name, results, shlex.join(sys.argv[1:]), metrics))

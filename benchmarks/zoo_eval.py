@@ -28,12 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from kvshrink.dms.attach import dms_config  # noqa: E402
+from kvshrink.attach import dms_config  # noqa: E402
 from kvshrink.tasks import TASKS, make_problems  # noqa: E402
 from kvshrink.zoo import MODELS_DIR  # noqa: E402
-from kvshrink.zoo.cards import set_accuracy  # noqa: E402
+from kvshrink.train.cards import set_accuracy  # noqa: E402
 from kvshrink.prompts import chat_prompt  # noqa: E402
-from kvshrink.tasks.evaluate import evaluate  # noqa: E402
+from kvshrink.evaluation.evaluate import evaluate  # noqa: E402
 from shared import Records, binomial_ci, dtype_stamp, load_entries, paired_ci  # noqa: E402
 
 BATCH = 20

@@ -46,7 +46,7 @@ def with_random_dms(model, window: int, decision: str = "adapter", evict_bias: f
     """A copy of `model` with DMS attached and random (non-trivial) retention predictors.
 
     evict_bias shifts the logits (alpha_offset = 5 - evict_bias) to raise the eviction rate."""
-    from kvshrink.dms.attach import attach_dms
+    from kvshrink.attach import attach_dms
     from kvshrink.dms.config import DMSConfig
 
     m = attach_dms(copy.deepcopy(model), DMSConfig(window=window, decision=decision, alpha_offset=5.0 - evict_bias))

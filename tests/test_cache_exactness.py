@@ -10,7 +10,7 @@ import torch
 from conftest import FAMILIES, left_pad, tiny_model, with_random_dms
 from kvshrink.attention import install
 from kvshrink.cache import KVCache, cache_arg
-from kvshrink.dms.attach import DMSCache
+from kvshrink.attach import DMSCache
 from kvshrink.dms.mask import delayed_eviction_bias, hard_log_keep
 from kvshrink.generation import generate_ids, prefill_row
 from kvshrink.policies import CachePolicy, DMSPolicy

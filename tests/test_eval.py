@@ -11,10 +11,10 @@ import pytest
 import kvshrink
 from kvshrink.generation import generate_ids
 from kvshrink.policies import make_policy
-from kvshrink.scaling import majority_vote
+from kvshrink.evaluation.voting import majority_vote
 from kvshrink.tasks import grade, make_problems
 from kvshrink.prompts import chat_prompt
-from kvshrink.tasks.evaluate import evaluate
+from kvshrink.evaluation.evaluate import evaluate
 
 
 def test_majority_vote():
@@ -53,7 +53,9 @@ def test_eval_cli_json_and_errors(smollm2):
     for key in ("accuracy", "problems", "kv_reads", "peak_kv_tokens", "compression_ratio", "seconds", "pass_at_w",
                 "prefill_kv_reads", "cache_bytes"):
         assert key in out
-    assert 0.0 <= out["accuracy"] <= 1.0 and out["problems"] == 2
+    model, tok = smollm2
+    reference = evaluate(model, tok, "hops", "none", problems=2, max_new_tokens=4)  # the library, in this process
+    assert out["problems"] == 2 and out["accuracy"] == reference["accuracy"] and out["kv_reads"] == pytest.approx(reference["kv_reads"])
     for args, message in [(["--task", "chess"], "unknown task 'chess'"), (["--task", "vt", "--width", "0"], "--width must be >= 1"),
                           (["--task", "vt", "--cr", "0.5"], "--cr must be >= 1")]:
         proc = subprocess.run([sys.executable, "-m", "kvshrink", "eval", "smollm2", *args], capture_output=True, text=True, timeout=300)

@@ -181,7 +181,7 @@ def test_a_model_without_dms_exits_2(tiny_model_dir, tmp_path, capsys, monkeypat
 
 
 def test_model_card_diagnostics_section(tmp_path):
-    from kvshrink.zoo.cards import _earlier_card, set_accuracy, set_diagnostics
+    from kvshrink.train.cards import _earlier_card, set_accuracy, set_diagnostics
 
     text = {"model": "m-dms8", "source": {"text": "pydoc held-out", "tokens": [21, 21]},
             **decision_figures([planted(0), planted(1)], sinks=1)}

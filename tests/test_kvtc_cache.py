@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-import kvshrink
 
 from conftest import left_pad, tiny_model, with_random_dms
 from kvshrink.attention import install
@@ -21,8 +20,9 @@ from kvshrink.generation import generate_ids
 from kvshrink.kvtc import (Calibration, KVTCFormatError, ModelIdentity, PrefixStore, cache_features, compress, cos_sin,
                            decompress, export_cache, generate_with_prefix_store, pack_cache, prefix, restore_cache,
                            unpack_cache)
-from kvshrink.kvtc.commands import (_greedy_rows, _middle, _prompt_state, _rows, _task_prompts, calibrate, evaluate,
-                                   evaluate_model, reconstruction_error)
+from kvshrink.evaluation.kvtc import (_greedy_rows, _middle, _rows, _task_prompts, evaluate, evaluate_model,
+                                      reconstruction_error)
+from kvshrink.kvtc.fit import calibrate, prompt_state
 from kvshrink.generation import prefill_row
 from kvshrink.kvtc.store import STALE_SECONDS
 from kvshrink.loading import load
@@ -265,12 +265,6 @@ def test_prefix_reuse_gives_the_same_tokens_as_plain_generation(kind, tiny_model
     assert out.stats["prefixes_stored"] == 5 and out.stats["prefix_hits"] == 3
     again = generate_with_prefix_store(model, tokenizer, prompts[1], store, calib, NEAR_LOSSLESS, max_new_tokens=12)
     assert again.tokens == out.tokens[1:2] and again.stats["prefix_tokens_reused"] == len(encoded[1]) - 1
-    through_generate = kvshrink.generate(model, tokenizer, prompts[2], max_new_tokens=12, prefix_store=store,
-                                         calibration=calib, kvtc_cr=NEAR_LOSSLESS)  # the library's entry point
-    assert through_generate.tokens == out.tokens[2:3]
-    assert through_generate.stats["prefix_tokens_reused"] == len(encoded[2]) - 1
-    with pytest.raises(KVShrinkError, match="calibration="):
-        kvshrink.generate(model, tokenizer, prompts[2], prefix_store=store)
 
 
 def test_prefix_reuse_through_the_codec_stays_greedy(tiny_model_dir, calib, tmp_path):
@@ -325,7 +319,7 @@ def test_eval_decodes_each_method_as_a_row_like_plain_generation(tiny_model_dir,
         model = with_random_dms(model, window=DMS_WINDOW, evict_bias=5.0)
     policy = DMSPolicy(window=DMS_WINDOW) if dms else CachePolicy()
     ids = _ids(60, 5)
-    state = _prompt_state(model, ids[:-1], policy)
+    state = prompt_state(model, ids[:-1], policy)
     assert (state.live is not None) == dms
     cache = restore_cache(model, policy, *_rows([state, state, state]))
     expected = generate_ids(model, [ids], policy, max_new_tokens=7)[0][0]
@@ -352,7 +346,7 @@ def test_reconstruction_error_is_the_relative_error_of_the_middle(tiny_model_dir
     model, tokenizer = load(tiny_model_dir, device="cpu")
     errors = reconstruction_error(model, tokenizer, calib, (NEAR_LOSSLESS, 2.0), "vt", 1)
     ids = _task_prompts(tokenizer, "vt", make_problems("vt", 1, seed=0), 0, 0)[0]
-    state = _prompt_state(model, ids[:-1])
+    state = prompt_state(model, ids[:-1])
     start, end = _middle(len(state.positions))
     assert end - start > 100
     cos, sin = cos_sin(model, state.positions)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from kvshrink.cache import DEFAULT_CHUNK, cache_arg
-from kvshrink.dms.attach import attach_dms
+from kvshrink.attach import attach_dms
 from kvshrink.dms.config import DMSConfig
 from kvshrink.generation import generate_ids
 from kvshrink.policies import CachePolicy, DMSPolicy

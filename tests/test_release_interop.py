@@ -22,7 +22,7 @@ import torch
 import kvshrink
 from conftest import left_pad, tiny_model
 from kvshrink.cache import cache_arg
-from kvshrink.dms.attach import DMSCache, dms_config
+from kvshrink.attach import DMSCache, dms_config
 
 RELEASE_FIELDS = {
     "dms_alpha_scale": 100.0, "dms_initial_alpha_offset": 5.0, "dms_window_size": 4,

@@ -14,12 +14,13 @@ import torch
 
 import kvshrink
 from conftest import run_cli
-from kvshrink.dms.attach import attach_dms
+from kvshrink.attach import attach_dms
 from kvshrink.dms.config import DMSConfig
 from kvshrink.errors import KVShrinkError
 from kvshrink.generation import generate_ids
 from kvshrink.policies import DMSPolicy
-from kvshrink.train.retrofit import RetrofitConfig, kl_student_teacher, retrofit, token_weights
+from kvshrink.train.losses import kl_student_teacher, token_weights
+from kvshrink.train.retrofit import RetrofitConfig, retrofit
 from kvshrink.train.toy import SEQ, build_toy_base
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_resume_with_a_new_recipe_keeps_its_phases_and_sinks_reach_the_model(bas
     """A finished run extended with more steps and sinks: retrofit.json and the model card keep what each
     stretch of steps ran with; the final model keeps the sinks in its config and its policy."""
     from kvshrink.generation import resolve_policy
-    from kvshrink.zoo.cards import retrofit_card
+    from kvshrink.train.cards import retrofit_card
 
     out = tmp_path / "run"
     retrofit(config(base_dir, out, steps=4, batch_size=2, save_every=2), progress=False)
@@ -122,7 +123,7 @@ def test_resume_with_a_new_recipe_keeps_its_phases_and_sinks_reach_the_model(bas
     targets = [json.loads(x)["target_cr"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert targets[3:] == pytest.approx([4.0, 6.0, 8.0])
     card = retrofit_card("toy-dms8", out, "toy")
-    assert "Steps 1-4:" in card and "Steps 5-6:" in card and "--sinks 2 --resume --pack toy-dms8" in card
+    assert "Steps 1-4:" in card and "Steps 5-6:" in card and "--sinks 2 --resume --pack src/kvshrink/zoo/models/toy-dms8" in card
     assert "ramped linearly from 4 to 8 over 2 steps from step 5" in card
     model, _ = kvshrink.load(out)
     assert resolve_policy(model, None).sinks == 2
@@ -134,7 +135,8 @@ def test_phases_and_ramp_origins(tmp_path):
     """Which resumes leave a phase behind, and where a raised target's ramp starts."""
     from dataclasses import asdict
 
-    from kvshrink.train.retrofit import _settings_with_phases, stages_with_origins
+    from kvshrink.train.ramp import stages_with_origins
+    from kvshrink.train.retrofit import _settings_with_phases
 
     path = tmp_path / "retrofit.json"
     first = RetrofitConfig(model="m", out="a", data="d", target_cr=4, steps=100, sinks=0)
@@ -356,7 +358,7 @@ def test_data_sources(tmp_path, base_dir):
     with pytest.raises(KVShrinkError, match="bad.jsonl:1 is not valid JSON"):
         token_blocks(str(tmp_path / "bad.jsonl"), tok, 8, tmp_path / "c")
     # `pydoc`: the train half of CPython's docs as one running text (+ EOS), whatever folder we run in
-    from kvshrink.train.text import pydoc_split
+    from kvshrink.corpora import pydoc_split
 
     prose = tok(pydoc_split()[0])["input_ids"]
     blocks = token_blocks("pydoc", tok, 64, tmp_path / "c")
@@ -366,8 +368,8 @@ def test_data_sources(tmp_path, base_dir):
 def test_init_from_starts_a_second_stage_from_a_dms_adapter(base_dir, retrofitted_adapter, tmp_path):
     """--init-from copies a shipped DMS pack's eviction adapter (at lr ~0 it stays as it was) and its card
     becomes the new card's earlier stage; a model without an adapter, or the neuron recipe, is refused."""
-    from kvshrink.zoo import dms_adapter_tensors, pack_adapter
-    from kvshrink.zoo.cards import retrofit_card
+    from kvshrink.train.pack import dms_adapter_tensors, pack_adapter
+    from kvshrink.train.cards import retrofit_card
 
     first = pack_adapter(retrofitted_adapter[0], tmp_path / "toy-dms4", base="toy")
     out = tmp_path / "second"
@@ -410,7 +412,7 @@ def test_whole_document_packing_and_masked_kl():
 
 def test_compression_loss_one_and_two_sided():
     """One-sided (the paper) penalizes only an eviction rate below the target; two-sided pulls both ways."""
-    from kvshrink.train.retrofit import compression_loss
+    from kvshrink.train.losses import compression_loss
 
     rates = torch.tensor([0.5, 0.9], requires_grad=True)
     assert float(compression_loss(rates, 0.7)) == pytest.approx((0.2 + 0.0) / 2)
@@ -431,7 +433,7 @@ def test_compression_loss_one_and_two_sided():
 def test_compression_loss_by_length():
     """--cr-by-length: a 256-token problem pulls on the eviction rate a quarter as hard as a full 1,024-token
     context (and a longer one no harder than a full one)."""
-    from kvshrink.train.retrofit import compression_loss, length_weights
+    from kvshrink.train.losses import compression_loss, length_weights
 
     live = torch.zeros(3, 2048, dtype=torch.bool)
     live[0, :256], live[1, :1024], live[2, :] = True, True, True

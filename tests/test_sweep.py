@@ -10,8 +10,8 @@ import pytest
 
 import kvshrink
 from kvshrink.errors import KVShrinkError
-from kvshrink.scaling.sweep import SweepConfig, findings, matched_budgets, pareto, point_key, run_sweep, write_report
-from kvshrink.tasks.evaluate import evaluate
+from kvshrink.evaluation.sweep import SweepConfig, findings, matched_budgets, pareto, point_key, run_sweep, write_report
+from kvshrink.evaluation.evaluate import evaluate
 
 
 def test_pareto_equals_brute_force_definition():

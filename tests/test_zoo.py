@@ -9,7 +9,8 @@ import torch
 
 import kvshrink
 from kvshrink import zoo
-from kvshrink.dms.attach import dms_config
+from kvshrink.train.pack import pack_lora
+from kvshrink.attach import dms_config
 from kvshrink.errors import KVShrinkError
 
 
@@ -31,16 +32,18 @@ def test_lora_manifest_loads_merged_and_equals_peft(models_dir, tmp_path_factory
     peft_model.save_pretrained(str(run / "lora"))
     from dataclasses import asdict
 
-    from kvshrink.zoo.finetune import FinetuneConfig
+    from kvshrink.train.finetune import FinetuneConfig
     (run / "finetune.json").write_text(json.dumps({**asdict(FinetuneConfig(out=str(run), steps=2)), "device_name": "CPU"}))
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5, "answer_token_accuracy": 0.9, "seconds": 7.0}) + "\n"
                                                for s in (1, 2)))
-    zoo.pack_lora(run, models_dir / "lora-test", base="smollm2")
+    provenance = tmp_path_factory.mktemp("provenance")
+    pack_lora(run, models_dir / "lora-test", base="smollm2", provenance=provenance)
     card = (models_dir / "lora-test" / "README.md").read_text()  # written from the run's own settings
-    assert "--steps 2" in card and "--pack lora-test" in card and "2 of 2" in card and "(7.0 s/step) on CPU" in card
-    shipped = [(models_dir / "lora-test" / f).read_text() for f in ("finetune.json", "lora/adapter_config.json")]
-    assert all(str(run) not in text for text in shipped)  # no machine paths ship
-    assert json.loads(shipped[1])["base_model_name_or_path"] == "smollm2"
+    assert "--steps 2" in card and "--pack src/kvshrink/zoo/models/lora-test" in card and "2 of 2" in card and "(7.0 s/step) on CPU" in card
+    assert sorted(p.name for p in (models_dir / "lora-test").iterdir()) == ["README.md", "lora", "model.json"]  # no logs ship
+    kept = [(provenance / "finetune.json").read_text(), (models_dir / "lora-test" / "lora/adapter_config.json").read_text()]
+    assert all(str(run) not in text for text in kept)  # no machine paths, shipped or kept
+    assert json.loads(kept[1])["base_model_name_or_path"] == "smollm2"
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
@@ -66,7 +69,7 @@ def test_second_stage_starts_from_the_shipped_adapter(models_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
-    from kvshrink.zoo.finetune import FinetuneConfig, _load_initial_adapter
+    from kvshrink.train.finetune import FinetuneConfig, _load_initial_adapter
 
     targets = ["q_proj", "v_proj"]
     first = get_peft_model(kvshrink.load("smollm2")[0], LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
@@ -98,12 +101,12 @@ def test_second_stage_starts_from_the_shipped_adapter(models_dir, tmp_path):
     cfg = FinetuneConfig(out=str(run), steps=1, tasks="arith:3,vt", init_from="stage1")
     (run / "finetune.json").write_text(json.dumps({**asdict(cfg), "device_name": "CPU"}))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.1, "answer_token_accuracy": 0.9, "seconds": 3.0}) + "\n")
-    zoo.pack_lora(run, models_dir / "stage2", base="smollm2")
+    pack_lora(run, models_dir / "stage2", base="smollm2")
     card = (models_dir / "stage2" / "README.md").read_text()
     assert "--init-from stage1" in card and "weights arith 3, vt 1" in card
     assert "## Earlier stage" in card and "### How it was made" in card and "old table" not in card
     assert "# stage1" not in card  # the earlier title is not repeated
-    from kvshrink.zoo.cards import set_accuracy
+    from kvshrink.train.cards import set_accuracy
 
     set_accuracy(models_dir / "stage2" / "README.md", "new table")
     card = (models_dir / "stage2" / "README.md").read_text()
@@ -115,7 +118,7 @@ def test_second_stage_starts_from_the_shipped_adapter(models_dir, tmp_path):
     second.save_pretrained(str(run3 / "lora"))
     (run3 / "finetune.json").write_text(json.dumps({**asdict(cfg), "init_from": "stage2", "device_name": "CPU"}))
     (run3 / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
-    zoo.pack_lora(run3, models_dir / "stage3", base="smollm2")
+    pack_lora(run3, models_dir / "stage3", base="smollm2")
     card = (models_dir / "stage3" / "README.md").read_text()
     assert "--init-from stage2" in card and "### Earlier stage" in card and "#### How it was made" in card
     assert "step one" in card and "new table" not in card and "old table" not in card
@@ -123,7 +126,7 @@ def test_second_stage_starts_from_the_shipped_adapter(models_dir, tmp_path):
 
 def test_lora_pack_refuses_unfinished_run(models_dir, tmp_path):
     with pytest.raises(KVShrinkError, match="no finished LoRA adapter"):
-        zoo.pack_lora(tmp_path, models_dir / "x", base="smollm2")
+        pack_lora(tmp_path, models_dir / "x", base="smollm2")
 
 
 @pytest.mark.parametrize("name", zoo.adapter_names())
@@ -140,7 +143,7 @@ def test_finetune_step_equals_one_padded_batch():
     one right-padded batch with an attention mask and the mean loss over every scored token."""
     from peft import LoraConfig, get_peft_model
 
-    from kvshrink.zoo.finetune import FinetuneConfig, accumulate_step, training_example
+    from kvshrink.train.finetune import FinetuneConfig, accumulate_step, training_example
 
     base, tok = kvshrink.load("smollm2")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

@@ -8,7 +8,7 @@
 
 from .attention import install
 from .cache import KVCache
-from .dms.attach import DMSCache, attach_dms, dms_config
+from .attach import DMSCache, attach_dms, dms_config
 from .dms.config import DMSConfig
 from .errors import KVShrinkError
 from .generation import GenerationResult, generate

@@ -68,7 +68,7 @@ class KVAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj, hf_attn.o_proj
         self.q_norm = getattr(hf_attn, "q_norm", None)  # Qwen3
         self.k_norm = getattr(hf_attn, "k_norm", None)
-        self.dms: DMSConfig | None = None  # set by kvshrink.dms.attach_dms
+        self.dms: DMSConfig | None = None  # set by kvshrink.attach_dms
         self.dms_proj_alpha_norm: nn.Module | None = None  # adapter variant (release names)
         self.dms_proj_alpha: nn.Linear | None = None
         self._keep = None  # cached borrowed-channel multiplier (neuron variant)

@@ -113,7 +113,7 @@ def eval_cmd(
     """Accuracy and KV cost of a model on a synthetic task (greedy, batched, exact grading)."""
     from .loading import load
     from .tasks import task_module
-    from .tasks.evaluate import evaluate
+    from .evaluation.evaluate import evaluate
 
     task_module(task)
     _check_policy_options(policy, cr, window, sinks)
@@ -193,7 +193,7 @@ def sweep(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Hyper-scaling grid: tasks x policies x CR x L x W, resumable, with Pareto plots."""
-    from .scaling.sweep import SweepConfig, run_sweep, write_report
+    from .evaluation.sweep import SweepConfig, run_sweep, write_report
 
     cfg = SweepConfig.from_file(config)
     rows = run_sweep(cfg, out.with_suffix(".points.jsonl"), device=device)
@@ -246,7 +246,7 @@ def kvtc_calibrate(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Fit the PCA bases and the bit allocations of a model's KV cache (once per model)."""
-    from .kvtc.commands import calibrate
+    from .kvtc.fit import calibrate
 
     print(calibrate(model, out, tokens=tokens, ratios=_floats(ratios), device=device))
 
@@ -264,7 +264,7 @@ def kvtc_eval(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """Accuracy from caches stored with KVTC vs uncompressed, int4/int2 quantization and TOVA eviction."""
-    from .kvtc.commands import evaluate
+    from .evaluation.kvtc import evaluate
     from .tasks import task_module
 
     task_module(task)
@@ -316,20 +316,20 @@ def zoo_finetune(
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
     init_from: Optional[str] = typer.Option(None, help="start from this fine-tune's adapter (a shipped name or folder): a second stage"),
-    pack: Optional[str] = typer.Option(None, help="when finished, ship the adapter under this name (e.g. tiny)"),
+    pack: Optional[Path] = typer.Option(None, help="when finished, write the model (LoRA adapter, manifest, card) to this folder; the run's logs stay in --out"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     bf16: bool = BF16_OPTION,
 ):
     """LoRA fine-tune on the synthetic tasks (loss on worked solutions only), resumable."""
-    from .zoo import MODELS_DIR, pack_lora
-    from .zoo.finetune import FinetuneConfig, finetune
+    from .train.finetune import FinetuneConfig, finetune
+    from .train.pack import pack_lora
 
     cfg = FinetuneConfig(out=str(out), base=base, tasks=tasks, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                          lora_r=lora_r, lora_alpha=lora_alpha, max_context=max_context, save_every=save_every, seed=seed,
                          max_minutes=max_minutes, resume=resume, device=device, bf16=bf16, init_from=init_from)
     last = finetune(cfg)
     if pack and last.get("step") == steps:
-        print(pack_lora(out, MODELS_DIR / pack, base=base))
+        print(pack_lora(out, pack, base=base))
 
 
 @zoo_app.command("retrofit")
@@ -339,10 +339,10 @@ def zoo_retrofit(
     target_cr: float = typer.Option(8.0, help="compression ratio to reach (>= 1)"),
     window: int = typer.Option(16, help="delayed-eviction window w (SPEC 7: 16 for tiny-dms*)"),
     steps: int = typer.Option(300, help="optimizer steps"),
-    data: str = typer.Option("task:arith,vt,niah,hops:64", help="distillation data (default: teacher answers to task problems)"),
+    data: str = typer.Option("gold:arith,vt,niah,hops", help="distillation data (default: a fresh problem per sample with its gold solution)"),
     seq_len: int = typer.Option(1024, help="tokens per sequence"),
     batch_size: int = typer.Option(2, help="sequences per step"),
-    lr: float = typer.Option(3e-4, help="adapter learning rate"),
+    lr: Optional[float] = typer.Option(None, help="adapter learning rate (default 3e-5, the release's, constant)"),
     aim_context: Optional[int] = AIM_CONTEXT_OPTION,
     ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
     cr_loss: str = CR_LOSS_OPTION,
@@ -352,14 +352,14 @@ def zoo_retrofit(
     save_every: int = typer.Option(25, help="checkpoint every N steps"),
     max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
-    pack: Optional[str] = typer.Option(None, help="when finished, ship the DMS adapter under this name (e.g. tiny-dms8)"),
+    pack: Optional[Path] = typer.Option(None, help="when finished, write the model (DMS adapter, manifest, card) to this folder; the run's logs stay in --out"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     bf16: bool = BF16_OPTION,
     init_from: Optional[str] = INIT_FROM_OPTION,
 ):
     """DMS eviction adapter on a task model (the release recipe: --train adapter --decision adapter)."""
     from .train.retrofit import RetrofitConfig, retrofit as run
-    from .zoo import MODELS_DIR, pack_adapter
+    from .train.pack import pack_adapter
 
     cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
                          batch_size=batch_size, seq_len=seq_len, lr=lr, train="adapter", decision="adapter",
@@ -367,7 +367,7 @@ def zoo_retrofit(
                          save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16, init_from=init_from)
     last = run(cfg)
     if pack and last.get("step") == steps:
-        print(pack_adapter(out, MODELS_DIR / pack, base=model))
+        print(pack_adapter(out, pack, base=model))
 
 
 @app.command("plot-training")
@@ -457,7 +457,7 @@ def inspect_cmd(
         ids, facts = task_sequences(tok, task, problems, seed=seed, difficulty=difficulty)
         source = {"task": task, "problems": problems, "seed": seed, "difficulty": difficulty}
     else:
-        from .train.text import pydoc_split
+        from .corpora import pydoc_split
 
         limit = getattr(m.config, "max_position_embeddings", None) or seq_len
         ids = text_sequences(tok, pydoc_split()[1] if content is None else content, sequences, min(seq_len, limit))

@@ -40,8 +40,8 @@ def run_demo(models: list[str] | None = None, tasks: list[str] | None = None, pr
     from .compare import compare
     from .loading import load
     from .tasks import TASKS
-    from .tasks.evaluate import evaluate
-    from .train.text import pydoc_split
+    from .evaluation.evaluate import evaluate
+    from .corpora import pydoc_split
 
     console = Console()
     models = list(models or default_models())

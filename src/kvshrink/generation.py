@@ -41,7 +41,7 @@ def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = N
                    sinks: int | None = None) -> CachePolicy:
     """Name -> policy for this model. On a DMS model the default is 'dms'; its CR is trained, so a
     disagreeing --cr is refused; --window and --sinks override the trained ones with a warning."""
-    from .dms.attach import dms_config
+    from .attach import dms_config
 
     if isinstance(policy, CachePolicy):
         return policy
@@ -260,32 +260,19 @@ def generate(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     reserve: int = 0,
     sinks: int | None = None,
-    prefix_store=None,
-    calibration=None,
-    kvtc_cr: float = 16.0,
 ) -> GenerationResult:
     """Generate `n` continuations per prompt under a cache policy; greedy when temperature == 0.
 
     policy: a name (none, dms, dms-immediate, tova, h2o, window, quest; the last four need `cr`) or a
     `CachePolicy`; default 'dms' on a DMS model, else 'none'.
     `texts`/`tokens` hold the generated part only, one entry per sequence (prompt-major, n per prompt).
-    prefix_store: a `kvtc.PrefixStore`: each prompt restores the longest prefix stored there instead of
-    prefilling it, and its own prefixes are stored, compressed by KVTC at `kvtc_cr` with `calibration`
-    (`kvtc.generate_with_prefix_store`; one continuation per prompt, policies none, dms or window).
+    Reusing stored prefixes instead of prefilling them is `kvtc.generate_with_prefix_store`, which calls this
+    module's steps.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     if n < 1:
         raise KVShrinkError(f"--n must be >= 1 (got {n})")
-    if prefix_store is not None:
-        from .kvtc.prefix import generate_with_prefix_store
-
-        if calibration is None or n != 1 or sinks is not None or cr is not None:
-            raise KVShrinkError("prefix_store needs calibration= (the model's KVTC calibration) and takes n=1, "
-                                "no cr or sinks override")
-        return generate_with_prefix_store(model, tokenizer, prompts, prefix_store, calibration, kvtc_cr, policy=policy,
-                                          window=window, max_new_tokens=max_new_tokens, temperature=temperature,
-                                          top_p=top_p, seed=seed, chat=chat, prefill_chunk=prefill_chunk)
     pol = resolve_policy(model, policy, cr, window, sinks)
     ids = encode_prompts(tokenizer, prompts, chat)
     ids = [p for p in ids for _ in range(n)]

@@ -138,7 +138,7 @@ def load(name_or_path: str | Path, device: str | None = "auto", dtype: str | tor
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .dms.attach import attach_dms
+    from .attach import attach_dms
     from .zoo import MODELS_DIR, adapter_names, adapter_spec
 
     if str(name_or_path) in adapter_names() and not Path(name_or_path).exists():  # a shipped adapter

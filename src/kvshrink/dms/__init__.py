@@ -1,8 +1,7 @@
-"""DMS (Dynamic Memory Sparsification): retention decisions, the delayed-eviction mask, and attaching them.
+"""DMS (Dynamic Memory Sparsification): its settings, retention decisions, the delayed-eviction mask, diagnostics.
 
 Łańcucki et al., "Inference-Time Hyper-Scaling with KV Cache Compression", arXiv 2506.05345.
-`kvshrink.dms.attach` (attach_dms, DMSCache) is imported lazily by `kvshrink` to avoid an import cycle
-with `kvshrink.attention`.
+Putting it into a model is `kvshrink.attach`, above the core; this package imports nothing of the core.
 """
 
 from .config import DMSConfig

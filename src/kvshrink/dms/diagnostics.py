@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import KVShrinkError
+from .config import DMSConfig
 
 BUCKETS = ("<.05", ".05-.5", ".5-.95", ">=.95")
 ALL_KEEP, WINDOW_ONLY = 0.05, 0.95  # flag-rate bounds of the first and last buckets
@@ -193,9 +194,7 @@ def sequence_logits(model, ids: list[int]) -> torch.Tensor:
 def inspect_decisions(model, sequences: list[list[int]], facts=None) -> dict:
     """The figures of a DMS model's decisions on token sequences (one forward each, in eval mode, restored
     after), with the model's DMS window, sinks and tau. facts: as in `decision_figures`."""
-    from .attach import dms_config
-
-    cfg = dms_config(model)
+    cfg = next((m.dms for m in model.modules() if isinstance(getattr(m, "dms", None), DMSConfig)), None)  # as attention applies it
     if cfg is None:
         raise KVShrinkError("this model has no DMS, so no eviction decisions to inspect; retrofit one with "
                             "`kvshrink retrofit MODEL --out DIR`")

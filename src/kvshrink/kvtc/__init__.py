@@ -19,8 +19,8 @@ Pipeline, per cache:
 
 Around the codec: `cache_io` moves one sequence between a `KVCache` and that layout (`export_cache`,
 `restore_cache`, and `pack_cache` for blob + DMS flags); `store.PrefixStore` keeps compressed prefixes on
-disk; `prefix.generate_with_prefix_store` restores them instead of prefilling; `commands` holds what the
-CLI runs (calibrate, evaluate).
+disk; `prefix.generate_with_prefix_store` restores them instead of prefilling; `fit.calibrate` fits a model's
+calibration. KVTC's accuracy study is `kvshrink.evaluation.kvtc`.
 """
 
 from .allocate import GROUP_SIZES, Group, Plan, allocate, budget_bits

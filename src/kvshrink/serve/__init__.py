@@ -13,7 +13,7 @@ def build_engine(model, tokenizer, policy: str | None = None, cr: float | None =
     import dataclasses
 
     from ..attention import kv_bytes_per_token
-    from ..dms.attach import dms_config
+    from ..attach import dms_config
     from ..errors import KVShrinkError
     from ..generation import resolve_policy
     from ..policies import DMSPolicy

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import KVShrinkError
 from ..prompts import chat_prompt
-from ..scaling import majority_vote
+from ..evaluation.voting import majority_vote
 from .engine import Engine, SamplingParams
 
 

@@ -9,9 +9,9 @@ Sources (`--data`):
 - `task:NAME[,NAME...][:N]`: N generated problems per task (`kvshrink.tasks`, training seeds), chat-
   formatted, answered by the teacher in the same way.
 - `passkey:N[:CONTEXT]`: N chat prompts of CONTEXT tokens (default: the block length) hiding a 5-digit key
-  in the *train* half of the Python docs (`kvshrink.train.text`), answered by the teacher: retrieval-shaped
+  in the *train* half of the Python docs (`kvshrink.corpora`), answered by the teacher: retrieval-shaped
   data, so that the KL on the answer penalizes evicting the key.
-- `pydoc`: the train half of CPython's documentation topics (`kvshrink.train.text`), as plain text: prose
+- `pydoc`: the train half of CPython's documentation topics (`kvshrink.corpora`), as plain text: prose
   that ships with Python, so a recipe that names it runs anywhere.
 - `stdlib`: the Python standard library's own `*.py` source (tests excluded), minus a fixed tenth of its
   top-level modules held out for evaluation (`stdlib_files`): ~3.5M tokens of real code on any machine.
@@ -218,7 +218,7 @@ def task_prompts(spec: str, tokenizer, seed: int) -> list[str]:
 def passkey_prompts(spec: str, tokenizer, seq_len: int, seed: int) -> list[str]:
     """`N[:CONTEXT]` -> N chat-formatted passkey prompts with filler from the train half of the Python docs,
     CONTEXT tokens including a 32-token answer (default seq_len: prompt and answer share a block)."""
-    from .text import passkey_prompt, pydoc_split
+    from ..corpora import passkey_prompt, pydoc_split
 
     count, _, context = spec.partition(":")
     if not count.isdigit() or (context and not context.isdigit()):
@@ -252,7 +252,7 @@ def token_blocks(src: str, tokenizer, seq_len: int, cache_dir: Path, teacher=Non
         docs = teacher_documents(prompts, teacher, tokenizer, max_new_tokens=ANSWER_TOKENS.get(kind, seq_len), seed=seed,
                                  progress_file=cache_dir / f"teacher-{key}.partial.jsonl")
     elif src == PYDOC:
-        from .text import pydoc_split
+        from ..corpora import pydoc_split
 
         docs = [pydoc_split()[0]]
     elif src == STDLIB:

@@ -31,17 +31,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import KVShrinkError, check_cr, check_window
 from ..jsonl import append_jsonl, keep_jsonl
 from ..progress import advance, progress_bar, stop
 from .checkpoints import Checkpoints
+from .losses import CR_LOSSES, compression_loss, flag_rate_for, kl_student_teacher, length_weights, noise_for, token_weights
+from .ramp import ramp_origin, ramped_cr
 
 ADAPTER_LR, ALL_LR = 3e-5, 1e-5
-
-
-CR_LOSSES = ("one-sided", "two-sided", "squared")
 
 
 @dataclass
@@ -131,92 +129,6 @@ def default_sinks(window: int) -> int:
     return SHORT_WINDOW_SINKS if window < SHORT_WINDOW else 0
 
 
-def ramp_length(settings: dict, start_step: int = 0) -> int:
-    """Steps the CR ramp takes: --ramp-steps, else 80% of the steps left after the ramp's start."""
-    return max(1, settings.get("ramp_steps") or int(0.8 * (settings["steps"] - start_step)))
-
-
-def ramped_cr(step: int, settings: dict, origin: tuple[float, int] = (1.0, 0)) -> float:
-    """CR target after `step` completed steps of a run with these settings (`asdict(RetrofitConfig)`):
-    linear from origin = (CR, step), reaching target_cr after `ramp_length` more. Extending a finished
-    run: resume with more --steps and the same ramp; raising the target: see `ramp_origin`."""
-    start_cr, start_step = origin
-    done = min(1.0, (step + 1 - start_step) / ramp_length(settings, start_step))
-    return start_cr + (settings["target_cr"] - start_cr) * done
-
-
-def stages_with_origins(settings: dict) -> list[tuple[dict, tuple[float, int]]]:
-    """Each stretch of a run (its `phases`, then the current settings, each with `until_step`) and the
-    (CR, step) its ramp starts from: (1, 0), or, after a resume that changed --target-cr, the CR reached
-    by then (a ramp cut short by --stop-at included)."""
-    stages = [*settings.get("phases", []), {**settings, "until_step": settings["steps"]}]
-    out, origin = [], (1.0, 0)
-    for i, stage in enumerate(stages):
-        before = stages[i - 1] if i else stage
-        if before["target_cr"] != stage["target_cr"]:
-            origin = (ramped_cr(before["until_step"] - 1, before, origin), before["until_step"])
-        out.append((stage, origin))
-    return out
-
-
-def ramp_origin(settings: dict) -> tuple[float, int]:
-    """(CR, step) the current ramp starts from (see `stages_with_origins`)."""
-    return stages_with_origins(settings)[-1][1]
-
-
-def flag_rate_for(cr: float, window: int, context: int) -> float:
-    """Eviction-flag rate that makes a query at `context` read context / cr tokens (window included)."""
-    if context <= window:
-        return 0.0
-    return min(1.0, max(0.0, 1.0 - (context / cr - window) / (context - window)))
-
-
-def compression_loss(flag_rate: torch.Tensor, target: float, kind: str = "one-sided", weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over sequences of max(0, target - rate) (the paper: only too little eviction is penalized), or
-    of |target - rate|: with a frozen base and a small window the KL barely resists extra eviction, so the
-    one-sided loss lets the rate drift past the target; the two-sided one holds it there. But |gap| pushes
-    every flag of a sequence up or down with the same unit force even at the target, which drowns the KL's
-    token-by-token signal of what to keep; "squared", (target - rate)^2 scaled so that a gap of 0.1 pulls
-    as hard as |gap|, holds the rate near the target and fades there.
-
-    weights (B,) scale each sequence's term (`length_weights`): a short problem holds little memory, and
-    the target rate, aimed at long contexts, would make it evict the few tokens it needs."""
-    gap = target - flag_rate
-    term = {"one-sided": gap.clamp(min=0), "two-sided": gap.abs(), "squared": 5.0 * gap.square()}[kind]
-    return (term if weights is None else term * weights).mean()
-
-
-def length_weights(live: torch.Tensor, aim_context: int) -> torch.Tensor:
-    """(B,) min(1, real tokens / aim_context): a sequence's share of a full context's memory."""
-    return (live.sum(-1).float() / aim_context).clamp(max=1.0)
-
-
-def noise_for(seed: int, step: int, global_indices: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
-    """U(0,1) draws (L, B, Hkv, T) for the Gumbel-sigmoid, one generator per (step, global sample)."""
-    draws = []
-    for g in global_indices:
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + g)
-        draws.append(torch.rand(shape, generator=gen))
-    return torch.stack(draws, dim=1)
-
-
-def kl_student_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over tokens (weighted by `weights` (B, T), if given: 0 for padding) of
-    KL(student || teacher) = sum_v p_s (log p_s - log p_t)."""
-    s = F.log_softmax(student_logits.float(), dim=-1)
-    t = F.log_softmax(teacher_logits.float(), dim=-1)
-    kl = (s.exp() * (s - t)).sum(-1)
-    return kl.mean() if weights is None else (kl * weights).sum() / weights.sum()
-
-
-def token_weights(live: torch.Tensor, answer_start: torch.Tensor, answer_weight: float) -> torch.Tensor:
-    """(B, T) KL weights: 0 for padding, `answer_weight` from each block's answer start on, 1 before.
-    With a frozen base, evicting a prompt's facts barely moves the KL of the filler around them; only the
-    answer's tokens depend on them, so weighting the answer up makes keeping them worth its budget."""
-    answer = torch.arange(live.shape[1], device=live.device)[None] >= answer_start[:, None].to(live.device)
-    return live * torch.where(answer, answer_weight, 1.0)
-
-
 def borrowed_rows(model) -> list[list[int]]:
     """Per layer, the q_proj output rows the neuron variant borrows (last channel, first head of each group)."""
     attn = model.model.layers[0].self_attn
@@ -228,7 +140,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     """Run (or resume) a retrofit; writes a loadable HF folder to cfg.out. Returns the last metrics."""
     from accelerate import Accelerator
 
-    from ..dms.attach import attach_dms, dms_config
+    from ..attach import attach_dms, dms_config
     from ..dms.config import DMSConfig
     from ..loading import device_label, load, warn_if_slow_cpu_bf16
     from .data import PAD, training_source
@@ -446,9 +358,9 @@ def _load_initial_dms_adapter(model, init_from: str, out: Path) -> None:
     """Copy a DMS model's eviction-adapter tensors into `model` (a second stage on new data), and keep its
     card for the new one."""
     from ..loading import load_dms_weights
-    from ..zoo import MODELS_DIR
+    from ..zoo import folder_of
 
-    folder = MODELS_DIR / init_from if (MODELS_DIR / init_from).is_dir() else Path(init_from)
+    folder = folder_of(init_from)
     try:
         load_dms_weights(model, folder)
     except KVShrinkError as exc:
@@ -551,4 +463,4 @@ def plot_training(run_dir: str | Path) -> Path:
     return png
 
 
-__all__ = ["RetrofitConfig", "compression_loss", "retrofit", "plot_training", "ramped_cr", "ramp_length", "ramp_origin", "stages_with_origins", "flag_rate_for"]
+__all__ = ["RetrofitConfig", "default_sinks", "plot_training", "retrofit"]

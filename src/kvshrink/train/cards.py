@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..dms.diagnostics import ALL_KEEP, WINDOW_ONLY, summary_rows
+from ..jsonl import read_jsonl
+from .finetune import DIFFICULTIES, parse_tasks
+from .ramp import ramp_length, ramp_origin, stages_with_origins
+
 ACCURACY = "## Accuracy"
 DIAGNOSTICS = "## Diagnostics"
 MEASURED = (ACCURACY, DIAGNOSTICS)  # sections measured on the model itself: stale in an earlier stage's card
 
 
 def _run(run_dir: Path, settings: str) -> tuple[dict, list[dict]]:
-    from ..jsonl import read_jsonl
-
     return json.loads((run_dir / settings).read_text()), read_jsonl(run_dir / "metrics.jsonl")
 
 
@@ -25,8 +28,6 @@ def _timing(metrics: list[dict], device: str) -> str:
 
 
 def finetune_card(name: str, run_dir: Path) -> str:
-    from .finetune import DIFFICULTIES, parse_tasks
-
     cfg, metrics = _run(run_dir, "finetune.json")
     weights = parse_tasks(cfg["tasks"])
     mixture = ", ".join(f"`{t}` difficulty {DIFFICULTIES[t][0]}-{DIFFICULTIES[t][1]}" for t in weights)
@@ -42,7 +43,7 @@ fine-tuned on the synthetic tasks. This folder holds the adapter only; `kvshrink
 
     kvshrink zoo finetune --out runs/zoo/{name} --tasks {cfg["tasks"]} --steps {cfg["steps"]} --batch-size {cfg["batch_size"]} \\
         --lr {cfg["lr"]:g} --warmup {cfg["warmup"]} --lora-r {cfg["lora_r"]} --lora-alpha {cfg["lora_alpha"]} \\
-        --max-context {cfg["max_context"]} --seed {cfg["seed"]}{" --bf16" if cfg.get("bf16") else ""}{f" --init-from {cfg['init_from']}" if cfg.get("init_from") else ""} --pack {name}
+        --max-context {cfg["max_context"]} --seed {cfg["seed"]}{" --bf16" if cfg.get("bf16") else ""}{f" --init-from {cfg['init_from']}" if cfg.get("init_from") else ""} --pack src/kvshrink/zoo/models/{name}
 
 Data: {cfg["batch_size"]} fresh problems a step (never repeated, never an evaluation seed), the task drawn
 {drawn} and the difficulty uniformly in its range ({mixture}), each at most
@@ -117,7 +118,7 @@ Not measured yet: `python benchmarks/zoo_eval.py --cards` fills this in.
 
 {DIAGNOSTICS}
 
-Not measured yet: `kvshrink inspect {name} --json` gives the figures, `kvshrink.zoo.cards.set_diagnostics` writes them here.
+Not measured yet: `kvshrink inspect {name} --json` gives the figures, `kvshrink.train.cards.set_diagnostics` writes them here.
 """ + _earlier_stage(cfg, run_dir)
 
 
@@ -175,8 +176,6 @@ def _answer_weight(cfg: dict) -> str:
 
 def _ramp(cfg: dict) -> str:
     """The CR ramp of the last stretch (earlier stretches show in their commands)."""
-    from ..train.retrofit import ramp_length, ramp_origin
-
     start_cr, start_step = ramp_origin(cfg)
     where = f" from step {start_step + 1}" if start_step else ""
     steps = ramp_length(cfg, start_step)
@@ -187,14 +186,12 @@ def _ramp(cfg: dict) -> str:
 
 def _retrofit_commands(cfg: dict, base: str, name: str) -> str:
     """The command of each stretch of steps: a resume that changed the recipe left a phase behind."""
-    from ..train.retrofit import stages_with_origins
-
     stages = stages_with_origins(cfg)
     if len(stages) == 1:
-        return _retrofit_command(*stages[0], base, name, f" --pack {name}")
+        return _retrofit_command(*stages[0], base, name, f" --pack src/kvshrink/zoo/models/{name}")
     lines, first = [], 1
     for i, (stage, origin) in enumerate(stages):
-        tail = (" --resume" if i else "") + (f" --pack {name}" if i == len(stages) - 1 else "")
+        tail = (" --resume" if i else "") + (f" --pack src/kvshrink/zoo/models/{name}" if i == len(stages) - 1 else "")
         lines.append(f"Steps {first}-{stage['until_step']}:\n\n" + _retrofit_command(stage, origin, base, name, tail))
         first = stage["until_step"] + 1
     return "\n\n".join(lines)
@@ -203,8 +200,6 @@ def _retrofit_commands(cfg: dict, base: str, name: str) -> str:
 def _retrofit_command(stage: dict, origin: tuple[float, int], base: str, name: str, tail: str) -> str:
     """One stretch as a command; --ramp-steps resolved, so a stretch cut short (--steps = where it stopped)
     shows the ramp it really ran."""
-    from ..train.retrofit import ramp_length
-
     options = [f"--lr {stage['lr']:g}", f"--ramp-steps {ramp_length(stage, origin[1])}"]
     options += [f"--aim-context {stage['aim_context']}"] if stage.get("aim_context") else []
     options += [f"--cr-loss {stage['cr_loss']}"] if stage.get("cr_loss", "one-sided") != "one-sided" else []
@@ -255,8 +250,6 @@ def diagnostics_section(*figures: dict) -> str:
     """The body of a card's `## Diagnostics` section: for each result of `kvshrink inspect MODEL --json` (e.g.
     one on held-out text and one on a task), its figures and the flag rate of every (layer, KV head).
     Definitions: `kvshrink.dms.diagnostics`."""
-    from ..dms.diagnostics import ALL_KEEP, WINDOW_ONLY, summary_rows
-
     parts = ["How the eviction adapter decides, teacher-forced in eval mode (definitions: `kvshrink.dms.diagnostics`)."]
     for f in figures:
         rows = "\n".join(f"| {label.replace('|', chr(92) + '|')} | {value} |" for label, value in summary_rows(f))
@@ -281,8 +274,6 @@ Flag rate per (layer, KV head); bold: all-keep (< {ALL_KEEP:g}) or window-only (
 
 def _rate_md(rate: float, evicts_token0: bool) -> str:
     """A head's flag rate, bold when all-keep or window-only, * when its raw flag evicts token 0."""
-    from ..dms.diagnostics import ALL_KEEP, WINDOW_ONLY
-
     cell = f"**{rate:.2f}**" if rate < ALL_KEEP or rate >= WINDOW_ONLY else f"{rate:.2f}"
     return cell + ("\\*" if evicts_token0 else "")
 

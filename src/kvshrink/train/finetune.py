@@ -22,8 +22,12 @@ import torch.nn.functional as F
 
 from ..errors import KVShrinkError
 from ..jsonl import append_jsonl, keep_jsonl
+from ..loading import device_label, load, warn_if_slow_cpu_bf16
 from ..progress import advance, progress_bar, stop
-from ..train.checkpoints import Checkpoints
+from ..prompts import chat_prompt
+from ..tasks import TASKS, task_module
+from ..zoo import folder_of
+from .checkpoints import Checkpoints
 
 # difficulty ranges drawn in training: below and above each task's default (4, 4, 2, 3)
 DIFFICULTIES = {"arith": (2, 12), "vt": (1, 8), "niah": (1, 4), "hops": (1, 6)}
@@ -51,8 +55,6 @@ class FinetuneConfig:
     init_from: str | None = None  # start from this fine-tune's LoRA adapter (a shipped name or folder): a second stage
 
     def __post_init__(self):
-        from ..tasks import task_module
-
         mixture = parse_tasks(self.tasks)
         for name in mixture:
             task_module(name)
@@ -82,9 +84,6 @@ def parse_tasks(spec: str) -> dict[str, float]:
 def training_example(cfg: FinetuneConfig, index: int, tokenizer) -> tuple[list[int], list[int]]:
     """(input ids, labels) of the `index`-th training problem: prompt through the chat template, then the
     worked solution and end-of-turn token; labels are -100 on the prompt. Redrawn until it fits."""
-    from ..tasks import TASKS
-    from ..prompts import chat_prompt
-
     rng = random.Random(f"finetune/{cfg.seed}/{index}")
     for _ in range(1000):
         task = rng.choices(cfg.task_list, weights=cfg.task_weights)[0]
@@ -126,9 +125,7 @@ def _load_initial_adapter(model, trainable: dict, init_from: str, out: Path) -> 
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from ..zoo import MODELS_DIR
-
-    folder = MODELS_DIR / init_from if (MODELS_DIR / init_from).is_dir() else Path(init_from)
+    folder = folder_of(init_from)
     weights = folder / "lora" / "adapter_model.safetensors"
     if not weights.is_file():
         raise KVShrinkError(f"--init-from {init_from}: no LoRA adapter at {weights}; name a fine-tuned model (e.g. tiny)")
@@ -145,8 +142,6 @@ def _load_initial_adapter(model, trainable: dict, init_from: str, out: Path) -> 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """Run (or resume) the fine-tune; writes OUT/lora (a peft adapter folder). Returns the last metrics."""
     from peft import LoraConfig, get_peft_model
-
-    from ..loading import device_label, load, warn_if_slow_cpu_bf16
 
     out = Path(cfg.out)
     checkpoints = Checkpoints(out)

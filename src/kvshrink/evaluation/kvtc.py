@@ -1,68 +1,33 @@
-"""What `kvshrink kvtc ...` runs: fitting a model's calibration, and KVTC's accuracy and speed on a task
-against baselines at the same ratios.
+"""`kvshrink kvtc eval`: KVTC's accuracy and speed on a task against baselines at the same ratios (a study;
+fitting the calibration it needs is `kvshrink.kvtc.fit`).
 
-Text seeds: evaluated problems use small seeds; calibration conversations use seeds from
-`CALIBRATION_SEED` and few-shot examples seeds from `EXAMPLE_SEED`, so neither ever shows the model a
-problem it is graded on.
+Text seeds: evaluated problems use small seeds; few-shot examples seeds from `EXAMPLE_SEED` and calibration
+conversations `kvtc.fit.CALIBRATION_SEED`, so neither ever shows the model a problem it is graded on.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 
 from ..cache import KVCache, cache_arg
-from ..errors import KVShrinkError
-from ..generation import decode_rows, generate_ids, prefill_row, resolve_policy
+from ..generation import decode_rows, generate_ids, resolve_policy
+from ..kvtc.cache_io import CacheState, cos_sin, restore_cache
+from ..kvtc.calibration import Calibration, ModelIdentity
+from ..kvtc.codec import SINKS, WINDOW, blob_stats, compress, decompress
+from ..kvtc.fit import prompt_state
+from ..kvtc.quant import BITS, GROUP_OVERHEAD_BITS, fake_quant
 from ..loading import load
-from ..policies import CachePolicy, make_policy
+from ..policies import make_policy
 from ..prompts import chat_prompt, pad_token_id
-from ..tasks import TASKS, answer_budget, grade, make_problems
-from ..train.text import pydoc_split
-from .cache_io import CacheState, cos_sin, export_cache, restore_cache
-from .calibration import Calibration, ModelIdentity
-from .codec import SINKS, WINDOW, blob_stats, compress, decompress
-from .pca import cache_features
-from .quant import BITS, GROUP_OVERHEAD_BITS, fake_quant
+from ..tasks import answer_budget, grade, make_problems
 
-CALIBRATION_SEED, EXAMPLE_SEED = 1_000_000, 2_000_000
+EXAMPLE_SEED = 2_000_000  # few-shot turns: apart from the graded problems' seeds and kvtc.fit's
 
 
-def calibrate(model_name, out_path, tokens: int = 100_000, ratios=(4, 8, 16, 32, 64), device: str = "auto", *,
-              seq_len: int = 1024, rank: int | None = None, dp_rows: int = 4096, seed: int = 0) -> Path:
-    """Fit a calibration on `tokens` token positions (sinks left out) and save it to `out_path`.
-
-    Text: solved task problems (as the model sees them in eval, chat template included) alternating with
-    chunks of pydoc train text, each at most `seq_len` tokens. Rows fill one preallocated fp32 buffer
-    per stream (2 · tokens · L·H·D · 4 bytes), and the DP's rows are a random sample of them."""
-    if tokens < dp_rows:
-        raise KVShrinkError(f"--tokens must be at least {dp_rows} (got {tokens}); the paper calibrates on ~100K")
-    if not Path(out_path).parent.is_dir():
-        raise KVShrinkError(f"--out {out_path}: folder {Path(out_path).parent} does not exist; create it first")
-    model, tokenizer = load(model_name, device=device)
-    identity = ModelIdentity.from_model(model)
-    rows = torch.empty(2, tokens, identity.features)  # key features, value features
-    filled = 0
-    for ids in _calibration_sequences(tokenizer, seq_len):
-        if len(ids) <= SINKS:
-            continue
-        state = _prompt_state(model, ids)
-        kf, vf = cache_features([k.cpu() for k in state.keys], [v.cpu() for v in state.values],
-                                *cos_sin(model, state.positions), sinks=SINKS)  # (T - sinks, p) each
-        take = min(len(kf), tokens - filled)
-        rows[0, filled:filled + take], rows[1, filled:filled + take] = kf[:take], vf[:take]
-        filled += take
-        if filled == tokens:
-            break
-    _sample_to_front(rows, dp_rows, seed)
-    calib = Calibration.fit(identity, rows[0], rows[1], ratios=ratios, rank=rank, dp_rows=dp_rows, seed=seed)
-    calib.save(out_path)
-    return Path(out_path)
 
 
 def evaluate(model_name, calibration_path, ratios, task: str, problems: int, seed: int = 0, *, device: str = "auto",
@@ -102,7 +67,7 @@ def evaluate_model(model, tokenizer, calib: Calibration, ratios, task: str, prob
     tallies = {name: _Tally() for name in methods}
     start = time.perf_counter()
     for problem, ids in zip(items, prompts):
-        state = _prompt_state(model, ids[:-1], policy)
+        state = prompt_state(model, ids[:-1], policy)
         cache = restore_cache(model, policy, *_rows([method(state, tallies[name]) for name, method in methods.items()]))
         for name, tokens in zip(methods, _greedy_rows(model, cache, ids[-1], max_new_tokens, eos)):
             tallies[name].correct.append(grade(problem, tokenizer.decode(tokens, skip_special_tokens=True)))
@@ -123,7 +88,7 @@ def reconstruction_error(model, tokenizer, calib: Calibration, ratios, task: str
     policy = resolve_policy(model, None)
     sums = {f"kvtc{cr:g}": torch.zeros(4, dtype=torch.float64) for cr in ratios}  # key err², key norm², value ...
     for ids in _task_prompts(tokenizer, task, make_problems(task, problems, seed=seed), prefix_tokens, seed):
-        state = _prompt_state(model, ids[:-1], policy)
+        state = prompt_state(model, ids[:-1], policy)
         start, end = _middle(len(state.positions))
         cos, sin = cos_sin(model, state.positions)
         for cr in ratios:
@@ -255,27 +220,8 @@ def _tova(model, tokenizer, items, prompts, cr: float, max_new_tokens: int, batc
 
 
 # -- text ---------------------------------------------------------------------------------------------------------
-def _prompt_state(model, ids: list[int], policy: CachePolicy | None = None) -> CacheState:
-    """The cache `policy` (default vanilla) leaves after a prefill of `ids`, exported."""
-    cache = KVCache(model, policy)
-    prefill_row(model, cache, ids)
-    return export_cache(cache)
 
 
-def _calibration_sequences(tokenizer, seq_len: int):
-    """Token-id sequences, endless: a solved problem of each task in turn (prompt as eval encodes it, then
-    the worked solution), alternating with consecutive `seq_len`-token chunks of pydoc train text while
-    it lasts."""
-    text = tokenizer(pydoc_split()[0], verbose=False)["input_ids"]  # one long text: no length warning
-    chunks = (text[s:s + seq_len] for s in range(0, len(text), seq_len))
-    names = sorted(TASKS)
-    for i in itertools.count():
-        problem = make_problems(names[i % len(names)], 1, seed=CALIBRATION_SEED + i)[0]
-        answer = tokenizer(problem.solution, add_special_tokens=False)["input_ids"]
-        yield (chat_prompt(tokenizer, problem.prompt) + answer)[:seq_len]
-        chunk = next(chunks, None)
-        if chunk is not None:
-            yield chunk
 
 
 def _task_prompts(tokenizer, task: str, items, prefix_tokens: int, seed: int) -> list[list[int]]:
@@ -294,12 +240,3 @@ def _few_shot(tokenizer, task: str, tokens: int, seed: int, difficulty: int) -> 
         turns += [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.solution}]
     return turns
 
-
-def _sample_to_front(rows: torch.Tensor, n: int, seed: int) -> None:
-    """Move n random rows of rows (2, N, p) to the front, in place (a partial Fisher–Yates shuffle): the
-    DP fits on the first rows, which would otherwise all come from the first few sequences."""
-    g = torch.Generator().manual_seed(seed)
-    N = rows.shape[1]
-    for i in range(min(n, N)):
-        j = int(torch.randint(i, N, (1,), generator=g))
-        rows[:, [i, j]] = rows[:, [j, i]]

@@ -10,10 +10,11 @@ from __future__ import annotations
 import time
 
 from ..errors import KVShrinkError
+from ..generation import generate_ids, resolve_policy
 from ..progress import advance, progress_bar, stop
 from ..prompts import chat_prompt, pad_token_id
-from ..scaling import majority_vote
-from . import answer_budget, extract_answer, make_problems
+from ..tasks import answer_budget, extract_answer, make_problems
+from .voting import majority_vote
 
 
 def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = None, window: int | None = None,
@@ -23,8 +24,6 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
     """Accuracy (majority vote of `width` samples) and cost of `problems` problems. Greedy when
     temperature == 0 (then width > 1 repeats one answer). Returns the JSON of SPEC section 6 plus
     `pass_at_w` and per-problem `results`. `first` starts at a later problem (to split a run)."""
-    from ..generation import generate_ids, resolve_policy
-
     if width < 1:
         raise KVShrinkError(f"--width must be >= 1 (got {width})")
     if batch_size < 1:

@@ -33,13 +33,18 @@ from __future__ import annotations
 import json
 import math
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomllib
+
 from ..errors import KVShrinkError
 from ..jsonl import append_jsonl, read_jsonl
+from ..loading import load
+from ..policies import POLICY_NAMES
 from ..progress import advance, progress_bar, stop
+from ..tasks import task_module
+from .evaluate import evaluate
 
 POINT_FIELDS = ("accuracy", "pass_at_w", "kv_reads", "prefill_kv_reads", "peak_kv_tokens", "cache_bytes",
                 "compression_ratio", "seconds")
@@ -76,9 +81,6 @@ class SweepConfig:
 
     def points(self) -> list[dict]:
         """Every grid point that can run, in a stable order: (task, policy, cr, model, L, W)."""
-        from ..policies import POLICY_NAMES
-        from ..tasks import task_module
-
         out = []
         for task in self.tasks:
             task_module(task)
@@ -120,9 +122,6 @@ def point_key(p: dict) -> str:
 
 def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device: str = "auto") -> list[dict]:
     """Run the missing points (grouped by model, loaded once each); return all points' results."""
-    from ..loading import load
-    from ..tasks.evaluate import evaluate
-
     done = {point_key(row): row for row in read_jsonl(points_file)}
     todo = [p for p in cfg.points() if point_key(p) not in done]
     bar = progress_bar(progress, "sweep", len(cfg.points()), len(cfg.points()) - len(todo))

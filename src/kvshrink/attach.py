@@ -1,13 +1,14 @@
-"""Attaching DMS to a model, and the cache that applies its decisions."""
+"""Attaching DMS (`kvshrink.dms`) to a model whose attention kvshrink installed, and the cache that applies
+its decisions. It sits above both: the DMS math imports nothing of the core."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..attention import KVAttention, decoder_layers, install
-from ..cache import KVCache
-from ..policies.dms import DMSPolicy
-from .config import DMSConfig
+from .attention import KVAttention, decoder_layers, install
+from .cache import KVCache
+from .dms.config import DMSConfig
+from .policies.dms import DMSPolicy
 
 
 def _pass_residual(layer, args, kwargs):
@@ -52,7 +53,7 @@ def DMSCache(model, window: int | None = None, **kwargs) -> KVCache:
     """A `KVCache` that applies the model's DMS decisions (window from the model unless overridden)."""
     cfg = dms_config(model)
     if cfg is None:
-        from ..errors import KVShrinkError
+        from .errors import KVShrinkError
 
         raise KVShrinkError("this model has no DMS; retrofit one with `kvshrink retrofit MODEL --out DIR`")
     return KVCache(model, DMSPolicy(cfg.window if window is None else window, sinks=cfg.sinks), **kwargs)
