@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import KVShrinkError, check_cr, check_window
+from ..errors import KVShrinkError, check_cr, check_sinks, check_window, out_folder
 from ..jsonl import append_jsonl, keep_jsonl
 from ..progress import advance, progress_bar, stop
 from .checkpoints import Checkpoints, write_atomically
@@ -114,6 +114,7 @@ class RetrofitConfig:
             raise KVShrinkError(f"--lr must be > 0, --warmup >= 0 and --ramp-steps >= 1 (got {self.lr}, {self.warmup}, {self.ramp_steps})")
         if self.data is None:
             raise KVShrinkError("--data is required: a text file/folder, teacher:PROMPTS.txt or task:NAME[,NAME][:N]")
+        check_sinks(self.sinks)
         if self.sinks is None:
             self.sinks = default_sinks(self.window)
         if self.attention not in ("auto", "flex", "math"):
@@ -235,7 +236,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     from ..loading import device_label, load, warn_if_slow_cpu_bf16
     from .data import PAD, training_source
 
-    out = Path(cfg.out)
+    out = out_folder(cfg.out)
     checkpoints = Checkpoints(out)
     resume_from = checkpoints.resume_point(cfg.resume, "retrofit")
     saved = None if resume_from is None else Checkpoints.load(resume_from)  # (trainable, optimizer, state)
@@ -318,7 +319,6 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     inner = acc.unwrap_model(model)
 
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "retrofit.json").write_text(json.dumps({**settings, "device_name": device_label(acc.device)}, indent=1))
     metrics_path = out / "metrics.jsonl"
     if acc.is_main_process and metrics_path.exists():  # drop lines past the checkpoint we resume from
