@@ -409,6 +409,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 def _export(acc, inner, tokenizer, out: Path, cr: float, metrics: dict) -> None:
     """OUT/cr-X: a loadable model at this point of the ramp, labelled DMS-X (atomically: a folder is complete
     or absent), with the step's metrics beside it."""
+    from ..loading import quiet_transformers
+
     if acc.is_main_process:
         def write(tmp: Path) -> None:
             ramp_target, inner.config.dms_cr = inner.config.dms_cr, cr
@@ -417,20 +419,24 @@ def _export(acc, inner, tokenizer, out: Path, cr: float, metrics: dict) -> None:
             tokenizer.save_pretrained(tmp)
             (tmp / "export.json").write_text(json.dumps(metrics, indent=1))
 
-        write_atomically(out / f"cr-{cr:g}", write)
+        with quiet_transformers():  # no progress bars of its own beside the run's
+            write_atomically(out / f"cr-{cr:g}", write)
     acc.wait_for_everyone()
 
 
 def _save_final(acc, model, inner, tokenizer, out: Path, fsdp: bool) -> None:
     """OUT's HF model, its config.json written last (`write_atomically`): a save cut short leaves a folder
     that does not load, which a rerun with --resume writes again."""
+    from ..loading import quiet_transformers
+
     full = _full_model_state(model) if fsdp else None  # every process takes part in gathering shards
     if acc.is_main_process:
         def write(tmp: Path) -> None:
             inner.save_pretrained(tmp, state_dict=full, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
-        write_atomically(out, write, commit="config.json")
+        with quiet_transformers():
+            write_atomically(out, write, commit="config.json")
     acc.wait_for_everyone()
 
 
