@@ -84,3 +84,69 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned(monkeypatch):
         assert loading.resolve_dtype("auto", cpu) == torch.float32 and loading.resolve_dtype(torch.float32, cpu) == torch.float32
     with pytest.raises(kvshrink.KVShrinkError, match="unknown dtype"):
         loading.resolve_dtype("float8", cpu)
+
+
+def escaping_inputs(model, tmp_path):
+    """(case, argv, what the one line must say): inputs that once ended in exit 1 "unexpected", a traceback,
+    a silent exit 0, or a message that named the wrong source or fix (issue 29)."""
+    import shutil
+
+    bad_text = tmp_path / "latin1.txt"
+    bad_text.write_bytes("caf\xe9 w1 w2".encode("latin-1"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    no_tokenizer, bad_config = tmp_path / "no-tokenizer", tmp_path / "bad-config"
+    shutil.copytree(model, bad_config)
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model / name, no_tokenizer / name)
+    config = json.loads((bad_config / "config.json").read_text())
+    (bad_config / "config.json").write_text(json.dumps({**config, "dms_window_size": -3}))
+    m = str(model)
+    return [
+        ("temperature nan", ["generate", m, "w1 w2", "--temperature", "nan"], "--temperature must be a number >= 0"),
+        ("non-UTF-8 prompt", ["generate", m, "w1 \udcff w2"], "not UTF-8 text (a stray byte at character 3); pass it in UTF-8"),
+        ("non-UTF-8 --text", ["compare", m, m, "--text", str(bad_text)], "give a UTF-8 text file"),
+        ("retrofit --out a file", ["retrofit", m, "--out", str(a_file), "--data", str(bad_text)], "name a new or writable folder"),
+        ("export under a file", ["export", m, str(a_file / "sub")], "name a new or writable folder"),
+        ("export unwritable", ["export", m, "/sys/kvshrink-export"], "name a new or writable folder"),
+        ("export non-empty", ["export", m, str(full)], "pass --force"),
+        ("serve --max-batch 0", ["serve", m, "--max-batch", "0"], "--max-batch must be >= 1"),
+        ("serve --port 70000", ["serve", m, "--port", "70000"], "--port must be in 1..65535"),
+        ("config dms_window_size -3", ["generate", str(bad_config), "w1"], "bad-config/config.json: dms_window_size must be >= 0"),
+        ("no tokenizer", ["generate", str(no_tokenizer), "w1"], "has no tokenizer that loads"),
+        ("empty model name", ["generate", "", "w1"], "the model name is empty: give a local Hugging Face model folder"),
+        ("not an integer", ["generate", m, "w1", "--max-new-tokens", "abc"], "'--max-new-tokens'"),
+        ("option without its value", ["generate", m, "w1", "--policy"], "'--policy' requires an argument"),
+        ("unknown option", ["generate", m, "w1", "--bogus"], "No such option: --bogus; see kvshrink generate --help"),
+        ("missing argument", ["generate", m], "Missing argument 'prompt'; see kvshrink generate --help"),
+        ("missing option", ["kvtc", "eval", m], "Missing option '--calibration'; see kvshrink kvtc eval --help"),
+    ]
+
+
+def test_escaping_inputs_exit_2_in_one_line(tiny_model_dir, tmp_path, capfd, monkeypatch):
+    """Each case: exit code 2 and one line in all (stdout and stderr, at the file descriptors: transformers'
+    own log lines would show), the one that names the source and the fix."""
+    cases = escaping_inputs(tiny_model_dir, tmp_path)
+    escaped = []
+    for case, args, message in cases:
+        code, out, err = run_cli(args, capfd, monkeypatch)
+        lines = (out + err).strip().splitlines()
+        if code != 2 or len(lines) != 1 or message not in lines[0] or not lines[0].startswith("error: "):
+            escaped.append((case, code, lines))
+    print(f"{len(cases)} CLI cases tried, {len(cases) - len(escaped)} handled (exit 2, one line, the fix named)")
+    assert not escaped, escaped
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]  # refused: nothing written beside it
+
+
+def test_export_with_force_writes_beside_files_and_quietly(tiny_model_dir, tmp_path, capfd, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, stdout, err = run_cli(["export", str(tiny_model_dir), str(out), "--force"], capfd, monkeypatch)
+    assert code == 0 and stdout.strip() == str(out) and err == "", err  # no progress bars from transformers
+    assert (out / "notes.txt").read_text() == "mine"
+    kvshrink.load(out)

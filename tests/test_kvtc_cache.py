@@ -136,6 +136,39 @@ def test_restore_through_the_codec_is_close(kind, base, dms, calib):
     assert 0 < gap < 0.05 * scale
 
 
+def test_every_flipped_bit_of_a_packed_dms_cache_is_refused(dms, calib):
+    """The head, the policy tag, the blob and the pending DMS flags are all under the checksum: every single
+    bit flipped in a packed DMS cache is refused (or would have to decode to the very same cache)."""
+    policy = DMSPolicy(DMS_WINDOW)
+    state = export_cache(_prefilled(dms, policy, _ids(160, 9)))  # 4 sinks, a middle of 28 tokens, 128 in the window
+    assert state.flags is not None and torch.stack(state.flags).any()
+    data = pack_cache(state, dms, calib, 2, policy)
+    clean = unpack_cache(data, dms, calib, policy)
+    flipped, refused, same = bytearray(data), 0, 0
+    for i in range(8 * len(data)):
+        flipped[i // 8] ^= 1 << i % 8
+        try:
+            back = unpack_cache(bytes(flipped), dms, calib, policy)
+        except KVTCFormatError:
+            refused += 1
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(back.keys + back.live + back.flags, clean.keys + clean.live + clean.flags)), i
+            same += 1
+        flipped[i // 8] ^= 1 << i % 8
+    print(f"{8 * len(data)} bit flips of a {len(data)}-byte packed cache: {refused} refused, {same} decoded unchanged")
+    assert refused == 8 * len(data)
+
+
+def test_packed_cache_of_format_version_1_is_refused_with_the_fix(dms, calib):
+    """Version 1 (before the checksum over head and flags) began at the head: it is named, with the fix."""
+    policy = DMSPolicy(DMS_WINDOW)
+    data = pack_cache(export_cache(_prefilled(dms, policy, _ids(40, 9))), dms, calib, 2, policy)
+    with pytest.raises(KVTCFormatError, match="format version 1 .* re-pack it with pack_cache"):
+        unpack_cache(data[21:], dms, calib, policy)  # the same fields without version 2's frame
+    with pytest.raises(KVTCFormatError, match="format version 3; this kvshrink reads version 2: re-pack"):
+        unpack_cache(data[:4] + bytes([3]) + data[5:], dms, calib, policy)
+
+
 # -- the store ------------------------------------------------------------------------------------------------------
 def test_store_finds_the_longest_stored_prefix(tmp_path):
     store = PrefixStore(tmp_path, "model-a", max_bytes=1 << 20)

@@ -13,7 +13,10 @@ from typing import Optional
 
 import typer
 
-from .errors import KVShrinkError, check_cr, check_prefill_chunk, check_sinks, check_window
+from .errors import KVShrinkError, check_cr, check_prefill_chunk, check_sinks, check_window, out_folder
+
+# click's usage errors (bad or missing options), from the click this typer uses (its own copy in typer >= 0.2x)
+_UsageError = typer.BadParameter.__mro__[1]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Shrink the KV cache of Hugging Face decoders.")
 
@@ -53,11 +56,17 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Generate text under a cache policy and report KV reads, peak tokens, bytes and compression ratio."""
-    from .generation import generate as run
+    from .generation import check_sampling, generate as run
     from .loading import load
 
     if not prompt.strip():
         raise KVShrinkError("empty prompt: give some text to continue")
+    try:
+        prompt.encode()
+    except UnicodeEncodeError as exc:  # bytes that are not UTF-8 reach argv as lone surrogates
+        raise KVShrinkError(f"the prompt is not UTF-8 text (a stray byte at character {exc.start}); "
+                            "pass it in UTF-8 (check the terminal's or the script's encoding)") from exc
+    check_sampling(max_new_tokens, temperature, top_p)
     _check_policy_options(policy, cr, window, sinks)
     m, tok = load(model, device=device, dtype=dtype)
     result = run(m, tok, prompt, policy, cr, window=window, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -225,6 +234,10 @@ def serve(
 
     _check_policy_options(policy, cr, None)
     check_prefill_chunk(prefill_chunk)
+    if not 1 <= port <= 65535:
+        raise KVShrinkError(f"--port must be in 1..65535 (got {port}); e.g. --port 8000")
+    if max_batch < 1:
+        raise KVShrinkError(f"--max-batch must be >= 1 (got {max_batch}); e.g. --max-batch 64")
     if kv_budget_tokens is None and kv_budget_mb is None:
         kv_budget_mb = 512.0
     m, tok = load(model, device=device)
@@ -381,14 +394,18 @@ def plot_training_cmd(run_dir: Path = typer.Argument(..., help="a retrofit --out
 @app.command()
 def export(
     model: str = typer.Argument(..., help="a shipped name (e.g. smollm2-dms8) or a local model folder"),
-    out: Path = typer.Argument(..., help="folder to write: config.json + safetensors + tokenizer"),
+    out: Path = typer.Argument(..., help="folder to write: config.json + safetensors + tokenizer (new or empty)"),
+    force: bool = typer.Option(False, "--force", help="write into OUT although it holds files (same-named ones are replaced)"),
 ):
     """Write a full standard HF folder (for AutoModelForCausalLM and other tools; DMS settings stay in config.json)."""
-    from .loading import load
+    from .loading import load, quiet_transformers
 
+    if any(out_folder(out, "OUT").iterdir()) and not force:
+        raise KVShrinkError(f"{out} is not empty: export into a new or empty folder, or pass --force to write beside its files")
     m, tok = load(model, device="cpu", dtype="float32")
-    m.save_pretrained(out)
-    tok.save_pretrained(out)
+    with quiet_transformers():
+        m.save_pretrained(out)
+        tok.save_pretrained(out)
     print(out)
 
 
@@ -442,6 +459,7 @@ def inspect_cmd(
     more than filler (definitions: `kvshrink.dms.diagnostics`)."""
     from .dms.diagnostics import inspect_decisions, task_sequences, text_sequences
     from .loading import load
+    from .prompts import read_text_file
     from .tasks import make_problems
 
     if text is not None and task is not None:
@@ -450,7 +468,7 @@ def inspect_cmd(
         difficulty = make_problems(task, problems, seed=seed, difficulty=difficulty)[0].difficulty  # checks them
     if sequences < 1 or seq_len < 2:
         raise KVShrinkError(f"--sequences must be >= 1 and --seq-len >= 2 (got {sequences} and {seq_len})")
-    content = _read_text(text) if text is not None else None
+    content = read_text_file(text) if text is not None else None
     m, tok = load(model, device=device)
     facts = None
     if task is not None:
@@ -500,18 +518,6 @@ def _rate_cell(rate: float, evicts_token0: bool) -> str:
     return f"[{style}]{cell}[/{style}]" if style else cell
 
 
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise KVShrinkError(f"--text {path}: no such file")
-    try:
-        content = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KVShrinkError(f"--text {path}: cannot read it as text ({type(exc).__name__}); give a UTF-8 text file") from exc
-    if not content.strip():
-        raise KVShrinkError(f"--text {path} is empty")
-    return content
-
-
 @app.command()
 def demo(
     quick: bool = typer.Option(False, help="2 vt problems, no real-text section (a smoke test)"),
@@ -537,10 +543,17 @@ def demo(
 
 
 def main() -> None:
-    """Bad input ends in one line and exit code 2; anything unexpected in one line and exit code 1, with
-    the traceback only when KVSHRINK_DEBUG=1 (for bug reports)."""
+    """Bad input ends in one line and exit code 2, click's usage errors included (it would draw them in a box);
+    anything unexpected in one line and exit code 1, with the traceback only when KVSHRINK_DEBUG=1 (for bug
+    reports)."""
     try:
-        app()
+        code = app(prog_name="kvshrink", standalone_mode=False)  # click's errors come back here
+    except _UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help, shown already (typer tells it by name too)
+            sys.exit(exc.exit_code)
+        where = exc.ctx.command_path if exc.ctx else "kvshrink"
+        print(f"error: {' '.join(exc.format_message().split()).rstrip('.')}; see {where} --help", file=sys.stderr)
+        sys.exit(2)
     except KVShrinkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -550,3 +563,4 @@ def main() -> None:
         print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
               "(unexpected: rerun with KVSHRINK_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # as click would: --help and the like return their exit code

@@ -22,9 +22,9 @@ def compare(model_a: str, model_b: str, text_file: Path, prompt_tokens: int = 10
             device: str = "auto") -> dict:
     from .generation import generate_ids, resolve_policy
     from .loading import load
+    from .prompts import read_text_file
 
-    if not Path(text_file).is_file():
-        raise KVShrinkError(f"--text {text_file} not found")
+    passage = read_text_file(Path(text_file))
     runs = {}
     prompt = None
     if prompt_tokens < 1 or max_new_tokens < 1:
@@ -36,7 +36,7 @@ def compare(model_a: str, model_b: str, text_file: Path, prompt_tokens: int = 10
             raise KVShrinkError(f"{model_a} and {model_b} use different tokenizers; compare a model with its own DMS retrofit")
         vocab = tok.get_vocab()
         if prompt is None:
-            ids = tok(Path(text_file).read_text())["input_ids"]
+            ids = tok(passage)["input_ids"]
             if len(ids) < 2:
                 raise KVShrinkError(f"{text_file} holds no text")
             prompt = ids[:prompt_tokens]

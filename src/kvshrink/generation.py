@@ -75,10 +75,10 @@ def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = N
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if max_new_tokens < 1:
         raise KVShrinkError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
-    if temperature < 0:
-        raise KVShrinkError(f"--temperature must be >= 0 (got {temperature})")
+    if not 0 <= temperature < float("inf"):  # nan too
+        raise KVShrinkError(f"--temperature must be a number >= 0 (got {temperature}); 0 is greedy, e.g. --temperature 0.7")
     if not 0 < top_p <= 1:
-        raise KVShrinkError(f"--top-p must be in (0, 1] (got {top_p})")
+        raise KVShrinkError(f"--top-p must be in (0, 1] (got {top_p}); 1 samples from every token, e.g. --top-p 0.9")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:

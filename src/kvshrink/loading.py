@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,14 +68,17 @@ def warn_if_slow_cpu_bf16(asked: str, instead: str) -> None:
 
 def check_model_folder(path: Path) -> None:
     if not path.is_dir():
-        from .zoo import shipped_names
-
-        raise KVShrinkError(f"model {str(path)!r} not found: give a local Hugging Face model folder (config.json + weights) "
-                            f"or a shipped name ({', '.join(shipped_names())})")
+        raise KVShrinkError(f"model {str(path)!r} not found: {_which_model()}")
     if not (path / "config.json").is_file():
         raise KVShrinkError(f"{path} has no config.json: is it a Hugging Face model folder?")
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise KVShrinkError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def _which_model() -> str:
+    from .zoo import shipped_names
+
+    return f"give a local Hugging Face model folder (config.json + weights) or a shipped name ({', '.join(shipped_names())})"
 
 
 def load_dms_weights(model, path: Path) -> None:
@@ -119,7 +123,7 @@ def merge_lora(model, folder: Path):
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except Exception as exc:  # a truncated or corrupt adapter file
-        raise KVShrinkError(f"cannot apply the LoRA adapter in {folder}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
+        raise KVShrinkError(f"cannot apply the LoRA adapter in {folder}: {_first_line(exc)}") from exc
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -129,6 +133,22 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if str(name_or_path) in BASES and not Path(name_or_path).exists():
         return BASES[str(name_or_path)]()
     return Path(name_or_path)
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' log lines and progress bars off: errors reach the user as one line of ours, and the
+    DMS adapter keys, "unexpected" to HF, are loaded by us (`load_dms_weights`)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
 
 
 def load(name_or_path: str | Path, device: str | None = "auto", dtype: str | torch.dtype | None = "auto"):
@@ -141,6 +161,8 @@ def load(name_or_path: str | Path, device: str | None = "auto", dtype: str | tor
     from .attach import attach_dms
     from .zoo import MODELS_DIR, adapter_names, adapter_spec
 
+    if not str(name_or_path).strip():
+        raise KVShrinkError(f"the model name is empty: {_which_model()}")
     if str(name_or_path) in adapter_names() and not Path(name_or_path).exists():  # a shipped adapter
         folder = MODELS_DIR / str(name_or_path)
         spec = adapter_spec(str(name_or_path))
@@ -153,31 +175,34 @@ def load(name_or_path: str | Path, device: str | None = "auto", dtype: str | tor
         return model.eval(), tokenizer
     path = resolve_model(name_or_path)
     check_model_folder(path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as exc:
-        raise KVShrinkError(f"cannot read {path}/config.json: {str(exc).splitlines()[0]}") from exc
-    check_family(config)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # DMS adapter keys are "unexpected" to HF; we load them below
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # a corrupt or truncated checkpoint surfaces as many exception types
-        raise KVShrinkError(f"cannot load {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}; "
-                            "if it is a cache folder, delete it and retry") from exc
-    finally:
-        hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
+    with quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (ValueError, KeyError, OSError) as exc:
+            raise KVShrinkError(f"cannot read {path}/config.json: {_first_line(exc)}") from exc
+        check_family(config)
+        try:
+            dms = DMSConfig.from_hf(config)
+        except KVShrinkError as exc:
+            raise KVShrinkError(f"{path}/config.json: {exc}") from exc
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # no tokenizer files, or unreadable ones
+            raise KVShrinkError(f"{path} has no tokenizer that loads ({_first_line(exc)}): copy the tokenizer files "
+                                "(tokenizer.json, tokenizer_config.json, ...) of its base model into it") from exc
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+        except Exception as exc:  # a corrupt or truncated checkpoint surfaces as many exception types
+            raise KVShrinkError(f"cannot load {path}: {_first_line(exc)}; if it is a cache folder, delete it and retry") from exc
     install(model)
-    dms = DMSConfig.from_hf(model.config)
     if dms is not None:
         attach_dms(model, dms)
         if dms.decision == "adapter":
             load_dms_weights(model, path)
     return model.to(dev).eval(), tokenizer
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]

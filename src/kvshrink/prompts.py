@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .errors import KVShrinkError
 
 
@@ -26,3 +28,16 @@ def pad_token_id(tokenizer) -> int:
         if token_id is not None:
             return token_id
     return 0
+
+
+def read_text_file(path: Path, flag: str = "--text") -> str:
+    """A prompt file's text, read before any model is loaded; one-line errors for a missing, empty or non-UTF-8 one."""
+    if not path.is_file():
+        raise KVShrinkError(f"{flag} {path}: no such file")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KVShrinkError(f"{flag} {path}: cannot read it as text ({type(exc).__name__}); give a UTF-8 text file") from exc
+    if not content.strip():
+        raise KVShrinkError(f"{flag} {path} is empty")
+    return content

@@ -22,6 +22,8 @@ _HF_FIELDS = {
     "forced_keep_every": "dms_forced_keep_every",
     "sinks": "dms_sink_tokens",  # kvshrink's addition; absent (release checkpoints) = 0, the paper's rule
 }
+# fields that a retrofit flag sets (--window, --target-cr, --sinks), and their checks
+_CHECKS = {"window": check_window, "target_cr": check_cr, "sinks": check_sinks}
 
 
 @dataclass
@@ -54,13 +56,12 @@ class DMSConfig:
     sinks: int = 0
 
     def __post_init__(self):
-        check_window(self.window)
+        for ours, check in _CHECKS.items():
+            check(getattr(self, ours), "--" + ours.replace("_", "-"))
         if self.decision not in ("neuron", "adapter"):
             raise KVShrinkError(f"DMS decision must be 'neuron' or 'adapter' (got {self.decision!r})")
         if self.alpha_per not in ("head", "layer"):
             raise KVShrinkError(f"dms_alpha_per must be 'head' or 'layer' (got {self.alpha_per!r})")
-        check_cr(self.target_cr, "--target-cr")
-        check_sinks(self.sinks)
         if self.forced_keep_every is not None and self.forced_keep_every < 1:
             raise KVShrinkError(f"forced_keep_every must be >= 1 (got {self.forced_keep_every})")
 
@@ -72,10 +73,13 @@ class DMSConfig:
 
     @classmethod
     def from_hf(cls, config) -> "DMSConfig | None":
-        """Read DMS settings from an HF config; None when the model has no DMS."""
+        """Read DMS settings from an HF config; None when the model has no DMS. A bad value is named by its
+        config field: no flag set it here."""
         if getattr(config, "dms_window_size", None) is None:
             return None
         values = {ours: getattr(config, theirs) for ours, theirs in _HF_FIELDS.items() if hasattr(config, theirs)}
+        for ours, check in _CHECKS.items():
+            check(values.get(ours), _HF_FIELDS[ours])
         values["decision"] = "adapter" if getattr(config, "dms_separate_alpha", False) else "neuron"
         return cls(**values)
 

@@ -8,7 +8,8 @@ generation goes on from it as if it had prefilled them.
 
 DMS also has pending evictions: a flagged token stays visible until it leaves the window. Their flags
 travel beside the live mask (`CacheState.flags`); a restored cache without them would keep those
-tokens for good. `pack_cache` / `unpack_cache` turn a state into bytes: a KVTC blob plus those flags.
+tokens for good. `pack_cache` / `unpack_cache` turn a state into bytes: a KVTC blob plus those flags,
+under one checksum (the blob's own does not cover the flags or the head that places them).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..cache import KVCache
 from ..errors import KVShrinkError
 from ..policies.base import CachePolicy
 from .calibration import Calibration
-from .codec import blob_stats, compress, decompress
+from .codec import blob_stats, checksum, compress, decompress
 from .errors import KVTCFormatError
 from .rope import rope_tables
 
@@ -122,6 +123,10 @@ def restore_cache(model, policy: CachePolicy | None, keys, values, live=None, po
 
 
 # -- a state as bytes: KVTC blob + DMS flags ------------------------------------------------------------------
+# version 2: magic, version, blake2b-128 of the rest, then head, policy tag, blob, flag bits. Version 1 (no
+# magic, starting at the head) left the head and the flags unchecked: a flipped bit moved or changed flags.
+_MAGIC, _VERSION = b"KVPC", 2
+_FRAME = struct.Struct("<4sB16s")
 _HEAD = struct.Struct("<IIH")  # first flagged position, blob bytes, policy tag bytes
 
 
@@ -139,19 +144,31 @@ def pack_cache(state: CacheState, model, calib: Calibration, cr: float, policy: 
         start = int(flags.any(0).any(0).int().argmax())
         bits = np.packbits(flags[:, :, start:].numpy().reshape(-1)).tobytes()
     tag = _policy_tag(policy)
-    return _HEAD.pack(start, len(blob), len(tag)) + tag + blob + bits
+    body = _HEAD.pack(start, len(blob), len(tag)) + tag + blob + bits
+    return _FRAME.pack(_MAGIC, _VERSION, checksum(body)) + body
 
 
 def unpack_cache(data: bytes, model, calib: Calibration, policy: CachePolicy | None = None) -> CacheState:
-    """Inverse of `pack_cache`; KVTCFormatError for bytes that are damaged or were packed with another
-    calibration or policy."""
-    if len(data) < _HEAD.size:
-        raise KVTCFormatError("stored cache is too short")
-    start, n_blob, n_tag = _HEAD.unpack_from(data)
+    """Inverse of `pack_cache`; KVTCFormatError for bytes that are damaged, of another format version, or
+    were packed with another calibration or policy."""
+    if data[_HEAD.size:_HEAD.size + 1] == b"{" and not data.startswith(_MAGIC):  # version 1: the head, then its tag
+        raise KVTCFormatError(f"stored cache is in packed-cache format version 1 (an older kvshrink's, its DMS flags unchecked); "
+                              f"this kvshrink reads version {_VERSION}: re-pack it with pack_cache (a PrefixStore "
+                              "recomputes such entries by itself)")
+    if len(data) < _FRAME.size + _HEAD.size or not data.startswith(_MAGIC):
+        raise KVTCFormatError("not a packed KVTC cache (too short or wrong magic bytes)")
+    _, version, digest = _FRAME.unpack_from(data)
+    if version != _VERSION:
+        raise KVTCFormatError(f"stored cache has packed-cache format version {version}; this kvshrink reads version "
+                              f"{_VERSION}: re-pack it with this kvshrink's pack_cache")
+    body = data[_FRAME.size:]
+    if checksum(body) != digest:
+        raise KVTCFormatError("stored cache is corrupted or truncated (checksum mismatch)")
+    start, n_blob, n_tag = _HEAD.unpack_from(body)
     tag_end = _HEAD.size + n_tag
-    if data[_HEAD.size:tag_end] != _policy_tag(policy):
-        raise KVTCFormatError(f"stored cache was written under another cache policy ({data[_HEAD.size:tag_end]!r})")
-    blob, bits = data[tag_end:tag_end + n_blob], data[tag_end + n_blob:]
+    if body[_HEAD.size:tag_end] != _policy_tag(policy):
+        raise KVTCFormatError(f"stored cache was written under another cache policy ({body[_HEAD.size:tag_end]!r})")
+    blob, bits = body[tag_end:tag_end + n_blob], body[tag_end + n_blob:]
     T = blob_stats(blob)["tokens"]
     L, H = calib.identity.layers, calib.identity.kv_heads
     tail = L * H * (T - start)

@@ -2,7 +2,7 @@
 
 Each checkpoint holds the trainable tensors (safetensors), the optimizer state and the loop state (step,
 RNG states). It is written to a temporary folder and renamed, then `latest` is replaced atomically, so
-an interrupted write never leaves a checkpoint that loads.
+an interrupted write never leaves a checkpoint that loads. `write_atomically` does that for any folder.
 """
 
 from __future__ import annotations
@@ -10,10 +10,35 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..errors import KVShrinkError
+
+
+def write_atomically(folder: Path, write: Callable[[Path], None], commit: str | None = None) -> None:
+    """Fill `folder` through `write(tmp)` so that a write killed half-way never leaves a folder that reads as
+    complete: `write` fills a temporary folder, which is fsynced and renamed to `folder` (replacing it).
+
+    commit: a file by which readers recognise the folder (an HF model's config.json) when `folder` also holds
+    other things and stays (a run folder with its checkpoints). The new files are renamed into it one by one,
+    `commit` deleted first and renamed in last: until then, the folder does not load."""
+    tmp = folder / ".tmp-write" if commit else folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if commit is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        return
+    (folder / commit).unlink(missing_ok=True)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == commit):
+        f.replace(folder / f.name)
+    tmp.rmdir()
 
 
 class Checkpoints:
@@ -40,20 +65,15 @@ class Checkpoints:
     def save(self, step: int, trainable: dict, optimizer_state: dict, extra: dict) -> Path:
         from safetensors.torch import save_file
 
-        self.dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:06d}"
-        tmp = self.dir / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(extra, tmp / "state.pt")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+
+        def write(tmp: Path) -> None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+            torch.save(extra, tmp / "state.pt")
+
         final = self.dir / name
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        write_atomically(final, write)
         pointer_tmp = self.dir / ".latest.tmp"
         pointer_tmp.write_text(name)
         pointer_tmp.replace(self.dir / "latest")

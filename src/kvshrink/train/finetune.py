@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import KVShrinkError
+from ..errors import KVShrinkError, out_folder
 from ..jsonl import append_jsonl, keep_jsonl
 from ..loading import device_label, load, warn_if_slow_cpu_bf16
 from ..progress import advance, progress_bar, stop
@@ -143,7 +143,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """Run (or resume) the fine-tune; writes OUT/lora (a peft adapter folder). Returns the last metrics."""
     from peft import LoraConfig, get_peft_model
 
-    out = Path(cfg.out)
+    out = out_folder(cfg.out)
     checkpoints = Checkpoints(out)
     resume_from = checkpoints.resume_point(cfg.resume, "fine-tune")
     model, tokenizer = load(cfg.base, device=cfg.device, dtype="float32")
@@ -166,7 +166,6 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
                 p.copy_(tensors[n])
         optimizer.load_state_dict(opt_state)
         start = state["step"]
-    out.mkdir(parents=True, exist_ok=True)
     (out / "finetune.json").write_text(json.dumps({**asdict(cfg), "device_name": device_label(device)}, indent=1))
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():

@@ -18,7 +18,9 @@ last, as the release takes its 8x checkpoint mid-way through a 1 -> 16 ramp: one
 
 Gumbel noise is seeded by (seed, step, global sample index), never by process rank, so one and two
 processes see the same noise and data. Checkpoints are written to a temporary folder and renamed, then
-`checkpoints/latest` is replaced atomically: an interrupted write never leaves a checkpoint that loads.
+`checkpoints/latest` is replaced atomically: an interrupted write never leaves a checkpoint that loads. The
+final model's files are renamed into OUT with config.json last, so a save cut short leaves a folder that does
+not load; a rerun with --resume at the final step finds that and writes it again from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import KVShrinkError, check_cr, check_window
+from ..errors import KVShrinkError, check_cr, check_sinks, check_window, out_folder
 from ..jsonl import append_jsonl, keep_jsonl
 from ..progress import advance, progress_bar, stop
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, write_atomically
 from .losses import CR_LOSSES, compression_loss, flag_rate_for, kl_student_teacher, length_weights, noise_for, token_weights
 from .ramp import ramp_origin, ramped_cr
 
@@ -110,6 +112,7 @@ class RetrofitConfig:
             raise KVShrinkError(f"--lr must be > 0, --warmup >= 0 and --ramp-steps >= 1 (got {self.lr}, {self.warmup}, {self.ramp_steps})")
         if self.data is None:
             raise KVShrinkError("--data is required: a text file/folder, teacher:PROMPTS.txt or task:NAME[,NAME][:N]")
+        check_sinks(self.sinks)
         if self.sinks is None:
             self.sinks = default_sinks(self.window)
         if self.attention not in ("auto", "flex", "math"):
@@ -145,7 +148,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     from ..loading import device_label, load, warn_if_slow_cpu_bf16
     from .data import PAD, training_source
 
-    out = Path(cfg.out)
+    out = out_folder(cfg.out)
     checkpoints = Checkpoints(out)
     resume_from = checkpoints.resume_point(cfg.resume, "retrofit")
     saved = None if resume_from is None else Checkpoints.load(resume_from)  # (trainable, optimizer, state)
@@ -166,6 +169,12 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise KVShrinkError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum = {world * cfg.grad_accum}")
     local_batch = cfg.batch_size // (world * cfg.grad_accum)
+    finished = start_step >= cfg.steps  # a rerun of a finished run: nothing to train, its final model to check
+    if finished:
+        if _final_model_loads(acc, out):
+            return {}
+        if acc.is_main_process:
+            print(f"{out} holds no final model that loads (a save cut short?): writing it again from {resume_from}")
 
     model, tokenizer = load(cfg.model, device="cpu", dtype="float32")
     if dms_config(model) is not None:
@@ -222,7 +231,6 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
     inner = acc.unwrap_model(model)
 
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "retrofit.json").write_text(json.dumps({**settings, "device_name": device_label(acc.device)}, indent=1))
     metrics_path = out / "metrics.jsonl"
     if acc.is_main_process and metrics_path.exists():  # drop lines past the checkpoint we resume from
@@ -230,7 +238,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
 
     flex = cfg.attention == "flex" or (cfg.attention == "auto" and acc.device.type == "cuda")
     exports = [x for x in cfg.export_at if ramped_cr(start_step - 1, settings, origin) < x] if start_step else list(cfg.export_at)
-    if cfg.export_at and not exports:  # every model this ramp was to give is taken already
+    if cfg.export_at and not exports and not finished:  # every model this ramp was to give is taken already
         return {}
     n_layers = inner.config.num_hidden_layers
     n_kv = inner.config.num_key_value_heads
@@ -305,32 +313,58 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
                 print(f"stopped after step {step + 1} (--max-minutes / --stop-at / the last --export-at); continue with --resume")
             break
     stop(bar)
-    if last.get("step") == cfg.steps:
-        full = _full_model_state(model) if cfg.fsdp else None  # every process takes part in gathering shards
-        if acc.is_main_process:
-            inner.save_pretrained(out, state_dict=full, safe_serialization=True)
-            tokenizer.save_pretrained(out)
-    acc.wait_for_everyone()
+    if last.get("step") == cfg.steps or finished:  # finished: a resume that is here to redo a final save cut short
+        _save_final(acc, model, inner, tokenizer, out, cfg.fsdp)
     return last
 
 
 def _export(acc, inner, tokenizer, out: Path, cr: float, metrics: dict) -> None:
     """OUT/cr-X: a loadable model at this point of the ramp, labelled DMS-X (atomically: a folder is complete
     or absent), with the step's metrics beside it."""
-    import shutil
+    from ..loading import quiet_transformers
 
     if acc.is_main_process:
-        folder = out / f"cr-{cr:g}"
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        ramp_target, inner.config.dms_cr = inner.config.dms_cr, cr
-        inner.save_pretrained(tmp, safe_serialization=True)
-        inner.config.dms_cr = ramp_target
-        tokenizer.save_pretrained(tmp)
-        (tmp / "export.json").write_text(json.dumps(metrics, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        def write(tmp: Path) -> None:
+            ramp_target, inner.config.dms_cr = inner.config.dms_cr, cr
+            inner.save_pretrained(tmp, safe_serialization=True)
+            inner.config.dms_cr = ramp_target
+            tokenizer.save_pretrained(tmp)
+            (tmp / "export.json").write_text(json.dumps(metrics, indent=1))
+
+        with quiet_transformers():  # no progress bars of its own beside the run's
+            write_atomically(out / f"cr-{cr:g}", write)
     acc.wait_for_everyone()
+
+
+def _save_final(acc, model, inner, tokenizer, out: Path, fsdp: bool) -> None:
+    """OUT's HF model, its config.json written last (`write_atomically`): a save cut short leaves a folder
+    that does not load, which a rerun with --resume writes again."""
+    from ..loading import quiet_transformers
+
+    full = _full_model_state(model) if fsdp else None  # every process takes part in gathering shards
+    if acc.is_main_process:
+        def write(tmp: Path) -> None:
+            inner.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        with quiet_transformers():
+            write_atomically(out, write, commit="config.json")
+    acc.wait_for_everyone()
+
+
+def _final_model_loads(acc, out: Path) -> bool:
+    """Whether OUT holds a final model that loads (tried by the main process, told to all)."""
+    from accelerate.utils import broadcast_object_list
+
+    from ..loading import load
+
+    loads = [True]
+    if acc.is_main_process:
+        try:
+            load(out, device="cpu")
+        except KVShrinkError:
+            loads = [False]
+    return broadcast_object_list(loads)[0]
 
 
 _BEFORE_A_SETTING_EXISTED = {"sinks": 0}  # how runs recorded before a setting existed ran, where today's default differs
