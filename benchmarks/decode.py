@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from kvshrink.attention import install  # noqa: E402
-from kvshrink.cache import KVCache, cache_arg  # noqa: E402
+from kvshrink.cache import KVCache  # noqa: E402
+from kvshrink.shims import cache_arg  # noqa: E402
 from kvshrink.attach import attach_dms  # noqa: E402
 from kvshrink.dms.config import DMSConfig  # noqa: E402
 from kvshrink.dms.retention import forced_logits  # noqa: E402

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from kvshrink.compare import leading_agreement  # noqa: E402
-from kvshrink.cache import KVCache, cache_arg  # noqa: E402
+from kvshrink.cache import KVCache  # noqa: E402
+from kvshrink.shims import cache_arg  # noqa: E402
 from kvshrink.generation import generate_ids  # noqa: E402
 from kvshrink.corpora import passkey_prompt, pydoc_split  # noqa: E402
 from shared import Entry, Records, dtype_stamp, load_entries, paired_ci  # noqa: E402

@@ -8,7 +8,8 @@ import torch
 
 from conftest import tiny_model, with_random_dms
 from kvshrink.attention import install
-from kvshrink.cache import KVCache, cache_arg
+from kvshrink.cache import KVCache
+from kvshrink.shims import cache_arg
 from kvshrink.policies import CachePolicy, DMSPolicy, make_policy
 
 

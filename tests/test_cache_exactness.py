@@ -9,7 +9,8 @@ import torch
 
 from conftest import FAMILIES, left_pad, tiny_model, with_random_dms
 from kvshrink.attention import install
-from kvshrink.cache import KVCache, cache_arg
+from kvshrink.cache import KVCache
+from kvshrink.shims import cache_arg
 from kvshrink.attach import DMSCache
 from kvshrink.dms.mask import delayed_eviction_bias, hard_log_keep
 from kvshrink.generation import generate_ids, prefill_row

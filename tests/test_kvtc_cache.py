@@ -14,7 +14,8 @@ import torch
 
 from conftest import left_pad, tiny_model, with_random_dms
 from kvshrink.attention import install
-from kvshrink.cache import KVCache, cache_arg
+from kvshrink.cache import KVCache
+from kvshrink.shims import cache_arg
 from kvshrink.errors import KVShrinkError
 from kvshrink.generation import generate_ids
 from kvshrink.kvtc import (Calibration, KVTCFormatError, ModelIdentity, PrefixStore, cache_features, compress, cos_sin,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from kvshrink.cache import DEFAULT_CHUNK, cache_arg
+from kvshrink.cache import DEFAULT_CHUNK
+from kvshrink.shims import cache_arg
 from kvshrink.attach import attach_dms
 from kvshrink.dms.config import DMSConfig
 from kvshrink.generation import generate_ids

@@ -18,7 +18,8 @@ import torch
 
 from conftest import left_pad, tiny_model
 from kvshrink.attention import apply_rope, install
-from kvshrink.cache import KVCache, cache_arg
+from kvshrink.cache import KVCache
+from kvshrink.shims import cache_arg
 from kvshrink.errors import KVShrinkError
 from kvshrink.generation import generate_ids
 from kvshrink.policies import make_policy

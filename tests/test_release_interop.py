@@ -21,7 +21,7 @@ import torch
 
 import kvshrink
 from conftest import left_pad, tiny_model
-from kvshrink.cache import cache_arg
+from kvshrink.shims import cache_arg
 from kvshrink.attach import DMSCache, dms_config
 
 RELEASE_FIELDS = {

@@ -8,7 +8,7 @@ import torch
 
 import kvshrink
 from conftest import tiny_model, with_random_dms
-from kvshrink.cache import cache_arg
+from kvshrink.shims import cache_arg
 from kvshrink.attach import DMSCache, dms_config
 from kvshrink.generation import generate_ids
 from kvshrink.policies import DMSPolicy

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kvshrink
-from kvshrink.cache import cache_arg
+from kvshrink.shims import cache_arg
 from kvshrink.errors import KVShrinkError
 from kvshrink.zoo import smollm2
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from .attention import KVAttention, decoder_layers, install
+from .attention import KVAttention, install
 from .cache import KVCache
 from .dms.config import DMSConfig
 from .policies.dms import DMSPolicy
+from .shapes import decoder_layers
 
 
 def _pass_residual(layer, args, kwargs):

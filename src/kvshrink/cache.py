@@ -15,79 +15,20 @@ head, (B, H, Q, D) -> (B, Hkv, G*Q, D), so one SDPA call reads each KV row once,
 Decode (Q = 1) passes a (B, Hkv, 1, S) additive mask (0 live, -inf free) that broadcasts over the
 group; a multi-token forward (prefill chunk, new user turn) passes a (B, Hkv, G*Q, S) boolean mask.
 
-The cache also drives the one accounting layer (`Accounting`) that every policy is measured with.
+The cache also drives the one accounting layer (`kvshrink.accounting`) that every policy is measured with.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import transformers
-from packaging.version import Version
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .accounting import Accounting
 from .errors import KVShrinkError
 from .policies.base import CachePolicy, sink_slots
 
 DEFAULT_CHUNK = 64
-
-# transformers 5.24 renamed the model's cache argument `past_key_values` to `cache` (the old name warns)
-_CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
-
-
-def cache_arg(cache: Cache) -> dict:
-    """`model(..., **cache_arg(cache))`: the cache under the name this transformers version expects."""
-    return {_CACHE_ARG: cache}
-
-
-class Accounting:
-    """KV reads and live tokens per sequence, averaged over (layer, KV head) pairs (SPEC section 3).
-
-    After every full forward (all layers), `last_reads` (B, Q) holds each query's number of attended
-    cached tokens (itself included; 0 for padding) and the peaks are updated. Counts stay on the device.
-    """
-
-    def __init__(self, n_layers: int, n_kv_heads: int, groups: torch.Tensor | None = None):
-        """groups: (B,) problem index of each sequence (W samples of one problem share one), so that a
-        problem's peak is the max over time of its samples' live tokens summed."""
-        self.n_layers = n_layers
-        self.groups = groups
-        self.n_groups = int(groups.max()) + 1 if groups is not None and groups.numel() else 0  # once, not per forward
-        self.peak_tokens_per_group: torch.Tensor | None = None
-        self.pairs = n_layers * n_kv_heads
-        self.last_reads: torch.Tensor | None = None
-        self.peak_tokens_per_seq: torch.Tensor | None = None  # (B,) max over time of live tokens
-        self.peak_tokens_total: torch.Tensor | None = None  # max over time of live tokens summed over sequences
-        self.peak_bytes = 0
-        self._reads = None
-        self._live = None
-
-    def record(self, layer_idx: int, reads: torch.Tensor, live: torch.Tensor) -> None:
-        """reads: (B, Q) integer counts summed over this layer's KV heads; live: (B,) live slots summed over heads."""
-        if layer_idx == 0:
-            self._reads, self._live = reads, live
-        else:
-            self._reads = self._reads + reads
-            self._live = self._live + live
-        if layer_idx == self.n_layers - 1:
-            self.last_reads = self._reads.to(torch.float64) / self.pairs
-            live_now = self._live.to(torch.float64) / self.pairs
-            if self.peak_tokens_per_seq is None:
-                self.peak_tokens_per_seq, self.peak_tokens_total = live_now, live_now.sum()
-            else:
-                self.peak_tokens_per_seq = torch.maximum(self.peak_tokens_per_seq, live_now)
-                self.peak_tokens_total = torch.maximum(self.peak_tokens_total, live_now.sum())
-            if self.groups is not None:
-                per_group = torch.zeros(self.n_groups, dtype=live_now.dtype, device=live_now.device)
-                per_group.index_add_(0, self.groups.to(live_now.device), live_now)
-                self.peak_tokens_per_group = per_group if self.peak_tokens_per_group is None else torch.maximum(self.peak_tokens_per_group, per_group)
-
-    def fresh(self, groups: torch.Tensor | None = None) -> "Accounting":
-        """Empty counters for the same model (a reset cache, or a batch whose rows changed)."""
-        return Accounting(self.n_layers, self.pairs // self.n_layers, groups)
-
-    def note_bytes(self, allocated: int) -> None:
-        self.peak_bytes = max(self.peak_bytes, allocated)
 
 
 class SlotLayer(CacheLayerMixin):

@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import check_context
-from .cache import KVCache, cache_arg
+from .accounting import vanilla_reads
+from .cache import KVCache
 from .errors import KVShrinkError, check_cr, check_prefill_chunk, check_window
 from .policies import CachePolicy, make_policy
 from .prompts import chat_prompt, pad_token_id
+from .shapes import check_context
+from .shims import cache_arg
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -208,7 +210,7 @@ def generate_ids(
 
     real_prompt = lengths.to(torch.float64)
     n_gen = n_generated.to(torch.float64)
-    vanilla_reads = n_gen * real_prompt + n_gen * (n_gen - 1) / 2  # sum_k (P + k - 1), k = 1..N
+    vanilla = vanilla_reads(real_prompt, n_gen)
     total_reads = float(reads.sum())
     stats = {
         "prompt_tokens": int(lengths.sum()),
@@ -217,7 +219,7 @@ def generate_ids(
         "prefill_kv_reads": float(prefill_reads.sum()),
         "peak_kv_tokens": float(cache.accounting.peak_tokens_total),
         "cache_bytes": int(cache.accounting.peak_bytes),
-        "compression_ratio": float(vanilla_reads.sum()) / total_reads if total_reads else 1.0,
+        "compression_ratio": float(vanilla.sum()) / total_reads if total_reads else 1.0,
         "seconds": seconds,
         "prefill_seconds": prefill_seconds,
         "decode_tokens_per_second": (float(n_generated.sum()) - B) / max(seconds - prefill_seconds, 1e-9),
@@ -225,7 +227,7 @@ def generate_ids(
     }
     per_sequence = {
         "kv_reads": reads.cpu(),
-        "vanilla_kv_reads": vanilla_reads.cpu(),
+        "vanilla_kv_reads": vanilla.cpu(),
         "prefill_kv_reads": prefill_reads.cpu(),
         "peak_kv_tokens": cache.accounting.peak_tokens_per_seq.cpu(),
         "prompt_tokens": lengths.cpu(),

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .attention import check_family, install
+from .attention import install
 from .dms.config import DMSConfig
 from .errors import KVShrinkError
+from .shapes import check_family
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 

@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from ..cache import KVCache, cache_arg
+from ..cache import KVCache
 from ..generation import decode_rows, generate_ids, resolve_policy
 from ..kvtc.cache_io import CacheState, cos_sin, restore_cache
 from ..kvtc.calibration import Calibration, ModelIdentity
@@ -23,6 +23,7 @@ from ..kvtc.quant import BITS, GROUP_OVERHEAD_BITS, fake_quant
 from ..loading import load
 from ..policies import make_policy
 from ..prompts import chat_prompt, pad_token_id
+from ..shims import cache_arg
 from ..tasks import answer_budget, grade, make_problems
 
 EXAMPLE_SEED = 2_000_000  # few-shot turns: apart from the graded problems' seeds and kvtc.fit's

@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..attention import kv_head_dim
 from ..errors import KVShrinkError
+from ..shapes import kv_head_dim
 from .allocate import GROUP_SIZES, Plan, allocate, budget_bits
 from .errors import KVTCFormatError
 from .pca import PCABasis

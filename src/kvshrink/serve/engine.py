@@ -30,8 +30,9 @@ from typing import Callable
 
 import torch
 
-from ..attention import check_context, kv_bytes_per_token
-from ..cache import KVCache, cache_arg
+from ..shapes import check_context, kv_bytes_per_token
+from ..cache import KVCache
+from ..shims import cache_arg
 from ..errors import KVShrinkError, check_prefill_chunk
 from ..generation import prefill_row, sample_next
 

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from ..cache import cache_arg
 from ..errors import KVShrinkError
 from ..prompts import chat_prompt, pad_token_id
+from ..shims import cache_arg
 
 PAD = -1  # block filler after the last whole document: not a token, masked out of every loss
 ANSWER_TOKENS = {"task": 256, "passkey": 32}  # caps on the teacher's answers, so that one rambling sample cannot hold its batch for seq_len new tokens

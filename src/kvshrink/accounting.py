@@ -1,0 +1,65 @@
+"""The one accounting layer every policy is measured with (SPEC sections 3 and 7): KV reads, live tokens and
+their peaks, allocated bytes, and vanilla's reads for the same tokens, which the reads-based CR divides by.
+The cache records into it; generation, evaluation and the server read it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def vanilla_reads(prompt_tokens, generated):
+    """KV reads of a vanilla cache for `generated` tokens after a `prompt_tokens`-token prompt: the k-th
+    generated token's query attends the prompt and the k - 1 tokens before it, itself included,
+    sum_k (P + k - 1) = N P + N (N - 1) / 2. Numbers or tensors, elementwise."""
+    return generated * prompt_tokens + generated * (generated - 1) / 2
+
+
+class Accounting:
+    """KV reads and live tokens per sequence, averaged over (layer, KV head) pairs (SPEC section 3).
+
+    After every full forward (all layers), `last_reads` (B, Q) holds each query's number of attended
+    cached tokens (itself included; 0 for padding) and the peaks are updated. Counts stay on the device.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, groups: torch.Tensor | None = None):
+        """groups: (B,) problem index of each sequence (W samples of one problem share one), so that a
+        problem's peak is the max over time of its samples' live tokens summed."""
+        self.n_layers = n_layers
+        self.groups = groups
+        self.n_groups = int(groups.max()) + 1 if groups is not None and groups.numel() else 0  # once, not per forward
+        self.peak_tokens_per_group: torch.Tensor | None = None
+        self.pairs = n_layers * n_kv_heads
+        self.last_reads: torch.Tensor | None = None
+        self.peak_tokens_per_seq: torch.Tensor | None = None  # (B,) max over time of live tokens
+        self.peak_tokens_total: torch.Tensor | None = None  # max over time of live tokens summed over sequences
+        self.peak_bytes = 0
+        self._reads = None
+        self._live = None
+
+    def record(self, layer_idx: int, reads: torch.Tensor, live: torch.Tensor) -> None:
+        """reads: (B, Q) integer counts summed over this layer's KV heads; live: (B,) live slots summed over heads."""
+        if layer_idx == 0:
+            self._reads, self._live = reads, live
+        else:
+            self._reads = self._reads + reads
+            self._live = self._live + live
+        if layer_idx == self.n_layers - 1:
+            self.last_reads = self._reads.to(torch.float64) / self.pairs
+            live_now = self._live.to(torch.float64) / self.pairs
+            if self.peak_tokens_per_seq is None:
+                self.peak_tokens_per_seq, self.peak_tokens_total = live_now, live_now.sum()
+            else:
+                self.peak_tokens_per_seq = torch.maximum(self.peak_tokens_per_seq, live_now)
+                self.peak_tokens_total = torch.maximum(self.peak_tokens_total, live_now.sum())
+            if self.groups is not None:
+                per_group = torch.zeros(self.n_groups, dtype=live_now.dtype, device=live_now.device)
+                per_group.index_add_(0, self.groups.to(live_now.device), live_now)
+                self.peak_tokens_per_group = per_group if self.peak_tokens_per_group is None else torch.maximum(self.peak_tokens_per_group, per_group)
+
+    def fresh(self, groups: torch.Tensor | None = None) -> "Accounting":
+        """Empty counters for the same model (a reset cache, or a batch whose rows changed)."""
+        return Accounting(self.n_layers, self.pairs // self.n_layers, groups)
+
+    def note_bytes(self, allocated: int) -> None:
+        self.peak_bytes = max(self.peak_bytes, allocated)
