@@ -24,7 +24,9 @@ $(OLDEST)/.ok: pyproject.toml
 install: $(VENV)/.ok
 
 test: $(VENV)/.ok $(OLDEST)/.ok
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -m "not slow"
+	@echo "--- slow tests: SmolLM2 loads, retrofits, multi-process runs, the wheel ---"
+	$(VENV)/bin/python -m pytest -m slow
 	@echo "--- cache/exactness tests against transformers $(OLDEST_TRANSFORMERS) ---"
 	$(OLDEST)/bin/python -m pytest -m exactness
 

@@ -10,6 +10,17 @@ import torch
 
 torch.set_num_threads(2)
 
+# Studies inside tests (SmolLM2 loads, retrofits of 100+ steps, multi-process launches, building the wheel): marked
+# `slow`, so that `pytest -m "not slow"` is the fast unit suite; `make test` runs both.
+SLOW_FIXTURES = {"smollm2", "base_dir", "wheel"}
+SLOW_MODULES = {"test_smollm2.py", "test_zoo.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
