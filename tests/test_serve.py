@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import random
 import threading
 import time
 import urllib.request
@@ -96,6 +98,25 @@ def test_concurrent_clients_all_served_in_order_within_budget(serve):
     assert read_metrics(url)["kvshrink_queued_requests"] == 0
 
 
+def send(url: str, path: str, body: dict | bytes, timeout: float = 120) -> tuple[int, list[dict]]:
+    """The status and the JSON answer: one body, or each event of a stream (not its [DONE])."""
+    r = urllib.request.Request(f"{url}{path}", data=body if isinstance(body, bytes) else json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(r, timeout=timeout) as response:
+            status, streamed, text = response.status, response.headers.get_content_type() == "text/event-stream", response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, [json.loads(exc.read())]
+    if streamed:
+        return status, [json.loads(line[6:]) for line in text.decode().splitlines() if line.startswith("data: {")]
+    return status, [json.loads(text)]
+
+
+def finish_reasons(payloads: list[dict]) -> list[str]:
+    """Each choice's finish reason, from a body or from a stream's last chunk per choice."""
+    return [c["finish_reason"] for p in payloads for c in p.get("choices", []) if c.get("finish_reason")]
+
+
 def wait_until_idle(url: str, seconds: float = 30) -> None:
     """Until /metrics shows no live KV tokens (the engine frees a finished request's rows after answering)."""
     deadline = time.time() + seconds
@@ -106,18 +127,11 @@ def wait_until_idle(url: str, seconds: float = 30) -> None:
 def test_bad_input_keeps_serving(serve):
     engine, url = serve(budget_tokens=300)
 
-    def post(path, data):
-        r = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
-        try:
-            return 200, json.loads(urllib.request.urlopen(r, timeout=60).read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    assert post("/v1/completions", b"{not json")[0] == 400
-    assert post("/v1/completions", json.dumps({"model": "gpt-9", "prompt": "hi"}).encode())[0] == 404
-    code, body = post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": -3}).encode())
+    assert send(url, "/v1/completions", b"{not json")[0] == 400
+    assert send(url, "/v1/completions", {"model": "gpt-9", "prompt": "hi"})[0] == 404
+    code, (body,) = send(url, "/v1/completions", {"prompt": "hi", "max_tokens": -3})
     assert code == 400 and "max_tokens" in body["error"]["message"]
-    code, body = post("/v1/completions", json.dumps({"prompt": "word " * 400, "max_tokens": 8}).encode())
+    code, (body,) = send(url, "/v1/completions", {"prompt": "word " * 400, "max_tokens": 8})
     assert code == 400 and "budget" in body["error"]["message"]
     # a client that disconnects mid-stream: its slots are freed
     r = urllib.request.Request(f"{url}/v1/completions", data=json.dumps({"prompt": "Once upon a time", "max_tokens": 200,
@@ -128,13 +142,13 @@ def test_bad_input_keeps_serving(serve):
     stream.close()
     wait_until_idle(url)
     assert read_metrics(url)["kvshrink_live_kv_tokens"] == 0 and read_metrics(url)["kvshrink_running_requests"] == 0
-    assert post("/v1/completions", json.dumps({"prompt": "still here", "max_tokens": 2}).encode())[0] == 200
-    code, body = post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 0}).encode())
+    assert send(url, "/v1/completions", {"prompt": "still here", "max_tokens": 2})[0] == 200
+    code, (body,) = send(url, "/v1/completions", {"prompt": "hi", "max_tokens": 0})
     assert code == 400 and "max_tokens" in body["error"]["message"]  # 0 is refused, not replaced by a default
-    code, body = post("/v1/chat/completions", json.dumps({"messages": [{"content": "hi"}], "max_tokens": 2}).encode())
+    code, (body,) = send(url, "/v1/chat/completions", {"messages": [{"content": "hi"}], "max_tokens": 2})
     assert code == 400 and "role" in body["error"]["message"]
 
-    # a step that fails (at prefill, then while decoding) ends only the requests in flight, with a 500
+    # a request that fails inside a step (reading its prompt, then sampling) gets a 500; the next ones are served
     for method in ("_prefill_piece", "_pick"):
         original = getattr(engine, method)
         calls = []
@@ -146,12 +160,170 @@ def test_bad_input_keeps_serving(serve):
             return original(*args)
 
         setattr(engine, method, fail_once)
-        payload = json.dumps({"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}).encode()
-        codes = [post("/v1/completions", payload)[0] for _ in range(3)]
+        payload = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+        codes = [send(url, "/v1/completions", payload)[0] for _ in range(3)]
         assert codes.count(500) == 1 and codes.count(200) == 2, (method, codes)
         setattr(engine, method, original)
     wait_until_idle(url)
     assert read_metrics(url)["kvshrink_live_kv_tokens"] == 0
+
+
+def innocent(i: int, max_tokens: int) -> tuple[str, dict]:
+    """A sampled streaming request that must end by length: a completion for even i, a chat for odd i."""
+    body = {"max_tokens": max_tokens, "temperature": 0.8, "seed": i, "ignore_eos": True, "stream": True}
+    if i % 2:
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": f"Tell story number {i}."}]}
+    return "/v1/completions", {**body, "prompt": f"Story number {i}:"}
+
+
+def start_innocents(pool: ThreadPoolExecutor, url: str, count: int, max_tokens: int) -> list:
+    """`count` innocent requests, running (admitted) when this returns."""
+    futures = [pool.submit(send, url, *innocent(i, max_tokens)) for i in range(count)]
+    deadline = time.time() + 30
+    while read_metrics(url)["kvshrink_running_requests"] < count and time.time() < deadline:
+        time.sleep(0.02)
+    return futures
+
+
+def ended_by_length(result: tuple[int, list[dict]]) -> bool:
+    code, payloads = result
+    return code == 200 and set(finish_reasons(payloads)) == {"length"} and not any("error" in p for p in payloads)
+
+
+def assert_idle(url: str) -> None:
+    wait_until_idle(url)
+    m = read_metrics(url)
+    assert (m["kvshrink_running_requests"], m["kvshrink_queued_requests"], m["kvshrink_live_kv_tokens"]) == (0, 0, 0)
+
+
+POISONS = [({"temperature": float("nan")}, "temperature"), ({"temperature": "nan"}, "temperature"), ({"stop": [123]}, "stop[0]"),
+           ({"stop": [["a"]]}, "stop[0]"), ({"top_p": float("nan")}, "top_p"), ({"n": 1.5}, "n"), ({"seed": 1.5}, "seed")]
+
+
+def test_poisoned_requests_are_refused_while_others_run(serve):
+    """Each of these once failed inside the batched step, which ended every request beside it with a 500."""
+    _, url = serve()
+    prompts = [("/v1/completions", {"prompt": "Hi"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]
+    with ThreadPoolExecutor(4) as pool:
+        running = start_innocents(pool, url, 4, max_tokens=64)
+        answers = [(param, send(url, path, {**prompt, "max_tokens": 3, **poison})) for poison, param in POISONS for path, prompt in prompts]
+        assert not any(f.done() for f in running)  # the poisons came while they ran
+        results = [f.result() for f in running]
+    for param, (code, (body,)) in answers:
+        assert code == 400 and body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == param, body
+        assert body["error"]["message"].startswith(f"{param}: Input should be")  # the field and what it should be
+    assert len(answers) == 14 and all(map(ended_by_length, results))
+    assert_idle(url)
+
+
+def test_a_request_failing_inside_the_step_ends_alone(serve, monkeypatch):
+    """Requests that fail while their prompt is read, at their first token, or mid-stream (with a request
+    decoding after them in the batch) end with their error; every other request finishes."""
+    from kvshrink.errors import KVShrinkError
+
+    engine, url = serve()
+    doomed = engine.tokenizer("Doomed while reading")["input_ids"]
+    prefill_piece, pick = engine._prefill_piece, engine._pick
+
+    def failing_prefill(cache, ids):
+        if ids == doomed:
+            raise RuntimeError("injected prefill failure")
+        return prefill_piece(cache, ids)
+
+    def failing_pick(logits, r, s):
+        if r.params.seed == 100:
+            raise KVShrinkError("injected refusal")
+        if r.params.seed == 101 and len(s.tokens) == 3:
+            raise RuntimeError("injected sampling failure")
+        return pick(logits, r, s)
+
+    monkeypatch.setattr(engine, "_prefill_piece", failing_prefill)
+    monkeypatch.setattr(engine, "_pick", failing_pick)
+    sampled = {"max_tokens": 8, "temperature": 0.8, "ignore_eos": True}
+    with ThreadPoolExecutor(8) as pool:
+        running = start_innocents(pool, url, 4, max_tokens=48)
+        failing = [pool.submit(send, url, "/v1/completions", body) for body in (
+            {"prompt": "Doomed while reading", **sampled}, {"prompt": "Refused at its first token", "seed": 100, **sampled},
+            {"prompt": "Failing mid-stream", "seed": 101, "n": 2, "stream": True, **sampled})]
+        running.append(pool.submit(send, url, *innocent(4, max_tokens=24)))  # its rows come after the mid-stream failure's
+        (read_code, (read_body,)), (first_code, (first_body,)), (mid_code, mid_events) = [f.result() for f in failing]
+        results = [f.result() for f in running]
+    assert read_code == 500 and read_body["error"]["type"] == "server_error" and "injected prefill failure" in read_body["error"]["message"]
+    assert first_code == 400 and first_body["error"]["type"] == "invalid_request_error" and "injected refusal" in first_body["error"]["message"]
+    (mid_error,) = [e["error"] for e in mid_events if "error" in e]
+    assert mid_code == 200 and finish_reasons(mid_events) == ["error", "error"]
+    assert mid_error["code"] == 500 and "injected sampling failure" in mid_error["message"]
+    assert len(results) == 5 and all(map(ended_by_length, results))
+    assert_idle(url)
+
+
+VALID = [("/v1/completions", {"model": "smollm2", "prompt": "Count: one, two,", "max_tokens": 4, "temperature": 0.7, "top_p": 0.9,
+                              "stop": ["\n\n"], "seed": 3, "n": 2, "stream": False, "ignore_eos": False}),
+         ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "system", "content": "Be brief."},
+                                                                    {"role": "user", "content": "Hi"}],
+                                   "max_tokens": 4, "temperature": 0, "stop": "!", "stream": True, "vote": False})]
+BAD_VALUES = [None, True, False, 0, -1, 1.5, -2.5, 10**12, 10**9, -10**12, 2**64, float("nan"), float("inf"), -float("inf"), "nan",
+              "", "x", "\ud800", [], [1], [["a"]], ["a", 2], {}, {"a": 1}]
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "ignore_eos", "vote",
+          "task", "logprobs", "user", "echo"]
+
+
+def mutate(rng: random.Random, body: dict) -> bytes:
+    """A valid body broken one to three ways (a field set to a bad value, removed or added, a message's field
+    or a stop string set to one), then sometimes its bytes made non-UTF-8 or cut short, or the body made a
+    JSON value other than an object."""
+    body = copy.deepcopy(body)
+    for _ in range(rng.randint(1, 3)):
+        how = rng.randrange(3)
+        if how == 0:
+            body[rng.choice(FIELDS)] = rng.choice(BAD_VALUES)
+        elif how == 1 and body:
+            del body[rng.choice(list(body))]
+        elif isinstance(body.get("messages"), list) and body["messages"] and isinstance(body["messages"][0], dict):
+            body["messages"][0][rng.choice(["role", "content", "name"])] = rng.choice(BAD_VALUES)
+        else:
+            body["stop"] = [rng.choice(BAD_VALUES)]
+    data = json.dumps(rng.choice([body] * 9 + [[body], "body", 7, None]))  # NaN and Infinity as Python writes them
+    data = data.encode()
+    how = rng.randrange(10)
+    if how == 0:
+        at = rng.randrange(len(data))
+        return data[:at] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80\x80"]) + data[at:]
+    if how == 1:
+        return data[:rng.randrange(len(data))]
+    return data
+
+
+def test_fuzzed_requests_get_json_answers_and_harm_no_one(serve):
+    """200 random corruptions of valid bodies, sent while innocent requests run: each gets a JSON 4xx or a
+    200, every innocent request finishes, and the server ends idle."""
+    _, url = serve()
+    rng = random.Random(29)
+    mutations = [(path, mutate(rng, body)) for path, body in (rng.choice(VALID) for _ in range(200))]
+    fuzzing = threading.Event()
+    fuzzing.set()
+
+    def innocent_client(i: int) -> list:
+        results = []
+        while fuzzing.is_set() or not results:
+            results.append(send(url, *innocent(i + 10 * len(results), max_tokens=6)))
+        return results
+
+    with ThreadPoolExecutor(4) as clients, ThreadPoolExecutor(6) as fuzzers:
+        running = [clients.submit(innocent_client, i) for i in range(4)]
+        answers = list(fuzzers.map(lambda m: send(url, *m), mutations))
+        fuzzing.clear()
+        results = [r for f in running for r in f.result()]
+    for (path, data), (code, payloads) in zip(mutations, answers):
+        assert code == 200 or 400 <= code < 500, (path, data, code, payloads)
+        if code == 200:
+            assert "error" not in finish_reasons(payloads) and not any("error" in p for p in payloads), (path, data, payloads)
+        else:
+            assert payloads[0]["error"]["type"] in ("invalid_request_error", "model_not_found") and payloads[0]["error"]["message"]
+    codes = [code for code, _ in answers]
+    assert codes.count(200) >= 20 and sum(400 <= c < 500 for c in codes) >= 100  # both paths were exercised
+    assert len(results) >= 8 and all(map(ended_by_length, results))
+    assert_idle(url)
 
 
 def test_streamed_text_equals_decoding_everything(smollm2):
