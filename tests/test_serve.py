@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -176,13 +177,33 @@ def innocent(i: int, max_tokens: int) -> tuple[str, dict]:
     return "/v1/completions", {**body, "prompt": f"Story number {i}:"}
 
 
-def start_innocents(pool: ThreadPoolExecutor, url: str, count: int, max_tokens: int) -> list:
-    """`count` innocent requests, running (admitted) when this returns."""
+def wait_for(condition, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def while_running(engine, monkeypatch, pool: ThreadPoolExecutor, url: str, count: int, max_tokens: int):
+    """Start `count` innocent requests and hold the engine mid-step once all of them are in its batch, until
+    the block ends: what the block sends arrives while they run, however fast the engine. Yields their futures."""
+    full, go = threading.Event(), threading.Event()
+    pick = engine._pick
+
+    def held(*args):
+        if len(engine.rows) >= count:
+            full.set()
+            go.wait(60)
+        return pick(*args)
+
+    monkeypatch.setattr(engine, "_pick", held)
     futures = [pool.submit(send, url, *innocent(i, max_tokens)) for i in range(count)]
-    deadline = time.time() + 30
-    while read_metrics(url)["kvshrink_running_requests"] < count and time.time() < deadline:
-        time.sleep(0.02)
-    return futures
+    try:
+        assert full.wait(60)
+        yield futures
+    finally:
+        go.set()
 
 
 def ended_by_length(result: tuple[int, list[dict]]) -> bool:
@@ -200,14 +221,13 @@ POISONS = [({"temperature": float("nan")}, "temperature"), ({"temperature": "nan
            ({"stop": [["a"]]}, "stop[0]"), ({"top_p": float("nan")}, "top_p"), ({"n": 1.5}, "n"), ({"seed": 1.5}, "seed")]
 
 
-def test_poisoned_requests_are_refused_while_others_run(serve):
+def test_poisoned_requests_are_refused_while_others_run(serve, monkeypatch):
     """Each of these once failed inside the batched step, which ended every request beside it with a 500."""
-    _, url = serve()
+    engine, url = serve()
     prompts = [("/v1/completions", {"prompt": "Hi"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]
     with ThreadPoolExecutor(4) as pool:
-        running = start_innocents(pool, url, 4, max_tokens=64)
-        answers = [(param, send(url, path, {**prompt, "max_tokens": 3, **poison})) for poison, param in POISONS for path, prompt in prompts]
-        assert not any(f.done() for f in running)  # the poisons came while they ran
+        with while_running(engine, monkeypatch, pool, url, 4, max_tokens=8) as running:
+            answers = [(param, send(url, path, {**prompt, "max_tokens": 3, **poison})) for poison, param in POISONS for path, prompt in prompts]
         results = [f.result() for f in running]
     for param, (code, (body,)) in answers:
         assert code == 400 and body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == param, body
@@ -233,7 +253,7 @@ def test_a_request_failing_inside_the_step_ends_alone(serve, monkeypatch):
     def failing_pick(logits, r, s):
         if r.params.seed == 100:
             raise KVShrinkError("injected refusal")
-        if r.params.seed == 101 and len(s.tokens) == 3:
+        if r.params.seed == 101 and len(s.tokens) == 2:
             raise RuntimeError("injected sampling failure")
         return pick(logits, r, s)
 
@@ -241,11 +261,15 @@ def test_a_request_failing_inside_the_step_ends_alone(serve, monkeypatch):
     monkeypatch.setattr(engine, "_pick", failing_pick)
     sampled = {"max_tokens": 8, "temperature": 0.8, "ignore_eos": True}
     with ThreadPoolExecutor(8) as pool:
-        running = start_innocents(pool, url, 4, max_tokens=48)
-        failing = [pool.submit(send, url, "/v1/completions", body) for body in (
-            {"prompt": "Doomed while reading", **sampled}, {"prompt": "Refused at its first token", "seed": 100, **sampled},
-            {"prompt": "Failing mid-stream", "seed": 101, "n": 2, "stream": True, **sampled})]
-        running.append(pool.submit(send, url, *innocent(4, max_tokens=24)))  # its rows come after the mid-stream failure's
+        with while_running(engine, monkeypatch, pool, url, 4, max_tokens=12) as running:  # they outlast the failures
+            failing = []
+            for path, body in [("/v1/completions", {"prompt": "Doomed while reading", **sampled}),
+                               ("/v1/completions", {"prompt": "Refused at its first token", "seed": 100, **sampled}),
+                               ("/v1/completions", {"prompt": "Failing mid-stream", "seed": 101, "n": 2, "stream": True, **sampled}),
+                               innocent(4, max_tokens=4)]:  # queued last: its rows come after the mid-stream failure's
+                failing.append(pool.submit(send, url, path, body))
+                wait_for(lambda: len(engine.waiting) == len(failing))
+        running.append(failing.pop())
         (read_code, (read_body,)), (first_code, (first_body,)), (mid_code, mid_events) = [f.result() for f in failing]
         results = [f.result() for f in running]
     assert read_code == 500 and read_body["error"]["type"] == "server_error" and "injected prefill failure" in read_body["error"]["message"]
@@ -257,11 +281,11 @@ def test_a_request_failing_inside_the_step_ends_alone(serve, monkeypatch):
     assert_idle(url)
 
 
-VALID = [("/v1/completions", {"model": "smollm2", "prompt": "Count: one, two,", "max_tokens": 4, "temperature": 0.7, "top_p": 0.9,
+VALID = [("/v1/completions", {"model": "smollm2", "prompt": "Count: one, two,", "max_tokens": 3, "temperature": 0.7, "top_p": 0.9,
                               "stop": ["\n\n"], "seed": 3, "n": 2, "stream": False, "ignore_eos": False}),
          ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "system", "content": "Be brief."},
                                                                     {"role": "user", "content": "Hi"}],
-                                   "max_tokens": 4, "temperature": 0, "stop": "!", "stream": True, "vote": False})]
+                                   "max_tokens": 3, "temperature": 0, "stop": "!", "stream": True, "vote": False})]
 BAD_VALUES = [None, True, False, 0, -1, 1.5, -2.5, 10**12, 10**9, -10**12, 2**64, float("nan"), float("inf"), -float("inf"), "nan",
               "", "x", "\ud800", [], [1], [["a"]], ["a", 2], {}, {"a": 1}]
 FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "ignore_eos", "vote",
@@ -269,11 +293,11 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "
 
 
 def mutate(rng: random.Random, body: dict) -> bytes:
-    """A valid body broken one to three ways (a field set to a bad value, removed or added, a message's field
+    """A valid body broken two to four ways (a field set to a bad value, removed or added, a message's field
     or a stop string set to one), then sometimes its bytes made non-UTF-8 or cut short, or the body made a
     JSON value other than an object."""
     body = copy.deepcopy(body)
-    for _ in range(rng.randint(1, 3)):
+    for _ in range(rng.randint(2, 4)):
         how = rng.randrange(3)
         if how == 0:
             body[rng.choice(FIELDS)] = rng.choice(BAD_VALUES)
@@ -306,7 +330,7 @@ def test_fuzzed_requests_get_json_answers_and_harm_no_one(serve):
     def innocent_client(i: int) -> list:
         results = []
         while fuzzing.is_set() or not results:
-            results.append(send(url, *innocent(i + 10 * len(results), max_tokens=6)))
+            results.append(send(url, *innocent(i + 10 * len(results), max_tokens=8)))
         return results
 
     with ThreadPoolExecutor(4) as clients, ThreadPoolExecutor(6) as fuzzers:
@@ -321,7 +345,7 @@ def test_fuzzed_requests_get_json_answers_and_harm_no_one(serve):
         else:
             assert payloads[0]["error"]["type"] in ("invalid_request_error", "model_not_found") and payloads[0]["error"]["message"]
     codes = [code for code, _ in answers]
-    assert codes.count(200) >= 20 and sum(400 <= c < 500 for c in codes) >= 100  # both paths were exercised
+    assert codes.count(200) >= 10 and sum(400 <= c < 500 for c in codes) >= 100  # both paths were exercised
     assert len(results) >= 8 and all(map(ended_by_length, results))
     assert_idle(url)
 
