@@ -23,14 +23,21 @@ def smollm2():
     return kvshrink.load("smollm2")
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """A 2-layer random Llama: for tests of the server's plumbing, where each engine step should cost nothing."""
+    return kvshrink.load(tiny_model_dir)
+
+
 @pytest.fixture()
-def serve(smollm2):
+def serve(request):
     running = []
 
-    def make(budget_tokens=20_000, max_batch=64):
-        model, tok = smollm2
-        engine = build_engine(model, tok, budget_tokens=budget_tokens, max_batch=max_batch)
-        server, thread, url = run_in_thread(engine, "smollm2")
+    def make(budget_tokens=20_000, max_batch=64, model="smollm2"):
+        """Serve the model of fixture `model` under that name."""
+        loaded, tok = request.getfixturevalue(model)
+        engine = build_engine(loaded, tok, budget_tokens=budget_tokens, max_batch=max_batch)
+        server, thread, url = run_in_thread(engine, model)
         running.append((server, thread))
         return engine, url
 
@@ -223,7 +230,7 @@ POISONS = [({"temperature": float("nan")}, "temperature"), ({"temperature": "nan
 
 def test_poisoned_requests_are_refused_while_others_run(serve, monkeypatch):
     """Each of these once failed inside the batched step, which ended every request beside it with a 500."""
-    engine, url = serve()
+    engine, url = serve(model="tiny")
     prompts = [("/v1/completions", {"prompt": "Hi"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]
     with ThreadPoolExecutor(4) as pool:
         with while_running(engine, monkeypatch, pool, url, 4, max_tokens=8) as running:
@@ -233,6 +240,8 @@ def test_poisoned_requests_are_refused_while_others_run(serve, monkeypatch):
         assert code == 400 and body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == param, body
         assert body["error"]["message"].startswith(f"{param}: Input should be")  # the field and what it should be
     assert len(answers) == 14 and all(map(ended_by_length, results))
+    code, (body,) = send(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 10**12})
+    assert code == 400 and "context of 4096 tokens" in body["error"]["message"]  # huge values: refused, naming the limit
     assert_idle(url)
 
 
@@ -241,8 +250,8 @@ def test_a_request_failing_inside_the_step_ends_alone(serve, monkeypatch):
     decoding after them in the batch) end with their error; every other request finishes."""
     from kvshrink.errors import KVShrinkError
 
-    engine, url = serve()
-    doomed = engine.tokenizer("Doomed while reading")["input_ids"]
+    engine, url = serve(model="tiny")
+    doomed = engine.tokenizer("w7 w7 w7")["input_ids"]
     prefill_piece, pick = engine._prefill_piece, engine._pick
 
     def failing_prefill(cache, ids):
@@ -263,7 +272,7 @@ def test_a_request_failing_inside_the_step_ends_alone(serve, monkeypatch):
     with ThreadPoolExecutor(8) as pool:
         with while_running(engine, monkeypatch, pool, url, 4, max_tokens=12) as running:  # they outlast the failures
             failing = []
-            for path, body in [("/v1/completions", {"prompt": "Doomed while reading", **sampled}),
+            for path, body in [("/v1/completions", {"prompt": "w7 w7 w7", **sampled}),
                                ("/v1/completions", {"prompt": "Refused at its first token", "seed": 100, **sampled}),
                                ("/v1/completions", {"prompt": "Failing mid-stream", "seed": 101, "n": 2, "stream": True, **sampled}),
                                innocent(4, max_tokens=4)]:  # queued last: its rows come after the mid-stream failure's
@@ -277,13 +286,13 @@ def test_a_request_failing_inside_the_step_ends_alone(serve, monkeypatch):
     (mid_error,) = [e["error"] for e in mid_events if "error" in e]
     assert mid_code == 200 and finish_reasons(mid_events) == ["error", "error"]
     assert mid_error["code"] == 500 and "injected sampling failure" in mid_error["message"]
-    assert len(results) == 5 and all(map(ended_by_length, results))
+    assert len(results) == 5 and all(map(ended_by_length, results)), [finish_reasons(p) for _, p in results]
     assert_idle(url)
 
 
-VALID = [("/v1/completions", {"model": "smollm2", "prompt": "Count: one, two,", "max_tokens": 3, "temperature": 0.7, "top_p": 0.9,
+VALID = [("/v1/completions", {"model": "tiny", "prompt": "Count: one, two,", "max_tokens": 3, "temperature": 0.7, "top_p": 0.9,
                               "stop": ["\n\n"], "seed": 3, "n": 2, "stream": False, "ignore_eos": False}),
-         ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "system", "content": "Be brief."},
+         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
                                                                     {"role": "user", "content": "Hi"}],
                                    "max_tokens": 3, "temperature": 0, "stop": "!", "stream": True, "vote": False})]
 BAD_VALUES = [None, True, False, 0, -1, 1.5, -2.5, 10**12, 10**9, -10**12, 2**64, float("nan"), float("inf"), -float("inf"), "nan",
@@ -321,7 +330,7 @@ def mutate(rng: random.Random, body: dict) -> bytes:
 def test_fuzzed_requests_get_json_answers_and_harm_no_one(serve):
     """200 random corruptions of valid bodies, sent while innocent requests run: each gets a JSON 4xx or a
     200, every innocent request finishes, and the server ends idle."""
-    _, url = serve()
+    _, url = serve(model="tiny")
     rng = random.Random(29)
     mutations = [(path, mutate(rng, body)) for path, body in (rng.choice(VALID) for _ in range(200))]
     fuzzing = threading.Event()

@@ -221,10 +221,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             if chat:
                 for s in req.sequences:
                     yield sse({**base(req, chat), "object": kind, "choices": [{"index": s.index, "delta": {"role": "assistant"}, "finish_reason": None}]})
-            while True:
-                if req.done and queue.empty():
-                    break
+            unfinished = len(req.sequences)
+            while unfinished:  # until each sample's last event: `req.done` turns true before the events get here
                 event = await queue.get()
+                unfinished -= event["finish_reason"] is not None
                 choice = {"index": event["index"], "finish_reason": event["finish_reason"]}
                 if chat:
                     choice["delta"] = {"content": event["delta"]} if event["delta"] else {}

@@ -403,8 +403,8 @@ class Engine:
             at = s.text.find(stop)
             if at >= 0:
                 delta = delta[: max(0, len(delta) - (len(s.text) - at))]
-                s.text, s.finish_reason = s.text[:at], "stop"
-        s.finish_reason = s.finish_reason or ends
+                s.text, ends = s.text[:at], "stop"
+        s.finish_reason = ends  # only now: a failure above leaves the sample unfinished, and `_fail` tells its client
         r.on_event({"index": s.index, "delta": delta, "finish_reason": s.finish_reason})
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
