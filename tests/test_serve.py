@@ -176,6 +176,79 @@ def test_bad_input_keeps_serving(serve):
     assert read_metrics(url)["kvshrink_live_kv_tokens"] == 0
 
 
+def test_streamed_text_equals_decoding_everything(smollm2):
+    """The engine decodes line by line (not the whole sequence per token): the text and the concatenated
+    deltas must equal decoding all tokens at once."""
+    from kvshrink.serve.engine import Request, SamplingParams, Sequence
+
+    model, tok = smollm2
+    engine = build_engine(model, tok, budget_tokens=1000)
+    text = "def f(x):\n    return x * 2  # doubles\n\nprint(f(21))\nÉtoile, naïve café — ünïcode ✓\n"
+    ids = tok(text)["input_ids"]
+    deltas = []
+    request = Request("r", [1], SamplingParams(max_tokens=len(ids) + 1), lambda event: deltas.append(event["delta"]))
+    seq = Sequence(0)
+    for token in ids:
+        engine._emit(request, seq, token)
+    assert seq.text == tok.decode(ids, skip_special_tokens=True) == "".join(deltas)
+
+
+def test_admission_follows_the_ratio_sequences_really_reach(smollm2):
+    """An engine told to expect CR 8 whose sequences compress at 1 (here: no eviction at all) must admit by
+    what the running sequences really hold. Admitting at 8 overfills the budget, pauses the newest
+    request and lets it straight back in, re-reading its prompt every step."""
+    from kvshrink.policies import CachePolicy
+    from kvshrink.serve.engine import Engine, SamplingParams
+
+    model, tok = smollm2
+    engine = Engine(model, tok, CachePolicy(), budget_tokens=110, expected_cr=8.0)  # ~2 requests of 48 tokens
+    prefills = []
+    real_prefill = engine._prefill_piece
+    engine._prefill_piece = lambda cache, ids: prefills.append(len(ids)) or real_prefill(cache, ids)
+    prompt = tok("The Python language was created by a programmer who liked short readable programs. " * 3)["input_ids"][:40]
+    requests = [engine.submit(prompt, SamplingParams(max_tokens=8), lambda event: None) for _ in range(4)]
+    for _ in range(60):
+        engine.step()
+        assert engine.live_tokens() <= engine.budget
+        if all(r.done for r in requests):
+            break
+    assert all(r.done and len(r.sequences[0].tokens) == 8 for r in requests)
+    assert prefills == [40] * 4  # each prompt read once: nobody was paused and let back in
+
+
+def test_running_sequences_keep_decoding_while_a_long_prompt_is_read(smollm2):
+    """Chunked prefill: a long prompt is read one chunk per step, and every step still gives each running
+    sequence its next token. The chunked request's greedy tokens equal reading its prompt at once."""
+    from kvshrink.generation import generate_ids
+    from kvshrink.policies import CachePolicy
+    from kvshrink.serve.engine import SamplingParams
+
+    model, tok = smollm2
+    engine = build_engine(model, tok, budget_tokens=5000, prefill_chunk=32)
+    short = engine.submit(tok("Once upon a time")["input_ids"], SamplingParams(max_tokens=40, ignore_eos=True), lambda event: None)
+    engine.step()
+    assert len(short.sequences[0].tokens) == 2  # its first token at joining, the next one from the step
+    long_ids = tok("The Python language was created by a programmer who liked short readable programs. " * 12)["input_ids"][:150]
+    assert len(long_ids) == 150
+    long = engine.submit(long_ids, SamplingParams(max_tokens=6), lambda event: None)
+    steps = 0
+    while not long.sequences[0].tokens:
+        before = len(short.sequences[0].tokens)
+        engine.step()
+        steps += 1
+        assert len(short.sequences[0].tokens) == before + 1  # the running sequence never waits a step
+        assert engine.live_tokens() <= engine.budget
+    assert steps == -(-150 // 32)  # 150 tokens in chunks of 32
+    while not long.done:
+        engine.step()
+    expected, _, _ = generate_ids(model, [long_ids], CachePolicy(), max_new_tokens=6, eos_token_id=tok.eos_token_id)
+    assert long.sequences[0].tokens == expected[0]
+
+
+# Hostile requests beside innocent ones, served by the tiny model (its steps cost nothing) on one thread (which
+# stays fast on a busy machine; `one_thread` holds to the end of the module, hence these tests come last).
+
+
 def innocent(i: int, max_tokens: int) -> tuple[str, dict]:
     """A sampled streaming request that must end by length: a completion for even i, a chat for odd i."""
     body = {"max_tokens": max_tokens, "temperature": 0.8, "seed": i, "ignore_eos": True, "stream": True}
@@ -228,7 +301,7 @@ POISONS = [({"temperature": float("nan")}, "temperature"), ({"temperature": "nan
            ({"stop": [["a"]]}, "stop[0]"), ({"top_p": float("nan")}, "top_p"), ({"n": 1.5}, "n"), ({"seed": 1.5}, "seed")]
 
 
-def test_poisoned_requests_are_refused_while_others_run(serve, monkeypatch):
+def test_poisoned_requests_are_refused_while_others_run(serve, monkeypatch, one_thread):
     """Each of these once failed inside the batched step, which ended every request beside it with a 500."""
     engine, url = serve(model="tiny")
     prompts = [("/v1/completions", {"prompt": "Hi"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]
@@ -245,7 +318,7 @@ def test_poisoned_requests_are_refused_while_others_run(serve, monkeypatch):
     assert_idle(url)
 
 
-def test_a_request_failing_inside_the_step_ends_alone(serve, monkeypatch):
+def test_a_request_failing_inside_the_step_ends_alone(serve, monkeypatch, one_thread):
     """Requests that fail while their prompt is read, at their first token, or mid-stream (with a request
     decoding after them in the batch) end with their error; every other request finishes."""
     from kvshrink.errors import KVShrinkError
@@ -316,8 +389,7 @@ def mutate(rng: random.Random, body: dict) -> bytes:
             body["messages"][0][rng.choice(["role", "content", "name"])] = rng.choice(BAD_VALUES)
         else:
             body["stop"] = [rng.choice(BAD_VALUES)]
-    data = json.dumps(rng.choice([body] * 9 + [[body], "body", 7, None]))  # NaN and Infinity as Python writes them
-    data = data.encode()
+    data = json.dumps(body if rng.random() < 0.9 else rng.choice([[body], "body", 7, None])).encode()  # NaN as Python writes it
     how = rng.randrange(10)
     if how == 0:
         at = rng.randrange(len(data))
@@ -327,25 +399,25 @@ def mutate(rng: random.Random, body: dict) -> bytes:
     return data
 
 
-def test_fuzzed_requests_get_json_answers_and_harm_no_one(serve):
+def test_fuzzed_requests_get_json_answers_and_harm_no_one(serve, one_thread):
     """200 random corruptions of valid bodies, sent while innocent requests run: each gets a JSON 4xx or a
     200, every innocent request finishes, and the server ends idle."""
     _, url = serve(model="tiny")
     rng = random.Random(29)
     mutations = [(path, mutate(rng, body)) for path, body in (rng.choice(VALID) for _ in range(200))]
-    fuzzing = threading.Event()
-    fuzzing.set()
+    fuzzed = threading.Event()
 
     def innocent_client(i: int) -> list:
+        """One innocent request after another until the fuzzing is over."""
         results = []
-        while fuzzing.is_set() or not results:
+        while not (fuzzed.is_set() and results):
             results.append(send(url, *innocent(i + 10 * len(results), max_tokens=8)))
         return results
 
     with ThreadPoolExecutor(4) as clients, ThreadPoolExecutor(6) as fuzzers:
         running = [clients.submit(innocent_client, i) for i in range(4)]
         answers = list(fuzzers.map(lambda m: send(url, *m), mutations))
-        fuzzing.clear()
+        fuzzed.set()
         results = [r for f in running for r in f.result()]
     for (path, data), (code, payloads) in zip(mutations, answers):
         assert code == 200 or 400 <= code < 500, (path, data, code, payloads)
@@ -357,72 +429,3 @@ def test_fuzzed_requests_get_json_answers_and_harm_no_one(serve):
     assert codes.count(200) >= 10 and sum(400 <= c < 500 for c in codes) >= 100  # both paths were exercised
     assert len(results) >= 8 and all(map(ended_by_length, results))
     assert_idle(url)
-
-
-def test_streamed_text_equals_decoding_everything(smollm2):
-    """The engine decodes line by line (not the whole sequence per token): the text and the concatenated
-    deltas must equal decoding all tokens at once."""
-    from kvshrink.serve.engine import Request, SamplingParams, Sequence
-
-    model, tok = smollm2
-    engine = build_engine(model, tok, budget_tokens=1000)
-    text = "def f(x):\n    return x * 2  # doubles\n\nprint(f(21))\nÉtoile, naïve café — ünïcode ✓\n"
-    ids = tok(text)["input_ids"]
-    deltas = []
-    request = Request("r", [1], SamplingParams(max_tokens=len(ids) + 1), lambda event: deltas.append(event["delta"]))
-    seq = Sequence(0)
-    for token in ids:
-        engine._emit(request, seq, token)
-    assert seq.text == tok.decode(ids, skip_special_tokens=True) == "".join(deltas)
-
-
-def test_admission_follows_the_ratio_sequences_really_reach(smollm2):
-    """An engine told to expect CR 8 whose sequences compress at 1 (here: no eviction at all) must admit by
-    what the running sequences really hold. Admitting at 8 overfills the budget, pauses the newest
-    request and lets it straight back in, re-reading its prompt every step."""
-    from kvshrink.policies import CachePolicy
-    from kvshrink.serve.engine import Engine, SamplingParams
-
-    model, tok = smollm2
-    engine = Engine(model, tok, CachePolicy(), budget_tokens=110, expected_cr=8.0)  # ~2 requests of 48 tokens
-    prefills = []
-    real_prefill = engine._prefill_piece
-    engine._prefill_piece = lambda cache, ids: prefills.append(len(ids)) or real_prefill(cache, ids)
-    prompt = tok("The Python language was created by a programmer who liked short readable programs. " * 3)["input_ids"][:40]
-    requests = [engine.submit(prompt, SamplingParams(max_tokens=8), lambda event: None) for _ in range(4)]
-    for _ in range(60):
-        engine.step()
-        assert engine.live_tokens() <= engine.budget
-        if all(r.done for r in requests):
-            break
-    assert all(r.done and len(r.sequences[0].tokens) == 8 for r in requests)
-    assert prefills == [40] * 4  # each prompt read once: nobody was paused and let back in
-
-
-def test_running_sequences_keep_decoding_while_a_long_prompt_is_read(smollm2):
-    """Chunked prefill: a long prompt is read one chunk per step, and every step still gives each running
-    sequence its next token. The chunked request's greedy tokens equal reading its prompt at once."""
-    from kvshrink.generation import generate_ids
-    from kvshrink.policies import CachePolicy
-    from kvshrink.serve.engine import SamplingParams
-
-    model, tok = smollm2
-    engine = build_engine(model, tok, budget_tokens=5000, prefill_chunk=32)
-    short = engine.submit(tok("Once upon a time")["input_ids"], SamplingParams(max_tokens=40, ignore_eos=True), lambda event: None)
-    engine.step()
-    assert len(short.sequences[0].tokens) == 2  # its first token at joining, the next one from the step
-    long_ids = tok("The Python language was created by a programmer who liked short readable programs. " * 12)["input_ids"][:150]
-    assert len(long_ids) == 150
-    long = engine.submit(long_ids, SamplingParams(max_tokens=6), lambda event: None)
-    steps = 0
-    while not long.sequences[0].tokens:
-        before = len(short.sequences[0].tokens)
-        engine.step()
-        steps += 1
-        assert len(short.sequences[0].tokens) == before + 1  # the running sequence never waits a step
-        assert engine.live_tokens() <= engine.budget
-    assert steps == -(-150 // 32)  # 150 tokens in chunks of 32
-    while not long.done:
-        engine.step()
-    expected, _, _ = generate_ids(model, [long_ids], CachePolicy(), max_new_tokens=6, eos_token_id=tok.eos_token_id)
-    assert long.sequences[0].tokens == expected[0]

@@ -158,7 +158,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         except (ValueError, RecursionError) as exc:
             return error(400, f"malformed JSON body: {exc}")
         if not isinstance(raw, dict):
-            return error(400, f"the body must be a JSON object (got {type(raw).__name__})")
+            return error(400, f"the body must be a JSON object, not {reprlib.repr(raw)}")
         try:
             body = schema.model_validate(raw)
         except ValidationError as exc:

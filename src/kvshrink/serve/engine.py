@@ -15,6 +15,10 @@ evicts (a chunk is held whole before its evictions apply). Live tokens include t
 If they still outgrow the budget (a sequence compressing worse than expected), the newest request is
 paused: the one being read stops, or a running one's rows leave, and it is read again (prompt + what
 it generated) when there is room. Requests that could never fit are refused at submission.
+
+A failure one request causes (reading its prompt, sampling its token, matching its stop strings) ends that
+request alone, with its error: its rows leave and the batch goes on. Only a failed batched forward, which
+no single request can be blamed for, ends every running request.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     cancelled: bool = False
-    error: str | None = None  # set when a step failed while this request ran
+    error: str | None = None  # set when the engine ended this request with an error
     status: int = 500  # the HTTP status of that error: 400 when the request itself was at fault (a KVShrinkError)
 
     @property
