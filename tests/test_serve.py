@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import random
 import threading
 import time
 import urllib.request
@@ -20,14 +23,21 @@ def smollm2():
     return kvshrink.load("smollm2")
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """A 2-layer random Llama: for tests of the server's plumbing, where each engine step should cost nothing."""
+    return kvshrink.load(tiny_model_dir)
+
+
 @pytest.fixture()
-def serve(smollm2):
+def serve(request):
     running = []
 
-    def make(budget_tokens=20_000, max_batch=64):
-        model, tok = smollm2
-        engine = build_engine(model, tok, budget_tokens=budget_tokens, max_batch=max_batch)
-        server, thread, url = run_in_thread(engine, "smollm2")
+    def make(budget_tokens=20_000, max_batch=64, model="smollm2"):
+        """Serve the model of fixture `model` under that name."""
+        loaded, tok = request.getfixturevalue(model)
+        engine = build_engine(loaded, tok, budget_tokens=budget_tokens, max_batch=max_batch)
+        server, thread, url = run_in_thread(engine, model)
         running.append((server, thread))
         return engine, url
 
@@ -96,6 +106,25 @@ def test_concurrent_clients_all_served_in_order_within_budget(serve):
     assert read_metrics(url)["kvshrink_queued_requests"] == 0
 
 
+def send(url: str, path: str, body: dict | bytes, timeout: float = 120) -> tuple[int, list[dict]]:
+    """The status and the JSON answer: one body, or each event of a stream (not its [DONE])."""
+    r = urllib.request.Request(f"{url}{path}", data=body if isinstance(body, bytes) else json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(r, timeout=timeout) as response:
+            status, streamed, text = response.status, response.headers.get_content_type() == "text/event-stream", response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, [json.loads(exc.read())]
+    if streamed:
+        return status, [json.loads(line[6:]) for line in text.decode().splitlines() if line.startswith("data: {")]
+    return status, [json.loads(text)]
+
+
+def finish_reasons(payloads: list[dict]) -> list[str]:
+    """Each choice's finish reason, from a body or from a stream's last chunk per choice."""
+    return [c["finish_reason"] for p in payloads for c in p.get("choices", []) if c.get("finish_reason")]
+
+
 def wait_until_idle(url: str, seconds: float = 30) -> None:
     """Until /metrics shows no live KV tokens (the engine frees a finished request's rows after answering)."""
     deadline = time.time() + seconds
@@ -106,18 +135,11 @@ def wait_until_idle(url: str, seconds: float = 30) -> None:
 def test_bad_input_keeps_serving(serve):
     engine, url = serve(budget_tokens=300)
 
-    def post(path, data):
-        r = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
-        try:
-            return 200, json.loads(urllib.request.urlopen(r, timeout=60).read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    assert post("/v1/completions", b"{not json")[0] == 400
-    assert post("/v1/completions", json.dumps({"model": "gpt-9", "prompt": "hi"}).encode())[0] == 404
-    code, body = post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": -3}).encode())
+    assert send(url, "/v1/completions", b"{not json")[0] == 400
+    assert send(url, "/v1/completions", {"model": "gpt-9", "prompt": "hi"})[0] == 404
+    code, (body,) = send(url, "/v1/completions", {"prompt": "hi", "max_tokens": -3})
     assert code == 400 and "max_tokens" in body["error"]["message"]
-    code, body = post("/v1/completions", json.dumps({"prompt": "word " * 400, "max_tokens": 8}).encode())
+    code, (body,) = send(url, "/v1/completions", {"prompt": "word " * 400, "max_tokens": 8})
     assert code == 400 and "budget" in body["error"]["message"]
     # a client that disconnects mid-stream: its slots are freed
     r = urllib.request.Request(f"{url}/v1/completions", data=json.dumps({"prompt": "Once upon a time", "max_tokens": 200,
@@ -128,13 +150,13 @@ def test_bad_input_keeps_serving(serve):
     stream.close()
     wait_until_idle(url)
     assert read_metrics(url)["kvshrink_live_kv_tokens"] == 0 and read_metrics(url)["kvshrink_running_requests"] == 0
-    assert post("/v1/completions", json.dumps({"prompt": "still here", "max_tokens": 2}).encode())[0] == 200
-    code, body = post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 0}).encode())
+    assert send(url, "/v1/completions", {"prompt": "still here", "max_tokens": 2})[0] == 200
+    code, (body,) = send(url, "/v1/completions", {"prompt": "hi", "max_tokens": 0})
     assert code == 400 and "max_tokens" in body["error"]["message"]  # 0 is refused, not replaced by a default
-    code, body = post("/v1/chat/completions", json.dumps({"messages": [{"content": "hi"}], "max_tokens": 2}).encode())
+    code, (body,) = send(url, "/v1/chat/completions", {"messages": [{"content": "hi"}], "max_tokens": 2})
     assert code == 400 and "role" in body["error"]["message"]
 
-    # a step that fails (at prefill, then while decoding) ends only the requests in flight, with a 500
+    # a request that fails inside a step (reading its prompt, then sampling) gets a 500; the next ones are served
     for method in ("_prefill_piece", "_pick"):
         original = getattr(engine, method)
         calls = []
@@ -146,8 +168,8 @@ def test_bad_input_keeps_serving(serve):
             return original(*args)
 
         setattr(engine, method, fail_once)
-        payload = json.dumps({"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}).encode()
-        codes = [post("/v1/completions", payload)[0] for _ in range(3)]
+        payload = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+        codes = [send(url, "/v1/completions", payload)[0] for _ in range(3)]
         assert codes.count(500) == 1 and codes.count(200) == 2, (method, codes)
         setattr(engine, method, original)
     wait_until_idle(url)
@@ -221,3 +243,189 @@ def test_running_sequences_keep_decoding_while_a_long_prompt_is_read(smollm2):
         engine.step()
     expected, _, _ = generate_ids(model, [long_ids], CachePolicy(), max_new_tokens=6, eos_token_id=tok.eos_token_id)
     assert long.sequences[0].tokens == expected[0]
+
+
+# Hostile requests beside innocent ones, served by the tiny model (its steps cost nothing) on one thread (which
+# stays fast on a busy machine; `one_thread` holds to the end of the module, hence these tests come last).
+
+
+def innocent(i: int, max_tokens: int) -> tuple[str, dict]:
+    """A sampled streaming request that must end by length: a completion for even i, a chat for odd i."""
+    body = {"max_tokens": max_tokens, "temperature": 0.8, "seed": i, "ignore_eos": True, "stream": True}
+    if i % 2:
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": f"Tell story number {i}."}]}
+    return "/v1/completions", {**body, "prompt": f"Story number {i}:"}
+
+
+def wait_for(condition, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def while_running(engine, monkeypatch, pool: ThreadPoolExecutor, url: str, count: int, max_tokens: int):
+    """Start `count` innocent requests and hold the engine mid-step once all of them are in its batch, until
+    the block ends: what the block sends arrives while they run, however fast the engine. Yields their futures."""
+    full, go = threading.Event(), threading.Event()
+    pick = engine._pick
+
+    def held(*args):
+        if len(engine.rows) >= count:
+            full.set()
+            go.wait(60)
+        return pick(*args)
+
+    monkeypatch.setattr(engine, "_pick", held)
+    futures = [pool.submit(send, url, *innocent(i, max_tokens)) for i in range(count)]
+    try:
+        assert full.wait(60)
+        yield futures
+    finally:
+        go.set()
+
+
+def ended_by_length(result: tuple[int, list[dict]]) -> bool:
+    code, payloads = result
+    return code == 200 and set(finish_reasons(payloads)) == {"length"} and not any("error" in p for p in payloads)
+
+
+def assert_idle(url: str) -> None:
+    wait_until_idle(url)
+    m = read_metrics(url)
+    assert (m["kvshrink_running_requests"], m["kvshrink_queued_requests"], m["kvshrink_live_kv_tokens"]) == (0, 0, 0)
+
+
+POISONS = [({"temperature": float("nan")}, "temperature"), ({"temperature": "nan"}, "temperature"), ({"stop": [123]}, "stop[0]"),
+           ({"stop": [["a"]]}, "stop[0]"), ({"top_p": float("nan")}, "top_p"), ({"n": 1.5}, "n"), ({"seed": 1.5}, "seed")]
+
+
+def test_poisoned_requests_are_refused_while_others_run(serve, monkeypatch, one_thread):
+    """Each of these once failed inside the batched step, which ended every request beside it with a 500."""
+    engine, url = serve(model="tiny")
+    prompts = [("/v1/completions", {"prompt": "Hi"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]
+    with ThreadPoolExecutor(4) as pool:
+        with while_running(engine, monkeypatch, pool, url, 4, max_tokens=8) as running:
+            answers = [(param, send(url, path, {**prompt, "max_tokens": 3, **poison})) for poison, param in POISONS for path, prompt in prompts]
+        results = [f.result() for f in running]
+    for param, (code, (body,)) in answers:
+        assert code == 400 and body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == param, body
+        assert body["error"]["message"].startswith(f"{param}: Input should be")  # the field and what it should be
+    assert len(answers) == 14 and all(map(ended_by_length, results))
+    code, (body,) = send(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 10**12})
+    assert code == 400 and "context of 4096 tokens" in body["error"]["message"]  # huge values: refused, naming the limit
+    assert_idle(url)
+
+
+def test_a_request_failing_inside_the_step_ends_alone(serve, monkeypatch, one_thread):
+    """Requests that fail while their prompt is read, at their first token, or mid-stream (with a request
+    decoding after them in the batch) end with their error; every other request finishes."""
+    from kvshrink.errors import KVShrinkError
+
+    engine, url = serve(model="tiny")
+    doomed = engine.tokenizer("w7 w7 w7")["input_ids"]
+    prefill_piece, pick = engine._prefill_piece, engine._pick
+
+    def failing_prefill(cache, ids):
+        if ids == doomed:
+            raise RuntimeError("injected prefill failure")
+        return prefill_piece(cache, ids)
+
+    def failing_pick(logits, r, s):
+        if r.params.seed == 100:
+            raise KVShrinkError("injected refusal")
+        if r.params.seed == 101 and len(s.tokens) == 2:
+            raise RuntimeError("injected sampling failure")
+        return pick(logits, r, s)
+
+    monkeypatch.setattr(engine, "_prefill_piece", failing_prefill)
+    monkeypatch.setattr(engine, "_pick", failing_pick)
+    sampled = {"max_tokens": 8, "temperature": 0.8, "ignore_eos": True}
+    with ThreadPoolExecutor(8) as pool:
+        with while_running(engine, monkeypatch, pool, url, 4, max_tokens=12) as running:  # they outlast the failures
+            failing = []
+            for path, body in [("/v1/completions", {"prompt": "w7 w7 w7", **sampled}),
+                               ("/v1/completions", {"prompt": "Refused at its first token", "seed": 100, **sampled}),
+                               ("/v1/completions", {"prompt": "Failing mid-stream", "seed": 101, "n": 2, "stream": True, **sampled}),
+                               innocent(4, max_tokens=4)]:  # queued last: its rows come after the mid-stream failure's
+                failing.append(pool.submit(send, url, path, body))
+                wait_for(lambda: len(engine.waiting) == len(failing))
+        running.append(failing.pop())
+        (read_code, (read_body,)), (first_code, (first_body,)), (mid_code, mid_events) = [f.result() for f in failing]
+        results = [f.result() for f in running]
+    assert read_code == 500 and read_body["error"]["type"] == "server_error" and "injected prefill failure" in read_body["error"]["message"]
+    assert first_code == 400 and first_body["error"]["type"] == "invalid_request_error" and "injected refusal" in first_body["error"]["message"]
+    (mid_error,) = [e["error"] for e in mid_events if "error" in e]
+    assert mid_code == 200 and finish_reasons(mid_events) == ["error", "error"]
+    assert mid_error["code"] == 500 and "injected sampling failure" in mid_error["message"]
+    assert len(results) == 5 and all(map(ended_by_length, results)), [finish_reasons(p) for _, p in results]
+    assert_idle(url)
+
+
+VALID = [("/v1/completions", {"model": "tiny", "prompt": "Count: one, two,", "max_tokens": 3, "temperature": 0.7, "top_p": 0.9,
+                              "stop": ["\n\n"], "seed": 3, "n": 2, "stream": False, "ignore_eos": False}),
+         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
+                                                                    {"role": "user", "content": "Hi"}],
+                                   "max_tokens": 3, "temperature": 0, "stop": "!", "stream": True, "vote": False})]
+BAD_VALUES = [None, True, False, 0, -1, 1.5, -2.5, 10**12, 10**9, -10**12, 2**64, float("nan"), float("inf"), -float("inf"), "nan",
+              "", "x", "\ud800", [], [1], [["a"]], ["a", 2], {}, {"a": 1}]
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "ignore_eos", "vote",
+          "task", "logprobs", "user", "echo"]
+
+
+def mutate(rng: random.Random, body: dict) -> bytes:
+    """A valid body broken two to four ways (a field set to a bad value, removed or added, a message's field
+    or a stop string set to one), then sometimes its bytes made non-UTF-8 or cut short, or the body made a
+    JSON value other than an object."""
+    body = copy.deepcopy(body)
+    for _ in range(rng.randint(2, 4)):
+        how = rng.randrange(3)
+        if how == 0:
+            body[rng.choice(FIELDS)] = rng.choice(BAD_VALUES)
+        elif how == 1 and body:
+            del body[rng.choice(list(body))]
+        elif isinstance(body.get("messages"), list) and body["messages"] and isinstance(body["messages"][0], dict):
+            body["messages"][0][rng.choice(["role", "content", "name"])] = rng.choice(BAD_VALUES)
+        else:
+            body["stop"] = [rng.choice(BAD_VALUES)]
+    data = json.dumps(body if rng.random() < 0.9 else rng.choice([[body], "body", 7, None])).encode()  # NaN as Python writes it
+    how = rng.randrange(10)
+    if how == 0:
+        at = rng.randrange(len(data))
+        return data[:at] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80\x80"]) + data[at:]
+    if how == 1:
+        return data[:rng.randrange(len(data))]
+    return data
+
+
+def test_fuzzed_requests_get_json_answers_and_harm_no_one(serve, one_thread):
+    """200 random corruptions of valid bodies, sent while innocent requests run: each gets a JSON 4xx or a
+    200, every innocent request finishes, and the server ends idle."""
+    _, url = serve(model="tiny")
+    rng = random.Random(29)
+    mutations = [(path, mutate(rng, body)) for path, body in (rng.choice(VALID) for _ in range(200))]
+    fuzzed = threading.Event()
+
+    def innocent_client(i: int) -> list:
+        """One innocent request after another until the fuzzing is over."""
+        results = []
+        while not (fuzzed.is_set() and results):
+            results.append(send(url, *innocent(i + 10 * len(results), max_tokens=8)))
+        return results
+
+    with ThreadPoolExecutor(4) as clients, ThreadPoolExecutor(6) as fuzzers:
+        running = [clients.submit(innocent_client, i) for i in range(4)]
+        answers = list(fuzzers.map(lambda m: send(url, *m), mutations))
+        fuzzed.set()
+        results = [r for f in running for r in f.result()]
+    for (path, data), (code, payloads) in zip(mutations, answers):
+        assert code == 200 or 400 <= code < 500, (path, data, code, payloads)
+        if code == 200:
+            assert "error" not in finish_reasons(payloads) and not any("error" in p for p in payloads), (path, data, payloads)
+        else:
+            assert payloads[0]["error"]["type"] in ("invalid_request_error", "model_not_found") and payloads[0]["error"]["message"]
+    codes = [code for code, _ in answers]
+    assert codes.count(200) >= 10 and sum(400 <= c < 500 for c in codes) >= 100  # both paths were exercised
+    assert len(results) >= 8 and all(map(ended_by_length, results))
+    assert_idle(url)

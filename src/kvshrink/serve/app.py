@@ -6,27 +6,100 @@ fill (thread-safe), so HTTP handlers only wait. `usage` carries kvshrink's accou
 token counts. `vote: true` (with `n` > 1) adds the majority answer: extracted with the task's grader
 when `task` is given, else the whole stripped text. `ignore_eos: true` generates `max_tokens` whatever
 the model says (for load tests, as vLLM's field of that name).
+
+Each endpoint's body is one pydantic model, typed strictly (no 1.5 for a seed, no "nan" for a
+temperature): a bad request is answered 400 with the field it got wrong, before anything reaches the
+engine, whose batched step would otherwise fail for every request running beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import reprlib
 import threading
 import time
 from contextlib import asynccontextmanager
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import KVShrinkError
 from ..prompts import chat_prompt
 from ..evaluation.voting import majority_vote
-from .engine import Engine, SamplingParams
+from .engine import MAX_N, Engine, SamplingParams
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+def utf8(text: str) -> str:
+    """JSON escapes can spell lone surrogates, which the tokenizer cannot read."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone surrogate (\\ud800-\\udfff); send valid Unicode") from None
+    return text
+
+
+Unicode = Annotated[str, AfterValidator(utf8)]
+Text = Annotated[Unicode, Field(min_length=1)]
+# one string or a list of up to 4 (OpenAI's limit: each is sought in the text after every token); null: none
+Stop = Annotated[list[Text], BeforeValidator(lambda v: [] if v is None else [v] if isinstance(v, str) else v), Field(max_length=4)]
+# one string or a list of one
+Prompt = Annotated[Text, BeforeValidator(lambda v: v[0] if isinstance(v, list) and len(v) == 1 else v)]
+
+
+class Body(BaseModel):
+    """The fields both endpoints share. Unknown fields are ignored, as OpenAI clients send some we do not use."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)  # None: 16; the model's context and the KV budget bound it at submission
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    stop: Stop = []
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    ignore_eos: bool = False
+    vote: bool = False
+    task: str | None = None
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(max_tokens=16 if self.max_tokens is None else self.max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, stop=self.stop, seed=self.seed, n=self.n, ignore_eos=self.ignore_eos)
+
+
+class CompletionBody(Body):
+    prompt: Prompt
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        return tokenizer(self.prompt)["input_ids"]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: Unicode
+
+
+class ChatBody(Body):
+    messages: list[Message] = Field(min_length=1)
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        return chat_prompt(tokenizer, [m.model_dump() for m in self.messages])
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
+
+
+def invalid(exc: ValidationError) -> JSONResponse:
+    """The first problem, named by its field: `n: Input should be a valid integer (got 1.5)`."""
+    problem = exc.errors(include_url=False)[0]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in problem["loc"]).lstrip(".")
+    got = "" if problem["type"] == "missing" else f" (got {reprlib.repr(problem['input'])})"
+    return error(400, f"{param}: {problem['msg'].removeprefix('Value error, ')}{got}", param=param)
 
 
 def create_app(engine: Engine, model_name: str) -> FastAPI:
@@ -68,36 +141,40 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handle(request, chat=False)
+        return await handle(request, CompletionBody)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await handle(request, chat=True)
+        return await handle(request, ChatBody)
 
-    async def handle(request: Request, chat: bool):
+    @app.exception_handler(Exception)
+    async def unexpected(_request, exc: Exception):
+        """A bug still answers in OpenAI's error shape (JSON), not as plain text."""
+        return error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    async def handle(request: Request, schema: type[Body]):
         try:
-            body = json.loads(await request.body())
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+            raw = json.loads(await request.body())  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (ValueError, RecursionError) as exc:
             return error(400, f"malformed JSON body: {exc}")
-        if body.get("model") not in (None, model_name):
-            return error(404, f"model {body.get('model')!r} is not served here; this server serves {model_name!r}", "model_not_found")
+        if not isinstance(raw, dict):
+            return error(400, f"the body must be a JSON object, not {reprlib.repr(raw)}")
         try:
-            prompt_ids = encode(engine.tokenizer, body, chat)
-            stop_words = body.get("stop") or []
-            max_tokens = body.get("max_tokens")
-            params = SamplingParams(max_tokens=int(16 if max_tokens is None else max_tokens), temperature=float(body.get("temperature", 1.0)),
-                                    top_p=float(body.get("top_p", 1.0)), stop=[stop_words] if isinstance(stop_words, str) else list(stop_words),
-                                    seed=body.get("seed"), n=int(body.get("n", 1)),
-                                    ignore_eos=bool(body.get("ignore_eos", False)))
-            task_kind = vote_kind(body)
+            body = schema.model_validate(raw)
+        except ValidationError as exc:
+            return invalid(exc)
+        if body.model not in (None, model_name):
+            return error(404, f"model {body.model!r} is not served here; this server serves {model_name!r}", "model_not_found", "model")
+        chat = schema is ChatBody
+        try:
+            prompt_ids = body.prompt_ids(engine.tokenizer)
+            task_kind = vote_kind(body.task)
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
-            req = engine.submit(prompt_ids, params, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
-        except (KVShrinkError, TypeError, ValueError) as exc:
+            req = engine.submit(prompt_ids, body.sampling(), lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        except KVShrinkError as exc:
             return error(400, str(exc))
-        if body.get("stream"):
+        if body.stream:
             return StreamingResponse(stream(req, queue, chat), media_type="text/event-stream")
         try:
             while not req.done:
@@ -106,8 +183,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             engine.cancel(req)
             raise
         if req.error:
-            return error(500, f"generation failed: {req.error}", "server_error")
-        return response(req, chat, task_kind if body.get("vote") else None)
+            return failed(req)
+        return response(req, chat, task_kind if body.vote else None)
 
     def base(req, chat: bool) -> dict:
         return {"id": req.id, "object": "chat.completion" if chat else "text_completion", "created": int(req.created), "model": model_name}
@@ -144,16 +221,18 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             if chat:
                 for s in req.sequences:
                     yield sse({**base(req, chat), "object": kind, "choices": [{"index": s.index, "delta": {"role": "assistant"}, "finish_reason": None}]})
-            while True:
-                if req.done and queue.empty():
-                    break
+            unfinished = len(req.sequences)
+            while unfinished:  # until each sample's last event: `req.done` turns true before the events get here
                 event = await queue.get()
+                unfinished -= event["finish_reason"] is not None
                 choice = {"index": event["index"], "finish_reason": event["finish_reason"]}
                 if chat:
                     choice["delta"] = {"content": event["delta"]} if event["delta"] else {}
                 else:
                     choice["text"] = event["delta"]
                 yield sse({**base(req, chat), "object": kind, "choices": [choice]})
+            if req.error:  # the 200 is sent: the error comes as an event, in the error response's shape
+                yield f"data: {failed(req).body.decode()}\n\n"
             yield sse({**base(req, chat), "object": kind, "choices": [], "usage": usage(req)})
             yield "data: [DONE]\n\n"
         finally:
@@ -167,23 +246,13 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def encode(tokenizer, body: dict, chat: bool) -> list[int]:
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            raise ValueError("messages must be a non-empty list of {role, content} objects")
-        return chat_prompt(tokenizer, messages)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError("prompt must be a non-empty string")
-    return tokenizer(prompt)["input_ids"]
+def failed(req) -> JSONResponse:
+    """The answer to a request the engine ended with an error: 400 if the request was at fault, else 500."""
+    return error(req.status, f"generation failed: {req.error}", "invalid_request_error" if req.status < 500 else "server_error")
 
 
-def vote_kind(body: dict):
+def vote_kind(task: str | None):
     """The answer extractor for `vote`: the task's grader, or the whole stripped text."""
-    task = body.get("task")
     if task is None:
         return lambda text: text.strip() or None
     from ..tasks import extract_answer, task_module

@@ -15,6 +15,10 @@ evicts (a chunk is held whole before its evictions apply). Live tokens include t
 If they still outgrow the budget (a sequence compressing worse than expected), the newest request is
 paused: the one being read stops, or a running one's rows leave, and it is read again (prompt + what
 it generated) when there is room. Requests that could never fit are refused at submission.
+
+A failure one request causes (reading its prompt, sampling its token, matching its stop strings) ends that
+request alone, with its error: its rows leave and the batch goes on. Only a failed batched forward, which
+no single request can be blamed for, ends every running request.
 """
 
 from __future__ import annotations
@@ -37,8 +41,15 @@ from ..errors import KVShrinkError, check_prefill_chunk
 from ..generation import prefill_row, sample_next
 
 
+MAX_N = 64  # samples per request
+GREEDY_BELOW = 1e-5  # a lower temperature samples the argmax anyway, and below ~1e-37 logits / temperature overflow
+
+
 @dataclass
 class SamplingParams:
+    """What one request asks for, checked again here (the server checks at its edge) because a bad value
+    would fail inside the batched step."""
+
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
@@ -48,12 +59,26 @@ class SamplingParams:
     ignore_eos: bool = False  # generate max_tokens whatever the model says (load tests; vLLM's extension)
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise KVShrinkError(f"max_tokens must be >= 1 (got {self.max_tokens})")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise KVShrinkError("temperature must be >= 0 and top_p in (0, 1]")
-        if not 1 <= self.n <= 64:
-            raise KVShrinkError(f"n must be in [1, 64] (got {self.n})")
+        if not whole(self.max_tokens) or self.max_tokens < 1:
+            raise KVShrinkError(f"max_tokens must be a whole number >= 1 (got {self.max_tokens!r})")
+        if not (finite(self.temperature) and self.temperature >= 0 and finite(self.top_p) and 0 < self.top_p <= 1):
+            raise KVShrinkError(f"temperature must be a finite number >= 0 and top_p one in (0, 1] (got {self.temperature!r}, {self.top_p!r})")
+        if not all(isinstance(word, str) and word for word in self.stop):
+            raise KVShrinkError(f"stop must be a list of non-empty strings (got {self.stop!r})")
+        if self.seed is not None and not whole(self.seed):
+            raise KVShrinkError(f"seed must be a whole number (got {self.seed!r})")
+        if not whole(self.n) or not 1 <= self.n <= MAX_N:
+            raise KVShrinkError(f"n must be a whole number in [1, {MAX_N}] (got {self.n!r})")
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
+
+
+def whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -96,7 +121,8 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     cancelled: bool = False
-    error: str | None = None  # set when a step failed while this request ran; the server answers 500
+    error: str | None = None  # set when the engine ended this request with an error
+    status: int = 500  # the HTTP status of that error: 400 when the request itself was at fault (a KVShrinkError)
 
     @property
     def done(self) -> bool:
@@ -205,7 +231,7 @@ class Engine:
                 return
             try:
                 self.step()
-            except Exception as exc:  # noqa: BLE001 - one failed step must not stop the server
+            except Exception as exc:  # noqa: BLE001 - a step that failed as a whole must not stop the server
                 self._fail_running(exc)
 
     def step(self) -> None:
@@ -235,7 +261,7 @@ class Engine:
         self._account(self.cache.accounting.last_reads[:, 0])
         greedy = logits.argmax(-1).tolist()  # one transfer for every greedy row
         for i, (r, s) in enumerate(self.rows):
-            self._emit(r, s, greedy[i] if r.params.temperature == 0 else self._pick(logits[i:i + 1], r, s))
+            self._advance(r, s, lambda: greedy[i] if r.params.temperature == 0 else self._pick(logits[i:i + 1], r, s))
         self._leave([i for i, (_, s) in enumerate(self.rows) if s.finish_reason is not None])
 
     # -- steps' parts ---------------------------------------------------------------------------------
@@ -264,7 +290,12 @@ class Engine:
             return
         samples, ids = p.jobs[0]
         piece = ids[p.read:p.read + self.prefill_chunk]
-        logits = self._prefill_piece(p.cache, piece)
+        try:
+            logits = self._prefill_piece(p.cache, piece)
+        except Exception as exc:  # noqa: BLE001 - the row being read is this request's alone: the batch goes on
+            self._fail(p.request, exc)
+            self.prefill = None
+            return
         p.read += len(piece)
         if p.read < len(ids):
             return
@@ -298,7 +329,7 @@ class Engine:
                 s.reads += first_reads
                 self.reads_total += first_reads
                 self.vanilla_reads_total += len(r.prompt_ids)
-                self._emit(r, s, self._pick(logits, r, s))
+                self._advance(r, s, lambda: self._pick(logits, r, s))
         self._leave([i for i, (_, s) in enumerate(self.rows) if s.finish_reason is not None])
 
     def _pause_if_over_budget(self) -> None:
@@ -314,19 +345,22 @@ class Engine:
                 self.waiting.appendleft(newest)
 
     def _fail_running(self, exc: Exception) -> None:
-        """Finish every running (and half-admitted) request with the error, free the cache, go on serving."""
-        message = f"{type(exc).__name__}: {exc}"
-        print(f"kvshrink serve: a step failed, its requests end with an error: {message}", file=sys.stderr, flush=True)
-        requests = self._admitted_requests()
-        for r in requests.values():
-            r.error = message
-            for s in r.sequences:
-                if s.finish_reason is None:
-                    s.finish_reason = "error"
-                    r.on_event({"index": s.index, "delta": "", "finish_reason": "error"})
+        """A failure no single request caused (the batched forward): finish every running (and half-admitted)
+        request with the error, free the cache, go on serving."""
+        for r in self._admitted_requests().values():
+            self._fail(r, exc)
         self.rows, self.prefill = [], None
         self._reset_cache()
         self._publish()
+
+    def _fail(self, r: Request, exc: Exception) -> None:
+        """End `r`'s unfinished samples with the error; its rows leave with the finished ones."""
+        r.error, r.status = f"{type(exc).__name__}: {exc}", 400 if isinstance(exc, KVShrinkError) else 500
+        print(f"kvshrink serve: request {r.id} failed: {r.error}", file=sys.stderr, flush=True)
+        for s in r.sequences:
+            if s.finish_reason is None:
+                s.finish_reason = "error"
+                r.on_event({"index": s.index, "delta": "", "finish_reason": "error"})
 
     def _leave(self, indices: list[int]) -> None:
         if not indices:
@@ -349,6 +383,16 @@ class Engine:
     def _pick(self, logits: torch.Tensor, r: Request, s: Sequence) -> int:
         return int(sample_next(logits, r.params.temperature, r.params.top_p, s.generator)[0])
 
+    def _advance(self, r: Request, s: Sequence, pick: Callable[[], int]) -> None:
+        """Sample and emit `s`'s next token. A failure here is its request's alone (its sampler, its stop
+        strings): the request ends with the error and the rest of the batch goes on."""
+        if r.error:  # another sample of it failed this step
+            return
+        try:
+            self._emit(r, s, pick())
+        except Exception as exc:  # noqa: BLE001
+            self._fail(r, exc)
+
     def _emit(self, r: Request, s: Sequence, token: int) -> None:
         s.tokens.append(token)
         self.generated_total += 1
@@ -364,12 +408,12 @@ class Engine:
             at = s.text.find(stop)
             if at >= 0:
                 delta = delta[: max(0, len(delta) - (len(s.text) - at))]
-                s.text, s.finish_reason = s.text[:at], "stop"
-        s.finish_reason = s.finish_reason or ends
+                s.text, ends = s.text[:at], "stop"
+        s.finish_reason = ends  # only now: a failure above leaves the sample unfinished, and `_fail` tells its client
         r.on_event({"index": s.index, "delta": delta, "finish_reason": s.finish_reason})
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.temperature == 0:
             return None
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
-        return torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + index)
+        return torch.Generator(device=self.device).manual_seed((seed * 1_000_003 + index) % 2**64)  # any integer seeds
