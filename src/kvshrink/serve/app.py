@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from ..accounting import vanilla_reads
 from ..errors import KVShrinkError
 from ..prompts import chat_prompt
 from ..evaluation.voting import majority_vote
@@ -193,7 +194,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         n_gen = sum(len(s.tokens) for s in req.sequences)
         reads = sum(s.reads for s in req.sequences)
         P = len(req.prompt_ids)
-        vanilla = sum(len(s.tokens) * P + len(s.tokens) * (len(s.tokens) - 1) / 2 for s in req.sequences)
+        vanilla = sum(vanilla_reads(P, len(s.tokens)) for s in req.sequences)
         return {"prompt_tokens": P, "completion_tokens": n_gen, "total_tokens": P + n_gen, "kv_reads": reads,
                 "peak_kv_tokens": max((s.peak_tokens for s in req.sequences), default=0.0),
                 "compression_ratio": vanilla / reads if reads else 1.0}
