@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 from kvshrink.attention import install  # noqa: E402
 from kvshrink.cache import KVCache  # noqa: E402

@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import (KEEP_EVERY, ROOT, WINDOW, attach_dms, bench_model, fill_ours, install, time_decode,  # noqa: E402
                     CachePolicy, DMSConfig, DMSPolicy, KVCache)
 

@@ -21,8 +21,6 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
 
 from decode import bench_model, fill_hf, read_bandwidth, time_decode  # noqa: E402
 from kvshrink.attention import install  # noqa: E402

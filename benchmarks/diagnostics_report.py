@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 from kvshrink.dms.diagnostics import summary_rows  # noqa: E402
 from kvshrink.zoo import MODELS_DIR  # noqa: E402

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 import kvshrink  # noqa: E402
 from kvshrink.prompts import chat_prompt  # noqa: E402

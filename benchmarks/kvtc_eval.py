@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 import kvshrink  # noqa: E402
 from kvshrink.cache import KVCache  # noqa: E402

@@ -2,9 +2,8 @@
 
     python benchmarks/retrofit_cuda_check.py     # prints one line per recipe (results: docs/results/retrofit-cuda.md)
 """
-import sys, time, json
+import time, json
 from pathlib import Path
-sys.path.insert(0, "src")
 import kvshrink
 from kvshrink.train.toy import build_toy_base, SEQ
 from kvshrink.train.retrofit import RetrofitConfig, retrofit

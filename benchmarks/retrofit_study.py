@@ -10,7 +10,6 @@ sentence's topic word: informed eviction keeps the topic words, blind eviction l
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 import kvshrink  # noqa: E402
 from kvshrink.attach import attach_dms  # noqa: E402

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 import kvshrink  # noqa: E402
 from kvshrink.generation import generate_ids  # noqa: E402

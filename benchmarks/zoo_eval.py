@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 from kvshrink.attach import dms_config  # noqa: E402
 from kvshrink.tasks import TASKS, make_problems  # noqa: E402
