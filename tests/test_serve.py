@@ -178,20 +178,24 @@ def test_bad_input_keeps_serving(serve):
 
 
 def test_streamed_text_equals_decoding_everything(smollm2):
-    """The engine decodes line by line (not the whole sequence per token): the text and the concatenated
-    deltas must equal decoding all tokens at once."""
-    from kvshrink.serve.engine import Request, SamplingParams, Sequence
+    """The detokenizer decodes line by line (not the whole sequence per token): the text and the concatenated
+    deltas must equal decoding all tokens at once; a stop string cuts both just before it."""
+    from kvshrink.serve.detokenizer import Detokenizer
 
-    model, tok = smollm2
-    engine = build_engine(model, tok, budget_tokens=1000)
+    _, tok = smollm2
     text = "def f(x):\n    return x * 2  # doubles\n\nprint(f(21))\nÉtoile, naïve café — ünïcode ✓\n"
     ids = tok(text)["input_ids"]
-    deltas = []
-    request = Request("r", [1], SamplingParams(max_tokens=len(ids) + 1), lambda event: deltas.append(event["delta"]))
-    seq = Sequence(0)
-    for token in ids:
-        engine._emit(request, seq, token)
-    assert seq.text == tok.decode(ids, skip_special_tokens=True) == "".join(deltas)
+    whole = tok.decode(ids, skip_special_tokens=True)
+    detok = Detokenizer(tok)
+    deltas = [detok.push(ids[:i + 1], final=i == len(ids) - 1)[0] for i in range(len(ids))]
+    assert detok.text == whole == "".join(deltas)
+    detok, deltas, stopped = Detokenizer(tok, stop=("f(21)",)), [], False
+    for i in range(len(ids)):
+        delta, stopped = detok.push(ids[:i + 1], final=False)
+        deltas.append(delta)
+        if stopped:
+            break
+    assert stopped and detok.text == whole[:whole.index("f(21)")] == "".join(deltas)
 
 
 def test_admission_follows_the_ratio_sequences_really_reach(smollm2):

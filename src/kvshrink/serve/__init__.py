@@ -12,11 +12,11 @@ def build_engine(model, tokenizer, policy: str | None = None, cr: float | None =
     them in one forward: its output does not depend on the chunk; budget policies keep their 16-token chunks)."""
     import dataclasses
 
-    from ..shapes import kv_bytes_per_token
     from ..attach import dms_config
     from ..errors import KVShrinkError
     from ..generation import resolve_policy
     from ..policies import DMSPolicy
+    from ..shapes import kv_bytes_per_token
 
     pol = resolve_policy(model, policy, cr)
     if pol.name == "quest":

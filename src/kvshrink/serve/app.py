@@ -28,8 +28,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from ..accounting import vanilla_reads
 from ..errors import KVShrinkError
-from ..prompts import chat_prompt
 from ..evaluation.voting import majority_vote
+from ..prompts import chat_prompt
 from .engine import MAX_N, Engine, SamplingParams
 
 

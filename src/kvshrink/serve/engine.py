@@ -34,12 +34,12 @@ from typing import Callable
 
 import torch
 
-from ..shapes import check_context, kv_bytes_per_token
 from ..cache import KVCache
-from ..shims import cache_arg
 from ..errors import KVShrinkError, check_prefill_chunk
 from ..generation import prefill_row, sample_next
-
+from ..shapes import check_context, kv_bytes_per_token
+from ..shims import cache_arg
+from .detokenizer import Detokenizer
 
 MAX_N = 64  # samples per request
 GREEDY_BELOW = 1e-5  # a lower temperature samples the argmax anyway, and below ~1e-37 logits / temperature overflow
@@ -86,14 +86,16 @@ class Sequence:
     """One sample of a request: its tokens and its share of the accounting."""
 
     index: int
+    detokenizer: Detokenizer
     tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    line_start: int = 0  # tokens before this index are decoded into `text` for good (through a newline)
-    text_before_line: str = ""
     finish_reason: str | None = None
     reads: float = 0.0
     peak_tokens: float = 0.0
     generator: torch.Generator | None = None
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text
 
 
 @dataclass
@@ -196,7 +198,8 @@ class Engine:
                                 f"max_tokens, x{params.n} samples, at CR {self.expected_cr:g}), more than the server's "
                                 f"budget of {self.budget}; shorten the prompt or lower max_tokens or n")
         request = Request(f"cmpl-{next(self.ids)}", list(prompt_ids), params, on_event)
-        request.sequences = [Sequence(i, generator=self._generator(params, i)) for i in range(params.n)]
+        request.sequences = [Sequence(i, Detokenizer(self.tokenizer, tuple(params.stop)), generator=self._generator(params, i))
+                             for i in range(params.n)]
         with self.lock:
             self.waiting.append(request)
             self.lock.notify()
@@ -396,20 +399,9 @@ class Engine:
     def _emit(self, r: Request, s: Sequence, token: int) -> None:
         s.tokens.append(token)
         self.generated_total += 1
-        # decode only the current line (a token's text can depend on its neighbours, not across a newline)
-        line = self.tokenizer.decode(s.tokens[s.line_start:], skip_special_tokens=True)
-        text = s.text_before_line + line
         ends = "stop" if token == self.eos and not r.params.ignore_eos else "length" if len(s.tokens) >= r.params.max_tokens else None
-        shown = text if ends else text.rstrip("\ufffd")  # a character split across tokens waits for its other bytes
-        delta, s.text = shown[len(s.text):], shown
-        if line.endswith("\n"):
-            s.line_start, s.text_before_line = len(s.tokens), text
-        for stop in r.params.stop:
-            at = s.text.find(stop)
-            if at >= 0:
-                delta = delta[: max(0, len(delta) - (len(s.text) - at))]
-                s.text, ends = s.text[:at], "stop"
-        s.finish_reason = ends  # only now: a failure above leaves the sample unfinished, and `_fail` tells its client
+        delta, stopped = s.detokenizer.push(s.tokens, final=ends is not None)
+        s.finish_reason = "stop" if stopped else ends  # only now: a failure above leaves the sample unfinished, and `_fail` tells its client
         r.on_event({"index": s.index, "delta": delta, "finish_reason": s.finish_reason})
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
