@@ -8,10 +8,9 @@ is read, its rows join the running batch (`KVCache.append_rows`); finished seque
 free their slots (`take_rows`). The budget is counted in live cache slots, averaged over (layer, KV head),
 i.e. in tokens actually held, which is what DMS shrinks: a DMS-8x model admits about 8x the sequences.
 
-Admission reserves each request's expected footprint: prompt plus `max_tokens`, compressed by the
-policy's ratio (DMS: its trained CR, plus the window, which is never compressed), or by the ratio the
-running sequences really reach if that is lower, plus one prefill chunk of headroom when the policy
-evicts (a chunk is held whole before its evictions apply). Live tokens include the request being read.
+Admission reserves each request's expected footprint (`scheduler.Scheduler`: prompt plus `max_tokens`,
+compressed by the policy's ratio beyond the window, or by the ratio the running sequences really reach if
+that is lower, plus a prefill chunk of headroom). Live tokens include the request being read.
 If they still outgrow the budget (a sequence compressing worse than expected), the newest request is
 paused: the one being read stops, or a running one's rows leave, and it is read again (prompt + what
 it generated) when there is room. Requests that could never fit are refused at submission.
@@ -40,6 +39,7 @@ from ..generation import prefill_row, sample_next
 from ..shapes import check_context, kv_bytes_per_token
 from ..shims import cache_arg
 from .detokenizer import Detokenizer
+from .scheduler import Scheduler
 
 MAX_N = 64  # samples per request
 GREEDY_BELOW = 1e-5  # a lower temperature samples the argmax anyway, and below ~1e-37 logits / temperature overflow
@@ -136,10 +136,9 @@ class Engine:
                  window: int = 0, prefill_chunk: int = 256):
         check_prefill_chunk(prefill_chunk)
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
-        self.budget, self.max_batch, self.prefill_chunk = budget_tokens, max_batch, prefill_chunk
-        self.expected_cr, self.window = expected_cr, window
+        self.prefill_chunk = prefill_chunk
         # an evicting policy holds the chunk it reads at once whole until its evictions apply
-        self.headroom = policy.prefill_chunk or 0
+        self.scheduler = Scheduler(budget_tokens, max_batch, expected_cr, window, headroom=policy.prefill_chunk or 0)
         self.device = next(model.parameters()).device
         self.bytes_per_token = kv_bytes_per_token(model)
         self.eos = tokenizer.eos_token_id
@@ -154,28 +153,16 @@ class Engine:
         self.prefill: Prefill | None = None  # admitted, its prompt being read between decode steps
         self._publish()
 
-    # -- bookkeeping (integers only) ---------------------------------------------------------------
-    def footprint(self, prompt: int, new: int, n: int, cr: float | None = None) -> int:
-        """Expected live tokens at the end of a request: the window stays, the rest is compressed."""
-        total = prompt + new
-        keep = min(total, self.window + math.ceil(max(0, total - self.window) / (cr or self.expected_cr)))
-        return n * keep
+    # -- what the scheduler reads -------------------------------------------------------------------
+    @property
+    def budget(self) -> int:
+        return self.scheduler.budget
 
     def achieved_cr(self) -> float:
-        """The ratio the running sequences really reach beyond the window, capped by the expected one.
-        Text unlike a DMS model's training data can compress less than its target; admitting at the
-        target would overfill the budget, pause the newest request and let it straight back in, over and
-        over, re-reading its prompt each time."""
         if not self.rows:
-            return self.expected_cr
-        live = self.cache.row_live_tokens()
-        seen = sum(max(0, len(r.prompt_ids) + len(s.tokens) - self.window) for r, s in self.rows)
-        held = sum(max(0.0, t - self.window) for t in live)
-        return min(self.expected_cr, max(1.0, seen / held)) if held > 0 else self.expected_cr
-
-    def reserved(self, cr: float | None = None) -> int:
-        requests = self._admitted_requests().values()
-        return sum(self.footprint(len(r.prompt_ids), r.params.max_tokens, len(r.sequences), cr) for r in requests)
+            return self.scheduler.expected_cr
+        seen = [len(r.prompt_ids) + len(s.tokens) for r, s in self.rows]
+        return self.scheduler.achieved_cr(list(zip(seen, self.cache.row_live_tokens())))
 
     def live_tokens(self) -> float:
         """Live tokens held: the running rows and the request being read."""
@@ -190,13 +177,7 @@ class Engine:
     # -- API used by the HTTP layer ------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event) -> Request:
         check_context(self.model.config, len(prompt_ids), params.max_tokens)
-        if params.n > self.max_batch:
-            raise KVShrinkError(f"n = {params.n} samples exceed the server's --max-batch {self.max_batch}; lower n")
-        need = self.footprint(len(prompt_ids), params.max_tokens, params.n) + self.headroom
-        if need > self.budget:
-            raise KVShrinkError(f"this request needs about {need} KV tokens ({len(prompt_ids)} prompt + {params.max_tokens} "
-                                f"max_tokens, x{params.n} samples, at CR {self.expected_cr:g}), more than the server's "
-                                f"budget of {self.budget}; shorten the prompt or lower max_tokens or n")
+        self.scheduler.check_fits_alone(len(prompt_ids), params.max_tokens, params.n)
         request = Request(f"cmpl-{next(self.ids)}", list(prompt_ids), params, on_event)
         request.sequences = [Sequence(i, Detokenizer(self.tokenizer, tuple(params.stop)), generator=self._generator(params, i))
                              for i in range(params.n)]
@@ -274,10 +255,9 @@ class Engine:
             if self.prefill or not self.waiting:
                 return
             r = self.waiting[0]
-            n = len(r.sequences)
-            cr = self.achieved_cr()
-            need = self.reserved(cr) + self.footprint(len(r.prompt_ids), r.params.max_tokens, n, cr) + self.headroom
-            if self.rows and not (need <= self.budget and len(self.rows) + n <= self.max_batch):
+            admitted = [(len(a.prompt_ids), a.params.max_tokens, len(a.sequences)) for a in self._admitted_requests().values()]
+            if not self.scheduler.admits(admitted, (len(r.prompt_ids), r.params.max_tokens, len(r.sequences)), len(self.rows),
+                                         self.achieved_cr()):
                 return
             self.waiting.popleft()
         if r.sequences[0].tokens:  # paused: each unfinished sample re-reads its prompt + what it generated
@@ -338,7 +318,7 @@ class Engine:
     def _pause_if_over_budget(self) -> None:
         """Live tokens outgrew the budget: the newest request (the one being read, else the newest running
         one) stops and waits at the queue's head."""
-        while len(self._admitted_requests()) > 1 and self.live_tokens() > self.budget:
+        while self.scheduler.over_budget(self.live_tokens(), len(self._admitted_requests())):
             if self.prefill:
                 newest, self.prefill = self.prefill.request, None
             else:
