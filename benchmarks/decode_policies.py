@@ -28,7 +28,7 @@ from kvshrink.cache import KVCache  # noqa: E402
 from kvshrink.attach import attach_dms  # noqa: E402
 from kvshrink.dms.config import DMSConfig  # noqa: E402
 from kvshrink.dms.retention import forced_logits  # noqa: E402
-from kvshrink.policies import CachePolicy, DMSPolicy, make_policy  # noqa: E402
+from kvshrink.policies import CachePolicy, DMSPolicy, for_model  # noqa: E402
 
 WINDOW = 64
 
@@ -79,7 +79,7 @@ def main():
     runs = {"vanilla (HF cache)": (model, fill_hf(model, B, C, device, dtype)),
             "vanilla (our dense cache)": (ours, KVCache(ours, CachePolicy(), reserve=C + grown + 8)),
             f"dms (forced 1 in {args.cr}, w={WINDOW})": (dms, KVCache(dms, DMSPolicy(WINDOW)))}
-    runs.update({name: (ours, KVCache(ours, make_policy(name, cr=args.cr))) for name in ("tova", "h2o", "window", "quest")})
+    runs.update({name: (ours, KVCache(ours, for_model(ours, name, cr=args.cr))) for name in ("tova", "h2o", "window", "quest")})
     for name, (m, cache) in runs.items():
         if isinstance(cache, KVCache):
             fill(cache, m, B, C, device, dtype, args.cr if name.startswith("dms") else None)

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import kvshrink
 from kvshrink.attach import attach_dms, dms_config
-from kvshrink.generation import resolve_policy
 from kvshrink.jsonl import append_jsonl, read_jsonl
-from kvshrink.policies import CachePolicy, make_policy
+from kvshrink.policies import CachePolicy, for_model
 
 
 @dataclass
@@ -36,11 +35,11 @@ def load_entries(names: list[str], device, always: tuple[str, ...] = (), dtype: 
         if policy_name == "sinks":  # a copy of its own: dense forwards (perplexity, flag rates) read the model's settings
             model, _ = kvshrink.load(model_name, device=device, dtype=dtype)
             attach_dms(model, replace(dms_config(model), sinks=int(arg)))
-            entries[name] = Entry(model, resolve_policy(model, None))
+            entries[name] = Entry(model, for_model(model))
         elif spec:
-            entries[name] = Entry(model, make_policy(policy_name, cr=float(arg) if arg else None))
+            entries[name] = Entry(model, for_model(model, policy_name, cr=float(arg) if arg else None))
         else:
-            entries[name] = Entry(model, resolve_policy(model, None))
+            entries[name] = Entry(model, for_model(model))
     return entries, tok
 
 

@@ -10,7 +10,7 @@ from conftest import tiny_model, with_random_dms
 from kvshrink.attention import install
 from kvshrink.cache import KVCache
 from kvshrink.shims import cache_arg
-from kvshrink.policies import CachePolicy, DMSPolicy, make_policy
+from kvshrink.policies import CachePolicy, DMSPolicy, for_model
 
 
 def step(model, cache, token_ids, positions):
@@ -22,7 +22,7 @@ def step(model, cache, token_ids, positions):
 def test_join_decode_leave_equals_alone(kind):
     w = 4
     model = with_random_dms(tiny_model("llama"), window=w, evict_bias=8.0) if kind == "dms" else install(tiny_model("llama"))
-    policy = {"none": CachePolicy(), "dms": DMSPolicy(w), "tova": make_policy("tova", cr=3)}[kind]
+    policy = {"none": CachePolicy(), "dms": DMSPolicy(w), "tova": for_model(model, "tova", cr=3)}[kind]
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (30, 19, 41)]
     steps = torch.randint(3, 128, (3, 8), generator=g).tolist()

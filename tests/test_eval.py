@@ -10,7 +10,7 @@ import pytest
 
 import kvshrink
 from kvshrink.generation import generate_ids
-from kvshrink.policies import make_policy
+from kvshrink.policies import for_model
 from kvshrink.evaluation.voting import majority_vote
 from kvshrink.tasks import grade, make_problems
 from kvshrink.prompts import chat_prompt
@@ -37,7 +37,7 @@ def test_eval_accounting_matches_generation(smollm2):
     assert result["problems"] == 3 and result["width"] == 2 and result["compression_ratio"] == 1.0
     problems = make_problems("arith", 3)
     ids = [chat_prompt(tok, p.prompt) for p in problems]
-    _, _, per_seq = generate_ids(model, ids, make_policy("none"), max_new_tokens=6, eos_token_id=tok.eos_token_id)
+    _, _, per_seq = generate_ids(model, ids, for_model(model, "none"), max_new_tokens=6, eos_token_id=tok.eos_token_id)
     assert result["kv_reads"] == pytest.approx(2 * float(per_seq["kv_reads"].sum()) / 3)
     assert result["prefill_kv_reads"] == pytest.approx(2 * float(per_seq["prefill_kv_reads"].sum()) / 3)
     assert result["peak_kv_tokens"] == pytest.approx(2 * float(per_seq["peak_kv_tokens"].sum()) / 3)

@@ -27,7 +27,7 @@ from kvshrink.kvtc.fit import calibrate, prompt_state
 from kvshrink.generation import prefill_row
 from kvshrink.kvtc.store import STALE_SECONDS
 from kvshrink.loading import load
-from kvshrink.policies import CachePolicy, DMSPolicy, make_policy
+from kvshrink.policies import CachePolicy, DMSPolicy, for_model
 from kvshrink.tasks import make_problems
 
 DMS_WINDOW = 8
@@ -115,7 +115,7 @@ def test_restore_refuses_policies_with_per_token_state(base):
     state = export_cache(_prefilled(base, None, _ids(40, 6)))
     for name in ("tova", "h2o", "quest"):
         with pytest.raises(KVShrinkError, match="per-token state"):
-            restore_cache(base, make_policy(name, cr=4), *state)
+            restore_cache(base, for_model(base, name, cr=4), *state)
 
 
 # -- through the codec ----------------------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def test_stale_entry_is_recomputed(tiny_model_dir, calib, tmp_path):
     model, tokenizer = load(tiny_model_dir, device="cpu")
     store = PrefixStore(tmp_path, ModelIdentity.from_model(model), max_bytes=1 << 26)
     prompt = _words(_ids(150, 11))
-    generate_with_prefix_store(model, tokenizer, prompt, store, calib, 2, policy=make_policy("window", cr=2), max_new_tokens=2)
+    generate_with_prefix_store(model, tokenizer, prompt, store, calib, 2, policy=for_model(model, "window", cr=2), max_new_tokens=2)
     out = generate_with_prefix_store(model, tokenizer, prompt, store, calib, 2, max_new_tokens=4)
     assert out.stats["prefix_tokens_reused"] == 0 and out.stats["prefixes_stored"] == 1
     ids = tokenizer(prompt)["input_ids"]

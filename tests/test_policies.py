@@ -16,13 +16,13 @@ import math
 import pytest
 import torch
 
-from conftest import left_pad, tiny_model
+from conftest import left_pad, tiny_model, with_random_dms
 from kvshrink.attention import apply_rope, install
 from kvshrink.cache import KVCache
 from kvshrink.shims import cache_arg
 from kvshrink.errors import KVShrinkError
 from kvshrink.generation import generate_ids
-from kvshrink.policies import make_policy
+from kvshrink.policies import BUDGETED, CachePolicy, DMSPolicy, QuestPolicy, WindowPolicy, for_model
 
 CR = 3.0
 
@@ -136,7 +136,7 @@ def test_budget_policy_matches_brute_force(policy):
     ids, mask, P = teacher_forced_batch(7, (37, 21), 14)
     T = ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = KVCache(model, make_policy(policy, cr=CR))
+    cache = KVCache(model, for_model(model, policy, cr=CR))
     ref = Reference(model, policy, 2, T)
     schedule = [(s, min(P, s + 16)) for s in range(0, P, 16)] + [(t, t + 1) for t in range(P, T)]
     evicted_somewhere = False
@@ -160,11 +160,11 @@ def test_budget_policy_generation_compresses_and_needs_cr():
     model = install(tiny_model("llama"))
     prompt = torch.randint(3, 128, (64,), generator=torch.Generator().manual_seed(1)).tolist()
     for name in ("window", "tova", "h2o"):
-        _, stats, _ = generate_ids(model, [prompt], make_policy(name, cr=4), max_new_tokens=16)
+        _, stats, _ = generate_ids(model, [prompt], for_model(model, name, cr=4), max_new_tokens=16)
         # the peak is reached inside the last 16-token prefill chunk: 48 / 4 kept + 16 new
         assert stats["compression_ratio"] > 2.5 and stats["peak_kv_tokens"] == 48 / 4 + 16
-    with pytest.raises(KVShrinkError, match="give --cr"):
-        make_policy("tova")
+    with pytest.raises(KVShrinkError, match=r"give cr \(e.g. cr=8\)"):
+        for_model(model, "tova")
 
 
 def test_quest_matches_brute_force():
@@ -173,7 +173,7 @@ def test_quest_matches_brute_force():
     model = install(copy.deepcopy(tiny_model("llama")))
     ids, mask, P = teacher_forced_batch(11, (150, 117), 6)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = KVCache(model, make_policy("quest", cr=CR))
+    cache = KVCache(model, for_model(model, "quest", cr=CR))
     ref = Reference(model, "quest", 2, ids.shape[1])
     pairs = model.config.num_hidden_layers * model.config.num_key_value_heads
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_quest_matches_brute_force():
 
     # its memory: vanilla's slots plus the max and min key of every page (fp32) and the page table (int32
     # slot of each of a page's 16 tokens), counted in the cache bytes
-    vanilla = KVCache(model, make_policy("none"))
+    vanilla = KVCache(model, for_model(model, "none"))
     with torch.no_grad():
         model(ids, attention_mask=mask, position_ids=positions, **cache_arg(vanilla), use_cache=True)
     pages = math.ceil(ids.shape[1] / 16)  # the longest row (no padding) has written every position
@@ -204,7 +204,7 @@ def test_quest_page_table_follows_compaction():
     model = install(copy.deepcopy(tiny_model("llama")))
     ids, mask, P = teacher_forced_batch(11, (150, 117), 6)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    batch, alone = KVCache(model, make_policy("quest", cr=CR)), KVCache(model, make_policy("quest", cr=CR))
+    batch, alone = KVCache(model, for_model(model, "quest", cr=CR)), KVCache(model, for_model(model, "quest", cr=CR))
     start = P - 117  # row 1's first real token
     with torch.no_grad():
         model(ids[:, :P], attention_mask=mask[:, :P], position_ids=positions[:, :P], **cache_arg(batch), use_cache=True)
@@ -218,3 +218,68 @@ def test_quest_page_table_follows_compaction():
             assert (got - expected).abs().max() < 1e-4, t
             assert batch.accounting.last_reads.tolist() == alone.accounting.last_reads.tolist()
     assert batch.layers[0].capacity < capacity  # the padding slots really were compacted away
+
+
+def test_for_model_defaults_and_builds_each_policy():
+    vanilla = install(tiny_model("llama"))
+    dms = with_random_dms(tiny_model("llama"), window=8)
+    assert type(for_model(vanilla)) is CachePolicy and for_model(dms) == DMSPolicy(8)
+    assert for_model(dms, "dms-immediate") == DMSPolicy(0)
+    for name, cls in BUDGETED.items():
+        policy = for_model(vanilla, name, cr=4)
+        assert type(policy) is cls and policy.cr == 4 and policy.name == name
+    assert for_model(vanilla, "window", cr=4).sinks == WindowPolicy(4).sinks
+    given = QuestPolicy(2)
+    assert for_model(vanilla, given, cr=8) is given  # a policy comes back as is, whatever else is given
+    assert for_model(vanilla, "none", cr=1).describe() == {"policy": "none"}
+
+
+def test_for_model_overrides_warn_and_refuse_a_disagreeing_cr():
+    from kvshrink.attach import attach_dms
+    from kvshrink.dms.config import DMSConfig
+
+    dms = attach_dms(tiny_model("llama"), DMSConfig(window=8, target_cr=4.0, sinks=2))
+    assert for_model(dms) == DMSPolicy(8, sinks=2, target_cr=4.0)
+    with pytest.warns(UserWarning, match="window=16 overrides the trained DMS window 8"):
+        assert for_model(dms, window=16).window == 16
+    with pytest.warns(UserWarning, match="sinks=0 overrides the trained DMS sinks 2"):
+        assert for_model(dms, "dms-immediate", sinks=0) == DMSPolicy(0, sinks=0, target_cr=4.0)
+    assert for_model(dms, cr=4).window == 8  # the trained CR may be restated
+    with pytest.raises(KVShrinkError, match=r"trained for CR 4; drop cr or pass cr=4$"):
+        for_model(dms, cr=8)
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("tova", {}, r"policy 'tova' works to a token budget: give cr \(e.g. cr=8\)"),
+    (None, {"cr": 4}, r"cr=4 needs a policy that compresses"),
+    ("none", {"window": 8}, r"window is a DMS setting; policy 'none' has none \(drop window\)"),
+    ("h2o", {"cr": 4, "sinks": 2}, r"sinks is a DMS setting; policy 'h2o' has none \(drop sinks\)"),
+    ("dms", {}, r"policy 'dms' needs a DMS model"),
+    ("dms-immediate", {}, r"policy 'dms-immediate' needs a DMS model"),
+    ("magic", {}, r"unknown policy 'magic'"),
+    ("tova", {"cr": 0.5}, r"cr must be >= 1 \(got 0.5\); 1 means no compression, e.g. cr=8"),
+    (None, {"window": -1}, r"window must be >= 0"),
+])
+def test_for_model_names_the_parameter_at_fault(name, options, message):
+    with pytest.raises(KVShrinkError, match=message):
+        for_model(install(tiny_model("llama")), name, **options)
+
+
+def test_policies_say_what_they_aim_at_and_whether_they_free_memory():
+    model = install(tiny_model("llama"))
+    assert (CachePolicy().expected_cr, CachePolicy().frees_memory) == (1.0, False)
+    for name in ("tova", "h2o", "window"):
+        assert (for_model(model, name, cr=4).expected_cr, for_model(model, name, cr=4).frees_memory) == (4, True)
+    assert (QuestPolicy(4).expected_cr, QuestPolicy(4).frees_memory) == (4, False)  # selects reads, frees nothing
+    assert (DMSPolicy(8, target_cr=4.0).expected_cr, DMSPolicy(8).expected_cr, DMSPolicy(8).frees_memory) == (4.0, None, True)
+
+
+def test_the_cli_shows_parameters_as_flags():
+    from kvshrink.cli import as_flags
+
+    assert as_flags("this DMS model was trained for CR 8; drop cr or pass cr=8") == \
+        "this DMS model was trained for CR 8; drop --cr or pass --cr 8"
+    assert as_flags("window is a DMS setting; policy 'window' has none (drop window)") == \
+        "--window is a DMS setting; policy 'window' has none (drop --window)"
+    assert as_flags("--target-cr must be >= 1; sliding-window attention, dms_window_size") == \
+        "--target-cr must be >= 1; sliding-window attention, dms_window_size"

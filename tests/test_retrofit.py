@@ -109,7 +109,7 @@ def test_resume_is_exact(base_dir, tmp_path):
 def test_resume_with_a_new_recipe_keeps_its_phases_and_sinks_reach_the_model(base_dir, tmp_path):
     """A finished run extended with more steps and sinks: retrofit.json and the model card keep what each
     stretch of steps ran with; the final model keeps the sinks in its config and its policy."""
-    from kvshrink.generation import resolve_policy
+    from kvshrink.policies import for_model
     from kvshrink.train.cards import retrofit_card
 
     out = tmp_path / "run"
@@ -126,9 +126,9 @@ def test_resume_with_a_new_recipe_keeps_its_phases_and_sinks_reach_the_model(bas
     assert "Steps 1-4:" in card and "Steps 5-6:" in card and "--sinks 2 --resume --pack src/kvshrink/zoo/models/toy-dms8" in card
     assert "ramped linearly from 4 to 8 over 2 steps from step 5" in card
     model, _ = kvshrink.load(out)
-    assert resolve_policy(model, None).sinks == 2
+    assert for_model(model).sinks == 2
     with pytest.warns(UserWarning, match="overrides the trained DMS sinks 2"):
-        assert resolve_policy(model, "dms-immediate", sinks=0).sinks == 0
+        assert for_model(model, "dms-immediate", sinks=0).sinks == 0
 
 
 def test_phases_and_ramp_origins(tmp_path):

@@ -8,7 +8,7 @@ from torch import nn
 from .attention import KVAttention, install
 from .cache import KVCache
 from .dms.config import DMSConfig
-from .policies.dms import DMSPolicy
+from .policies import for_model
 from .shapes import decoder_layers
 
 
@@ -52,12 +52,7 @@ def dms_config(model) -> DMSConfig | None:
 
 def DMSCache(model, window: int | None = None, **kwargs) -> KVCache:
     """A `KVCache` that applies the model's DMS decisions (window from the model unless overridden)."""
-    cfg = dms_config(model)
-    if cfg is None:
-        from .errors import KVShrinkError
-
-        raise KVShrinkError("this model has no DMS; retrofit one with `kvshrink retrofit MODEL --out DIR`")
-    return KVCache(model, DMSPolicy(cfg.window if window is None else window, sinks=cfg.sinks), **kwargs)
+    return KVCache(model, for_model(model, "dms", window=window), **kwargs)
 
 
 

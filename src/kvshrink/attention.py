@@ -22,6 +22,7 @@ from .dms.config import DMSConfig
 from .dms.mask import delayed_eviction_bias, flex_delayed_eviction_attention, hard_log_keep, sink_tokens, soft_log_keep
 from .dms.retention import adapter_logits, borrowed_channel_keep, forced_logits, gumbel_sigmoid, neuron_logits
 from .errors import KVShrinkError
+from .policies.base import dms_model_needed
 from .shapes import check_family, decoder_layers
 
 
@@ -128,7 +129,7 @@ class KVAttention(nn.Module):
                 f"does not implement; keep prompt + generation within {self.sliding_window} tokens"
             )
         if cache.policy.needs_dms and logits is None and self.dms is None:
-            raise KVShrinkError("policy 'dms' needs a DMS model; retrofit one with `kvshrink retrofit MODEL --out DIR`")
+            raise dms_model_needed(cache.policy.name)
         valid = new_token_validity(attention_mask, B, T, q.device)
         decisions = (logits > 0) if (logits is not None and cache.policy.needs_dms) else None
         return cache.attend(self.layer_idx, q, k, v, self.scaling, valid, decisions)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,9 @@ from .errors import KVShrinkError, check_cr, check_prefill_chunk, check_sinks, c
 
 # click's usage errors (bad or missing options), from the click this typer uses (its own copy in typer >= 0.2x)
 _UsageError = typer.BadParameter.__mro__[1]
+
+# library messages name the policy parameters (cr, window=64); here they are the flags that set them
+_PARAMETER = re.compile(r"(?<![\w'-])(cr|window|sinks)(?:=([^\s,;)]+))?(?![\w'-])")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Shrink the KV cache of Hugging Face decoders.")
 
@@ -91,13 +95,18 @@ def generate(
 
 def _check_policy_options(policy: str | None, cr: float | None, window: int | None, sinks: int | None = None) -> None:
     """Fail on bad policy options before a model is loaded (loading takes seconds)."""
-    from .policies import POLICY_NAMES
+    from .policies import check_name
 
     check_cr(cr)
     check_window(window)
     check_sinks(sinks)
-    if policy is not None and policy not in POLICY_NAMES:
-        raise KVShrinkError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
+    if policy is not None:
+        check_name(policy)
+
+
+def as_flags(message: str) -> str:
+    """A library message in the CLI's words: cr=8 -> --cr 8, window -> --window."""
+    return _PARAMETER.sub(lambda m: f"--{m[1]}" + (f" {m[2]}" if m[2] else ""), message)
 
 
 @app.command("eval")
@@ -555,7 +564,7 @@ def main() -> None:
         print(f"error: {' '.join(exc.format_message().split()).rstrip('.')}; see {where} --help", file=sys.stderr)
         sys.exit(2)
     except KVShrinkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {as_flags(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001
         if os.environ.get("KVSHRINK_DEBUG") == "1":

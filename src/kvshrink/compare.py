@@ -20,8 +20,9 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
 
 def compare(model_a: str, model_b: str, text_file: Path, prompt_tokens: int = 1024, max_new_tokens: int = 64,
             device: str = "auto") -> dict:
-    from .generation import generate_ids, resolve_policy
+    from .generation import generate_ids
     from .loading import load
+    from .policies import for_model
     from .prompts import read_text_file
 
     passage = read_text_file(Path(text_file))
@@ -40,7 +41,7 @@ def compare(model_a: str, model_b: str, text_file: Path, prompt_tokens: int = 10
             if len(ids) < 2:
                 raise KVShrinkError(f"{text_file} holds no text")
             prompt = ids[:prompt_tokens]
-        tokens, stats, _ = generate_ids(model, [prompt], resolve_policy(model, None), max_new_tokens=max_new_tokens)
+        tokens, stats, _ = generate_ids(model, [prompt], for_model(model), max_new_tokens=max_new_tokens)
         runs[name] = {"tokens": tokens[0], "text": tok.decode(tokens[0], skip_special_tokens=True), "stats": stats}
     a, b = runs[model_a], runs[model_b]
     return {"prompt_tokens": len(prompt), "agreement": leading_agreement(a["tokens"], b["tokens"]), "runs": runs}

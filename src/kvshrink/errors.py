@@ -1,4 +1,6 @@
-"""User-facing errors: one line that names the problem and the fix; the CLI turns them into exit code 2."""
+"""User-facing errors: one line that names the problem and the fix; the CLI turns them into exit code 2.
+
+Library code names parameters (cr, window=64); the CLI shows them as its flags (--cr, --window 64)."""
 
 import os
 from pathlib import Path
@@ -8,10 +10,15 @@ class KVShrinkError(ValueError):
     """Bad input or an unusable model/checkpoint. The message is shown to the user as-is."""
 
 
-def check_cr(cr: float | None, flag: str = "--cr") -> None:
+def example(flag: str, value) -> str:
+    """How to pass `value`: as a flag (`--cr 8`) or as a parameter (`cr=8`)."""
+    return f"{flag} {value}" if flag.startswith("-") else f"{flag}={value}"
+
+
+def check_cr(cr: float | None, flag: str = "cr") -> None:
     """A compression ratio is a finite number >= 1 (None: not given)."""
     if cr is not None and not (1 <= cr < float("inf")):
-        raise KVShrinkError(f"{flag} must be >= 1 (got {cr}); 1 means no compression, e.g. {flag} 8")
+        raise KVShrinkError(f"{flag} must be >= 1 (got {cr}); 1 means no compression, e.g. {example(flag, 8)}")
 
 
 def check_prefill_chunk(chunk: int, flag: str = "--prefill-chunk") -> None:
@@ -20,16 +27,16 @@ def check_prefill_chunk(chunk: int, flag: str = "--prefill-chunk") -> None:
         raise KVShrinkError(f"{flag} must be >= 1, a whole number of tokens (got {chunk}); e.g. {flag} 256")
 
 
-def check_sinks(sinks: int | None, flag: str = "--sinks") -> None:
+def check_sinks(sinks: int | None, flag: str = "sinks") -> None:
     """Sinks (never-evicted first tokens) are an integer >= 0 (None: not given)."""
     if sinks is not None and (not isinstance(sinks, int) or sinks < 0):
-        raise KVShrinkError(f"{flag} must be >= 0, a whole number of tokens (got {sinks}); e.g. {flag} 4")
+        raise KVShrinkError(f"{flag} must be >= 0, a whole number of tokens (got {sinks}); e.g. {example(flag, 4)}")
 
 
-def check_window(window: int | None, flag: str = "--window") -> None:
+def check_window(window: int | None, flag: str = "window") -> None:
     """A delayed-eviction window is an integer >= 0 (None: not given)."""
     if window is not None and (not isinstance(window, int) or window < 0):
-        raise KVShrinkError(f"{flag} must be >= 0, a whole number of tokens (got {window}); 0 evicts at once, e.g. {flag} 64")
+        raise KVShrinkError(f"{flag} must be >= 0, a whole number of tokens (got {window}); 0 evicts at once, e.g. {example(flag, 64)}")
 
 
 def out_folder(path: str | Path, flag: str = "--out") -> Path:

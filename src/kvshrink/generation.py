@@ -15,15 +15,14 @@ are decoded one at a time. Stats follow SPEC sections 3 and 7:
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from .accounting import vanilla_reads
 from .cache import KVCache
-from .errors import KVShrinkError, check_cr, check_prefill_chunk, check_window
-from .policies import CachePolicy, make_policy
+from .errors import KVShrinkError, check_prefill_chunk
+from .policies import CachePolicy, for_model
 from .prompts import chat_prompt, pad_token_id
 from .shapes import check_context
 from .shims import cache_arg
@@ -39,39 +38,9 @@ class GenerationResult:
     per_sequence: dict = field(default_factory=dict, repr=False)  # tensors (B,): reads, peak tokens, lengths
 
 
-def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = None, window: int | None = None,
-                   sinks: int | None = None) -> CachePolicy:
-    """Name -> policy for this model. On a DMS model the default is 'dms'; its CR is trained, so a
-    disagreeing --cr is refused; --window and --sinks override the trained ones with a warning."""
-    from .attach import dms_config
-
-    if isinstance(policy, CachePolicy):
-        return policy
-    check_window(window)
-    check_cr(cr)
-    cfg = dms_config(model)
-    name = policy or ("dms" if cfg is not None else "none")
-    if name == "none" and cr is not None and cr > 1:
-        raise KVShrinkError(f"--cr {cr:g} needs a policy that compresses: add --policy tova, h2o, window or quest "
-                            "(or use a DMS model)")
-    for value, option in ((window, "--window"), (sinks, "--sinks")):
-        if value is not None and name not in ("dms", "dms-immediate"):
-            raise KVShrinkError(f"{option} is a DMS setting; policy {name!r} has none (drop {option})")
-    dms_window, dms_sinks = None, 0
-    if name in ("dms", "dms-immediate") and cfg is not None:
-        if cr is not None and cfg.target_cr is not None and abs(cr - cfg.target_cr) > 1e-9:
-            raise KVShrinkError(
-                f"this DMS model was trained for CR {cfg.target_cr:g}; drop --cr or pass --cr {cfg.target_cr:g}"
-            )
-        dms_window = cfg.window
-        if window is not None and window != cfg.window:
-            warnings.warn(f"--window {window} overrides the trained DMS window {cfg.window}", stacklevel=2)
-            dms_window = window
-        dms_sinks = cfg.sinks
-        if sinks is not None and sinks != cfg.sinks:
-            warnings.warn(f"--sinks {sinks} overrides the trained DMS sinks {cfg.sinks}", stacklevel=2)
-            dms_sinks = sinks
-    return make_policy(name, dms_window=dms_window, dms_sinks=dms_sinks, cr=cr)
+def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = None) -> CachePolicy:
+    """Serve's old door; it calls `policies.for_model` next."""
+    return for_model(model, policy, cr=cr)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -275,7 +244,7 @@ def generate(
         prompts = [prompts]
     if n < 1:
         raise KVShrinkError(f"--n must be >= 1 (got {n})")
-    pol = resolve_policy(model, policy, cr, window, sinks)
+    pol = for_model(model, policy, cr=cr, window=window, sinks=sinks)
     ids = encode_prompts(tokenizer, prompts, chat)
     ids = [p for p in ids for _ in range(n)]
     eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)

@@ -36,7 +36,7 @@ class DMSConfig:
     alpha_scale, alpha_offset: logit = scale * raw - offset, so at init P(evict) = sigmoid(-5) ~ 0.7%.
     tau: Gumbel-sigmoid temperature during training.
     alpha_per: "head" (one decision per KV head) or "layer" (KV head 0 decides for the layer).
-    target_cr: the compression ratio the model was trained for (informational; the CLI checks --cr against it).
+    target_cr: the compression ratio the model was trained for (informational; `policies.for_model` checks cr against it).
     sinks: the first `sinks` tokens of a sequence are never evicted, whatever their flags (StreamingLLM's
         attention sinks). 0 is the paper. Measured on `tiny-dms4`: with its first token evicted in 8% of the
         (layer, head) pairs, keeping 4 sinks at inference lifted `arith` from 37.5% to 67.5% at the same CR.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 
 from ..errors import KVShrinkError
-from ..generation import generate_ids, resolve_policy
+from ..generation import generate_ids
+from ..policies import for_model
 from ..progress import advance, progress_bar, stop
 from ..prompts import chat_prompt, pad_token_id
 from ..tasks import answer_budget, extract_answer, make_problems
@@ -31,7 +32,7 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
     items = make_problems(task, problems, seed=seed, difficulty=difficulty, first=first)
     if max_new_tokens is None:
         max_new_tokens = answer_budget(tokenizer, items)
-    pol = resolve_policy(model, policy, cr, window, sinks)
+    pol = for_model(model, policy, cr=cr, window=window, sinks=sinks)
     eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
     totals = {"kv_reads": 0.0, "vanilla_kv_reads": 0.0, "prefill_kv_reads": 0.0, "peak_kv_tokens": 0.0}
     cache_bytes, results = 0, []

@@ -14,14 +14,14 @@ from functools import partial
 import torch
 
 from ..cache import KVCache
-from ..generation import decode_rows, generate_ids, resolve_policy
+from ..generation import decode_rows, generate_ids
 from ..kvtc.cache_io import CacheState, cos_sin, restore_cache
 from ..kvtc.calibration import Calibration, ModelIdentity
 from ..kvtc.codec import SINKS, WINDOW, blob_stats, compress, decompress
 from ..kvtc.fit import prompt_state
 from ..kvtc.quant import BITS, GROUP_OVERHEAD_BITS, fake_quant
 from ..loading import load
-from ..policies import make_policy
+from ..policies import for_model
 from ..prompts import chat_prompt, pad_token_id
 from ..shims import cache_arg
 from ..tasks import answer_budget, grade, make_problems
@@ -55,7 +55,7 @@ def evaluate_model(model, tokenizer, calib: Calibration, ratios, task: str, prob
     `middle_ratio` only the compressed middle (the paper's headline); KVTC's speeds are fp16-equivalent
     MB per second of compress / decompress; `correct` lists each problem's grade (for paired comparisons).
     prefix_tokens: prepend solved problems up to this many tokens (SPEC 7: >= 512 for arith)."""
-    policy = resolve_policy(model, None)
+    policy = for_model(model)
     items = make_problems(task, problems, seed=seed, difficulty=difficulty, first=first)
     prompts = _task_prompts(tokenizer, task, items, prefix_tokens, seed)
     if max_new_tokens is None:
@@ -86,7 +86,7 @@ def reconstruction_error(model, tokenizer, calib: Calibration, ratios, task: str
     prompt caches of `problems` held-out problems (the same prompts and caches as `evaluate_model`; on a
     DMS model its live slots only): the paper's diagnostic (about 0.16 for keys and 0.31 for values at
     32x on Mistral NeMo 12B)."""
-    policy = resolve_policy(model, None)
+    policy = for_model(model)
     sums = {f"kvtc{cr:g}": torch.zeros(4, dtype=torch.float64) for cr in ratios}  # key err², key norm², value ...
     for ids in _task_prompts(tokenizer, task, make_problems(task, problems, seed=seed), prefix_tokens, seed):
         state = prompt_state(model, ids[:-1], policy)
@@ -212,7 +212,7 @@ def _tova(model, tokenizer, items, prompts, cr: float, max_new_tokens: int, batc
     eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
     correct, reads, vanilla = [], 0.0, 0.0
     for s in range(0, len(items), batch_size):
-        tokens, _, per_seq = generate_ids(model, prompts[s:s + batch_size], make_policy("tova", cr=cr),
+        tokens, _, per_seq = generate_ids(model, prompts[s:s + batch_size], for_model(model, "tova", cr=cr),
                                           max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
         correct += [grade(p, tokenizer.decode(t, skip_special_tokens=True)) for p, t in zip(items[s:s + batch_size], tokens)]
         reads += float(per_seq["kv_reads"].sum())

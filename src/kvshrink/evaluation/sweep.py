@@ -41,7 +41,7 @@ import tomllib
 from ..errors import KVShrinkError
 from ..jsonl import append_jsonl, read_jsonl
 from ..loading import load
-from ..policies import POLICY_NAMES
+from ..policies import BUDGETED, check_name
 from ..progress import advance, progress_bar, stop
 from ..tasks import task_module
 from .evaluate import evaluate
@@ -85,8 +85,7 @@ class SweepConfig:
         for task in self.tasks:
             task_module(task)
             for policy in self.policies:
-                if policy not in POLICY_NAMES:
-                    raise KVShrinkError(f"sweep policy {policy!r} unknown; choose from {', '.join(POLICY_NAMES)}")
+                check_name(policy)
                 for cr in self.crs:
                     model = self._model(policy, cr)
                     if model is None:
@@ -130,7 +129,7 @@ def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device
         model, tok = load(model_name, device=device)
         for p in (q for q in todo if q["model"] == model_name):
             policy = p["policy"]
-            result = evaluate(model, tok, p["task"], policy, cr=None if policy in ("none", "dms", "dms-immediate") else p["cr"],
+            result = evaluate(model, tok, p["task"], policy, cr=p["cr"] if policy in BUDGETED else None,
                               problems=p["problems"], seed=p["seed"], width=p["W"], max_new_tokens=p["L"],
                               temperature=p["temperature"], top_p=p["top_p"], batch_size=max(1, cfg.batch_size // p["W"]))
             row = {**p, **{k: result[k] for k in POINT_FIELDS}, "finished": time.time()}

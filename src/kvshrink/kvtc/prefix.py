@@ -17,9 +17,8 @@ from collections.abc import Container
 import torch
 
 from ..cache import KVCache
-from ..generation import (DEFAULT_PREFILL_CHUNK, GenerationResult, check_sampling, encode_prompts, prefill_row,
-                          resolve_policy, sample_next)
-from ..policies.base import CachePolicy
+from ..generation import DEFAULT_PREFILL_CHUNK, GenerationResult, check_sampling, encode_prompts, prefill_row, sample_next
+from ..policies import CachePolicy, for_model
 from .cache_io import export_cache, pack_cache, restore_cache, unpack_cache
 from .calibration import Calibration, ModelIdentity
 from .errors import KVTCFormatError
@@ -53,7 +52,7 @@ def generate_with_prefix_store(model, tokenizer, prompts: str | list[str], store
     stats: prompt/generated tokens, `prefix_tokens_reused` (tokens restored instead of prefilled),
     `prefix_hits`, `prefixes_stored`, and seconds spent restoring (read + decompress + restore),
     prefilling, decoding and storing (compress + write)."""
-    pol = resolve_policy(model, policy, None, window)
+    pol = for_model(model, policy, window=window)
     calibration.check(ModelIdentity.from_model(model))
     calibration.plan(cr)  # an unplanned ratio fails now, not after the first prompt has been generated
     check_sampling(max_new_tokens, temperature, top_p)

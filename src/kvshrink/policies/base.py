@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import KVShrinkError
+
 #: prompt chunk length for policies that evict while the prompt goes through (SPEC 7: 16)
 EVICTION_CHUNK = 16
 
@@ -27,6 +29,10 @@ class CachePolicy:
     """Base class: keeps everything (vanilla attention)."""
 
     name = "none"
+    #: the compression ratio the policy aims at (None: unknown); callers size batches and budgets by it
+    expected_cr: float | None = 1.0
+    #: whether evicted tokens free cache memory (Quest only skips reads: it keeps every token)
+    frees_memory = False
     #: set when the policy needs per-token eviction decisions from a DMS model
     needs_dms = False
     #: set when the policy scores tokens by attention weights: the cache then computes them explicitly
@@ -76,6 +82,11 @@ class CachePolicy:
 
     def describe(self) -> dict:
         return {"policy": self.name}
+
+
+def dms_model_needed(name: str) -> KVShrinkError:
+    """The one answer to a DMS policy on a model without DMS (asked by name, or found at the first forward)."""
+    return KVShrinkError(f"policy {name!r} needs a DMS model; retrofit one with `kvshrink retrofit MODEL --out DIR`")
 
 
 def sink_slots(layer, sinks: int) -> torch.Tensor:

@@ -22,11 +22,16 @@ PROTECTED = 1e30  # a score no attention weight or position reaches: the token i
 class BudgetPolicy(CachePolicy):
     cr: float
     prefill_chunk = EVICTION_CHUNK
+    frees_memory = True
 
     def __post_init__(self):
         if self.cr is None:
-            raise KVShrinkError(f"policy {self.name!r} works to a token budget: give --cr (e.g. --cr 8)")
+            raise KVShrinkError(f"policy {self.name!r} works to a token budget: give cr (e.g. cr=8)")
         check_cr(self.cr)
+
+    @property
+    def expected_cr(self) -> float:
+        return self.cr
 
     def budget(self, layer) -> torch.Tensor:
         return torch.ceil(layer.real.to(torch.float64) / self.cr).to(torch.long)

@@ -28,8 +28,15 @@ class DMSPolicy(CachePolicy):
     #: expired tokens leave as they are read and peak memory compares on the same terms; a server reads
     #: longer chunks for speed and holds at most one chunk more.
     prefill_chunk: int = EVICTION_CHUNK
+    #: the CR the model was trained for (None: not recorded); DMS's own, not a budget it enforces
+    target_cr: float | None = None
     name = "dms"
     needs_dms = True
+    frees_memory = True
+
+    @property
+    def expected_cr(self) -> float | None:
+        return self.target_cr
 
     def __post_init__(self):
         check_window(self.window)

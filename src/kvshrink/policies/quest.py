@@ -31,6 +31,7 @@ class QuestPolicy(BudgetPolicy):
     page: int = 16
     name = "quest"
     prefill_chunk = None
+    frees_memory = False
     # (B, Hkv, pages, 2D): each page's channel-wise key max, then minus its min (both halves are maxima, so
     # one in-place "amax" keeps them); (B, Hkv, pages, page) int32: the slot of each of a page's tokens,
     # -1 where none is stored yet
