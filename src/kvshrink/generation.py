@@ -38,11 +38,6 @@ class GenerationResult:
     per_sequence: dict = field(default_factory=dict, repr=False)  # tensors (B,): reads, peak tokens, lengths
 
 
-def resolve_policy(model, policy: str | CachePolicy | None, cr: float | None = None) -> CachePolicy:
-    """Serve's old door; it calls `policies.for_model` next."""
-    return for_model(model, policy, cr=cr)
-
-
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if max_new_tokens < 1:
         raise KVShrinkError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")

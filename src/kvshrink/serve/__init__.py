@@ -12,21 +12,19 @@ def build_engine(model, tokenizer, policy: str | None = None, cr: float | None =
     them in one forward: its output does not depend on the chunk; budget policies keep their 16-token chunks)."""
     import dataclasses
 
-    from ..attach import dms_config
     from ..errors import KVShrinkError
-    from ..generation import resolve_policy
-    from ..policies import DMSPolicy
+    from ..policies import DMSPolicy, for_model
     from ..shapes import kv_bytes_per_token
 
-    pol = resolve_policy(model, policy, cr)
-    if pol.name == "quest":
-        raise KVShrinkError("quest keeps every token (it saves reads, not memory): serve with none, dms, tova, h2o or window")
+    pol = for_model(model, policy, cr=cr)
+    if pol.name != "none" and not pol.frees_memory:
+        raise KVShrinkError(f"{pol.name} keeps every token (it saves reads, not memory): serve with none, dms, tova, h2o or window")
+    expected = pol.expected_cr or 1.0
     if isinstance(pol, DMSPolicy):
-        cfg = dms_config(model)
-        expected, window = (cfg.target_cr or 1.0), pol.window
+        window = pol.window
         pol = dataclasses.replace(pol, prefill_chunk=prefill_chunk)
     else:
-        expected, window = getattr(pol, "cr", 1.0), (pol.prefill_chunk or 0)  # a prefill chunk is held whole before eviction
+        window = pol.prefill_chunk or 0  # a prefill chunk is held whole before eviction
     if (budget_tokens is None) == (budget_mb is None):
         raise KVShrinkError("give exactly one of --kv-budget-tokens or --kv-budget-mb")
     budget = budget_tokens if budget_tokens is not None else int(budget_mb * 2**20 // kv_bytes_per_token(model))
