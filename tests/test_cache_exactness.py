@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from conftest import FAMILIES, left_pad, tiny_model, with_random_dms
 from kvshrink.attention import install
@@ -13,7 +14,7 @@ from kvshrink.cache import KVCache
 from kvshrink.shims import cache_arg
 from kvshrink.attach import DMSCache
 from kvshrink.dms.mask import delayed_eviction_bias, hard_log_keep
-from kvshrink.generation import generate_ids, prefill_row
+from kvshrink.generation import decode_step, generate_ids, prefill, prefill_row
 from kvshrink.policies import CachePolicy, DMSPolicy
 
 pytestmark = pytest.mark.exactness
@@ -35,6 +36,27 @@ def test_policy_none_equals_hf_generate(family):
                                  **cache_arg(KVCache(ours)))[:, ids.shape[1]:]
     assert via_generate.tolist() == expected.tolist()
     assert stats["compression_ratio"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_decode_step_equal_hf_forward_with_its_cache(family):
+    """The one prefill (in chunks) and decode step through KVCache (policy none) give the logits of HF's own
+    forward with a DynamicCache: a left-padded batch, then teacher-forced tokens one per row."""
+    hf_model = tiny_model(family)
+    ours = install(copy.deepcopy(hf_model))
+    ids, mask = left_pad(PROMPTS)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache, hf_cache = KVCache(ours), DynamicCache(config=hf_model.config)
+    with torch.no_grad():
+        got, _ = prefill(ours, cache, ids, mask, positions, chunk=4)
+        expected = hf_model(ids, attention_mask=mask, position_ids=positions, **cache_arg(hf_cache)).logits[:, -1]
+        assert (got - expected).abs().max() < 1e-4
+        pos = positions[:, -1]
+        for token in torch.randint(3, 128, (6, 2), generator=torch.Generator().manual_seed(11)):
+            mask, pos = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1), pos + 1
+            got = decode_step(ours, cache, token, mask, pos)
+            expected = hf_model(token[:, None], attention_mask=mask, position_ids=pos[:, None], **cache_arg(hf_cache)).logits[:, -1]
+            assert (got - expected).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("decision", ["adapter", "neuron"])

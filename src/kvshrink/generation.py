@@ -1,7 +1,9 @@
 """Batched generation through a `KVCache`, with the accounting every policy is compared on.
 
-Prompts are left-padded; the prompt is prefilled in chunks (same eviction rule as decode), then tokens
-are decoded one at a time. Stats follow SPEC sections 3 and 7:
+Prompts are left-padded; `prefill` reads them in chunks (same eviction rule as decode), then
+`decode_step` feeds one token per row at a time. These two steps are kvshrink's only forwards through a
+`KVCache`: the server, KVTC's prefix reuse and the KVTC study run them too, so every path writes,
+evicts and counts the same way. Stats follow SPEC sections 3 and 7:
 - kv_reads: over every generated token (the first comes from the prompt's last position), the cached
   tokens its query attends, itself included, averaged over (layer, KV head), summed over sequences;
 - prefill_kv_reads: the same for the other prompt positions;
@@ -59,20 +61,46 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 @torch.no_grad()
-def prefill_row(model, cache: KVCache, ids: list[int], chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
-    """Run `ids` through the model after whatever one-row `cache` holds; returns the last logits (V,)."""
-    if not ids:
+def prefill(model, cache: KVCache, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
+            chunk: int = DEFAULT_PREFILL_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one prefill: read left-padded `ids` (B, P) into `cache` after what it holds, `chunk` tokens per
+    forward. attn: (B, seen + P) mask of every position the cache will have seen (0 = padding);
+    positions: (B, P). Returns the last position's logits (B, V) and each row's reads of the other
+    positions (`prefill_kv_reads`, summed per chunk); the last position's reads count for the first
+    generated token: they stay in `cache.accounting.last_reads[:, -1]`."""
+    B, P = ids.shape
+    if P == 0:
         raise KVShrinkError("nothing to prefill: give at least one token")
-    device = next(model.parameters()).device
     chunk = cache.policy.prefill_chunk or chunk  # evicting policies read prompts in 16-token chunks (SPEC 7)
-    start = cache.layers[0].seen
-    for s in range(0, len(ids), chunk):
-        piece = torch.tensor([ids[s:s + chunk]], device=device)  # (1, Q)
-        end = start + s + piece.shape[1]
-        out = model(piece, attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
-                    position_ids=torch.arange(end - piece.shape[1], end, device=device)[None],
+    seen = cache.layers[0].seen
+    reads = torch.zeros(B, dtype=torch.float64, device=ids.device)
+    for s in range(0, P, chunk):
+        e = min(P, s + chunk)
+        out = model(ids[:, s:e], attention_mask=attn[:, :seen + e], position_ids=positions[:, s:e],
                     **cache_arg(cache), use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1]
+        step_reads = cache.accounting.last_reads
+        reads += (step_reads[:, :-1] if e == P else step_reads).sum(-1)
+    return out.logits[:, -1], reads
+
+
+@torch.no_grad()
+def decode_step(model, cache: KVCache, tokens: torch.Tensor, attn: torch.Tensor | None,
+                positions: torch.Tensor) -> torch.Tensor:
+    """The one decode step: feed one token per row, tokens (B,) at positions (B,), through `cache`; the
+    next token's logits (B, V). attn: (B, seen + 1) mask (0 = padding: a finished row's token), None when
+    no row pads. Each row's reads are then `cache.accounting.last_reads[:, 0]`."""
+    out = model(tokens[:, None], attention_mask=attn, position_ids=positions[:, None], **cache_arg(cache), use_cache=True)
+    return out.logits[:, -1]
+
+
+def prefill_row(model, cache: KVCache, ids: list[int], chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+    """`prefill` of one unpadded row, `ids` after whatever `cache` holds; returns the last logits (V,)."""
+    device = next(model.parameters()).device
+    seen = cache.layers[0].seen
+    row = torch.tensor([ids], dtype=torch.long, device=device)
+    attn = torch.ones(1, seen + len(ids), dtype=torch.long, device=device)
+    positions = torch.arange(seen, seen + len(ids), device=device)[None]
+    return prefill(model, cache, row, attn, positions, chunk)[0][0]
 
 
 @torch.no_grad()
@@ -99,10 +127,9 @@ def decode_rows(model, cache: KVCache, token: torch.Tensor, attn: torch.Tensor, 
             break
         attn = torch.cat([attn, (~finished).long()[:, None]], dim=1)
         last_pos = last_pos + 1
-        out = model(token[:, None], attention_mask=attn, position_ids=last_pos[:, None],
-                    **cache_arg(cache), use_cache=True)
+        logits = decode_step(model, cache, token, attn, last_pos)
         reads += cache.accounting.last_reads[:, 0]
-        token = sample_next(out.logits[:, -1], temperature, top_p, generator)
+        token = sample_next(logits, temperature, top_p, generator)
     rows = torch.stack(generated, dim=1).tolist()
     return [row[: int(n)] for row, n in zip(rows, n_generated.tolist())], n_generated, reads
 
@@ -149,27 +176,15 @@ def generate_ids(
     cache = KVCache(model, policy, reserve=reserve)
     cache.accounting = cache.accounting.fresh(torch.arange(B, device=device) // group)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-    reads = torch.zeros(B, dtype=torch.float64, device=device)
-    prefill_reads = torch.zeros(B, dtype=torch.float64, device=device)
     start = time.perf_counter()
-
-    chunk = policy.prefill_chunk or prefill_chunk  # evicting policies read prompts in 16-token chunks (SPEC 7)
-    for s in range(0, P, chunk):
-        e = min(P, s + chunk)
-        out = model(input_ids[:, s:e], attention_mask=attn[:, :e], position_ids=positions[:, s:e],
-                    **cache_arg(cache), use_cache=True, logits_to_keep=1)
-        step_reads = cache.accounting.last_reads
-        if e == P:
-            reads += step_reads[:, -1]
-            prefill_reads += step_reads[:, :-1].sum(-1)
-        else:
-            prefill_reads += step_reads.sum(-1)
+    logits, prefill_reads = prefill(model, cache, input_ids, attn, positions, prefill_chunk)
+    first_reads = cache.accounting.last_reads[:, -1]
     prefill_seconds = time.perf_counter() - start
 
-    first = sample_next(out.logits[:, -1], temperature, top_p, generator)
+    first = sample_next(logits, temperature, top_p, generator)
     tokens, n_generated, decode_reads = decode_rows(model, cache, first, attn, positions[:, -1], max_new_tokens,
                                                     eos_token_id, temperature, top_p, generator)
-    reads += decode_reads
+    reads = first_reads + decode_reads
     seconds = time.perf_counter() - start
 
     real_prompt = lengths.to(torch.float64)

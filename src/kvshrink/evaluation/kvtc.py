@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from ..cache import KVCache
-from ..generation import decode_rows, generate_ids
+from ..generation import decode_rows, decode_step, generate_ids
 from ..kvtc.cache_io import CacheState, cos_sin, restore_cache
 from ..kvtc.calibration import Calibration, ModelIdentity
 from ..kvtc.codec import SINKS, WINDOW, blob_stats, compress, decompress
@@ -23,7 +23,6 @@ from ..kvtc.quant import BITS, GROUP_OVERHEAD_BITS, fake_quant
 from ..loading import load
 from ..policies import for_model
 from ..prompts import chat_prompt, pad_token_id
-from ..shims import cache_arg
 from ..tasks import answer_budget, grade, make_problems
 
 EXAMPLE_SEED = 2_000_000  # few-shot turns: apart from the graded problems' seeds and kvtc.fit's
@@ -182,8 +181,7 @@ def _greedy_rows(model, cache: KVCache, last: int, max_new_tokens: int, eos: int
     step together (one forward per token for all methods) until each has written eos or max_new_tokens."""
     B, seen, device = cache.batch_size, cache.layers[0].seen, next(model.parameters()).device
     attn, pos = torch.ones(B, seen + 1, dtype=torch.long, device=device), torch.full((B,), seen, device=device)
-    logits = model(torch.full((B, 1), last, device=device), attention_mask=attn, position_ids=pos[:, None],
-                   **cache_arg(cache), use_cache=True).logits[:, -1]
+    logits = decode_step(model, cache, torch.full((B,), last, device=device), attn, pos)
     return decode_rows(model, cache, logits.argmax(-1), attn, pos, max_new_tokens, eos)[0]
 
 

@@ -12,12 +12,12 @@ prefix) also store that shared part, once, so the others restore it instead of p
 from __future__ import annotations
 
 import time
-from collections.abc import Container
 
 import torch
 
 from ..cache import KVCache
-from ..generation import DEFAULT_PREFILL_CHUNK, GenerationResult, check_sampling, encode_prompts, prefill_row, sample_next
+from ..generation import (DEFAULT_PREFILL_CHUNK, GenerationResult, check_sampling, decode_rows, encode_prompts, prefill_row,
+                          sample_next)
 from ..policies import CachePolicy, for_model
 from .cache_io import export_cache, pack_cache, restore_cache, unpack_cache
 from .calibration import Calibration, ModelIdentity
@@ -25,19 +25,6 @@ from .errors import KVTCFormatError
 from .store import PrefixStore
 
 MIN_SHARED_PREFIX = 64  # a shorter shared beginning is not worth an entry of its own
-
-
-def decode(model, cache: KVCache, logits: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-           top_p: float = 1.0, generator: torch.Generator | None = None, eos: Container[int] = ()) -> list[int]:
-    """Sample up to `max_new_tokens` tokens, the first from `logits` (V,); stops after an eos token."""
-    tokens = []
-    for step in range(max_new_tokens):
-        token = int(sample_next(logits[None], temperature, top_p, generator))
-        tokens.append(token)
-        if token in eos or step == max_new_tokens - 1:
-            break
-        logits = prefill_row(model, cache, [token])
-    return tokens
 
 
 def generate_with_prefix_store(model, tokenizer, prompts: str | list[str], store: PrefixStore, calibration: Calibration,
@@ -59,7 +46,6 @@ def generate_with_prefix_store(model, tokenizer, prompts: str | list[str], store
     prompts = [prompts] if isinstance(prompts, str) else prompts
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-    eos = {tokenizer.eos_token_id} - {None}
     stats = dict.fromkeys(("prompt_tokens", "generated_tokens", "prefix_tokens_reused", "prefix_hits", "prefixes_stored"), 0)
     seconds = dict.fromkeys(("restore_seconds", "prefill_seconds", "decode_seconds", "store_seconds"), 0.0)
     all_tokens = []
@@ -78,8 +64,11 @@ def generate_with_prefix_store(model, tokenizer, prompts: str | list[str], store
                 done = cut
         logits = prefill_row(model, cache, ids[-1:])
         clock = _lap(seconds, "prefill_seconds", clock, device)
-        tokens = decode(model, cache, logits, max_new_tokens, temperature=temperature, top_p=top_p,
-                        generator=generator, eos=eos)
+        seen = cache.layers[0].seen
+        first = sample_next(logits[None], temperature, top_p, generator)
+        tokens = decode_rows(model, cache, first, torch.ones(1, seen, dtype=torch.long, device=device),
+                             torch.tensor([seen - 1], device=device), max_new_tokens, tokenizer.eos_token_id,
+                             temperature, top_p, generator)[0][0]
         clock = _lap(seconds, "decode_seconds", clock, device)
         for cut, state in states:
             stats["prefixes_stored"] += store.put(prefix[:cut], pack_cache(state, model, calibration, cr, pol))

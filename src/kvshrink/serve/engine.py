@@ -35,9 +35,8 @@ import torch
 
 from ..cache import KVCache
 from ..errors import KVShrinkError, check_prefill_chunk
-from ..generation import prefill_row, sample_next
+from ..generation import decode_step, prefill_row, sample_next
 from ..shapes import check_context, kv_bytes_per_token
-from ..shims import cache_arg
 from .detokenizer import Detokenizer
 from .scheduler import Scheduler
 
@@ -238,10 +237,9 @@ class Engine:
         self._pause_if_over_budget()
         if not self.rows:
             return
-        tokens = torch.tensor([[s.tokens[-1]] for _, s in self.rows], device=self.device)
-        positions = torch.tensor([[len(r.prompt_ids) + len(s.tokens) - 1] for r, s in self.rows], device=self.device)
-        with torch.no_grad():
-            logits = self.model(tokens, position_ids=positions, **cache_arg(self.cache), use_cache=True).logits[:, -1]
+        tokens = torch.tensor([s.tokens[-1] for _, s in self.rows], device=self.device)
+        positions = torch.tensor([len(r.prompt_ids) + len(s.tokens) - 1 for r, s in self.rows], device=self.device)
+        logits = decode_step(self.model, self.cache, tokens, None, positions)
         self._account(self.cache.accounting.last_reads[:, 0])
         greedy = logits.argmax(-1).tolist()  # one transfer for every greedy row
         for i, (r, s) in enumerate(self.rows):
