@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..dms.signals import TrainSignals
 from ..errors import KVShrinkError, check_cr, check_sinks, check_window, out_folder
 from ..jsonl import append_jsonl, keep_jsonl
 from ..progress import advance, progress_bar, stop
@@ -268,14 +269,13 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
             tokens += live.sum()
             with torch.no_grad(), acc.autocast():
                 teacher_logits = (teacher(ids, use_cache=False) if teacher is not None
-                                  else model(ids, use_cache=False, dms_teacher=True)).logits
-            collected = []
+                                  else model(ids, use_cache=False, dms_signals=TrainSignals(teacher=True))).logits
+            signals = TrainSignals(uniform=uniform, collect=[], flex=flex)
             sync = micro == cfg.grad_accum - 1
             with acc.autocast(), (torch.enable_grad() if sync else acc.no_sync(model)):
-                student_logits = model(ids, use_cache=False, dms_uniform=uniform, dms_collect=collected,
-                                       dms_attention="flex" if flex else None).logits
+                student_logits = model(ids, use_cache=False, dms_signals=signals).logits
                 kl = kl_student_teacher(student_logits, teacher_logits, token_weights(live, batch.answer_start, cfg.answer_weight))
-                flags = torch.stack([c["flags"] for c in collected]).float()  # (L, B, Hkv, T), straight-through
+                flags = torch.stack([c["flags"] for c in signals.collect]).float()  # (L, B, Hkv, T), straight-through
                 per_seq = (flags.mean(dim=(0, 2)) * live).sum(-1) / live.sum(-1)
                 comp = compression_loss(per_seq, flag_target, cfg.cr_loss,
                                         length_weights(live, cfg.aim_context or 32 * cfg.window) if cfg.cr_by_length else None)
