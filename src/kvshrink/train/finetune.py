@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,13 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import KVShrinkError, out_folder
-from ..jsonl import append_jsonl, keep_jsonl
 from ..loading import device_label, load, warn_if_slow_cpu_bf16
-from ..progress import advance, progress_bar, stop
 from ..prompts import chat_prompt
 from ..tasks import TASKS, task_module
 from ..zoo import folder_of
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, restore, write_atomically
+from .loop import Loop, train_loop
 
 # difficulty ranges drawn in training: below and above each task's default (4, 4, 2, 3)
 DIFFICULTIES = {"arith": (2, 12), "vt": (1, 8), "niah": (1, 4), "hops": (1, 6)}
@@ -140,7 +138,7 @@ def _load_initial_adapter(model, trainable: dict, init_from: str, out: Path) -> 
 
 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
-    """Run (or resume) the fine-tune; writes OUT/lora (a peft adapter folder). Returns the last metrics."""
+    """Run (or resume) the fine-tune; writes OUT/lora (a peft adapter folder, atomically). Returns the last metrics."""
     from peft import LoraConfig, get_peft_model
 
     out = out_folder(cfg.out)
@@ -159,44 +157,28 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     start = 0
     if resume_from is not None:
         tensors, opt_state, state = Checkpoints.load(resume_from)
-        if set(tensors) != set(trainable):
-            raise KVShrinkError(f"checkpoint {resume_from} belongs to another run (different LoRA tensors)")
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(tensors[n])
+        restore(trainable, tensors, state, resume_from)
         optimizer.load_state_dict(opt_state)
         start = state["step"]
     (out / "finetune.json").write_text(json.dumps({**asdict(cfg), "device_name": device_label(device)}, indent=1))
-    metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():
-        keep_jsonl(metrics_path, lambda row: row["step"] <= start)
     model.train()
-    began, last = time.perf_counter(), {}
-    bar = progress_bar(progress, "finetune", cfg.steps, start)
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        lr = learning_rate(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+
+    def train_step(step: int) -> dict:
+        """One AdamW step on `batch_size` fresh problems (a function of the step: nothing else to resume)."""
         examples = [training_example(cfg, step * cfg.batch_size + j, tokenizer) for j in range(cfg.batch_size)]
         loss, token_acc = accumulate_step(model, examples, device, cfg.bf16)
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        tokens = sum(len(ids) for ids, _ in examples)
-        last = {"step": step + 1, "loss": loss, "answer_token_accuracy": token_acc, "lr": lr, "seconds": seconds,
-                "tokens": tokens, "tokens_per_second": tokens / seconds}
-        append_jsonl(metrics_path, last)
-        advance(bar, info=f"loss {last['loss']:.4f}  answer-token acc {token_acc:.3f}  {last['tokens_per_second']:.0f} tok/s")
-        done = step + 1 == cfg.steps
-        out_of_time = cfg.max_minutes is not None and (time.perf_counter() - began) / 60 > cfg.max_minutes
-        if done or out_of_time or (step + 1) % cfg.save_every == 0:
-            checkpoints.save(step + 1, trainable, optimizer.state_dict(), {"step": step + 1})  # data: a function of step
-        if out_of_time and not done:
-            print(f"stopped after step {step + 1} (--max-minutes); continue with --resume")
-            break
-    stop(bar)
+        return {"loss": loss, "answer_token_accuracy": token_acc, "tokens": sum(len(ids) for ids, _ in examples)}
+
+    loop = Loop("finetune", out, cfg.steps, cfg.save_every, cfg.max_minutes, progress=progress)
+    last = train_loop(loop, start, optimizer, lambda step: learning_rate(cfg, step), train_step,
+                      lambda step: checkpoints.save(step, trainable, optimizer.state_dict()), _status)
     if last.get("step") == cfg.steps:
-        model.save_pretrained(str(out / "lora"))
+        write_atomically(out / "lora", lambda tmp: model.save_pretrained(str(tmp)))
     return last
+
+
+def _status(m: dict) -> str:
+    return f"loss {m['loss']:.4f}  answer-token acc {m['answer_token_accuracy']:.3f}  {m['tokens_per_second']:.0f} tok/s"
