@@ -25,7 +25,7 @@ from ..prompts import chat_prompt
 from ..tasks import TASKS, task_module
 from ..zoo import folder_of
 from .checkpoints import Checkpoints, restore, write_atomically
-from .loop import Loop, train_loop
+from .loop import Loop, setting, train_loop
 
 # difficulty ranges drawn in training: below and above each task's default (4, 4, 2, 3)
 DIFFICULTIES = {"arith": (2, 12), "vt": (1, 8), "niah": (1, 4), "hops": (1, 6)}
@@ -34,23 +34,25 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class FinetuneConfig:
-    out: str
-    base: str = "smollm2"
-    tasks: str = "arith,vt,niah,hops"
-    steps: int = 600
-    batch_size: int = 4
-    lr: float = 5e-4
-    warmup: int = 20
-    lora_r: int = 16
-    lora_alpha: int = 32
-    max_context: int = 1024
-    save_every: int = 25
-    seed: int = 0
-    max_minutes: float | None = None
-    resume: bool = False
-    device: str = "auto"
-    bf16: bool = False  # bf16 autocast (fp32 master weights): ~1.5x faster on CPUs with AVX512-BF16, standard on GPUs
-    init_from: str | None = None  # start from this fine-tune's LoRA adapter (a shipped name or folder): a second stage
+    """A fine-tune's settings; each field is also an option of `kvshrink zoo finetune` (its help is the field's)."""
+
+    out: str = setting(help="run folder: checkpoints, metrics.jsonl, lora/")
+    base: str = setting("smollm2", "model to adapt (a shipped name or a local folder)")
+    tasks: str = setting("arith,vt,niah,hops", "comma-separated task mixture, each NAME or NAME:WEIGHT (e.g. arith:3,vt:3,niah,hops)")
+    steps: int = setting(600, "optimizer steps")
+    batch_size: int = setting(4, "problems per step")
+    lr: float = setting(5e-4, "AdamW peak learning rate: linear warm-up over --warmup steps, then cosine decay to a tenth")
+    warmup: int = setting(20, "linear warm-up steps")
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA alpha")
+    max_context: int = setting(1024, "longest training example in tokens")
+    save_every: int = setting(25, "checkpoint every N steps")
+    seed: int = setting(0, "training problem stream")
+    max_minutes: float | None = setting(None, "wall-clock ceiling: checkpoint and stop")
+    resume: bool = setting(False, "continue from OUT/checkpoints/latest")
+    device: str = setting("auto", "auto | cpu | cuda")
+    bf16: bool = setting(False, "bf16 autocast, fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16 or AMX, far slower on others (warned)")
+    init_from: str | None = setting(None, "start from this fine-tune's adapter (a shipped name or folder): a second stage")
 
     def __post_init__(self):
         mixture = parse_tasks(self.tasks)

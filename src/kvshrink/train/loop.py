@@ -1,5 +1,5 @@
-"""The training loop that the retrofit and the LoRA fine-tune share (nanoGPT's shape: set the step's learning
-rate, take one optimizer step, log it, checkpoint).
+"""What the retrofit and the LoRA fine-tune share: settings that are also command-line options, and the
+training loop (nanoGPT's shape: set the step's learning rate, take one optimizer step, log it, checkpoint).
 
 What differs stays with each trainer and comes in as a function: the step itself, the learning-rate
 schedule, how a checkpoint is gathered (a retrofit's is collective over processes), the status line, and
@@ -9,12 +9,18 @@ anything due after a step (a retrofit's models taken mid-ramp).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..jsonl import append_jsonl, keep_jsonl
 from ..progress import advance, progress_bar, stop
+
+
+def setting(default=MISSING, help: str = ""):
+    """A config field that is also a command-line option: `help` is its --help text (the CLI builds the
+    option from the field)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass

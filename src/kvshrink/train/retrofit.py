@@ -40,7 +40,7 @@ import torch
 from ..dms.signals import TrainSignals
 from ..errors import KVShrinkError, check_cr, check_sinks, check_window, out_folder
 from .checkpoints import Checkpoints, restore, write_atomically
-from .loop import Loop, train_loop
+from .loop import Loop, setting, train_loop
 from .losses import CR_LOSSES, compression_loss, flag_rate_for, kl_student_teacher, length_weights, noise_for, token_weights
 from .ramp import ramp_origin, ramped_cr
 
@@ -49,39 +49,51 @@ ADAPTER_LR, ALL_LR = 3e-5, 1e-5
 
 @dataclass
 class RetrofitConfig:
-    model: str
-    out: str
-    target_cr: float = 8.0
-    window: int = 256
-    steps: int = 1000
-    data: str | None = None
-    batch_size: int = 2  # sequences per optimizer step, over all processes
-    grad_accum: int = 1
-    seq_len: int = 512
-    lr: float | None = None  # default: 3e-5 (adapter, the release), 1e-5 (all)
-    warmup: int = 0
-    grad_clip: float = 1.0
-    train: str = "all"  # all (the paper) | adapter (the release)
-    decision: str | None = None  # default: neuron with --train all, adapter with --train adapter
-    neuron_decay: str = "instant"  # instant | linear (over the first 10% of steps, as DMC)
-    cr_loss: str = "one-sided"  # one-sided (the paper) | two-sided: also pull an eviction rate above the target back | squared
-    aim_context: int | None = None  # None: flag target 1 - 1/CR (the release); L: aim the reads-based CR at L tokens (old recipes)
-    ramp_steps: int | None = None  # steps to reach target_cr (default 80% of steps); then it holds
-    sinks: int | None = None  # never evict each sequence's first N tokens (DMSConfig.sinks); default `default_sinks(window)`
-    answer_weight: float = 1.0  # KL weight of answer tokens (task/passkey data) against 1 for the rest; 1 = the paper
-    cr_by_length: bool = False  # weight each sequence's compression term by min(1, its tokens / aim_context)
-    save_every: int = 50
-    seed: int = 0
-    max_minutes: float | None = None  # wall-clock ceiling: checkpoint and stop
-    stop_at: int | None = None  # checkpoint and stop after this step (to split a run into sessions)
-    fsdp: bool = False
-    resume: bool = False
-    device: str = "auto"
-    bf16: bool = False  # bf16 autocast on CPU too (always on CUDA): ~1.5x on CPUs with AVX512-BF16
-    data_cache: str | None = None  # where tokenized blocks are cached (default OUT/data-cache)
-    init_from: str | None = None  # start the eviction adapter from this DMS model's (a shipped name or a retrofit folder): a second stage
-    attention: str = "auto"  # training attention: flex (fused, no T x T mask; CUDA) | math | auto (flex on CUDA)
-    export_at: tuple[float, ...] = ()  # save OUT/cr-X when the ramped CR passes each X, stop after the last
+    """A retrofit's settings; each field is also an option of `kvshrink retrofit` (its help is the field's)."""
+
+    model: str = setting(help="local HF model folder (Llama, Qwen2, Qwen3, Mistral)")
+    out: str = setting(help="output folder: checkpoints, metrics.jsonl, final HF model")
+    target_cr: float = setting(8.0, "compression ratio to reach (>= 1)")
+    window: int = setting(256, "delayed-eviction window w (>= 0)")
+    steps: int = setting(1000, "optimizer steps")
+    data: str | None = setting(None, "text/jsonl file, folder, datasets folder, pydoc (the Python docs' train half), stdlib (the standard "
+                                     "library's source), teacher:FILE (teacher continues each line), task:NAME[,NAME][:N] (teacher answers N "
+                                     "generated problems per task), gold:NAME[,NAME] (a fresh problem per sample with its gold solution), "
+                                     "passkey:N, or several joined with +")
+    batch_size: int = setting(2, "sequences per step, over all processes")
+    grad_accum: int = setting(1, "gradient accumulation micro-steps")
+    seq_len: int = setting(512, "tokens per sequence")
+    lr: float | None = setting(None, "learning rate (default 3e-5 adapter, 1e-5 all)")
+    warmup: int = setting(0, "linear warm-up steps")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
+    train: str = setting("all", "all (the paper) | adapter (the release: base frozen)")
+    decision: str | None = setting(None, "neuron | adapter (default: neuron with all, adapter with adapter)")
+    neuron_decay: str = setting("instant", "instant | linear (over the first 10% of steps, as DMC): how the borrowed q_proj row is zeroed")
+    cr_loss: str = setting("one-sided", "one-sided (the paper: penalize too little eviction) | two-sided (also too much) | "
+                                        "squared (two-sided, fading near the target so that the KL decides which tokens go)")
+    aim_context: int | None = setting(None, "old recipes only: aim the reads-based CR at the target at this context "
+                                            "(default: flag target 1 - 1/CR, the release)")
+    ramp_steps: int | None = setting(None, "steps over which the CR ramps to the target (default 80% of --steps)")
+    sinks: int | None = setting(None, "never evict a sequence's first N tokens (attention sinks; default 4 below w = 512, 0 from there, "
+                                      "as the release)")
+    answer_weight: float = setting(1.0, "KL weight of the teacher's answer tokens (task:/passkey: data) against 1 for the prompt (1 = the paper)")
+    cr_by_length: bool = setting(False, "weight each sequence's compression loss by min(1, its tokens / --aim-context), "
+                                        "so short problems are not pushed to the eviction rate aimed at long contexts")
+    save_every: int = setting(50, "checkpoint every N steps")
+    seed: int = setting(0, "data order and Gumbel noise seed")
+    max_minutes: float | None = setting(None, "wall-clock ceiling: checkpoint and stop")
+    stop_at: int | None = setting(None, "checkpoint and stop after this step (resume later)")
+    fsdp: bool = setting(False, "shard weights, gradients and optimizer state with FSDP2 instead of DDP (under accelerate launch)")
+    resume: bool = setting(False, "continue from OUT/checkpoints/latest")
+    device: str = setting("auto", "auto | cpu | cuda")
+    bf16: bool = setting(False, "bf16 autocast on CPU too (always on CUDA), fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16 "
+                                "or AMX, far slower on others (warned)")
+    data_cache: str | None = setting(None, "where tokenized blocks and teacher samples are cached (default OUT/data-cache)")
+    init_from: str | None = setting(None, "start the eviction adapter from this DMS model's (a shipped name or retrofit folder; "
+                                          "--train adapter): a second stage on new data")
+    attention: str = setting("auto", "training attention: flex (fused, no TxT mask; CUDA) | math | auto (flex on CUDA)")
+    export_at: tuple[float, ...] = setting((), "e.g. 4,8: save OUT/cr-4, OUT/cr-8 as the ramp passes each CR, stop after the last "
+                                               "(ramp past them with --target-cr 16)")
 
     def __post_init__(self):
         check_cr(self.target_cr, "--target-cr")
