@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 import kvshrink  # noqa: E402
+from kvshrink.dms import TrainSignals  # noqa: E402
 from kvshrink.prompts import chat_prompt  # noqa: E402
 from kvshrink.tasks import make_problems  # noqa: E402
 
@@ -39,7 +40,7 @@ def keep_rates(model, tok, task: str, problems: int) -> tuple[float, float, floa
     for problem in make_problems(task, problems):
         ids = chat_prompt(tok, problem.prompt)
         flags = []
-        model(torch.tensor([ids], device=next(model.parameters()).device), use_cache=False, dms_collect=flags)
+        model(torch.tensor([ids], device=next(model.parameters()).device), use_cache=False, dms_signals=TrainSignals(collect=flags))
         keep = 1 - torch.stack([f["flags"].float() for f in flags]).mean(dim=(0, 1, 2)).cpu()  # (T,)
         pieces = [tok.decode([i]) for i in ids]  # byte-level BPE on ASCII text: the pieces spell the prompt
         ends = torch.tensor([len(p) for p in pieces]).cumsum(0)

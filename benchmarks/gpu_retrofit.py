@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from kvshrink.dms import TrainSignals
 from kvshrink.train.retrofit import RetrofitConfig, retrofit
 from kvshrink.train.pack import pack_adapter
 
@@ -56,9 +57,9 @@ def flex_check() -> dict:
     ids = torch.randint(0, 256, (2, 512), device="cuda")
     uniform = torch.rand(2, 2, 2, 512, device="cuda")
     results = []
-    for mode in (None, "flex"):
+    for flex in (False, True):
         model.zero_grad()
-        logits = model(ids, use_cache=False, dms_uniform=uniform, dms_attention=mode).logits
+        logits = model(ids, use_cache=False, dms_signals=TrainSignals(uniform=uniform, flex=flex)).logits
         logits.float().square().mean().backward()
         grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "dms_proj_alpha." in n])
         results.append((logits.detach(), grads))

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from kvshrink.compare import leading_agreement  # noqa: E402
 from kvshrink.cache import KVCache  # noqa: E402
+from kvshrink.dms import TrainSignals  # noqa: E402
 from kvshrink.shims import cache_arg  # noqa: E402
 from kvshrink.generation import generate_ids  # noqa: E402
 from kvshrink.corpora import passkey_prompt, pydoc_split  # noqa: E402
@@ -131,7 +132,7 @@ def run_ppl(entries: dict[str, Entry], held_ids, rec: Records, device, deadline,
             elif entry.policy.needs_dms:  # the whole-sequence hard mask: equal to the cache (tested)
                 for w in need:
                     flags = []
-                    logits = entry.model(ids[w], use_cache=False, dms_collect=flags).logits[0, :-1]
+                    logits = entry.model(ids[w], use_cache=False, dms_signals=TrainSignals(collect=flags)).logits[0, :-1]
                     add_ppl(rec, name, w, windows[w], F.log_softmax(logits.float(), -1), refs[w], flags,
                             reads_cr=dms_reads_cr(flags, entry.model.config.dms_window_size))
             else:

@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from kvshrink.attach import dms_config  # noqa: E402
+from kvshrink.dms import TrainSignals  # noqa: E402
 from kvshrink.tasks import TASKS, make_problems  # noqa: E402
 from kvshrink.zoo import MODELS_DIR  # noqa: E402
 from kvshrink.train.cards import set_accuracy  # noqa: E402
@@ -50,7 +51,7 @@ def flag_rate(model, tok, prompts: list[str], outputs: list[str]) -> float | Non
     for prompt, output in zip(prompts, outputs):
         ids = chat_prompt(tok, prompt) + tok(output)["input_ids"]
         flags = []
-        model(torch.tensor([ids], device=device), use_cache=False, dms_collect=flags)
+        model(torch.tensor([ids], device=device), use_cache=False, dms_signals=TrainSignals(collect=flags))
         rates.append(float(torch.stack([f["flags"].float().mean() for f in flags]).mean()))
     return sum(rates) / len(rates)
 

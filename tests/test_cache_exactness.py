@@ -13,6 +13,7 @@ from kvshrink.attention import install
 from kvshrink.cache import KVCache
 from kvshrink.shims import cache_arg
 from kvshrink.attach import DMSCache
+from kvshrink.dms import TrainSignals
 from kvshrink.dms.mask import delayed_eviction_bias, hard_log_keep
 from kvshrink.generation import decode_step, generate_ids, prefill, prefill_row
 from kvshrink.policies import CachePolicy, DMSPolicy
@@ -105,7 +106,7 @@ def test_dms_cache_matches_dense_reference_multi_turn(family, decision, sinks):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         collected = []
-        reference = model(ids, attention_mask=mask, position_ids=positions, use_cache=False, dms_collect=collected).logits
+        reference = model(ids, attention_mask=mask, position_ids=positions, use_cache=False, dms_signals=TrainSignals(collect=collected)).logits
         flags = torch.stack([c["flags"] for c in collected])  # (L, B, Hkv, T)
         real = mask[None, :, None, 1:].bool().expand_as(flags[..., 1:])
         assert flags[..., 1:][real].float().mean() >= 0.45, "the test needs real evictions"

@@ -150,3 +150,30 @@ def test_export_with_force_writes_beside_files_and_quietly(tiny_model_dir, tmp_p
     assert code == 0 and stdout.strip() == str(out) and err == "", err  # no progress bars from transformers
     assert (out / "notes.txt").read_text() == "mine"
     kvshrink.load(out)
+
+
+def test_training_options_are_the_settings_fields():
+    """The training commands ask every field of their settings dataclass, with its default and help, so a new
+    field is a new option; `zoo retrofit` asks all but those its recipe fixes, with its own defaults."""
+    import dataclasses
+
+    import typer.main
+
+    from kvshrink.cli import app
+    from kvshrink.train.finetune import FinetuneConfig
+    from kvshrink.train.retrofit import RetrofitConfig
+
+    root = typer.main.get_command(app)
+    zoo = root.commands["zoo"].commands
+    for command, cls, fixed in ((root.commands["retrofit"], RetrofitConfig, set()), (zoo["finetune"], FinetuneConfig, set()),
+                                (zoo["retrofit"], RetrofitConfig, {"train", "decision", "neuron_decay"})):
+        params = {p.name: p for p in command.params}
+        for f in dataclasses.fields(cls):
+            assert (f.name in params) == (f.name not in fixed), (command.name, f.name)
+            if f.name in params and command is not zoo["retrofit"]:
+                p = params[f.name]
+                assert p.help == f.metadata["help"] and p.help, f.name
+                assert p.required == (f.default is dataclasses.MISSING), f.name
+                assert p.required or p.default == (None if f.name == "export_at" else f.default), f.name
+    zoo_params = {p.name: p for p in zoo["retrofit"].params}
+    assert (zoo_params["window"].default, zoo_params["model"].default, "pack" in zoo_params) == (16, "tiny", True)

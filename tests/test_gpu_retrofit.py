@@ -15,6 +15,7 @@ import torch
 
 import kvshrink
 from conftest import tiny_model, with_random_dms
+from kvshrink.dms import TrainSignals
 from kvshrink.dms.mask import delayed_eviction_bias, flex_delayed_eviction_attention
 from kvshrink.errors import KVShrinkError
 from kvshrink.train.data import PAD, ProblemStream, stdlib_files, training_source
@@ -37,13 +38,13 @@ def test_flex_attention_equals_the_masked_reference(one_thread):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_flex_training_forward_equals_the_math_path(family, one_thread):
-    """The whole model in training mode (soft Gumbel gates): same logits with dms_attention='flex'."""
+    """The whole model in training mode (soft Gumbel gates): same logits with flex attention."""
     model = with_random_dms(tiny_model(family), window=4, evict_bias=3).train()
     ids = torch.randint(3, 128, (2, 40))
     uniform = torch.rand(2, 2, 2, 40)
     with torch.no_grad():
-        math = model(ids, use_cache=False, dms_uniform=uniform).logits
-        flex = model(ids, use_cache=False, dms_uniform=uniform, dms_attention="flex").logits
+        math = model(ids, use_cache=False, dms_signals=TrainSignals(uniform=uniform)).logits
+        flex = model(ids, use_cache=False, dms_signals=TrainSignals(uniform=uniform, flex=True)).logits
     assert torch.allclose(math, flex, atol=1e-4)
 
 

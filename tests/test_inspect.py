@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_model, with_random_dms
+from kvshrink.dms import TrainSignals
 from kvshrink.dms.diagnostics import decision_figures, inspect_decisions, roc_auc
 from kvshrink.errors import KVShrinkError
 
@@ -112,7 +113,7 @@ def test_inspect_matches_the_attention_flags():
     flags = []
     for seq in ids:
         collected = []
-        model(torch.tensor([seq]), use_cache=False, dms_collect=collected)
+        model(torch.tensor([seq]), use_cache=False, dms_signals=TrainSignals(collect=collected))
         flags.append(torch.stack([c["flags"][0, :, 1:] for c in collected]))  # (L, Hkv, T-1): tokens 0 .. T-2
     rate = torch.cat(flags, -1).float().mean(-1)
     assert sum(f["head_flag_rate"], []) == pytest.approx(rate.flatten().tolist(), abs=1e-6)

@@ -23,6 +23,7 @@ import kvshrink
 from conftest import left_pad, tiny_model
 from kvshrink.shims import cache_arg
 from kvshrink.attach import DMSCache, dms_config
+from kvshrink.dms import TrainSignals
 
 RELEASE_FIELDS = {
     "dms_alpha_scale": 100.0, "dms_initial_alpha_offset": 5.0, "dms_window_size": 4,
@@ -68,7 +69,7 @@ def test_release_checkpoint_runs_on_our_cache(tmp_path, tiny_model_dir):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         collected = []
-        dense = model(ids, attention_mask=mask, position_ids=positions, use_cache=False, dms_collect=collected).logits
+        dense = model(ids, attention_mask=mask, position_ids=positions, use_cache=False, dms_signals=TrainSignals(collect=collected)).logits
         assert torch.stack([c["flags"] for c in collected]).float().mean() > 0.2  # the adapter really evicts
         cache = DMSCache(model)
         pieces = [model(ids[:, :12], attention_mask=mask[:, :12], position_ids=positions[:, :12], **cache_arg(cache)).logits]

@@ -3,7 +3,8 @@
 `install(model)` swaps each layer's `self_attn` for a `KVAttention` that owns the same projection
 modules (so the state dict keeps its names) and reads three kinds of cache:
 - a kvshrink `KVCache`: tokens go into the slot store and attention reads only live slots;
-- no cache (training, scoring a whole sequence): DMS applies the delayed-eviction mask;
+- no cache (training, scoring a whole sequence): DMS applies the delayed-eviction mask, a training forward
+  saying what it needs through one `TrainSignals` (`dms_signals=`);
 - any other transformers `Cache` (e.g. `DynamicCache`): the model's usual attention, unchanged.
 Nothing global is patched: only the model passed in changes.
 """
@@ -21,6 +22,7 @@ from .cache import KVCache
 from .dms.config import DMSConfig
 from .dms.mask import delayed_eviction_bias, flex_delayed_eviction_attention, hard_log_keep, sink_tokens, soft_log_keep
 from .dms.retention import adapter_logits, borrowed_channel_keep, forced_logits, gumbel_sigmoid, neuron_logits
+from .dms.signals import TrainSignals
 from .errors import KVShrinkError
 from .policies.base import dms_model_needed
 from .shapes import check_family, decoder_layers
@@ -74,7 +76,11 @@ class KVAttention(nn.Module):
         self._keep = None  # cached borrowed-channel multiplier (neuron variant)
         self.train(hf_attn.training)  # a new module starts in training mode; follow the model's
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, cache=None,
+                dms_residual=None, dms_signals: TrainSignals | None = None, **kwargs):
+        """dms_residual: the layer's input before its norm (the adapter reads it; `attach` passes it);
+        dms_signals: what a training or inspecting forward asks (`TrainSignals`)."""
+        signals = dms_signals or TrainSignals()
         past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24 passes `cache`
         B, T, _ = hidden_states.shape
         shape = (B, T, -1, self.head_dim)
@@ -85,20 +91,20 @@ class KVAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
 
-        dms = None if kwargs.get("dms_teacher") else self.dms
+        dms = None if signals.teacher else self.dms
         logits = None
         if dms is not None and dms.decision == "neuron":
             logits = neuron_logits(q, self.n_kv_heads, dms)
             q = q * self._channel_keep(q)
         elif dms is not None:
-            logits = adapter_logits(self.dms_proj_alpha_norm, self.dms_proj_alpha, kwargs["dms_residual"], dms)
+            logits = adapter_logits(self.dms_proj_alpha_norm, self.dms_proj_alpha, dms_residual, dms)
 
         cos, sin = position_embeddings
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if dms is not None and dms.decision == "neuron":
             q = q * self._channel_keep(q)  # RoPE mixed it back in from its rotary pair
 
-        if dms is not None and (dms.disable_eviction or kwargs.get("dms_disable_eviction")):
+        if dms is not None and dms.disable_eviction:
             logits = None
         elif dms is not None:
             if dms.forced_keep_every:
@@ -109,7 +115,7 @@ class KVAttention(nn.Module):
         if isinstance(past_key_values, KVCache):
             out = self._cached_attention(q, k, v, logits, attention_mask, past_key_values)
         elif logits is not None:
-            out = self._dms_full_attention(q, k, v, logits, attention_mask, past_key_values, kwargs)
+            out = self._dms_full_attention(q, k, v, logits, attention_mask, past_key_values, signals)
         else:
             out = self._hf_attention(q, k, v, attention_mask, past_key_values, kwargs)
         out = out.transpose(1, 2).reshape(B, T, -1)
@@ -134,7 +140,7 @@ class KVAttention(nn.Module):
         decisions = (logits > 0) if (logits is not None and cache.policy.needs_dms) else None
         return cache.attend(self.layer_idx, q, k, v, self.scaling, valid, decisions)
 
-    def _dms_full_attention(self, q, k, v, logits, attention_mask, hf_cache, kwargs):
+    def _dms_full_attention(self, q, k, v, logits, attention_mask, hf_cache, signals: TrainSignals):
         """Whole-sequence DMS attention with the delayed-eviction mask (training and reference scoring)."""
         if isinstance(hf_cache, Cache):
             if hf_cache.get_seq_length(self.layer_idx) > 0:
@@ -145,7 +151,7 @@ class KVAttention(nn.Module):
             hf_cache.update(k, v, self.layer_idx)
         B, H, T, D = q.shape
         if self.training:
-            uniform = kwargs.get("dms_uniform")
+            uniform = signals.uniform
             z, hard = gumbel_sigmoid(logits, self.dms.tau, None if uniform is None else uniform[self.layer_idx])
             log_keep = soft_log_keep(z)
         else:
@@ -157,11 +163,10 @@ class KVAttention(nn.Module):
             log_keep = log_keep.masked_fill(sink[:, None, :], 0.0)
             decides_sink = F.pad(sink[:, :-1], (1, 0), value=False)  # the decision at t+1 marks token t
             hard = hard.masked_fill(decides_sink[:, None, :], 0.0)
-        collect = kwargs.get("dms_collect")
-        if collect is not None:
-            collect.append({"layer": self.layer_idx, "flags": hard, "logits": logits})
+        if signals.collect is not None:
+            signals.collect.append({"layer": self.layer_idx, "flags": hard, "logits": logits})
         # training at 2k-8k tokens: no T x T mask. flex has no CPU backward, so CPU training keeps the math path (same values)
-        if kwargs.get("dms_attention") == "flex" and attention_mask is None and (q.is_cuda or not log_keep.requires_grad):
+        if signals.flex and attention_mask is None and (q.is_cuda or not log_keep.requires_grad):
             return flex_delayed_eviction_attention(q, k, v, log_keep, self.dms.window, self.scaling)
         bias = delayed_eviction_bias(log_keep, self.dms.window).to(q.dtype)  # (B, Hkv, T, T)
         if attention_mask is not None:  # padding: hide padded keys (a query still sees itself)
@@ -185,12 +190,11 @@ class KVAttention(nn.Module):
         if hf_cache is not None:
             k, v = hf_cache.update(k, v, self.layer_idx)
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        passthrough = {key: val for key, val in kwargs.items() if not key.startswith("dms_")}
         if self.sliding_window:
-            passthrough["sliding_window"] = self.sliding_window
+            kwargs["sliding_window"] = self.sliding_window
         out, _ = fn(
             self, q, k, v, attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **passthrough,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
         )
         return out.transpose(1, 2)  # HF returns (B, T, H, D)
 

@@ -1,20 +1,26 @@
-"""The `kvshrink` command line. Each command parses its options and calls one library function.
+"""The `kvshrink` command line. Each command parses its options and calls one library function; the training
+commands' options are the fields of their settings dataclasses (`from_config`).
 
 Bad input exits with code 2 and a one-line message on stderr (never a traceback).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from .errors import KVShrinkError, check_cr, check_prefill_chunk, check_sinks, check_window, out_folder
+from .train.finetune import FinetuneConfig
+from .train.retrofit import RetrofitConfig
 
 # click's usage errors (bad or missing options), from the click this typer uses (its own copy in typer >= 0.2x)
 _UsageError = typer.BadParameter.__mro__[1]
@@ -25,20 +31,50 @@ _PARAMETER = re.compile(r"(?<![\w'-])(cr|window|sinks)(?:=([^\s,;)]+))?(?![\w'-]
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Shrink the KV cache of Hugging Face decoders.")
 
 
-# training in bf16 autocast with fp32 master weights (retrofits always use it on CUDA)
-BF16_OPTION = typer.Option(False, "--bf16", help="bf16 autocast, fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16 or AMX, far slower on others (warned)")
-AIM_CONTEXT_OPTION = typer.Option(None, help="old recipes only: aim the reads-based CR at the target at this context (default: flag target 1 - 1/CR, the release)")
-RAMP_STEPS_OPTION = typer.Option(None, help="steps over which the CR ramps to the target (default 80% of --steps)")
-SINKS_OPTION = typer.Option(None, help="never evict a sequence's first N tokens (attention sinks; default 4 below w = 512, 0 from there, as the release)")
 SINKS_OVERRIDE = typer.Option(None, help="DMS sinks override: never evict the first N tokens (>= 0)")
 CR_OPTION = typer.Option(None, help="target compression ratio (>= 1)")
 WINDOW_OVERRIDE = typer.Option(None, help="DMS window override (>= 0)")
-ANSWER_WEIGHT_OPTION = typer.Option(1.0, help="KL weight of the teacher's answer tokens (task:/passkey: data) against 1 for the prompt (1 = the paper)")
-INIT_FROM_OPTION = typer.Option(None, help="start the eviction adapter from this DMS model's (a shipped name or retrofit folder; --train adapter): a second stage on new data")
-CR_LOSS_OPTION = typer.Option("one-sided", help="one-sided (the paper: penalize too little eviction) | two-sided (also too much) | "
-                              "squared (two-sided, fading near the target so that the KL decides which tokens go)")
-CR_BY_LENGTH_OPTION = typer.Option(False, "--cr-by-length", help="weight each sequence's compression loss by min(1, its tokens / --aim-context), "
-                                   "so short problems are not pushed to the eviction rate aimed at long contexts")
+
+
+def from_config(cls, arguments: tuple[str, ...] = (), fixed: dict | None = None, defaults: dict | None = None, helps: dict | None = None):
+    """Give a command one option per field of the settings dataclass `cls` (its name, type, default, and its
+    help from the field's metadata: `train.loop.setting`), so that a new field is a new option. The command
+    takes `cfg`, built from them, plus any options of its own.
+
+    arguments: fields taken as positional arguments; fixed: fields this command sets instead of asking;
+    defaults, helps: this command's own where they differ. A `tuple[float, ...]` field is given as text,
+    comma-separated (--export-at 4,8)."""
+    fixed, defaults, helps = fixed or {}, defaults or {}, helps or {}
+    types = typing.get_type_hints(cls)
+    asked = [f for f in dataclasses.fields(cls) if f.name not in fixed]
+    listed = {f.name for f in asked if types[f.name] == tuple[float, ...]}
+
+    def parameter(f: dataclasses.Field) -> inspect.Parameter:
+        default = defaults.get(f.name, ... if f.default is dataclasses.MISSING else f.default)
+        annotation = types[f.name]
+        if f.name in listed:  # text; not given = the field's empty default
+            annotation, default = Optional[str], None
+        make = typer.Argument if f.name in arguments else typer.Option
+        info = make(default, help=helps.get(f.name, f.metadata["help"]))
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+
+    def decorate(command):
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(command, eval_str=True).parameters.values()
+               if p.name != "cfg"]
+        params = [parameter(f) for f in asked] + own
+
+        def run(**values):
+            settings = {f.name: values.pop(f.name) for f in asked}
+            for name in listed:
+                settings[name] = tuple(_floats(settings[name])) if settings[name] else ()
+            return command(cls(**settings, **fixed), **values)
+
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        run.__name__, run.__doc__ = command.__name__, command.__doc__
+        return run
+
+    return decorate
 
 
 @app.command()
@@ -155,50 +191,14 @@ def eval_cmd(
 
 
 @app.command()
-def retrofit(
-    model: str = typer.Argument(..., help="local HF model folder (Llama, Qwen2, Qwen3, Mistral)"),
-    out: Path = typer.Option(..., "--out", help="output folder: checkpoints, metrics.jsonl, final HF model"),
-    target_cr: float = typer.Option(8.0, help="compression ratio to reach (>= 1)"),
-    window: int = typer.Option(256, help="delayed-eviction window w (>= 0)"),
-    steps: int = typer.Option(1000, help="optimizer steps"),
-    data: Optional[str] = typer.Option(None, help="text/jsonl file, folder, datasets folder, pydoc (the Python docs' train half), teacher:FILE (teacher continues each line), task:NAME[,NAME][:N] (teacher answers N generated problems per task), passkey:N, or several joined with +"),
-    batch_size: int = typer.Option(2, help="sequences per step, over all processes"),
-    grad_accum: int = typer.Option(1, help="gradient accumulation micro-steps"),
-    seq_len: int = typer.Option(512, help="tokens per sequence"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default 3e-5 adapter, 1e-5 all)"),
-    warmup: int = typer.Option(0, help="linear warm-up steps"),
-    train: str = typer.Option("all", help="all (the paper) | adapter (the release: base frozen)"),
-    decision: Optional[str] = typer.Option(None, help="neuron | adapter (default: neuron with all, adapter with adapter)"),
-    neuron_decay: str = typer.Option("instant", help="instant | linear: how the borrowed q_proj row is zeroed"),
-    aim_context: Optional[int] = AIM_CONTEXT_OPTION,
-    ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
-    cr_loss: str = CR_LOSS_OPTION,
-    cr_by_length: bool = CR_BY_LENGTH_OPTION,
-    sinks: Optional[int] = SINKS_OPTION,
-    answer_weight: float = ANSWER_WEIGHT_OPTION,
-    save_every: int = typer.Option(50, help="checkpoint every N steps"),
-    seed: int = typer.Option(0, help="data order and Gumbel noise seed"),
-    max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
-    stop_at: Optional[int] = typer.Option(None, help="checkpoint and stop after this step (resume later)"),
-    fsdp: bool = typer.Option(False, help="shard weights, gradients and optimizer state with FSDP2 instead of DDP (under accelerate launch)"),
-    resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    bf16: bool = BF16_OPTION,
-    init_from: Optional[str] = INIT_FROM_OPTION,
-    attention: str = typer.Option("auto", help="training attention: flex (fused, no TxT mask; CUDA) | math | auto (flex on CUDA)"),
-    export_at: Optional[str] = typer.Option(None, help="e.g. 4,8: save OUT/cr-4, OUT/cr-8 as the ramp passes each CR, stop after the last (ramp past them with --target-cr 16)"),
-):
+@from_config(RetrofitConfig, arguments=("model",))
+def retrofit(cfg: RetrofitConfig):
     """Retrofit DMS into a model by distilling from itself (KL + compression loss, CR ramped up).
 
     Multi-process: `accelerate launch --multi_gpu --num_processes N -m kvshrink retrofit ...` (DDP).
     """
-    from .train.retrofit import RetrofitConfig, retrofit as run
+    from .train.retrofit import retrofit as run
 
-    cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
-                         batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup, train=train,
-                         decision=decision, neuron_decay=neuron_decay, aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, cr_by_length=cr_by_length, sinks=sinks,
-                         answer_weight=answer_weight, save_every=save_every, seed=seed, max_minutes=max_minutes, stop_at=stop_at, fsdp=fsdp, resume=resume, device=device, bf16=bf16,
-                         init_from=init_from, attention=attention, export_at=tuple(_floats(export_at)) if export_at else ())
     last = run(cfg)
     if last and os.environ.get("RANK", "0") == "0":  # one line, from the main process of a launch
         print(json.dumps(last))
@@ -322,74 +322,36 @@ app.add_typer(zoo_app, name="zoo")
 
 
 @zoo_app.command("finetune")
+@from_config(FinetuneConfig)
 def zoo_finetune(
-    out: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.jsonl, lora/"),
-    base: str = typer.Option("smollm2", help="model to adapt (a shipped name or a local folder)"),
-    tasks: str = typer.Option("arith,vt,niah,hops", help="comma-separated task mixture, each NAME or NAME:WEIGHT (e.g. arith:3,vt:3,niah,hops)"),
-    steps: int = typer.Option(600, help="optimizer steps"),
-    batch_size: int = typer.Option(4, help="problems per step"),
-    lr: float = typer.Option(5e-4, help="AdamW peak learning rate: linear warm-up over --warmup steps, then cosine decay to a tenth"),
-    warmup: int = typer.Option(20, help="linear warm-up steps"),
-    lora_r: int = typer.Option(16, help="LoRA rank"),
-    lora_alpha: int = typer.Option(32, help="LoRA alpha"),
-    max_context: int = typer.Option(1024, help="longest training example in tokens"),
-    save_every: int = typer.Option(25, help="checkpoint every N steps"),
-    seed: int = typer.Option(0, help="training problem stream"),
-    max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
-    resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
-    init_from: Optional[str] = typer.Option(None, help="start from this fine-tune's adapter (a shipped name or folder): a second stage"),
+    cfg: FinetuneConfig,
     pack: Optional[Path] = typer.Option(None, help="when finished, write the model (LoRA adapter, manifest, card) to this folder; the run's logs stay in --out"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    bf16: bool = BF16_OPTION,
 ):
     """LoRA fine-tune on the synthetic tasks (loss on worked solutions only), resumable."""
-    from .train.finetune import FinetuneConfig, finetune
+    from .train.finetune import finetune
     from .train.pack import pack_lora
 
-    cfg = FinetuneConfig(out=str(out), base=base, tasks=tasks, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                         lora_r=lora_r, lora_alpha=lora_alpha, max_context=max_context, save_every=save_every, seed=seed,
-                         max_minutes=max_minutes, resume=resume, device=device, bf16=bf16, init_from=init_from)
     last = finetune(cfg)
-    if pack and last.get("step") == steps:
-        print(pack_lora(out, pack, base=base))
+    if pack and last.get("step") == cfg.steps:
+        print(pack_lora(Path(cfg.out), pack, base=cfg.base))
 
 
 @zoo_app.command("retrofit")
+@from_config(RetrofitConfig, arguments=("model",), fixed={"train": "adapter", "decision": "adapter", "neuron_decay": "instant"},
+             defaults={"model": "tiny", "window": 16, "steps": 300, "data": "gold:arith,vt,niah,hops", "seq_len": 1024, "save_every": 25},
+             helps={"model": "the task model to retrofit", "out": "run folder", "window": "delayed-eviction window w (SPEC 7: 16 for tiny-dms*)",
+                    "data": "distillation data (default: a fresh problem per sample with its gold solution)"})
 def zoo_retrofit(
-    model: str = typer.Argument("tiny", help="the task model to retrofit"),
-    out: Path = typer.Option(..., "--out", help="run folder"),
-    target_cr: float = typer.Option(8.0, help="compression ratio to reach (>= 1)"),
-    window: int = typer.Option(16, help="delayed-eviction window w (SPEC 7: 16 for tiny-dms*)"),
-    steps: int = typer.Option(300, help="optimizer steps"),
-    data: str = typer.Option("gold:arith,vt,niah,hops", help="distillation data (default: a fresh problem per sample with its gold solution)"),
-    seq_len: int = typer.Option(1024, help="tokens per sequence"),
-    batch_size: int = typer.Option(2, help="sequences per step"),
-    lr: Optional[float] = typer.Option(None, help="adapter learning rate (default 3e-5, the release's, constant)"),
-    aim_context: Optional[int] = AIM_CONTEXT_OPTION,
-    ramp_steps: Optional[int] = RAMP_STEPS_OPTION,
-    cr_loss: str = CR_LOSS_OPTION,
-    cr_by_length: bool = CR_BY_LENGTH_OPTION,
-    sinks: Optional[int] = SINKS_OPTION,
-    answer_weight: float = ANSWER_WEIGHT_OPTION,
-    save_every: int = typer.Option(25, help="checkpoint every N steps"),
-    max_minutes: Optional[float] = typer.Option(None, help="wall-clock ceiling: checkpoint and stop"),
-    resume: bool = typer.Option(False, help="continue from OUT/checkpoints/latest"),
+    cfg: RetrofitConfig,
     pack: Optional[Path] = typer.Option(None, help="when finished, write the model (DMS adapter, manifest, card) to this folder; the run's logs stay in --out"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    bf16: bool = BF16_OPTION,
-    init_from: Optional[str] = INIT_FROM_OPTION,
 ):
     """DMS eviction adapter on a task model (the release recipe: --train adapter --decision adapter)."""
-    from .train.retrofit import RetrofitConfig, retrofit as run
     from .train.pack import pack_adapter
+    from .train.retrofit import retrofit as run
 
-    cfg = RetrofitConfig(model=model, out=str(out), target_cr=target_cr, window=window, steps=steps, data=data,
-                         batch_size=batch_size, seq_len=seq_len, lr=lr, train="adapter", decision="adapter",
-                         aim_context=aim_context, ramp_steps=ramp_steps, cr_loss=cr_loss, cr_by_length=cr_by_length, sinks=sinks, answer_weight=answer_weight,
-                         save_every=save_every, max_minutes=max_minutes, resume=resume, device=device, bf16=bf16, init_from=init_from)
     last = run(cfg)
-    if pack and last.get("step") == steps:
-        print(pack_adapter(out, pack, base=model))
+    if pack and last.get("step") == cfg.steps:
+        print(pack_adapter(Path(cfg.out), pack, base=cfg.model))
 
 
 @app.command("plot-training")

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import KVShrinkError
 from .config import DMSConfig
+from .signals import TrainSignals
 
 BUCKETS = ("<.05", ".05-.5", ".5-.95", ">=.95")
 ALL_KEEP, WINDOW_ONLY = 0.05, 0.95  # flag-rate bounds of the first and last buckets
@@ -185,7 +186,7 @@ def sequence_logits(model, ids: list[int]) -> torch.Tensor:
     """(L, Hkv, T) decision logits of one sequence: the decoder alone (no LM head), eval mode, no cache."""
     collected = []
     device = next(model.parameters()).device
-    model.model(torch.tensor([ids], device=device), use_cache=False, dms_collect=collected)
+    model.model(torch.tensor([ids], device=device), use_cache=False, dms_signals=TrainSignals(collect=collected))
     if not collected:
         raise KVShrinkError("this model's eviction is disabled (dms_disable_eviction): there are no decisions to inspect")
     return torch.stack([c["logits"][0].float().cpu() for c in sorted(collected, key=lambda c: c["layer"])])

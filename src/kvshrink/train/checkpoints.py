@@ -2,12 +2,14 @@
 
 Each checkpoint holds the trainable tensors (safetensors), the optimizer state and the loop state (step,
 RNG states). It is written to a temporary folder and renamed, then `latest` is replaced atomically, so
-an interrupted write never leaves a checkpoint that loads. `write_atomically` does that for any folder.
+an interrupted write never leaves a checkpoint that loads. `write_atomically` does that for any folder;
+`restore` puts a checkpoint back into a run.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -62,15 +64,19 @@ class Checkpoints:
             raise KVShrinkError(f"{pointer} names {path.name}, which is missing; delete {pointer} to start over")
         return path
 
-    def save(self, step: int, trainable: dict, optimizer_state: dict, extra: dict) -> Path:
+    def save(self, step: int, trainable: dict, optimizer_state: dict) -> Path:
+        """Checkpoint `step`, with the RNG states (data and Gumbel noise are seeded by step; anything else
+        random, such as dropout, continues as if never stopped)."""
         from safetensors.torch import save_file
+
+        state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
 
         name = f"step-{step:06d}"
 
         def write(tmp: Path) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
             torch.save(optimizer_state, tmp / "optimizer.pt")
-            torch.save(extra, tmp / "state.pt")
+            torch.save(state, tmp / "state.pt")
 
         final = self.dir / name
         write_atomically(final, write)
@@ -100,3 +106,19 @@ class Checkpoints:
             except Exception as exc:
                 raise KVShrinkError(f"checkpoint file {files[key]} is corrupt or truncated ({exc}); delete {path}") from exc
         return tuple(out)
+
+
+def restore(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], state: dict, path: Path) -> None:
+    """Copy a checkpoint's tensors into the run's trainable parameters (by name) and set its RNG states
+    back; the optimizer state is the caller's (a sharded run shards it first). Checkpoints of fine-tunes
+    from before the RNG was kept have none to set."""
+    wrong = sorted(n for n, p in params.items() if n not in tensors or tensors[n].shape != p.shape)
+    if wrong:
+        raise KVShrinkError(f"checkpoint {path} lacks {len(wrong)} tensors of this run (e.g. {wrong[0]}, or another shape): "
+                            "it belongs to another run")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])

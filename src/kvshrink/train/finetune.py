@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,13 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import KVShrinkError, out_folder
-from ..jsonl import append_jsonl, keep_jsonl
 from ..loading import device_label, load, warn_if_slow_cpu_bf16
-from ..progress import advance, progress_bar, stop
 from ..prompts import chat_prompt
 from ..tasks import TASKS, task_module
 from ..zoo import folder_of
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, restore, write_atomically
+from .loop import Loop, setting, train_loop
 
 # difficulty ranges drawn in training: below and above each task's default (4, 4, 2, 3)
 DIFFICULTIES = {"arith": (2, 12), "vt": (1, 8), "niah": (1, 4), "hops": (1, 6)}
@@ -36,23 +34,25 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class FinetuneConfig:
-    out: str
-    base: str = "smollm2"
-    tasks: str = "arith,vt,niah,hops"
-    steps: int = 600
-    batch_size: int = 4
-    lr: float = 5e-4
-    warmup: int = 20
-    lora_r: int = 16
-    lora_alpha: int = 32
-    max_context: int = 1024
-    save_every: int = 25
-    seed: int = 0
-    max_minutes: float | None = None
-    resume: bool = False
-    device: str = "auto"
-    bf16: bool = False  # bf16 autocast (fp32 master weights): ~1.5x faster on CPUs with AVX512-BF16, standard on GPUs
-    init_from: str | None = None  # start from this fine-tune's LoRA adapter (a shipped name or folder): a second stage
+    """A fine-tune's settings; each field is also an option of `kvshrink zoo finetune` (its help is the field's)."""
+
+    out: str = setting(help="run folder: checkpoints, metrics.jsonl, lora/")
+    base: str = setting("smollm2", "model to adapt (a shipped name or a local folder)")
+    tasks: str = setting("arith,vt,niah,hops", "comma-separated task mixture, each NAME or NAME:WEIGHT (e.g. arith:3,vt:3,niah,hops)")
+    steps: int = setting(600, "optimizer steps")
+    batch_size: int = setting(4, "problems per step")
+    lr: float = setting(5e-4, "AdamW peak learning rate: linear warm-up over --warmup steps, then cosine decay to a tenth")
+    warmup: int = setting(20, "linear warm-up steps")
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA alpha")
+    max_context: int = setting(1024, "longest training example in tokens")
+    save_every: int = setting(25, "checkpoint every N steps")
+    seed: int = setting(0, "training problem stream")
+    max_minutes: float | None = setting(None, "wall-clock ceiling: checkpoint and stop")
+    resume: bool = setting(False, "continue from OUT/checkpoints/latest")
+    device: str = setting("auto", "auto | cpu | cuda")
+    bf16: bool = setting(False, "bf16 autocast, fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16 or AMX, far slower on others (warned)")
+    init_from: str | None = setting(None, "start from this fine-tune's adapter (a shipped name or folder): a second stage")
 
     def __post_init__(self):
         mixture = parse_tasks(self.tasks)
@@ -140,7 +140,7 @@ def _load_initial_adapter(model, trainable: dict, init_from: str, out: Path) -> 
 
 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
-    """Run (or resume) the fine-tune; writes OUT/lora (a peft adapter folder). Returns the last metrics."""
+    """Run (or resume) the fine-tune; writes OUT/lora (a peft adapter folder, atomically). Returns the last metrics."""
     from peft import LoraConfig, get_peft_model
 
     out = out_folder(cfg.out)
@@ -159,44 +159,28 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     start = 0
     if resume_from is not None:
         tensors, opt_state, state = Checkpoints.load(resume_from)
-        if set(tensors) != set(trainable):
-            raise KVShrinkError(f"checkpoint {resume_from} belongs to another run (different LoRA tensors)")
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(tensors[n])
+        restore(trainable, tensors, state, resume_from)
         optimizer.load_state_dict(opt_state)
         start = state["step"]
     (out / "finetune.json").write_text(json.dumps({**asdict(cfg), "device_name": device_label(device)}, indent=1))
-    metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():
-        keep_jsonl(metrics_path, lambda row: row["step"] <= start)
     model.train()
-    began, last = time.perf_counter(), {}
-    bar = progress_bar(progress, "finetune", cfg.steps, start)
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        lr = learning_rate(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+
+    def train_step(step: int) -> dict:
+        """One AdamW step on `batch_size` fresh problems (a function of the step: nothing else to resume)."""
         examples = [training_example(cfg, step * cfg.batch_size + j, tokenizer) for j in range(cfg.batch_size)]
         loss, token_acc = accumulate_step(model, examples, device, cfg.bf16)
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        tokens = sum(len(ids) for ids, _ in examples)
-        last = {"step": step + 1, "loss": loss, "answer_token_accuracy": token_acc, "lr": lr, "seconds": seconds,
-                "tokens": tokens, "tokens_per_second": tokens / seconds}
-        append_jsonl(metrics_path, last)
-        advance(bar, info=f"loss {last['loss']:.4f}  answer-token acc {token_acc:.3f}  {last['tokens_per_second']:.0f} tok/s")
-        done = step + 1 == cfg.steps
-        out_of_time = cfg.max_minutes is not None and (time.perf_counter() - began) / 60 > cfg.max_minutes
-        if done or out_of_time or (step + 1) % cfg.save_every == 0:
-            checkpoints.save(step + 1, trainable, optimizer.state_dict(), {"step": step + 1})  # data: a function of step
-        if out_of_time and not done:
-            print(f"stopped after step {step + 1} (--max-minutes); continue with --resume")
-            break
-    stop(bar)
+        return {"loss": loss, "answer_token_accuracy": token_acc, "tokens": sum(len(ids) for ids, _ in examples)}
+
+    loop = Loop("finetune", out, cfg.steps, cfg.save_every, cfg.max_minutes, progress=progress)
+    last = train_loop(loop, start, optimizer, lambda step: learning_rate(cfg, step), train_step,
+                      lambda step: checkpoints.save(step, trainable, optimizer.state_dict()), _status)
     if last.get("step") == cfg.steps:
-        model.save_pretrained(str(out / "lora"))
+        write_atomically(out / "lora", lambda tmp: model.save_pretrained(str(tmp)))
     return last
+
+
+def _status(m: dict) -> str:
+    return f"loss {m['loss']:.4f}  answer-token acc {m['answer_token_accuracy']:.3f}  {m['tokens_per_second']:.0f} tok/s"

@@ -21,23 +21,26 @@ processes see the same noise and data. Checkpoints are written to a temporary fo
 `checkpoints/latest` is replaced atomically: an interrupted write never leaves a checkpoint that loads. The
 final model's files are renamed into OUT with config.json last, so a save cut short leaves a folder that does
 not load; a rerun with --resume at the final step finds that and writes it again from the last checkpoint.
+
+Read top-down: `setup` (processes, models, data, optimizer, the checkpoint resumed from), `train_step` (one
+optimizer step, its loss from `losses`, its target from `ramp`), the loop (`loop.train_loop`, shared with the
+fine-tune: logging, checkpoints, stops; `take_exports` for --export-at), `save_final`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import random
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..dms.signals import TrainSignals
 from ..errors import KVShrinkError, check_cr, check_sinks, check_window, out_folder
-from ..jsonl import append_jsonl, keep_jsonl
-from ..progress import advance, progress_bar, stop
-from .checkpoints import Checkpoints, write_atomically
+from .checkpoints import Checkpoints, restore, write_atomically
+from .loop import Loop, setting, train_loop
 from .losses import CR_LOSSES, compression_loss, flag_rate_for, kl_student_teacher, length_weights, noise_for, token_weights
 from .ramp import ramp_origin, ramped_cr
 
@@ -46,39 +49,51 @@ ADAPTER_LR, ALL_LR = 3e-5, 1e-5
 
 @dataclass
 class RetrofitConfig:
-    model: str
-    out: str
-    target_cr: float = 8.0
-    window: int = 256
-    steps: int = 1000
-    data: str | None = None
-    batch_size: int = 2  # sequences per optimizer step, over all processes
-    grad_accum: int = 1
-    seq_len: int = 512
-    lr: float | None = None  # default: 3e-5 (adapter, the release), 1e-5 (all)
-    warmup: int = 0
-    grad_clip: float = 1.0
-    train: str = "all"  # all (the paper) | adapter (the release)
-    decision: str | None = None  # default: neuron with --train all, adapter with --train adapter
-    neuron_decay: str = "instant"  # instant | linear (over the first 10% of steps, as DMC)
-    cr_loss: str = "one-sided"  # one-sided (the paper) | two-sided: also pull an eviction rate above the target back | squared
-    aim_context: int | None = None  # None: flag target 1 - 1/CR (the release); L: aim the reads-based CR at L tokens (old recipes)
-    ramp_steps: int | None = None  # steps to reach target_cr (default 80% of steps); then it holds
-    sinks: int | None = None  # never evict each sequence's first N tokens (DMSConfig.sinks); default `default_sinks(window)`
-    answer_weight: float = 1.0  # KL weight of answer tokens (task/passkey data) against 1 for the rest; 1 = the paper
-    cr_by_length: bool = False  # weight each sequence's compression term by min(1, its tokens / aim_context)
-    save_every: int = 50
-    seed: int = 0
-    max_minutes: float | None = None  # wall-clock ceiling: checkpoint and stop
-    stop_at: int | None = None  # checkpoint and stop after this step (to split a run into sessions)
-    fsdp: bool = False
-    resume: bool = False
-    device: str = "auto"
-    bf16: bool = False  # bf16 autocast on CPU too (always on CUDA): ~1.5x on CPUs with AVX512-BF16
-    data_cache: str | None = None  # where tokenized blocks are cached (default OUT/data-cache)
-    init_from: str | None = None  # start the eviction adapter from this DMS model's (a shipped name or a retrofit folder): a second stage
-    attention: str = "auto"  # training attention: flex (fused, no T x T mask; CUDA) | math | auto (flex on CUDA)
-    export_at: tuple[float, ...] = ()  # save OUT/cr-X when the ramped CR passes each X, stop after the last
+    """A retrofit's settings; each field is also an option of `kvshrink retrofit` (its help is the field's)."""
+
+    model: str = setting(help="local HF model folder (Llama, Qwen2, Qwen3, Mistral)")
+    out: str = setting(help="output folder: checkpoints, metrics.jsonl, final HF model")
+    target_cr: float = setting(8.0, "compression ratio to reach (>= 1)")
+    window: int = setting(256, "delayed-eviction window w (>= 0)")
+    steps: int = setting(1000, "optimizer steps")
+    data: str | None = setting(None, "text/jsonl file, folder, datasets folder, pydoc (the Python docs' train half), stdlib (the standard "
+                                     "library's source), teacher:FILE (teacher continues each line), task:NAME[,NAME][:N] (teacher answers N "
+                                     "generated problems per task), gold:NAME[,NAME] (a fresh problem per sample with its gold solution), "
+                                     "passkey:N, or several joined with +")
+    batch_size: int = setting(2, "sequences per step, over all processes")
+    grad_accum: int = setting(1, "gradient accumulation micro-steps")
+    seq_len: int = setting(512, "tokens per sequence")
+    lr: float | None = setting(None, "learning rate (default 3e-5 adapter, 1e-5 all)")
+    warmup: int = setting(0, "linear warm-up steps")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
+    train: str = setting("all", "all (the paper) | adapter (the release: base frozen)")
+    decision: str | None = setting(None, "neuron | adapter (default: neuron with all, adapter with adapter)")
+    neuron_decay: str = setting("instant", "instant | linear (over the first 10% of steps, as DMC): how the borrowed q_proj row is zeroed")
+    cr_loss: str = setting("one-sided", "one-sided (the paper: penalize too little eviction) | two-sided (also too much) | "
+                                        "squared (two-sided, fading near the target so that the KL decides which tokens go)")
+    aim_context: int | None = setting(None, "old recipes only: aim the reads-based CR at the target at this context "
+                                            "(default: flag target 1 - 1/CR, the release)")
+    ramp_steps: int | None = setting(None, "steps over which the CR ramps to the target (default 80% of --steps)")
+    sinks: int | None = setting(None, "never evict a sequence's first N tokens (attention sinks; default 4 below w = 512, 0 from there, "
+                                      "as the release)")
+    answer_weight: float = setting(1.0, "KL weight of the teacher's answer tokens (task:/passkey: data) against 1 for the prompt (1 = the paper)")
+    cr_by_length: bool = setting(False, "weight each sequence's compression loss by min(1, its tokens / --aim-context), "
+                                        "so short problems are not pushed to the eviction rate aimed at long contexts")
+    save_every: int = setting(50, "checkpoint every N steps")
+    seed: int = setting(0, "data order and Gumbel noise seed")
+    max_minutes: float | None = setting(None, "wall-clock ceiling: checkpoint and stop")
+    stop_at: int | None = setting(None, "checkpoint and stop after this step (resume later)")
+    fsdp: bool = setting(False, "shard weights, gradients and optimizer state with FSDP2 instead of DDP (under accelerate launch)")
+    resume: bool = setting(False, "continue from OUT/checkpoints/latest")
+    device: str = setting("auto", "auto | cpu | cuda")
+    bf16: bool = setting(False, "bf16 autocast on CPU too (always on CUDA), fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16 "
+                                "or AMX, far slower on others (warned)")
+    data_cache: str | None = setting(None, "where tokenized blocks and teacher samples are cached (default OUT/data-cache)")
+    init_from: str | None = setting(None, "start the eviction adapter from this DMS model's (a shipped name or retrofit folder; "
+                                          "--train adapter): a second stage on new data")
+    attention: str = setting("auto", "training attention: flex (fused, no TxT mask; CUDA) | math | auto (flex on CUDA)")
+    export_at: tuple[float, ...] = setting((), "e.g. 4,8: save OUT/cr-4, OUT/cr-8 as the ramp passes each CR, stop after the last "
+                                               "(ramp past them with --target-cr 16)")
 
     def __post_init__(self):
         check_cr(self.target_cr, "--target-cr")
@@ -139,22 +154,140 @@ def borrowed_rows(model) -> list[list[int]]:
     return [[(kv * group) * d + d - 1 for kv in range(attn.n_kv_heads)] for _ in model.model.layers]
 
 
-def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
-    """Run (or resume) a retrofit; writes a loadable HF folder to cfg.out. Returns the last metrics."""
-    from accelerate import Accelerator
+def learning_rate(cfg: RetrofitConfig, step: int) -> float:
+    """Linear warm-up over --warmup steps, then constant (the release)."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
 
-    from ..attach import attach_dms, dms_config
+
+@dataclass
+class Run:
+    """A retrofit under way: what `setup` built, which its steps and saves read."""
+
+    cfg: RetrofitConfig
+    acc: Any  # accelerate.Accelerator
+    out: Path
+    checkpoints: Checkpoints
+    model: Any  # the student as accelerate prepared it (DDP or FSDP on several processes)
+    teacher: Any  # a frozen copy (--train all), or None: the student with eviction off is its own teacher
+    tokenizer: Any
+    source: Any  # training blocks by global sample index (`data.training_source`)
+    optimizer: torch.optim.Optimizer
+    trainable_names: list[str]
+    settings: dict  # cfg as saved in retrofit.json, with its `phases`
+    origin: tuple[float, int]  # where the CR ramp starts (`ramp.ramp_origin`)
+    start: int  # steps done before this process started
+    finished: bool  # a rerun of a finished run, here only to write its final model again
+    exports: list[float]  # --export-at CRs not taken yet
+    flex: bool  # flex attention for the student
+    borrowed: tuple[list, list]  # the neuron variant's borrowed q_proj rows and their original weights
+
+    @property
+    def inner(self):
+        return self.acc.unwrap_model(self.model)
+
+
+def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
+    """Run (or resume) a retrofit; writes a loadable HF folder to cfg.out. Returns the last metrics ({} when
+    nothing was left to do)."""
+    run = setup(cfg)
+    if run is None:
+        return {}
+    loop = Loop("retrofit", run.out, cfg.steps, cfg.save_every, cfg.max_minutes, cfg.stop_at, run.acc.is_main_process, progress)
+    last = train_loop(loop, run.start, run.optimizer, lambda step: learning_rate(cfg, step), lambda step: train_step(run, step),
+                      lambda step: save_checkpoint(run, step), _status, lambda row: take_exports(run, row))
+    if last.get("step") == cfg.steps or run.finished:  # finished: a resume that is here to redo a final save cut short
+        save_final(run)
+    return last
+
+
+def setup(cfg: RetrofitConfig) -> Run | None:
+    """The processes, the student, its teacher, the data, the optimizer and the checkpoint's state, on every
+    process. None when the run has nothing left to do (its final model loads, or every --export-at model is taken)."""
+    from ..attach import attach_dms
     from ..dms.config import DMSConfig
-    from ..loading import device_label, load, warn_if_slow_cpu_bf16
-    from .data import PAD, training_source
+    from ..loading import device_label
 
     out = out_folder(cfg.out)
     checkpoints = Checkpoints(out)
     resume_from = checkpoints.resume_point(cfg.resume, "retrofit")
     saved = None if resume_from is None else Checkpoints.load(resume_from)  # (trainable, optimizer, state)
-    start_step = 0 if saved is None else saved[2]["step"]
-    settings = _settings_with_phases(out / "retrofit.json", cfg, start_step)  # read by every process before any write
+    start = 0 if saved is None else saved[2]["step"]
+    settings = _settings_with_phases(out / "retrofit.json", cfg, start)  # read by every process before any write
     origin = ramp_origin(settings)
+    acc = _accelerator(cfg)
+    finished = start >= cfg.steps  # a rerun of a finished run: nothing to train, its final model to check
+    if finished:
+        if _final_model_loads(acc, out):
+            return None
+        if acc.is_main_process:
+            print(f"{out} holds no final model that loads (a save cut short?): writing it again from {resume_from}")
+
+    model, tokenizer, teacher, source = _models_and_data(cfg, acc, out)
+    attach_dms(model, DMSConfig(window=cfg.window, decision=cfg.decision, target_cr=cfg.target_cr, sinks=cfg.sinks))
+    rows = borrowed_rows(model)
+    original_rows = [(layer.self_attn.q_proj.weight.detach()[r].clone(),
+                      None if layer.self_attn.q_proj.bias is None else layer.self_attn.q_proj.bias.detach()[r].clone())
+                     for layer, r in zip(model.model.layers, rows)]
+    for name, p in model.named_parameters():
+        p.requires_grad_(cfg.train == "all" or ".dms_proj_alpha" in name)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if resume_from is None and cfg.init_from:
+        _load_initial_dms_adapter(model, cfg.init_from, out)
+    if resume_from is None and cfg.decision == "neuron" and cfg.neuron_decay == "instant":
+        _shift_borrowed_rows(model, rows, original_rows, 1.0)
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if resume_from is not None:
+        restore(trainable, saved[0], saved[2], resume_from)
+        if not cfg.fsdp:
+            optimizer.load_state_dict(saved[1])
+    model.to(acc.device)
+    if teacher is not None:
+        teacher.to(acc.device)
+    model, optimizer = acc.prepare(model, optimizer)
+    if resume_from is not None and cfg.fsdp:  # the saved state is the unsharded optimizer's: shard it now
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, _named_optimizer_state(saved[1], list(trainable)),
+                                 options=StateDictOptions(full_state_dict=True))
+    model.train()
+
+    if acc.is_main_process:
+        (out / "retrofit.json").write_text(json.dumps({**settings, "device_name": device_label(acc.device)}, indent=1))
+    exports = [x for x in cfg.export_at if ramped_cr(start - 1, settings, origin) < x] if start else list(cfg.export_at)
+    if cfg.export_at and not exports and not finished:  # every model this ramp was to give is taken already
+        return None
+    flex = cfg.attention == "flex" or (cfg.attention == "auto" and acc.device.type == "cuda")
+    return Run(cfg, acc, out, checkpoints, model, teacher, tokenizer, source, optimizer, list(trainable), settings, origin,
+               start, finished, exports, flex, (rows, original_rows))
+
+
+def _models_and_data(cfg: RetrofitConfig, acc, out: Path):
+    """(base model on the CPU, tokenizer, a frozen copy as teacher with --train all or None, training data).
+    One process tokenizes (and has the base write teacher samples, in the training precision: bf16 samples
+    ~2x faster on CPU); the others read its cache."""
+    from ..attach import dms_config
+    from ..loading import load
+    from .data import training_source
+
+    model, tokenizer = load(cfg.model, device="cpu", dtype="float32")
+    if dms_config(model) is not None:
+        raise KVShrinkError(f"{cfg.model} already has DMS; retrofit its base model instead")
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.train == "all" else None
+    cache_dir = Path(cfg.data_cache) if cfg.data_cache else out / "data-cache"
+    model.to(acc.device)  # teacher samples are generated on the training device
+    with acc.autocast():
+        source = training_source(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    if source is None:
+        source = training_source(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed)
+    return model.to("cpu"), tokenizer, teacher, source
+
+
+def _accelerator(cfg: RetrofitConfig):
+    """One Accelerator per process: DDP (or FSDP2) over `accelerate launch` processes, bf16 autocast on CUDA."""
+    from accelerate import Accelerator
+
+    from ..loading import warn_if_slow_cpu_bf16
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.bf16 and cpu:
@@ -165,191 +298,126 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict:
         raise KVShrinkError(f"this process already ran a retrofit in another precision; run this one (bf16={cfg.bf16}) in a new process") from exc
     if cfg.fsdp and acc.num_processes < 2:
         raise KVShrinkError("--fsdp shards over processes: start it with `accelerate launch --multi_gpu --num_processes N`")
+    if cfg.batch_size % (acc.num_processes * cfg.grad_accum):
+        raise KVShrinkError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum = {acc.num_processes * cfg.grad_accum}")
+    return acc
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step: this process's share of --batch-size sequences in --grad-accum micro-batches, the
+    teacher's logits, the student's under seeded Gumbel noise, KL + compression loss, a clipped AdamW update.
+    Returns the step's metrics, averaged (tokens: summed) over processes."""
+    from .data import PAD
+
+    cfg, acc, model = run.cfg, run.acc, run.model
     world, rank = acc.num_processes, acc.process_index
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise KVShrinkError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum = {world * cfg.grad_accum}")
     local_batch = cfg.batch_size // (world * cfg.grad_accum)
-    finished = start_step >= cfg.steps  # a rerun of a finished run: nothing to train, its final model to check
-    if finished:
-        if _final_model_loads(acc, out):
-            return {}
-        if acc.is_main_process:
-            print(f"{out} holds no final model that loads (a save cut short?): writing it again from {resume_from}")
-
-    model, tokenizer = load(cfg.model, device="cpu", dtype="float32")
-    if dms_config(model) is not None:
-        raise KVShrinkError(f"{cfg.model} already has DMS; retrofit its base model instead")
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.train == "all" else None
-    cache_dir = Path(cfg.data_cache) if cfg.data_cache else out / "data-cache"
-    model.to(acc.device)  # teacher samples are generated on the training device
-    # one process tokenizes (and samples, in the training precision: bf16 samples ~2x faster on CPU); the others read its cache
-    with acc.autocast():
-        source = training_source(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed) if acc.is_main_process else None
-    acc.wait_for_everyone()
-    if source is None:
-        source = training_source(cfg.data, tokenizer, cfg.seq_len, cache_dir, teacher=model, seed=cfg.seed)
-    model.to("cpu")
-
-    attach_dms(model, DMSConfig(window=cfg.window, decision=cfg.decision, target_cr=cfg.target_cr, sinks=cfg.sinks))
-    rows = borrowed_rows(model)
-    original_rows = [(layer.self_attn.q_proj.weight.detach()[r].clone(),
-                      None if layer.self_attn.q_proj.bias is None else layer.self_attn.q_proj.bias.detach()[r].clone())
-                     for layer, r in zip(model.model.layers, rows)]
-    for name, p in model.named_parameters():
-        p.requires_grad_(cfg.train == "all" or ".dms_proj_alpha" in name)
-    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-
-    if resume_from is None and cfg.init_from:
-        _load_initial_dms_adapter(model, cfg.init_from, out)
-    if resume_from is None and cfg.decision == "neuron" and cfg.neuron_decay == "instant":
-        _shift_borrowed_rows(model, rows, original_rows, 1.0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    if resume_from is not None:
-        trainable, opt_state, state = saved
-        missing = set(trainable_names) - set(trainable)
-        if missing:
-            raise KVShrinkError(f"checkpoint {resume_from} lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}): it belongs to another run")
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name in trainable_names:
-                params[name].copy_(trainable[name])
-        if not cfg.fsdp:
-            optimizer.load_state_dict(opt_state)
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-    model.to(acc.device)
-    if teacher is not None:
-        teacher.to(acc.device)
-    model, optimizer = acc.prepare(model, optimizer)
-    if resume_from is not None and cfg.fsdp:  # the saved state is the unsharded optimizer's: shard it now
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, _named_optimizer_state(opt_state, trainable_names),
-                                 options=StateDictOptions(full_state_dict=True))
-    saved = trainable = opt_state = None  # the loaded copies are in the model and optimizer now
-    model.train()
-    inner = acc.unwrap_model(model)
-
-    if acc.is_main_process:
-        (out / "retrofit.json").write_text(json.dumps({**settings, "device_name": device_label(acc.device)}, indent=1))
-    metrics_path = out / "metrics.jsonl"
-    if acc.is_main_process and metrics_path.exists():  # drop lines past the checkpoint we resume from
-        keep_jsonl(metrics_path, lambda row: row["step"] <= start_step)
-
-    flex = cfg.attention == "flex" or (cfg.attention == "auto" and acc.device.type == "cuda")
-    exports = [x for x in cfg.export_at if ramped_cr(start_step - 1, settings, origin) < x] if start_step else list(cfg.export_at)
-    if cfg.export_at and not exports and not finished:  # every model this ramp was to give is taken already
-        return {}
-    n_layers = inner.config.num_hidden_layers
-    n_kv = inner.config.num_key_value_heads
+    noise_shape = (run.inner.config.num_hidden_layers, run.inner.config.num_key_value_heads, cfg.seq_len)  # (L, Hkv, T) per sample
+    cr_target = ramped_cr(step, run.settings, run.origin)
+    flag_target = flag_rate_for(cr_target, cfg.window, cfg.aim_context) if cfg.aim_context else 1.0 - 1.0 / cr_target
+    totals = torch.zeros(4, device=acc.device)  # loss, kl, compression loss, flag rate
+    tokens = torch.zeros((), device=acc.device)  # real (non-padding) tokens this step
+    for micro in range(cfg.grad_accum):
+        first = micro * world * local_batch + rank * local_batch
+        g_idx = [step * cfg.batch_size + first + i for i in range(local_batch)]
+        batch = run.source.batch(g_idx)
+        # columns that are padding in every row go (flex keeps the full length: one compiled shape)
+        T = cfg.seq_len if run.flex else int(torch.nonzero((batch.ids != PAD).any(0)).max()) + 1
+        ids = batch.ids[:, :T].to(acc.device)
+        live = ids != PAD  # (B, T): padding after a block's document counts in no loss
+        ids = ids.clamp(min=0)  # any real id: causal attention keeps padding out of earlier positions
+        uniform = noise_for(cfg.seed, step, g_idx, noise_shape)[..., :T].to(acc.device)
+        tokens += live.sum()
+        with torch.no_grad(), acc.autocast():
+            teacher_logits = (run.teacher(ids, use_cache=False) if run.teacher is not None
+                              else model(ids, use_cache=False, dms_signals=TrainSignals(teacher=True))).logits
+        signals = TrainSignals(uniform=uniform, collect=[], flex=run.flex)
+        sync = micro == cfg.grad_accum - 1
+        with acc.autocast(), (torch.enable_grad() if sync else acc.no_sync(model)):
+            student_logits = model(ids, use_cache=False, dms_signals=signals).logits
+            kl = kl_student_teacher(student_logits, teacher_logits, token_weights(live, batch.answer_start, cfg.answer_weight))
+            flags = torch.stack([c["flags"] for c in signals.collect]).float()  # (L, B, Hkv, T), straight-through
+            per_seq = (flags.mean(dim=(0, 2)) * live).sum(-1) / live.sum(-1)
+            comp = compression_loss(per_seq, flag_target, cfg.cr_loss,
+                                    length_weights(live, cfg.aim_context or 32 * cfg.window) if cfg.cr_by_length else None)
+            loss = (kl + comp) / cfg.grad_accum
+            acc.backward(loss)
+        totals += torch.stack([loss.detach() * cfg.grad_accum, kl.detach(), comp.detach(), per_seq.detach().mean()]) / cfg.grad_accum
+    if cfg.grad_clip:
+        acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
     decay_steps = max(1, int(0.1 * cfg.steps))
-    began = time.perf_counter()
-    last = {}
-    bar = progress_bar(acc.is_main_process and progress, "retrofit", cfg.steps, start_step)
-    for step in range(start_step, cfg.steps):
-        t0 = time.perf_counter()
-        cr_target = ramped_cr(step, settings, origin)
-        flag_target = flag_rate_for(cr_target, cfg.window, cfg.aim_context) if cfg.aim_context else 1.0 - 1.0 / cr_target
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        totals = torch.zeros(4, device=acc.device)  # loss, kl, compression loss, flag rate
-        tokens = torch.zeros((), device=acc.device)  # real (non-padding) tokens this step
-        for micro in range(cfg.grad_accum):
-            first = micro * world * local_batch + rank * local_batch
-            g_idx = [step * cfg.batch_size + first + i for i in range(local_batch)]
-            batch = source.batch(g_idx)
-            # columns that are padding in every row go (flex keeps the full length: one compiled shape)
-            T = cfg.seq_len if flex else int(torch.nonzero((batch.ids != PAD).any(0)).max()) + 1
-            ids = batch.ids[:, :T].to(acc.device)
-            live = ids != PAD  # (B, T): padding after a block's document counts in no loss
-            ids = ids.clamp(min=0)  # any real id: causal attention keeps padding out of earlier positions
-            uniform = noise_for(cfg.seed, step, g_idx, (n_layers, n_kv, cfg.seq_len))[..., :T].to(acc.device)
-            tokens += live.sum()
-            with torch.no_grad(), acc.autocast():
-                teacher_logits = (teacher(ids, use_cache=False) if teacher is not None
-                                  else model(ids, use_cache=False, dms_teacher=True)).logits
-            collected = []
-            sync = micro == cfg.grad_accum - 1
-            with acc.autocast(), (torch.enable_grad() if sync else acc.no_sync(model)):
-                student_logits = model(ids, use_cache=False, dms_uniform=uniform, dms_collect=collected,
-                                       dms_attention="flex" if flex else None).logits
-                kl = kl_student_teacher(student_logits, teacher_logits, token_weights(live, batch.answer_start, cfg.answer_weight))
-                flags = torch.stack([c["flags"] for c in collected]).float()  # (L, B, Hkv, T), straight-through
-                per_seq = (flags.mean(dim=(0, 2)) * live).sum(-1) / live.sum(-1)
-                comp = compression_loss(per_seq, flag_target, cfg.cr_loss,
-                                        length_weights(live, cfg.aim_context or 32 * cfg.window) if cfg.cr_by_length else None)
-                loss = (kl + comp) / cfg.grad_accum
-                acc.backward(loss)
-            totals += torch.stack([loss.detach() * cfg.grad_accum, kl.detach(), comp.detach(), per_seq.detach().mean()]) / cfg.grad_accum
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cfg.decision == "neuron" and cfg.neuron_decay == "linear" and step < decay_steps:
-            _shift_borrowed_rows(inner, rows, original_rows, 1.0 / decay_steps)
-        totals = acc.reduce(totals, reduction="mean")
-        tokens = acc.reduce(tokens, reduction="sum")
-        seconds = time.perf_counter() - t0
-        flag_rate = float(totals[3])
-        last = {
-            "step": step + 1, "loss": float(totals[0]), "kl": float(totals[1]), "compression_loss": float(totals[2]),
-            "flag_rate": flag_rate, "target_flag_rate": flag_target, "target_cr": cr_target,
-            "flag_cr": 1.0 / max(1e-9, 1.0 - flag_rate), "lr": lr, "seconds": seconds,
-            "tokens_per_second": float(tokens) / seconds, "processes": world,
-        }
-        if acc.is_main_process:
-            append_jsonl(metrics_path, last)
-            advance(bar, info=_status(last))
-        while exports and cr_target >= exports[0]:
-            _export(acc, inner, tokenizer, out, exports.pop(0), last)
-        done = step + 1 == cfg.steps
-        out_of_time = (cfg.max_minutes is not None and (time.perf_counter() - began) / 60 > cfg.max_minutes) or (
-            cfg.stop_at is not None and step + 1 >= cfg.stop_at) or (cfg.export_at and not exports)
-        if done or out_of_time or (step + 1) % cfg.save_every == 0:
-            _save_checkpoint(acc, checkpoints, model, optimizer, trainable_names, step + 1, cfg.fsdp)
-        if out_of_time and not done:
-            if acc.is_main_process:
-                print(f"stopped after step {step + 1} (--max-minutes / --stop-at / the last --export-at); continue with --resume")
-            break
-    stop(bar)
-    if last.get("step") == cfg.steps or finished:  # finished: a resume that is here to redo a final save cut short
-        _save_final(acc, model, inner, tokenizer, out, cfg.fsdp)
-    return last
+    if cfg.decision == "neuron" and cfg.neuron_decay == "linear" and step < decay_steps:
+        _shift_borrowed_rows(run.inner, *run.borrowed, 1.0 / decay_steps)
+    totals = acc.reduce(totals, reduction="mean")
+    tokens = acc.reduce(tokens, reduction="sum")
+    flag_rate = float(totals[3])
+    return {"loss": float(totals[0]), "kl": float(totals[1]), "compression_loss": float(totals[2]), "flag_rate": flag_rate,
+            "target_flag_rate": flag_target, "target_cr": cr_target, "flag_cr": 1.0 / max(1e-9, 1.0 - flag_rate),
+            "tokens": int(tokens), "processes": world}
 
 
-def _export(acc, inner, tokenizer, out: Path, cr: float, metrics: dict) -> None:
+def take_exports(run: Run, metrics: dict) -> str | None:
+    """OUT/cr-X for each --export-at X the ramp passed this step; once the last is taken, the run stops."""
+    while run.exports and metrics["target_cr"] >= run.exports[0]:
+        _export(run, run.exports.pop(0), metrics)
+    return "the last --export-at" if run.cfg.export_at and not run.exports else None
+
+
+def _export(run: Run, cr: float, metrics: dict) -> None:
     """OUT/cr-X: a loadable model at this point of the ramp, labelled DMS-X (atomically: a folder is complete
     or absent), with the step's metrics beside it."""
     from ..loading import quiet_transformers
 
-    if acc.is_main_process:
+    if run.acc.is_main_process:
+        inner = run.inner
+
         def write(tmp: Path) -> None:
             ramp_target, inner.config.dms_cr = inner.config.dms_cr, cr
             inner.save_pretrained(tmp, safe_serialization=True)
             inner.config.dms_cr = ramp_target
-            tokenizer.save_pretrained(tmp)
+            run.tokenizer.save_pretrained(tmp)
             (tmp / "export.json").write_text(json.dumps(metrics, indent=1))
 
         with quiet_transformers():  # no progress bars of its own beside the run's
-            write_atomically(out / f"cr-{cr:g}", write)
+            write_atomically(run.out / f"cr-{cr:g}", write)
+    run.acc.wait_for_everyone()
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """Checkpoints always hold the unsharded state (what one process would have), so a run can resume
+    with another number of processes, with or without FSDP. Every process takes part."""
+    acc = run.acc
+    acc.wait_for_everyone()
+    if run.cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = _full_model_state(run.model)
+        named = get_optimizer_state_dict(run.model, run.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        opt_state = _indexed_optimizer_state(named, run.trainable_names) if acc.is_main_process else None
+    else:
+        full = dict(run.inner.named_parameters())
+        opt_state = run.optimizer.state_dict()
+    if acc.is_main_process:
+        run.checkpoints.save(step, {n: full[n] for n in run.trainable_names}, opt_state)
     acc.wait_for_everyone()
 
 
-def _save_final(acc, model, inner, tokenizer, out: Path, fsdp: bool) -> None:
+def save_final(run: Run) -> None:
     """OUT's HF model, its config.json written last (`write_atomically`): a save cut short leaves a folder
     that does not load, which a rerun with --resume writes again."""
     from ..loading import quiet_transformers
 
-    full = _full_model_state(model) if fsdp else None  # every process takes part in gathering shards
-    if acc.is_main_process:
+    full = _full_model_state(run.model) if run.cfg.fsdp else None  # every process takes part in gathering shards
+    if run.acc.is_main_process:
         def write(tmp: Path) -> None:
-            inner.save_pretrained(tmp, state_dict=full, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            run.inner.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+            run.tokenizer.save_pretrained(tmp)
 
         with quiet_transformers():
-            write_atomically(out, write, commit="config.json")
-    acc.wait_for_everyone()
+            write_atomically(run.out, write, commit="config.json")
+    run.acc.wait_for_everyone()
 
 
 def _final_model_loads(acc, out: Path) -> bool:
@@ -441,25 +509,6 @@ def _indexed_optimizer_state(named: dict, names: list[str]) -> dict:
             "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in named["param_groups"]]}
 
 
-def _save_checkpoint(acc, checkpoints: Checkpoints, model, optimizer, trainable_names, step: int, fsdp: bool) -> None:
-    """Checkpoints always hold the unsharded state (what one process would have), so a run can resume
-    with another number of processes, with or without FSDP."""
-    acc.wait_for_everyone()
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        full = _full_model_state(model)
-        named = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        opt_state = _indexed_optimizer_state(named, trainable_names) if acc.is_main_process else None
-    else:
-        full = dict(acc.unwrap_model(model).named_parameters())
-        opt_state = optimizer.state_dict()
-    if acc.is_main_process:
-        state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-        checkpoints.save(step, {n: full[n] for n in trainable_names}, opt_state, state)
-    acc.wait_for_everyone()
-
-
 def _status(m: dict) -> str:
     return (f"loss {m['loss']:.4f}  KL {m['kl']:.4f}  evict {m['flag_rate']:.3f}/{m['target_flag_rate']:.3f} "
             f"(CR {m['flag_cr']:.2f}/{m['target_cr']:.2f})  {m['tokens_per_second']:.0f} tok/s")
@@ -497,4 +546,4 @@ def plot_training(run_dir: str | Path) -> Path:
     return png
 
 
-__all__ = ["RetrofitConfig", "default_sinks", "plot_training", "retrofit"]
+__all__ = ["RetrofitConfig", "default_sinks", "plot_training", "retrofit", "setup", "train_step", "save_final"]
