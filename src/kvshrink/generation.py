@@ -9,7 +9,7 @@ are decoded one at a time. Stats follow SPEC sections 3 and 7:
   sequences in flight. The last generated token is never written to the cache, so vanilla's peak is
   prompt + generated - 1 per sequence;
 - compression_ratio: vanilla kv_reads for the same token sequences / the policy's kv_reads;
-- cache_bytes: peak bytes the cache actually allocated (keys, values and slot metadata).
+- cache_bytes: peak bytes the cache actually allocated (keys, values, slot and row metadata, policy state).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def prefill_row(model, cache: KVCache, ids: list[int], chunk: int = DEFAULT_PREF
         raise KVShrinkError("nothing to prefill: give at least one token")
     device = next(model.parameters()).device
     chunk = cache.policy.prefill_chunk or chunk  # evicting policies read prompts in 16-token chunks (SPEC 7)
-    start = cache.layers[0].seen
+    start = cache.get_seq_length()
     for s in range(0, len(ids), chunk):
         piece = torch.tensor([ids[s:s + chunk]], device=device)  # (1, Q)
         end = start + s + piece.shape[1]

@@ -180,7 +180,7 @@ def _rows(states: list[CacheState]) -> CacheState:
 def _greedy_rows(model, cache: KVCache, last: int, max_new_tokens: int, eos: int | None) -> list[list[int]]:
     """Greedy answers of every row of a restored cache, each fed the prompt's last token `last`: the rows
     step together (one forward per token for all methods) until each has written eos or max_new_tokens."""
-    B, seen, device = cache.batch_size, cache.layers[0].seen, next(model.parameters()).device
+    B, seen, device = cache.batch_size, cache.get_seq_length(), next(model.parameters()).device
     attn, pos = torch.ones(B, seen + 1, dtype=torch.long, device=device), torch.full((B,), seen, device=device)
     logits = model(torch.full((B, 1), last, device=device), attention_mask=attn, position_ids=pos[:, None],
                    **cache_arg(cache), use_cache=True).logits[:, -1]
