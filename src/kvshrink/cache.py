@@ -36,6 +36,7 @@ from .errors import KVShrinkError
 from .policies import state as declared
 from .policies.base import CachePolicy, sink_slots
 from .policies.state import ROW, SLOT, Kind, PolicyState
+from .shapes import kv_head_dim
 
 DEFAULT_CHUNK = 64
 
@@ -324,8 +325,7 @@ class KVCache(Cache):
     """
 
     def __init__(self, model, policy: CachePolicy | None = None, reserve: int = 0, chunk: int = DEFAULT_CHUNK):
-        config = getattr(model, "config", model)
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        config = text_config(model)
         self.policy = policy or CachePolicy()
         self.reserve, self.chunk = reserve, chunk
         self._scratch: torch.Tensor | None = None  # a per-layer temporary reused across layers and steps
@@ -426,3 +426,19 @@ class KVCache(Cache):
             for mine, theirs in zip(self.layers, other.layers):
                 mine.append_rows(theirs)
         self.accounting = self.accounting.fresh()  # rows changed: per-row counters start over
+
+
+def slot_bytes(model, policy: CachePolicy | None = None) -> int:
+    """What one more slot of capacity costs a sequence of a `KVCache` for `model`, over every layer and KV head:
+    keys and values in the model's dtype, slot metadata, the policy's per-slot state (the unit memory is budgeted in)."""
+    cache, config = KVCache(model, policy), text_config(model)
+    empty = next(model.parameters()).new_zeros(1, config.num_key_value_heads, 0, kv_head_dim(config))
+    for layer in cache.layers:
+        layer.lazy_initialization(empty, empty)
+    return sum(layer.slot_bytes for layer in cache.layers)
+
+
+def text_config(model):
+    """The config of a model's text decoder (a model or its config)."""
+    config = getattr(model, "config", model)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
