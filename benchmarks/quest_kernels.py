@@ -10,7 +10,7 @@ against ways of reading the chosen rows in place, one layer of the benchmark mod
 random per (sequence, KV head)):
 
 - copy K and V, then SDPA: `index_select` of the chosen K and V rows into reused buffers, then SDPA;
-- copy K, weighted V rows (what `SlotLayer.attend_rows` does): scores on the copied keys, then
+- copy K, weighted V rows (what `policies.quest.read_slots` does): scores on the copied keys, then
   `embedding_bag` sums the chosen V rows with the attention weights in place (no V copy);
 - sampled scores, weighted V rows: `torch.sparse.sampled_addmm` computes q . k only at the chosen
   (query, token) pairs of a CSR pattern, so neither K nor V is copied;

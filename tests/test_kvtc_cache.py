@@ -89,7 +89,7 @@ def test_restore_continues_exactly_like_the_prefilled_cache(kind, base, dms):
         assert not torch.stack(state.live).all() and torch.stack(state.flags).any()
         unflagged = restore_cache(model, policy, *state._replace(flags=None))
     restored = restore_cache(model, policy, *state)
-    assert restored.layers[0].seen == 200 and int(restored.layers[0].real) == 200
+    assert restored.get_seq_length() == 200 and int(restored.layers[0].real) == 200
     continuation = _ids(24, 2)
     assert _max_logit_gap(model, cache, restored, continuation) < 1e-5
     if kind == "dms":  # the pending flags matter: without them the restored cache keeps tokens it should drop

@@ -72,8 +72,8 @@ def test_openai_client_completion_chat_stream_and_vote(serve, smollm2):
 
 
 def test_concurrent_clients_all_served_in_order_within_budget(serve):
-    engine, url = serve(budget_tokens=400)  # ~ 3 of these requests at once
-    order, seen_live = [], []
+    engine, url = serve(budget_tokens=400)  # 6 of these requests at once: a row of 64 slots each
+    order, seen_live, seen_allocated = [], [], []
 
     def client(i):
         body = json.dumps({"prompt": f"Request number {i} says", "max_tokens": 6, "temperature": 0}).encode()
@@ -86,7 +86,10 @@ def test_concurrent_clients_all_served_in_order_within_budget(serve):
 
     def watch():
         while not stop.is_set():
-            seen_live.append(read_metrics(url)["kvshrink_live_kv_tokens"])
+            m = read_metrics(url)
+            seen_live.append(m["kvshrink_live_kv_tokens"])
+            seen_allocated.append(m["kvshrink_allocated_kv_tokens"])
+            assert 0 <= m["kvshrink_kv_fragmentation"] < 1 and m["kvshrink_allocated_kv_bytes"] >= m["kvshrink_live_kv_bytes"]
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
@@ -103,7 +106,7 @@ def test_concurrent_clients_all_served_in_order_within_budget(serve):
     assert len({r["id"] for r in results}) == 32
     ids = sorted((r["id"] for r in results), key=lambda x: int(x.split("-")[1]))  # ids number requests as they arrive
     assert [i for i in engine.admitted if i in ids] == ids  # admitted first come, first served
-    assert max(seen_live) <= engine.budget and max(seen_live) > 0
+    assert max(seen_live) <= max(seen_allocated) <= engine.budget and max(seen_live) > 0
     assert read_metrics(url)["kvshrink_queued_requests"] == 0
 
 
@@ -200,25 +203,25 @@ def test_streamed_text_equals_decoding_everything(smollm2):
 
 def test_admission_follows_the_ratio_sequences_really_reach(smollm2):
     """An engine told to expect CR 8 whose sequences compress at 1 (here: no eviction at all) must admit by
-    what the running sequences really hold. Admitting at 8 overfills the budget, pauses the newest
-    request and lets it straight back in, re-reading its prompt every step."""
+    what the running sequences really hold. Admitting at 8 (three rows of 64 slots) overfills the budget (three
+    rows of 128), pauses the newest request and lets it straight back in, re-reading its prompt every step."""
     from kvshrink.policies import CachePolicy
     from kvshrink.serve.engine import Engine, SamplingParams
 
     model, tok = smollm2
-    engine = Engine(model, tok, CachePolicy(), budget_tokens=110, expected_cr=8.0)  # ~2 requests of 48 tokens
+    engine = Engine(model, tok, CachePolicy(), budget_tokens=300, expected_cr=8.0)  # 2 requests of 128 slots
     prefills = []
     real_prefill = engine._prefill_piece
     engine._prefill_piece = lambda cache, ids: prefills.append(len(ids)) or real_prefill(cache, ids)
-    prompt = tok("The Python language was created by a programmer who liked short readable programs. " * 3)["input_ids"][:40]
+    prompt = tok("The Python language was created by a programmer who liked short readable programs. " * 10)["input_ids"][:120]
     requests = [engine.submit(prompt, SamplingParams(max_tokens=8), lambda event: None) for _ in range(4)]
     for _ in range(60):
         engine.step()
-        assert engine.live_tokens() <= engine.budget
+        assert engine.live_tokens() <= engine.allocated_slots() <= engine.budget
         if all(r.done for r in requests):
             break
     assert all(r.done and len(r.sequences[0].tokens) == 8 for r in requests)
-    assert prefills == [40] * 4  # each prompt read once: nobody was paused and let back in
+    assert prefills == [120] * 4  # each prompt read once: nobody was paused and let back in
 
 
 def test_running_sequences_keep_decoding_while_a_long_prompt_is_read(smollm2):
@@ -299,7 +302,7 @@ def ended_by_length(result: tuple[int, list[dict]]) -> bool:
 def assert_idle(url: str) -> None:
     wait_until_idle(url)
     m = read_metrics(url)
-    assert (m["kvshrink_running_requests"], m["kvshrink_queued_requests"], m["kvshrink_live_kv_tokens"]) == (0, 0, 0)
+    assert [m[f"kvshrink_{key}"] for key in ("running_requests", "queued_requests", "live_kv_tokens", "allocated_kv_bytes")] == [0] * 4
 
 
 POISONS = [({"temperature": float("nan")}, "temperature"), ({"temperature": "nan"}, "temperature"), ({"stop": [123]}, "stop[0]"),
@@ -436,21 +439,56 @@ def test_fuzzed_requests_get_json_answers_and_harm_no_one(serve, one_thread):
     assert_idle(url)
 
 
-def test_scheduler_reserves_what_a_request_will_hold():
-    """Footprints counted by hand: the window is kept whole, the rest compressed (rounded up), times n."""
+def test_scheduler_reserves_what_a_batch_will_allocate():
+    """Allocations counted by hand: the window is kept whole, the rest compressed (rounded up), the row rounded
+    up to the cache's chunk, every row of the batch as long as the longest, plus a chunk of headroom."""
     from kvshrink.errors import KVShrinkError
     from kvshrink.serve.scheduler import Scheduler
 
-    s = Scheduler(budget=100, max_batch=4, expected_cr=4.0, window=8, headroom=5)
-    assert s.footprint(40, 8, 2) == 2 * (8 + 10) and s.footprint(4, 2, 1) == 6 and s.footprint(40, 8, 1, cr=1.0) == 48
+    s = Scheduler(budget=200, max_batch=4, expected_cr=4.0, window=8, headroom=5, chunk=16)
+    assert s.row_slots(40, 8) == 32 and s.row_slots(4, 2) == 16 and s.row_slots(40, 8, cr=1.0) == 48  # 8 + 10 = 18 -> 32
+    assert s.allocated([(40, 8, 2)]) == 2 * 32 + 16
+    assert s.allocated([(40, 8, 2), (4, 2, 1)]) == 3 * 32 + 16  # the short request's row is as long as the others
     assert s.achieved_cr([(48, 18.0), (48, 48.0)]) == pytest.approx(80 / 50)  # (40 + 40) seen / (10 + 40) held
     assert s.achieved_cr([(48, 12.0)]) == 4.0  # never above the expected ratio
-    assert s.admits([(40, 8, 2)], (40, 8, 2), running_rows=2, cr=4.0)  # 36 + 36 + 5 <= 100
-    assert not s.admits([(40, 8, 2)], (40, 8, 2), running_rows=2, cr=1.6)  # at the ratio really reached: 2 x 2 x 28 + 5
+    assert s.admits([(40, 8, 2)], (40, 8, 2), running_rows=2, cr=4.0)  # 4 x 32 + 16 <= 200
+    assert not s.admits([(40, 8, 2)], (40, 8, 2), running_rows=2, cr=1.6)  # at the ratio really reached: 4 x (8 + 25 -> 48) + 16
     assert not s.admits([], (4, 2, 3), running_rows=2, cr=4.0)  # 2 + 3 rows > max_batch 4
     assert s.admits([(400, 8, 1)], (400, 8, 4), running_rows=0, cr=4.0)  # nothing runs: the head always goes
-    assert s.over_budget(101, 2) and not s.over_budget(101, 1) and not s.over_budget(100, 3)
-    with pytest.raises(KVShrinkError, match="more than the server's budget of 100"):
-        s.check_fits_alone(400, 8, 1)
+    assert s.over_budget(201, 2) and not s.over_budget(201, 1) and not s.over_budget(200, 3)
+    with pytest.raises(KVShrinkError, match="needs about 224 KV slots .* more than the server's budget of 200"):
+        s.check_fits_alone(800, 8, 1)  # 8 + 200 = 208 slots, + 16
     with pytest.raises(KVShrinkError, match="exceed the server's --max-batch 4"):
         s.check_fits_alone(4, 2, 5)
+
+
+def test_a_real_batch_allocates_what_the_scheduler_and_its_ledger_say():
+    """Rows of 100 and 20 tokens joined in one batch: each layer gives both 128 slots (the longest, rounded up
+    to a chunk), as the scheduler counts; the ledger's bytes are the tensors' own and the hand count. When the
+    long row leaves, the short one's 64 slots are all that is left."""
+    from conftest import tiny_model
+
+    from kvshrink.attention import install
+    from kvshrink.cache import DEFAULT_CHUNK, KVCache, slot_bytes
+    from kvshrink.generation import prefill_row
+    from kvshrink.policies import CachePolicy, for_model
+    from kvshrink.serve.scheduler import Scheduler
+
+    model = install(tiny_model("llama"))  # fp32, 2 layers, 2 KV heads of 16
+    L, H, D = 2, 2, 16
+    per_slot = H * (2 * D * 4 + 4 + 1 + 1 + 4)  # over a row's KV heads: key + value, fp32 bias, live + flag, int32 position
+    per_row = H * 8 + 8 + 4  # last slot per KV head, real tokens, first position
+    assert slot_bytes(model) == L * per_slot and slot_bytes(model, for_model(model, "tova", cr=4)) == L * (per_slot + H * 4)
+    batch = KVCache(model, CachePolicy())
+    for n in (100, 20):
+        row = KVCache(model, CachePolicy())
+        prefill_row(model, row, list(range(3, 3 + n)))
+        batch.append_rows(row)
+    ledger = batch.ledger
+    assert ledger.rows == [2] * L and ledger.capacity == [2 * DEFAULT_CHUNK] * L and ledger.live_upper == [100] * L
+    assert ledger.allocated_slots == 2 * 128 == Scheduler(budget=1, max_batch=2).allocated([(100, 1, 1), (20, 1, 1)])
+    assert ledger.allocated_bytes == batch.allocated_bytes() == sum(layer.nbytes for layer in batch.layers)
+    assert ledger.allocated_bytes == L * (2 * 128 * per_slot + 2 * per_row)
+    batch.take_rows([1])
+    assert (ledger.rows, ledger.capacity, ledger.live_upper) == ([1] * L, [DEFAULT_CHUNK] * L, [20] * L)
+    assert ledger.allocated_bytes == batch.allocated_bytes() == L * (64 * per_slot + per_row)

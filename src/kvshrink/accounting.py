@@ -1,6 +1,7 @@
 """The one accounting layer every policy is measured with (SPEC sections 3 and 7): KV reads, live tokens and
 their peaks, allocated bytes, and vanilla's reads for the same tokens, which the reads-based CR divides by.
-The cache records into it; generation, evaluation and the server read it.
+The cache records into it; generation, evaluation and the server read it. Beside it, each cache's `Ledger`
+of what it allocates now, which the server budgets by.
 """
 
 from __future__ import annotations
@@ -63,3 +64,31 @@ class Accounting:
 
     def note_bytes(self, allocated: int) -> None:
         self.peak_bytes = max(self.peak_bytes, allocated)
+
+
+class Ledger:
+    """What a cache allocates, per layer, in integers the cache keeps on the host as it grows, compacts,
+    takes and appends rows: read at any time without waiting for the device.
+
+    A layer gives every (sequence, KV head) row the same capacity, that of its fullest row, so it allocates
+    rows x capacity slots whatever each row holds; `live_upper` bounds the fullest row's live slots.
+    """
+
+    def __init__(self, n_layers: int):
+        self.rows = [0] * n_layers  # sequences
+        self.capacity = [0] * n_layers  # slots per (sequence, KV head)
+        self.live_upper = [0] * n_layers
+        self.bytes = [0] * n_layers  # keys, values, slot and row metadata, the policy's state
+
+    def note(self, layer_idx: int, rows: int, capacity: int, live_upper: int, nbytes: int) -> None:
+        self.rows[layer_idx], self.capacity[layer_idx] = rows, capacity
+        self.live_upper[layer_idx], self.bytes[layer_idx] = live_upper, nbytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(self.bytes)
+
+    @property
+    def allocated_slots(self) -> float:
+        """Slots allocated per (layer, KV head), summed over sequences: the unit of live tokens."""
+        return sum(r * c for r, c in zip(self.rows, self.capacity)) / len(self.rows)

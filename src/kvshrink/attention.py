@@ -129,7 +129,7 @@ class KVAttention(nn.Module):
     # -- the three paths ------------------------------------------------------------------------------
     def _cached_attention(self, q, k, v, logits, attention_mask, cache: KVCache):
         B, _, T, _ = q.shape
-        if self.sliding_window and cache.layers[self.layer_idx].seen + T > self.sliding_window:
+        if self.sliding_window and cache.get_seq_length(self.layer_idx) + T > self.sliding_window:
             raise KVShrinkError(
                 f"this model uses sliding-window attention ({self.sliding_window} tokens), which kvshrink's cache "
                 f"does not implement; keep prompt + generation within {self.sliding_window} tokens"

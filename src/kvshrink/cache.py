@@ -6,6 +6,10 @@ Layout per layer (nothing is ever masked-and-kept: an evicted token's slot is fr
     bias          (B, Hkv, S)       0 where live, -inf where free: decode's attention mask, kept current
     pos           (B, Hkv, S) int32 position of the token in the slot (step index, padding included)
     flag          (B, Hkv, S) bool  marked for delayed eviction (DMS)
+    last_slot     (B, Hkv) long     the slot of the last token written (a later DMS decision may flag it)
+    real          (B,) long         real tokens written per sequence; first_pos (B,) int32 the first one's position
+and the policy's own tensors (`layer.state`). All are declared by kind (`kvshrink.policies.state`), so rows are
+taken, appended, grown, compacted and counted in bytes the same way whatever the policy keeps.
 S, the capacity, grows by `chunk` slots only when some row has every slot taken, and shrinks back
 (live slots moved to the front) after a multi-token forward, whose tokens are all stored before the
 window thins them.
@@ -15,18 +19,24 @@ head, (B, H, Q, D) -> (B, Hkv, G*Q, D), so one SDPA call reads each KV row once,
 Decode (Q = 1) passes a (B, Hkv, 1, S) additive mask (0 live, -inf free) that broadcasts over the
 group; a multi-token forward (prefill chunk, new user turn) passes a (B, Hkv, G*Q, S) boolean mask.
 
-The cache also drives the one accounting layer (`kvshrink.accounting`) that every policy is measured with.
+The cache also drives the one accounting layer (`kvshrink.accounting`) that every policy is measured with,
+and keeps its `Ledger` of what each layer allocates, in host-side integers.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .accounting import Accounting
+from .accounting import Accounting, Ledger
 from .errors import KVShrinkError
+from .policies import state as declared
 from .policies.base import CachePolicy, sink_slots
+from .policies.state import ROW, SLOT, Kind, PolicyState
+from .shapes import kv_head_dim
 
 DEFAULT_CHUNK = 64
 
@@ -37,10 +47,15 @@ class SlotLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    # its own tensors (see the module docstring), declared as a policy declares its state
+    LAYOUT: ClassVar[dict[str, Kind]] = {
+        "keys": Kind(SLOT), "values": Kind(SLOT), "bias": Kind(SLOT, float("-inf")), "live": Kind(SLOT), "flag": Kind(SLOT),
+        "pos": Kind(SLOT), "last_slot": Kind(ROW, slot_index=True), "real": Kind(ROW), "first_pos": Kind(ROW, -1)}
 
     def __init__(self, cache: "KVCache", layer_idx: int):
         super().__init__()
         self.cache, self.layer_idx = cache, layer_idx
+        self.state = PolicyState()  # the policy's tensors, made with the layer's first keys
         self.seen = 0  # tokens written so far, padding included: the position of the next token
         self.live_upper = 0  # host-side upper bound on the fullest row, so capacity checks rarely sync
         self.compact_pending = False  # the last write was multi-token: shrink once its evictions are known
@@ -48,24 +63,23 @@ class SlotLayer(CacheLayerMixin):
     # -- storage ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
+        device = key_states.device
         self.keys = key_states.new_zeros(B, H, 0, D)
         self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
         self.bias = key_states.new_zeros(B, H, 0)  # additive attention bias: 0 live, -inf free
-        self.live = torch.zeros(B, H, 0, dtype=torch.bool, device=key_states.device)
+        self.live = torch.zeros(B, H, 0, dtype=torch.bool, device=device)
         self.flag = torch.zeros_like(self.live)
-        self.pos = torch.zeros(B, H, 0, dtype=torch.int32, device=key_states.device)
-        self.last_slot = torch.zeros(B, H, dtype=torch.long, device=key_states.device)
-        for name in self.cache.policy.slot_fields:  # policy state per slot (e.g. attention scores)
-            setattr(self, name, torch.zeros(B, H, 0, dtype=torch.float32, device=key_states.device))
-        self.real = torch.zeros(B, dtype=torch.long, device=key_states.device)  # real tokens written per sequence
-        self.first_pos = torch.full((B,), -1, dtype=torch.int32, device=key_states.device)  # first real token
-        self.cache.policy.init_layer(self, key_states)
+        self.pos = torch.zeros(B, H, 0, dtype=torch.int32, device=device)
+        self.last_slot = torch.zeros(B, H, dtype=torch.long, device=device)
+        self.real = torch.zeros(B, dtype=torch.long, device=device)
+        self.first_pos = torch.full((B,), -1, dtype=torch.int32, device=device)
+        self.state = self.cache.policy.new_state(key_states)
         self.is_initialized = True
-        if self.cache.reserve:
-            self._grow(self.cache.reserve)
+        self._grow(self.cache.reserve)  # the slots preallocated, if any; and the ledger learns of the layer
 
-    def _slot_tensors(self) -> tuple[str, ...]:
-        return ("keys", "values", "bias", "live", "flag", "pos", *self.cache.policy.slot_fields)
+    def _declared(self):
+        """(holder, {name: Kind}) of everything the layer allocates: its own layout, then the policy's state."""
+        return (self, self.LAYOUT), (self.state, self.state.kinds)
 
     @property
     def capacity(self) -> int:
@@ -73,17 +87,35 @@ class SlotLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
+        """What the layer allocates: keys, values, slot and row metadata, the policy's state."""
         if not self.is_initialized:
             return 0
-        return sum(getattr(self, name).nbytes for name in (*self._slot_tensors(), *self.cache.policy.layer_fields))
+        return sum(declared.nbytes(holder, kinds) for holder, kinds in self._declared())
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes each slot of capacity costs one sequence, over its KV heads (layout and policy state)."""
+        return sum(declared.slot_bytes(holder, kinds) for holder, kinds in self._declared())
+
+    def _note(self) -> None:
+        """Tell the cache's ledger (and the accounting's peak) this layer's allocation: after every change of shape."""
+        self.cache.ledger.note(self.layer_idx, self.keys.shape[0], self.capacity, self.live_upper, self.nbytes)
+        self.cache.accounting.note_bytes(self.cache.ledger.allocated_bytes)
 
     def _grow(self, need: int) -> None:
         extra = self._round(need) - self.capacity
-        for name in self._slot_tensors():
-            t = getattr(self, name)
-            fill = float("-inf") if name == "bias" else 0
-            setattr(self, name, torch.cat([t, t.new_full((*t.shape[:2], extra, *t.shape[3:]), fill)], dim=2))
-        self.cache.accounting.note_bytes(self.cache.allocated_bytes())
+        for holder, kinds in self._declared():
+            declared.grow(holder, kinds, extra)
+        self._note()
+
+    def grow_state(self, names: tuple[str, ...], dim: int, n: int) -> None:
+        """Add n entries of their fill along `dim` to the policy's per-row tensors `names` (Quest's pages, as
+        positions reach a new page)."""
+        if n <= 0:
+            return
+        for name in names:
+            setattr(self.state, name, declared.pad(getattr(self.state, name), dim, n, self.state.kinds[name].fill))
+        self._note()
 
     def _round(self, n: int) -> int:
         return -(-n // self.cache.chunk) * self.cache.chunk
@@ -91,7 +123,7 @@ class SlotLayer(CacheLayerMixin):
     def _compact(self, need: int) -> None:
         """Move live slots (and the last token's, which a later decision may still flag) to the front and
         shrink the capacity to `need` rounded up to a chunk. Runs after multi-token writes, whose
-        tokens are all stored before the window thins them."""
+        tokens are all stored before the window thins them, and when rows leave."""
         keep = self.live.clone()
         keep.scatter_(2, self.last_slot[..., None], True)
         new_cap = self._round(max(need, int(keep.sum(-1).max())))
@@ -99,14 +131,10 @@ class SlotLayer(CacheLayerMixin):
             return
         order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices
         inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-        self.last_slot = inverse.gather(-1, self.last_slot[..., None]).squeeze(-1)
-        idx = order[..., :new_cap]
-        for name in self._slot_tensors():
-            t = getattr(self, name)
-            i = idx if t.dim() == 3 else idx[..., None].expand(-1, -1, -1, t.shape[-1])
-            setattr(self, name, t.gather(2, i))
-        self.cache.policy.on_compact(self, inverse)
+        for holder, kinds in self._declared():
+            declared.compact(holder, kinds, order[..., :new_cap], inverse)
         self.live_upper = int(self.live.sum(-1).max())
+        self._note()
 
     def _allocate(self, n: int) -> torch.Tensor:
         """n free slots per row, lowest index first -> (B, Hkv, n)."""
@@ -115,6 +143,7 @@ class SlotLayer(CacheLayerMixin):
             if self.live_upper + n > self.capacity:
                 self._grow(self.live_upper + n)
         self.live_upper += n
+        self.cache.ledger.live_upper[self.layer_idx] = self.live_upper
         if n == 1:
             return self.bias.argmin(-1, keepdim=True)  # the first free slot (-inf)
         return torch.sort(self.live.to(torch.uint8), dim=-1, stable=True).indices[..., :n]
@@ -128,34 +157,6 @@ class SlotLayer(CacheLayerMixin):
     def _free(self, gone: torch.Tensor) -> None:
         self.live.masked_fill_(gone, False)
         self.bias.masked_fill_(gone, float("-inf"))
-
-    def attend_rows(self, q: torch.Tensor, slots: torch.Tensor, readable: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Attention of q (B, Hkv, G, D) over just the (B, Hkv, n) `slots` (entries not `readable` masked),
-        so that a step reads n slots instead of S. The keys are copied out (one row copy per slot) for
-        one batched product; the values are never copied: `embedding_bag` sums each query head's chosen
-        rows in place with its attention weights (on CPUs the copy cost about as much as the read;
-        benchmarks/quest_kernels.py)."""
-        B, H, S, _ = self.keys.shape
-        G, n = q.shape[2], slots.shape[-1]
-        rows = torch.arange(B * H, device=slots.device).view(B, H, 1) * S + slots  # rows of the flat (B*H*S, D) storage
-        keys = self._pick_rows(self.keys, rows.flatten()).view(B, H, n, -1)
-        bias = torch.zeros(slots.shape, dtype=q.dtype, device=q.device).masked_fill(~readable, float("-inf"))
-        probs = torch.softmax(((q @ keys.mT) * scaling + bias[:, :, None, :]).float(), dim=-1)  # (B, Hkv, G, n)
-        per_head = rows[:, :, None, :].expand(B, H, G, n).reshape(-1)
-        values = self.values.reshape(B * H * S, -1)
-        out = F.embedding_bag(per_head, values, torch.arange(0, per_head.numel(), n, device=q.device), mode="sum",
-                              per_sample_weights=probs.reshape(-1).to(values.dtype))
-        return out.view(B, H, G, -1)
-
-    def _pick_rows(self, storage: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Rows of the flattened (B * Hkv * S, D) storage: one row copy per slot, far faster than an
-        element-wise gather. Outside autograd they land in the cache's reusable buffer (layers run one
-        at a time), so that decode does not allocate and fault in fresh pages every step."""
-        flat = storage.reshape(-1, storage.shape[-1])
-        if torch.is_grad_enabled():
-            return flat.index_select(0, rows)
-        out = self.cache.scratch(rows.numel() * flat.shape[1], flat).view(rows.numel(), flat.shape[1])
-        return torch.index_select(flat, 0, rows, out=out)
 
     def free_expired(self) -> None:
         """Free the slots the policy says are gone for the next query. Runs before each write; tokens that
@@ -197,8 +198,7 @@ class SlotLayer(CacheLayerMixin):
         self.compact_pending = Q > 1
 
         slots = self._allocate(Q)
-        for name in policy.slot_fields:
-            getattr(self, name).scatter_(2, slots, 0.0)
+        declared.clear(self.state, self.state.kinds, slots)
         starts = valid.any(-1) & (self.first_pos < 0)
         self.first_pos = torch.where(starts, t0 + valid.int().argmax(-1).int(), self.first_pos)
         self.real += valid.sum(-1)
@@ -233,35 +233,60 @@ class SlotLayer(CacheLayerMixin):
         # a NaN there would poison every later read of its slot through 0 * NaN)
         return visible.scatter_(3, slots[..., None], True)
 
-    # -- rows joining and leaving (continuous batching) ---------------------------------------------
-    ROW_FIELDS = ("last_slot", "real", "first_pos")  # per-sequence state besides the slot tensors
-
+    # -- rows joining and leaving (continuous batching), tokens loaded from elsewhere ----------------------
     def take_rows(self, rows: torch.Tensor) -> None:
-        """Keep only sequences `rows` (a finished sequence leaves; its slots go with it)."""
-        for name in (*self._slot_tensors(), *self.ROW_FIELDS, *self.cache.policy.layer_fields):
-            setattr(self, name, getattr(self, name).index_select(0, rows))
+        """Keep only sequences `rows` (a finished sequence leaves; its slots go with it, and the capacity
+        follows the longest row left)."""
+        for holder, kinds in self._declared():
+            declared.take(holder, kinds, rows)
         self.live_upper = int(self.live.sum(-1).max()) if self.live.numel() else 0
+        if self.live.numel():
+            self._compact(0)
+        self._note()
 
     def append_rows(self, other: "SlotLayer") -> None:
         """Add `other`'s sequences after ours. Positions in `pos` only matter relative to `seen` (expiry,
         sinks), so the side that has seen fewer tokens is shifted forward to a common `seen`."""
-        if other.cache.policy.slot_fields != self.cache.policy.slot_fields or self.cache.policy.layer_fields:
-            raise KVShrinkError("these sequences cannot share a batch: their cache policies keep different state")
+        if other.cache.policy.describe() != self.cache.policy.describe():
+            raise KVShrinkError("these sequences cannot share a batch: their caches run different policies; give them the same one")
         seen = max(self.seen, other.seen)
         for layer in (self, other):
             shift = seen - layer.seen
             layer.pos += shift
             layer.first_pos = torch.where(layer.first_pos >= 0, layer.first_pos + shift, layer.first_pos)
-        cap = max(self.capacity, other.capacity)
-        for layer in (self, other):
-            if layer.capacity < cap:
-                layer._grow(cap)
-        for name in (*self._slot_tensors(), *self.ROW_FIELDS):
-            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)], 0))
+        for (mine, kinds), (theirs, _) in zip(self._declared(), other._declared()):
+            declared.append(mine, theirs, kinds)  # the smaller capacity grows to the larger, with free slots
         self.seen = seen
         self.live_upper = max(self.live_upper, other.live_upper)
         self.compact_pending = self.compact_pending or other.compact_pending
-        self.cache.accounting.note_bytes(self.cache.allocated_bytes())
+        self._note()
+
+    def load_tokens(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, live: torch.Tensor | None = None,
+                    flags: torch.Tensor | None = None) -> None:
+        """Hold these tokens as a prefill of them would leave this (empty) layer. keys, values: (B, Hkv, T, D),
+        post-RoPE; positions: (T,) increasing, the next token's is positions[-1] + 1; live: (Hkv, T) slots kept
+        (None: all); flags: (Hkv, T) DMS flags still pending. Every row alike. A policy whose state cannot be
+        rebuilt from keys and values is refused."""
+        self.lazy_initialization(keys[:, :, :0], values[:, :, :0])
+        if self.state:
+            raise KVShrinkError(f"policy {self.cache.policy.name!r} keeps per-token state ({', '.join(self.state.kinds)}) that "
+                                "stored keys and values do not hold; restore with policy 'none', 'dms' or 'window'")
+        T, device = keys.shape[2], self.keys.device
+        live = torch.ones(keys.shape[1], T, dtype=torch.bool, device=device) if live is None else live.to(device, torch.bool)
+        self._grow(T)
+        self.keys[:, :, :T], self.values[:, :, :T] = keys, values
+        self.live[:, :, :T] = live
+        self.bias[:, :, :T] = torch.zeros_like(self.bias[0, :, :T]).masked_fill(~live, float("-inf"))
+        self.pos[:, :, :T] = positions.to(self.pos)
+        if flags is not None:
+            self.flag[:, :, :T] = flags.to(device, torch.bool) & live
+        self.last_slot.fill_(T - 1)  # the next token's DMS decision flags the last one
+        self.seen = int(positions[-1]) + 1
+        self.real.fill_(self.seen)
+        self.first_pos.fill_(0)
+        self.live_upper = int(live.sum(-1).max())
+        self.compact_pending = True  # as after a prefill: the next write moves live slots to the front
+        self._note()
 
     # -- transformers Cache API --------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -300,17 +325,18 @@ class KVCache(Cache):
     """
 
     def __init__(self, model, policy: CachePolicy | None = None, reserve: int = 0, chunk: int = DEFAULT_CHUNK):
-        config = getattr(model, "config", model)
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        config = text_config(model)
         self.policy = policy or CachePolicy()
         self.reserve, self.chunk = reserve, chunk
         self._scratch: torch.Tensor | None = None  # a per-layer temporary reused across layers and steps
         self.accounting = Accounting(config.num_hidden_layers, config.num_key_value_heads)
+        self.ledger = Ledger(config.num_hidden_layers)
         super().__init__(layers=[SlotLayer(self, i) for i in range(config.num_hidden_layers)])
 
     def reset(self) -> None:
         super().reset()
         self.accounting = self.accounting.fresh(self.accounting.groups)
+        self.ledger = Ledger(len(self.layers))
 
     def scratch(self, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A flat reusable buffer with at least `numel` elements of `like`'s dtype and device."""
@@ -320,7 +346,7 @@ class KVCache(Cache):
         return have[:numel]
 
     def allocated_bytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
+        return self.ledger.allocated_bytes
 
     def attend(self, layer_idx: int, q, k, v, scaling: float, valid: torch.Tensor, decisions=None) -> torch.Tensor:
         """Write this forward's keys/values for one layer and attend over the layer's live slots.
@@ -336,38 +362,38 @@ class KVCache(Cache):
         G = H // Hkv
         qg = q.reshape(B, Hkv, G * Q, D)  # heads h = kv * G + g share KV head kv
         policy = self.policy
-        selected = policy.select(layer, qg, valid) if Q == 1 else None
-        if selected is not None:  # a read-selection policy (Quest): read only the chosen slots
-            slots, readable, extra_reads = selected
-            reads = readable.sum(-1).sum(1, keepdim=True) + extra_reads[:, None]
+        picked = policy.attend(layer, qg, scaling) if Q == 1 else None
+        if picked is not None:  # a read-selection policy (Quest) read only the slots it chose
+            out, reads = picked
         elif Q == 1:
             reads = layer.live.sum(-1).sum(1, keepdim=True)  # (B, 1): every live slot is read
         else:
             reads = mask.sum(-1).sum(1)  # (B, Q) visible slots per query, over KV heads
         self.accounting.record(layer_idx, reads * valid, layer.live.sum((1, 2)))
-        if Q > 1:
-            mask = mask[:, :, None].expand(B, Hkv, G, Q, mask.shape[-1]).reshape(B, Hkv, G * Q, -1)
-        if selected is not None:
-            out = layer.attend_rows(qg, slots, readable, scaling)
-        elif policy.needs_attention:  # the weights are the policy's evidence: compute them, then reuse them
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-            probs = torch.softmax(((qg @ layer.keys.transpose(-1, -2)) * scaling + mask).float(), dim=-1)
-            out = probs.to(layer.values.dtype) @ layer.values
-            policy.observe(layer, probs.view(B, Hkv, G, Q, -1).mean(2), valid)
-        else:
-            out = F.scaled_dot_product_attention(qg, layer.keys, layer.values, attn_mask=mask, scale=scaling)
+        if picked is None:  # attend over every visible slot
+            if Q > 1:
+                mask = mask[:, :, None].expand(B, Hkv, G, Q, mask.shape[-1]).reshape(B, Hkv, G * Q, -1)
+            if policy.needs_attention:  # the weights are the policy's evidence: compute them, then reuse them
+                if mask.dtype == torch.bool:
+                    mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+                probs = torch.softmax(((qg @ layer.keys.transpose(-1, -2)) * scaling + mask).float(), dim=-1)
+                out = probs.to(layer.values.dtype) @ layer.values
+                policy.observe(layer, probs.view(B, Hkv, G, Q, -1).mean(2), valid)
+            else:
+                out = F.scaled_dot_product_attention(qg, layer.keys, layer.values, attn_mask=mask, scale=scaling)
         scores = policy.keep_scores(layer)
         if scores is not None:
             layer.enforce_budget(policy.budget(layer), scores, Q)
         return out.reshape(B, H, Q, -1)  # some GPU kernels return a non-contiguous output
 
     def free_expired(self) -> None:
-        """Free now what the next write would free: a prompt read in long chunks holds the tokens that
-        expired inside its last chunk until then (e.g. before its row is copied for n samples)."""
+        """Free now what the next write would free, and shrink to what is left: a prompt read in long chunks
+        holds the tokens that expired inside its last chunk until then (e.g. before its row is copied for n
+        samples, or joins a batch whose every row would be sized to it)."""
         for layer in self.layers:
             if layer.is_initialized:
                 layer.free_expired()
+                layer._compact(0)
 
     def live_tokens(self) -> torch.Tensor:
         """(L, B, Hkv) live tokens per layer, sequence and KV head."""
@@ -395,7 +421,24 @@ class KVCache(Cache):
             self.layers = other.layers
             for layer in self.layers:
                 layer.cache = self
+                layer._note()
         else:
             for mine, theirs in zip(self.layers, other.layers):
                 mine.append_rows(theirs)
         self.accounting = self.accounting.fresh()  # rows changed: per-row counters start over
+
+
+def slot_bytes(model, policy: CachePolicy | None = None) -> int:
+    """What one more slot of capacity costs a sequence of a `KVCache` for `model`, over every layer and KV head:
+    keys and values in the model's dtype, slot metadata, the policy's per-slot state (the unit memory is budgeted in)."""
+    cache, config = KVCache(model, policy), text_config(model)
+    empty = next(model.parameters()).new_zeros(1, config.num_key_value_heads, 0, kv_head_dim(config))
+    for layer in cache.layers:
+        layer.lazy_initialization(empty, empty)
+    return sum(layer.slot_bytes for layer in cache.layers)
+
+
+def text_config(model):
+    """The config of a model's text decoder (a model or its config)."""
+    config = getattr(model, "config", model)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -11,7 +11,7 @@ evicts and counts the same way. Stats follow SPEC sections 3 and 7:
   sequences in flight. The last generated token is never written to the cache, so vanilla's peak is
   prompt + generated - 1 per sequence;
 - compression_ratio: vanilla kv_reads for the same token sequences / the policy's kv_reads;
-- cache_bytes: peak bytes the cache actually allocated (keys, values and slot metadata).
+- cache_bytes: peak bytes the cache actually allocated (keys, values, slot and row metadata, policy state).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def prefill(model, cache: KVCache, ids: torch.Tensor, attn: torch.Tensor, positi
     if P == 0:
         raise KVShrinkError("nothing to prefill: give at least one token")
     chunk = cache.policy.prefill_chunk or chunk  # evicting policies read prompts in 16-token chunks (SPEC 7)
-    seen = cache.layers[0].seen
+    seen = cache.get_seq_length()
     reads = torch.zeros(B, dtype=torch.float64, device=ids.device)
     for s in range(0, P, chunk):
         e = min(P, s + chunk)
@@ -96,7 +96,7 @@ def decode_step(model, cache: KVCache, tokens: torch.Tensor, attn: torch.Tensor 
 def prefill_row(model, cache: KVCache, ids: list[int], chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
     """`prefill` of one unpadded row, `ids` after whatever `cache` holds; returns the last logits (V,)."""
     device = next(model.parameters()).device
-    seen = cache.layers[0].seen
+    seen = cache.get_seq_length()
     row = torch.tensor([ids], dtype=torch.long, device=device)
     attn = torch.ones(1, seen + len(ids), dtype=torch.long, device=device)
     positions = torch.arange(seen, seen + len(ids), device=device)[None]

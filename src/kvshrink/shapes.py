@@ -1,5 +1,5 @@
-"""What kvshrink reads off a model's config: the supported families, the layers, a KV head's width, a
-token's KV bytes, and the context it can attend. Plain helpers, imported by the core and by its callers."""
+"""What kvshrink reads off a model's config: the supported families, the layers, a KV head's width, and the
+context it can attend. Plain helpers, imported by the core and by its callers."""
 
 from __future__ import annotations
 
@@ -11,12 +11,6 @@ SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 def kv_head_dim(config) -> int:
     """Width of one key/value head (Qwen3 and some Mistral configs set it apart from hidden / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def kv_bytes_per_token(model) -> int:
-    """Bytes one token's keys and values take over every layer and KV head, in the model's dtype."""
-    config, itemsize = model.config, next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * kv_head_dim(config) * itemsize
 
 
 def check_context(config, prompt_tokens: int, new_tokens: int) -> None:

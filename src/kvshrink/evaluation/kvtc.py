@@ -179,7 +179,7 @@ def _rows(states: list[CacheState]) -> CacheState:
 def _greedy_rows(model, cache: KVCache, last: int, max_new_tokens: int, eos: int | None) -> list[list[int]]:
     """Greedy answers of every row of a restored cache, each fed the prompt's last token `last`: the rows
     step together (one forward per token for all methods) until each has written eos or max_new_tokens."""
-    B, seen, device = cache.batch_size, cache.layers[0].seen, next(model.parameters()).device
+    B, seen, device = cache.batch_size, cache.get_seq_length(), next(model.parameters()).device
     attn, pos = torch.ones(B, seen + 1, dtype=torch.long, device=device), torch.full((B,), seen, device=device)
     logits = decode_step(model, cache, torch.full((B,), last, device=device), attn, pos)
     return decode_rows(model, cache, logits.argmax(-1), attn, pos, max_new_tokens, eos)[0]

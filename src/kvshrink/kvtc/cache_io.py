@@ -88,11 +88,9 @@ def restore_cache(model, policy: CachePolicy | None, keys, values, live=None, po
     """A `KVCache` holding these tokens as a prefill of them would leave it (see `CacheState`;
     `restore_cache(model, policy, *export_cache(cache))` round-trips). positions default to 0..T-1;
     the next token goes at position positions[-1] + 1. keys and values may hold B > 1 rows that share
-    positions, live slots and flags (one cache through several codecs): a B-row cache, decoded together."""
-    policy = policy or CachePolicy()
-    if policy.slot_fields or any(getattr(type(policy), f) is not getattr(CachePolicy, f) for f in ("on_write", "observe")):
-        raise KVShrinkError(f"policy {policy.name!r} keeps per-token state that a stored cache does not hold; "
-                            "restore with policy 'none', 'dms' or 'window'")
+    positions, live slots and flags (one cache through several codecs): a B-row cache, decoded together.
+    A policy that keeps state of its own (TOVA's and H2O's scores, Quest's pages) is refused: the stored cache
+    holds keys and values only."""
     T = keys[0].shape[2]
     positions = torch.arange(T) if positions is None else positions.long().cpu()
     if T == 0 or positions.shape != (T,) or (positions.diff() <= 0).any() or positions[0] < 0:
@@ -101,24 +99,9 @@ def restore_cache(model, policy: CachePolicy | None, keys, values, live=None, po
     if not len(keys) == len(values) == len(cache.layers):
         raise KVShrinkError(f"the model has {len(cache.layers)} layers, the stored cache {len(keys)}")
     weight = next(model.parameters())
-    seen = int(positions[-1]) + 1
     for i, layer in enumerate(cache.layers):
-        k, v = keys[i].to(weight.device, weight.dtype), values[i].to(weight.device, weight.dtype)  # (B, Hkv, T, D)
-        alive = torch.ones(k.shape[1], T, dtype=torch.bool) if live is None else live[i].to(torch.bool).cpu()
-        layer.lazy_initialization(k[:, :, :0], v[:, :, :0])
-        layer._grow(T)  # every slot tensor, policy fields included, at capacity >= T
-        layer.keys[:, :, :T], layer.values[:, :, :T] = k, v
-        layer.live[:, :, :T] = alive.to(weight.device)  # every row alike
-        layer.bias[:, :, :T] = torch.zeros(alive.shape).masked_fill(~alive, float("-inf")).to(layer.bias)
-        layer.pos[:, :, :T] = positions.to(layer.pos)
-        if flags is not None:
-            layer.flag[:, :, :T] = (flags[i].to(torch.bool).cpu() & alive).to(weight.device)
-        layer.last_slot.fill_(T - 1)  # the next token's DMS decision flags the last one
-        layer.seen = seen
-        layer.real.fill_(seen)
-        layer.first_pos.fill_(0)
-        layer.live_upper = int(alive.sum(-1).max())
-        layer.compact_pending = True  # as after a prefill: the next write moves live slots to the front
+        layer.load_tokens(keys[i].to(weight.device, weight.dtype), values[i].to(weight.device, weight.dtype), positions,
+                          None if live is None else live[i], None if flags is None else flags[i])
     return cache
 
 

@@ -7,12 +7,14 @@ accounting. At each forward of Q new tokens at positions t0 .. t0+Q-1 of one lay
    tokens are written, so their slots can be reused at once);
 2. `hidden(layer, query_pos)`: for multi-token forwards only, which still-stored slots a later query
    of the same chunk must not see (a token can expire in the middle of a chunk);
-3. `select(layer, q)`: at decode, which stored slots this query reads (Quest); default all live ones;
+3. `attend(layer, q, scaling)`: at decode, a read-selection policy (Quest) attends over the slots it
+   picks, with its own kernel; by default the cache attends over every live slot;
 4. after attention, budget policies (`keep_scores`, `budget`) have their lowest-scoring tokens freed,
    scored from the attention weights handed to `observe` when `needs_attention` is set.
 
 A layer exposes per-slot metadata: `live` (B, Hkv, S) bool, `pos` (B, Hkv, S) int32 token positions,
-and `flag` (B, Hkv, S) bool "marked for delayed eviction".
+and `flag` (B, Hkv, S) bool "marked for delayed eviction". What a policy keeps of its own it declares in
+`new_state` (`kvshrink.policies.state`), so that the cache can move it with the rows and slots.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import KVShrinkError
+from .state import PolicyState
 
 #: prompt chunk length for policies that evict while the prompt goes through (SPEC 7: 16)
 EVICTION_CHUNK = 16
@@ -41,13 +44,11 @@ class CachePolicy:
     prefill_chunk: int | None = None
     #: a sequence's first `sinks` real tokens are never evicted (DMS: the cache clears their flags)
     sinks: int = 0
-    #: extra per-slot float32 tensors the policy keeps on each layer (zeroed for every new token)
-    slot_fields: tuple[str, ...] = ()
-    #: extra per-layer tensors the policy keeps (e.g. page summaries): made by `init_layer`, counted in cache bytes
-    layer_fields: tuple[str, ...] = ()
 
-    def init_layer(self, layer, keys: torch.Tensor) -> None:
-        """Create the `layer_fields` tensors of a layer whose first keys (B, Hkv, Q, D) just arrived."""
+    def new_state(self, keys: torch.Tensor) -> PolicyState:
+        """The tensors the policy keeps on a layer whose first keys (B, Hkv, Q, D) just arrived, at capacity 0
+        (`layer.state`; see `kvshrink.policies.state`)."""
+        return PolicyState()
 
     def expired(self, layer, first_query_pos: int) -> torch.Tensor | None:
         return None
@@ -58,15 +59,11 @@ class CachePolicy:
     def on_write(self, layer, k: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> None:
         """New keys k (B, Hkv, Q, D) were stored in `slots` (B, Hkv, Q): keep per-layer summaries current."""
 
-    def select(self, layer, q: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Decode only, read-selection policies: ((B, Hkv, n) slot indices this query reads, (B, Hkv, n)
-        bool which of them hold a token to read, (B,) extra reads the selection cost, e.g. page
-        summaries). q: (B, Hkv, G, D). None: read every live slot."""
+    def attend(self, layer, q: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Decode only, read-selection policies: attention of q (B, Hkv, G, D) over the slots the policy
+        picks -> ((B, Hkv, G, Dv) output, (B, 1) slots read over KV heads, what picking them read included).
+        None: the cache attends over every live slot."""
         return None
-
-    def on_compact(self, layer, new_slot: torch.Tensor) -> None:
-        """The cache moved its slots: old slot s is now `new_slot[..., s]` (B, Hkv, S_old). Policies
-        that remember slot indices update them here."""
 
     def observe(self, layer, weights: torch.Tensor, valid: torch.Tensor) -> None:
         """weights: (B, Hkv, Q, S) attention of this forward's queries, averaged over each KV head's

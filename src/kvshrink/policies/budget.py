@@ -14,6 +14,7 @@ import torch
 
 from ..errors import KVShrinkError, check_cr
 from .base import EVICTION_CHUNK, CachePolicy
+from .state import SLOT, PolicyState
 
 PROTECTED = 1e30  # a score no attention weight or position reaches: the token is never evicted
 
@@ -46,3 +47,9 @@ def most_recent(layer, n: torch.Tensor) -> torch.Tensor:
     rank = torch.empty_like(pos, dtype=torch.long).scatter_(
         -1, pos.argsort(-1, descending=True), torch.arange(pos.shape[-1], device=pos.device).expand(pos.shape))
     return layer.live & (rank < n[:, None, None])
+
+
+def per_slot_score(keys: torch.Tensor) -> PolicyState:
+    """TOVA's and H2O's state: an fp32 attention score per slot, 0 for a new token."""
+    B, H = keys.shape[:2]
+    return PolicyState().add("score", torch.zeros(B, H, 0, dtype=torch.float32, device=keys.device), SLOT)

@@ -11,18 +11,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import PROTECTED, BudgetPolicy, most_recent
+from .budget import PROTECTED, BudgetPolicy, most_recent, per_slot_score
+from .state import PolicyState
 
 
 @dataclass
 class H2OPolicy(BudgetPolicy):
     name = "h2o"
     needs_attention = True
-    slot_fields = ("score",)
+
+    def new_state(self, keys: torch.Tensor) -> PolicyState:
+        return per_slot_score(keys)
 
     def observe(self, layer, weights: torch.Tensor, valid: torch.Tensor) -> None:
-        layer.score += (weights * valid[:, None, :, None]).sum(2)
+        layer.state.score += (weights * valid[:, None, :, None]).sum(2)
 
     def keep_scores(self, layer) -> torch.Tensor:
         recent = most_recent(layer, self.budget(layer) // 2)
-        return layer.score + PROTECTED * recent
+        return layer.state.score + PROTECTED * recent

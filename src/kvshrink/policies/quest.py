@@ -19,8 +19,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .budget import BudgetPolicy
+from .state import ROW, PolicyState
 
 
 @dataclass
@@ -32,49 +34,50 @@ class QuestPolicy(BudgetPolicy):
     name = "quest"
     prefill_chunk = None
     frees_memory = False
-    # (B, Hkv, pages, 2D): each page's channel-wise key max, then minus its min (both halves are maxima, so
-    # one in-place "amax" keeps them); (B, Hkv, pages, page) int32: the slot of each of a page's tokens,
-    # -1 where none is stored yet
-    layer_fields = ("page_bounds", "page_slots")
 
-    def init_layer(self, layer, keys: torch.Tensor) -> None:
+    def new_state(self, keys: torch.Tensor) -> PolicyState:
+        """Per row, grown a page at a time: (B, Hkv, pages, 2D) each page's channel-wise key max, then minus its
+        min (both halves are maxima, so one in-place "amax" keeps them; -inf: empty); (B, Hkv, pages, page)
+        int32 the slot of each of a page's tokens, -1 where none is stored yet."""
         B, H, _, D = keys.shape
-        layer.page_bounds = keys.new_zeros(B, H, 0, 2 * D)
-        layer.page_slots = torch.zeros(B, H, 0, self.page, dtype=torch.int32, device=keys.device)
+        return (PolicyState()
+                .add("page_bounds", keys.new_zeros(B, H, 0, 2 * D), ROW, fill=float("-inf"))
+                .add("page_slots", torch.zeros(B, H, 0, self.page, dtype=torch.int32, device=keys.device), ROW, fill=-1,
+                     slot_index=True))
 
     def on_write(self, layer, k, slots, valid) -> None:
         """Fold the new real keys into their pages' bounds and page table (pages grow as positions do)."""
         B, H, _, D = k.shape
+        state = layer.state
         index = (layer.pos.gather(2, slots).long() - layer.first_pos[:, None, None]).clamp(min=0)  # in its sequence; padding -> 0
-        grow = layer.seen // self.page + 1 - layer.page_bounds.shape[2]  # a host bound on the pages written (no sync)
-        if grow > 0:
-            layer.page_bounds = torch.cat([layer.page_bounds, k.new_full((B, H, grow, 2 * D), float("-inf"))], 2)
-            layer.page_slots = torch.cat([layer.page_slots, layer.page_slots.new_full((B, H, grow, self.page), -1)], 2)
-            layer.cache.accounting.note_bytes(layer.cache.allocated_bytes())
+        layer.grow_state(("page_bounds", "page_slots"), 2, layer.seen // self.page + 1 - state.page_bounds.shape[2])  # a host bound (no sync)
         real = valid[:, None, :].expand_as(slots)
         where = (index // self.page)[..., None].expand(B, H, k.shape[2], 2 * D)
-        layer.page_bounds.scatter_reduce_(2, where, torch.cat([k, -k], -1).masked_fill(~real[..., None], float("-inf")), "amax")
+        state.page_bounds.scatter_reduce_(2, where, torch.cat([k, -k], -1).masked_fill(~real[..., None], float("-inf")), "amax")
         # padding writes -1, which "amax" never lets win over a real slot of the same entry
-        layer.page_slots.view(B, H, -1).scatter_reduce_(2, index, torch.where(real, slots, -1).to(torch.int32), "amax")
+        state.page_slots.view(B, H, -1).scatter_reduce_(2, index, torch.where(real, slots, -1).to(torch.int32), "amax")
 
-    def on_compact(self, layer, new_slot: torch.Tensor) -> None:
-        stored = layer.page_slots >= 0
-        moved = new_slot.gather(2, layer.page_slots.clamp(min=0).long().flatten(2)).view_as(layer.page_slots)
-        layer.page_slots = torch.where(stored, moved.to(torch.int32), -1)
+    def attend(self, layer, q, scaling):
+        slots, readable, summaries = self.select(layer, q)
+        reads = readable.sum(-1).sum(1, keepdim=True) + summaries[:, None]
+        return read_slots(layer, q, slots, readable, scaling), reads
 
-    def select(self, layer, q, valid):
+    def select(self, layer, q):
+        """The pages query q (B, Hkv, G, D) reads: ((B, Hkv, n) their slots, (B, Hkv, n) which of those hold a
+        token this row may read, (B,) the page summaries the choice read, over KV heads)."""
         B, H = q.shape[:2]
-        empty = torch.isneginf(layer.page_bounds[..., 0])  # (B, Hkv, P): pages holding no real token
+        bounds = layer.state.page_bounds
+        empty = torch.isneginf(bounds[..., 0])  # (B, Hkv, P): pages holding no real token
         # sum_c max(q_c max_c, q_c min_c) = q+ . max + (-q-) . (-min), and the mean over the G query heads of
         # a linear form is the form of their mean: one matrix-vector product; q: (B, Hkv, G, D)
         q_split = torch.cat([q.clamp(min=0), -q.clamp(max=0)], -1).mean(2, keepdim=True)
-        score = (q_split @ layer.page_bounds.mT).squeeze(2).masked_fill(empty, float("-inf"))  # (B, Hkv, P)
+        score = (q_split @ bounds.mT).squeeze(2).masked_fill(empty, float("-inf"))  # (B, Hkv, P)
         current = ((layer.real - 1).clamp(min=0) // self.page).view(B, 1, 1).expand(B, H, 1)  # the query's own page
         score = score.scatter(2, current, float("inf"))
         pages_allowed = (self.budget(layer) // self.page).clamp(min=1)  # (B,)
         n = min(max(1, math.ceil(layer.seen / self.cr) // self.page), score.shape[2])  # >= every row's allowance
         top = score.topk(n, dim=-1).indices  # best first, the current page at the head
-        slots = layer.page_slots.gather(2, top[..., None].expand(-1, -1, -1, self.page))  # (B, Hkv, n, page)
+        slots = layer.state.page_slots.gather(2, top[..., None].expand(-1, -1, -1, self.page))  # (B, Hkv, n, page)
         allowed = torch.arange(n, device=top.device) < pages_allowed[:, None, None]
         readable = (slots >= 0) & allowed[..., None]
         summaries = 2 * (~empty).sum(-1).sum(1)  # the max and min vector of every non-empty page, over KV heads
@@ -82,3 +85,33 @@ class QuestPolicy(BudgetPolicy):
 
     def describe(self) -> dict:
         return {"policy": self.name, "cr": self.cr, "page": self.page}
+
+
+def read_slots(layer, q: torch.Tensor, slots: torch.Tensor, readable: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of q (B, Hkv, G, D) over just the (B, Hkv, n) `slots` of `layer` (entries not `readable`
+    masked), so that a step reads n slots instead of S. The keys are copied out (one row copy per slot) for
+    one batched product; the values are never copied: `embedding_bag` sums each query head's chosen rows in
+    place with its attention weights (on CPUs the copy cost about as much as the read;
+    benchmarks/quest_kernels.py)."""
+    B, H, S, _ = layer.keys.shape
+    G, n = q.shape[2], slots.shape[-1]
+    rows = torch.arange(B * H, device=slots.device).view(B, H, 1) * S + slots  # rows of the flat (B*H*S, D) storage
+    keys = pick_rows(layer.cache, layer.keys, rows.flatten()).view(B, H, n, -1)
+    bias = torch.zeros(slots.shape, dtype=q.dtype, device=q.device).masked_fill(~readable, float("-inf"))
+    probs = torch.softmax(((q @ keys.mT) * scaling + bias[:, :, None, :]).float(), dim=-1)  # (B, Hkv, G, n)
+    per_head = rows[:, :, None, :].expand(B, H, G, n).reshape(-1)
+    values = layer.values.reshape(B * H * S, -1)
+    out = F.embedding_bag(per_head, values, torch.arange(0, per_head.numel(), n, device=q.device), mode="sum",
+                          per_sample_weights=probs.reshape(-1).to(values.dtype))
+    return out.view(B, H, G, -1)
+
+
+def pick_rows(cache, storage: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the flattened (B * Hkv * S, D) storage: one row copy per slot, far faster than an element-wise
+    gather. Outside autograd they land in the cache's reusable buffer (layers run one at a time), so that
+    decode does not allocate and fault in fresh pages every step."""
+    flat = storage.reshape(-1, storage.shape[-1])
+    if torch.is_grad_enabled():
+        return flat.index_select(0, rows)
+    out = cache.scratch(rows.numel() * flat.shape[1], flat).view(rows.numel(), flat.shape[1])
+    return torch.index_select(flat, 0, rows, out=out)

@@ -10,19 +10,22 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import BudgetPolicy
+from .budget import BudgetPolicy, per_slot_score
+from .state import PolicyState
 
 
 @dataclass
 class TOVAPolicy(BudgetPolicy):
     name = "tova"
     needs_attention = True
-    slot_fields = ("score",)
+
+    def new_state(self, keys: torch.Tensor) -> PolicyState:
+        return per_slot_score(keys)
 
     def observe(self, layer, weights: torch.Tensor, valid: torch.Tensor) -> None:
         last = weights[:, :, -1, :]
         # a finished sequence's padding query says nothing: keep its old scores
-        layer.score = torch.where(valid[:, -1, None, None], last, layer.score)
+        layer.state.score = torch.where(valid[:, -1, None, None], last, layer.state.score)
 
     def keep_scores(self, layer) -> torch.Tensor:
-        return layer.score
+        return layer.state.score

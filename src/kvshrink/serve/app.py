@@ -129,8 +129,12 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         s = engine.stats()
         lines = []
         for key, help_text in (("live_kv_tokens", "live KV cache tokens held, averaged over (layer, KV head)"),
-                               ("live_kv_bytes", "bytes of those live tokens' keys and values"),
-                               ("budget_kv_tokens", "the admission budget in live KV tokens"),
+                               ("live_kv_bytes", "bytes of those live tokens' slots (keys, values, slot metadata)"),
+                               ("allocated_kv_tokens", "KV slots allocated, in that unit: each row as long as its layer's longest"),
+                               ("allocated_kv_bytes", "bytes the KV caches allocate (keys, values, metadata, policy state)"),
+                               ("kv_fragmentation", "share of the allocated slots holding no live token: 1 - live / allocated"),
+                               ("budget_kv_tokens", "the admission budget in allocated KV slots"),
+                               ("budget_kv_bytes", "the admission budget in bytes"),
                                ("running_requests", "admitted requests (decoding, or their prompt being read)"),
                                ("running_sequences", "sequences being decoded"),
                                ("queued_requests", "requests waiting for room"),

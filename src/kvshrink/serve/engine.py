@@ -1,19 +1,20 @@
-"""The serving engine: continuous batching over one `KVCache`, admission by live cache slots.
+"""The serving engine: continuous batching over one `KVCache`, admission by allocated cache slots.
 
 One loop (`step`) advances every running sequence by one token in a single forward. Waiting requests
 are admitted in FIFO order when the budget has room, one at a time: the admitted request's prompt is
 read `prefill_chunk` tokens per step, between the decode steps of the running batch (chunked prefill),
 so a long prompt delays the others' next token by one chunk, not by the whole prompt. When its prompt
 is read, its rows join the running batch (`KVCache.append_rows`); finished sequences leave at once and
-free their slots (`take_rows`). The budget is counted in live cache slots, averaged over (layer, KV head),
-i.e. in tokens actually held, which is what DMS shrinks: a DMS-8x model admits about 8x the sequences.
+free their slots (`take_rows`). The budget is counted in the slots the caches allocate, averaged over
+(layer, KV head): every row of a layer is as long as its longest, and the rows hold the tokens DMS keeps,
+so a DMS-8x model admits about 8x the sequences. The caches' ledgers give the count with no device sync.
 
-Admission reserves each request's expected footprint (`scheduler.Scheduler`: prompt plus `max_tokens`,
-compressed by the policy's ratio beyond the window, or by the ratio the running sequences really reach if
-that is lower, plus a prefill chunk of headroom). Live tokens include the request being read.
-If they still outgrow the budget (a sequence compressing worse than expected), the newest request is
-paused: the one being read stops, or a running one's rows leave, and it is read again (prompt + what
-it generated) when there is room. Requests that could never fit are refused at submission.
+Admission reserves the batch's expected allocation (`scheduler.Scheduler`: rows sized to the longest
+request's prompt plus `max_tokens`, compressed by the policy's ratio beyond the window, or by the ratio the
+running sequences really reach if that is lower, plus a prefill chunk of headroom). The allocation includes
+the request being read. If it still outgrows the budget (a sequence compressing worse than expected), the
+newest request is paused: the one being read stops, or a running one's rows leave, and it is read again
+(prompt + what it generated) when there is room. Requests that could never fit are refused at submission.
 
 A failure one request causes (reading its prompt, sampling its token, matching its stop strings) ends that
 request alone, with its error: its rows leave and the batch goes on. Only a failed batched forward, which
@@ -33,10 +34,10 @@ from typing import Callable
 
 import torch
 
-from ..cache import KVCache
+from ..cache import KVCache, slot_bytes
 from ..errors import KVShrinkError, check_prefill_chunk
 from ..generation import decode_step, prefill_row, sample_next
-from ..shapes import check_context, kv_bytes_per_token
+from ..shapes import check_context
 from .detokenizer import Detokenizer
 from .scheduler import Scheduler
 
@@ -109,8 +110,8 @@ class Prefill:
     read: int = 0  # tokens of jobs[0] already in `cache`
     ready: list[tuple[KVCache, list[Sequence], torch.Tensor]] = field(default_factory=list)  # (row, samples, last logits)
 
-    def live_tokens(self) -> float:
-        return sum(sum(row.row_live_tokens()) for row in [self.cache] + [c for c, _, _ in self.ready])
+    def caches(self) -> list[KVCache]:
+        return [self.cache] + [c for c, _, _ in self.ready]
 
 
 @dataclass
@@ -139,7 +140,7 @@ class Engine:
         # an evicting policy holds the chunk it reads at once whole until its evictions apply
         self.scheduler = Scheduler(budget_tokens, max_batch, expected_cr, window, headroom=policy.prefill_chunk or 0)
         self.device = next(model.parameters()).device
-        self.bytes_per_token = kv_bytes_per_token(model)
+        self.bytes_per_slot = slot_bytes(model, policy)  # a slot over every layer and KV head
         self.eos = tokenizer.eos_token_id
         self.cache = KVCache(model, policy)
         self.rows: list[tuple[Request, Sequence]] = []  # running, in cache row order
@@ -163,9 +164,17 @@ class Engine:
         seen = [len(r.prompt_ids) + len(s.tokens) for r, s in self.rows]
         return self.scheduler.achieved_cr(list(zip(seen, self.cache.row_live_tokens())))
 
+    def _caches(self) -> list[KVCache]:
+        """The running batch's cache and those of the request being read."""
+        return [self.cache] + (self.prefill.caches() if self.prefill else [])
+
     def live_tokens(self) -> float:
-        """Live tokens held: the running rows and the request being read."""
-        return sum(self.cache.row_live_tokens()) + (self.prefill.live_tokens() if self.prefill else 0.0)
+        """Live tokens held, averaged over (layer, KV head) and summed over sequences."""
+        return sum(sum(cache.row_live_tokens()) for cache in self._caches())
+
+    def allocated_slots(self) -> float:
+        """Slots allocated, in the same unit: read off the caches' ledgers, with no device sync."""
+        return sum(cache.ledger.allocated_slots for cache in self._caches())
 
     def _admitted_requests(self) -> dict[int, Request]:
         requests = {id(r): r for r, _ in self.rows}
@@ -198,8 +207,11 @@ class Engine:
         now = time.time()
         recent = [(t, n) for t, n in self.rate_window if now - t < 10]
         rate = sum(n for _, n in recent[1:]) / max(1e-9, recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
-        live = self.live_tokens()
-        self.snapshot = {"live_kv_tokens": live, "live_kv_bytes": live * self.bytes_per_token, "budget_kv_tokens": self.budget,
+        live, allocated = self.live_tokens(), self.allocated_slots()
+        self.snapshot = {"live_kv_tokens": live, "live_kv_bytes": live * self.bytes_per_slot, "allocated_kv_tokens": allocated,
+                         "allocated_kv_bytes": sum(cache.ledger.allocated_bytes for cache in self._caches()),
+                         "kv_fragmentation": 1 - live / allocated if allocated else 0.0,
+                         "budget_kv_tokens": self.budget, "budget_kv_bytes": self.budget * self.bytes_per_slot,
                          "running_requests": len(self._admitted_requests()), "running_sequences": len(self.rows),
                          "generated_tokens_per_second": rate, "generated_tokens_total": self.generated_total,
                          "compression_ratio": self.vanilla_reads_total / self.reads_total if self.reads_total else 1.0}
@@ -314,9 +326,9 @@ class Engine:
         self._leave([i for i, (_, s) in enumerate(self.rows) if s.finish_reason is not None])
 
     def _pause_if_over_budget(self) -> None:
-        """Live tokens outgrew the budget: the newest request (the one being read, else the newest running
+        """The allocation outgrew the budget: the newest request (the one being read, else the newest running
         one) stops and waits at the queue's head."""
-        while self.scheduler.over_budget(self.live_tokens(), len(self._admitted_requests())):
+        while self.scheduler.over_budget(self.allocated_slots(), len(self._admitted_requests())):
             if self.prefill:
                 newest, self.prefill = self.prefill.request, None
             else:

@@ -1,11 +1,14 @@
-"""The engine's admission arithmetic: the KV tokens a request will hold, whether the queue's head fits
-beside what runs, and when live tokens have outgrown the budget. Plain numbers read on the host; the engine
-gathers them and acts.
+"""The engine's admission arithmetic, in KV slots: what the batch will allocate with the queue's head admitted,
+and when the caches have outgrown the budget. Plain numbers, read on the host (the caches' ledgers); the
+engine gathers them and acts.
 
-A request's expected footprint is its prompt plus `max_tokens`, compressed by the policy's ratio (DMS: its
-trained CR) beyond the window, which is never compressed, or by the ratio the running sequences really reach
-if that is lower; an evicting policy also needs one prefill chunk of headroom (a chunk is held whole before
-its evictions apply).
+A cache layer sizes every row to its longest (`accounting.Ledger`), so a batch allocates rows x the longest
+row's slots, whatever each row holds. A request's rows are expected to end with its prompt plus `max_tokens`,
+compressed by the policy's ratio (DMS: its trained CR) beyond the window, which is never compressed, or by the
+ratio the running sequences really reach if that is lower, rounded up to the cache's growth chunk. The request
+being read holds one prefill chunk more (`headroom`: an evicting policy holds a chunk whole until its
+evictions apply). Slots are counted per (layer, KV head) and summed over sequences, like live tokens; a
+slot's bytes over every layer and KV head turn them into memory.
 """
 
 from __future__ import annotations
@@ -13,30 +16,38 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..cache import DEFAULT_CHUNK
 from ..errors import KVShrinkError
 
 
 @dataclass
 class Scheduler:
-    budget: int  # KV tokens, averaged over (layer, KV head)
+    budget: int  # KV slots the caches may allocate, per (layer, KV head), summed over sequences
     max_batch: int  # running sequences
     expected_cr: float = 1.0
     window: int = 0
     headroom: int = 0
+    chunk: int = DEFAULT_CHUNK  # a cache row grows by this many slots
 
-    def footprint(self, prompt: int, new: int, n: int, cr: float | None = None) -> int:
-        """Expected live tokens at the end of a request: the window stays, the rest is compressed."""
+    def row_slots(self, prompt: int, new: int, cr: float | None = None) -> int:
+        """Slots a row of a request allocates at its end: the window stays whole, the rest is compressed."""
         total = prompt + new
         keep = min(total, self.window + math.ceil(max(0, total - self.window) / (cr or self.expected_cr)))
-        return n * keep
+        return self._chunks(keep)
+
+    def allocated(self, requests: list[tuple[int, int, int]], cr: float | None = None) -> int:
+        """Slots a batch of these requests, each (prompt, max_tokens, n), allocates at its end, while one more
+        prompt is read: every row sized to the longest."""
+        rows = sum(n for _, _, n in requests)
+        return rows * max(self.row_slots(prompt, new, cr) for prompt, new, _ in requests) + self._chunks(self.headroom)
 
     def check_fits_alone(self, prompt: int, new: int, n: int) -> None:
         """Refuse at submission a request that could never run, even alone."""
         if n > self.max_batch:
             raise KVShrinkError(f"n = {n} samples exceed the server's --max-batch {self.max_batch}; lower n")
-        need = self.footprint(prompt, new, n) + self.headroom
+        need = self.allocated([(prompt, new, n)])
         if need > self.budget:
-            raise KVShrinkError(f"this request needs about {need} KV tokens ({prompt} prompt + {new} max_tokens, x{n} "
+            raise KVShrinkError(f"this request needs about {need} KV slots ({prompt} prompt + {new} max_tokens, x{n} "
                                 f"samples, at CR {self.expected_cr:g}), more than the server's budget of {self.budget}; "
                                 "shorten the prompt or lower max_tokens or n")
 
@@ -50,14 +61,15 @@ class Scheduler:
         return min(self.expected_cr, max(1.0, seen / held)) if held > 0 else self.expected_cr
 
     def admits(self, admitted: list[tuple[int, int, int]], head: tuple[int, int, int], running_rows: int, cr: float) -> bool:
-        """Whether the queue's head, (prompt, max_tokens, n), fits beside the admitted requests' reserved
-        footprints at ratio `cr`, within the budget and the batch size. Alone, it always fits (it was
-        checked at submission)."""
+        """Whether the queue's head, (prompt, max_tokens, n), fits beside the admitted requests at ratio `cr`,
+        within the budget and the batch size. Alone, it always fits (it was checked at submission)."""
         if not running_rows:
             return True
-        need = sum(self.footprint(*r, cr) for r in admitted) + self.footprint(*head, cr) + self.headroom
-        return need <= self.budget and running_rows + head[2] <= self.max_batch
+        return self.allocated([*admitted, head], cr) <= self.budget and running_rows + head[2] <= self.max_batch
 
-    def over_budget(self, live_tokens: float, admitted_requests: int) -> bool:
-        """Live tokens outgrew the budget and more than one request holds them (one alone always goes on)."""
-        return admitted_requests > 1 and live_tokens > self.budget
+    def over_budget(self, allocated: float, admitted_requests: int) -> bool:
+        """The caches' allocation outgrew the budget and more than one request holds it (one alone always goes on)."""
+        return admitted_requests > 1 and allocated > self.budget
+
+    def _chunks(self, slots: int) -> int:
+        return -(-slots // self.chunk) * self.chunk
