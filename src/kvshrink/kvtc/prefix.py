@@ -64,7 +64,7 @@ def generate_with_prefix_store(model, tokenizer, prompts: str | list[str], store
                 done = cut
         logits = prefill_row(model, cache, ids[-1:])
         clock = _lap(seconds, "prefill_seconds", clock, device)
-        seen = cache.layers[0].seen
+        seen = cache.get_seq_length()
         first = sample_next(logits[None], temperature, top_p, generator)
         tokens = decode_rows(model, cache, first, torch.ones(1, seen, dtype=torch.long, device=device),
                              torch.tensor([seen - 1], device=device), max_new_tokens, tokenizer.eos_token_id,
