@@ -1,0 +1,202 @@
+"""Paged keys and values: one pool of fixed-size blocks per layer, a block table per (sequence, KV head).
+
+The slot store keeps its logical (B, Hkv, S) layout for the small per-slot metadata (live, position,
+flag, policy scores: about ten bytes a slot), but keys and values (2 * D * dtype bytes a slot, 256 to 512
+for a 64-dim head) live in blocks: logical slot s of row (b, h) is offset s % block of physical block
+table[b, h, s // block]. A row holds a block only where it holds a token, and a block goes back to the
+pool when its last token goes, so the bytes follow each (sequence, head)'s own live tokens, not the
+fullest row's.
+
+The free list is host-side integers, as in nano-vllm's `BlockManager`: `can_allocate` before acting.
+Attention reads only the blocks rows hold (`attend_blocks`): no row is padded to the longest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import KVShrinkError
+
+DEFAULT_BLOCK = 16
+
+
+class BlockPool:
+    """Host-side free list of one layer's physical blocks: integers only, never a device read."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit  # None: the pool grows; else a fixed number of blocks (a serving budget)
+        self.total = 0  # blocks that exist (the storage's length)
+        self.free: list[int] = []
+
+    @property
+    def used(self) -> int:
+        return self.total - len(self.free)
+
+    def can_allocate(self, n: int) -> bool:
+        return self.limit is None or self.used + n <= self.limit
+
+    def allocate(self, n: int) -> tuple[list[int], int]:
+        """n block ids, freed ones first; also how many new blocks the storage must add for them."""
+        if not self.can_allocate(n):
+            raise KVShrinkError(f"the KV pool is full ({self.limit} blocks): raise the memory budget or run fewer sequences")
+        reused = [self.free.pop() for _ in range(min(n, len(self.free)))]
+        new = n - len(reused)
+        ids = reused + list(range(self.total, self.total + new))
+        self.total += new
+        return ids, new
+
+    def release(self, ids: list[int]) -> None:
+        self.free.extend(ids)
+
+
+class PagedKV:
+    """One layer's keys and values in blocks, addressed by the slot store's logical slots."""
+
+    def __init__(self, batch: int, heads: int, key_dim: int, value_dim: int, dtype, device,
+                 block: int = DEFAULT_BLOCK, limit: int | None = None):
+        self.block, self.pool = block, BlockPool(limit)
+        self.keys = torch.zeros(0, block, key_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(0, block, value_dim, dtype=dtype, device=device)
+        self.table = torch.full((batch, heads, 0), -1, dtype=torch.int32, device=device)
+        self._held: tuple[torch.Tensor, ...] | None = None  # (rows, logical, physical) of held blocks, until the table changes
+        if limit is not None:
+            self._extend(limit)
+
+    # -- bookkeeping -----------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.table.nbytes
+
+    @property
+    def held_blocks(self) -> int:
+        return self.pool.used
+
+    def resize(self, slots: int) -> None:
+        """Cover `slots` logical slots per row (a multiple of the block); new blocks are not held yet."""
+        width = slots // self.block
+        have = self.table.shape[2]
+        if width > have:
+            self.table = torch.cat([self.table, self.table.new_full((*self.table.shape[:2], width - have), -1)], 2)
+        elif width < have:
+            self.table = self.table[..., :width].contiguous()
+
+    def _extend(self, n: int) -> None:
+        """Add n zeroed blocks to the storage (zeros, so that a masked read of a never-written slot is 0, not NaN)."""
+        if n:
+            self.keys = torch.cat([self.keys, self.keys.new_zeros(n, *self.keys.shape[1:])])
+            self.values = torch.cat([self.values, self.values.new_zeros(n, *self.values.shape[1:])])
+
+    def hold(self, slots: torch.Tensor) -> None:
+        """Make sure every block that holds one of `slots` (B, Hkv, n) has a physical block."""
+        logical = slots.long() // self.block
+        missing = torch.zeros(self.table.shape, dtype=torch.bool, device=slots.device)
+        missing.scatter_(2, logical, self.table.gather(2, logical) < 0)
+        where = missing.nonzero(as_tuple=True)
+        n = where[0].numel()
+        if n:
+            ids, new = self.pool.allocate(n)
+            self._extend(new)
+            self.table[where] = torch.tensor(ids, dtype=torch.int32, device=slots.device)
+            self._held = None
+
+    def release_empty(self, live: torch.Tensor) -> None:
+        """Return to the pool every held block none of whose slots is live; live: (B, Hkv, S)."""
+        B, H, S = live.shape
+        empty = (self.table >= 0) & ~live.view(B, H, S // self.block, self.block).any(-1)
+        where = empty.nonzero(as_tuple=True)
+        if where[0].numel():
+            self.pool.release(self.table[where].tolist())
+            self.table[where] = -1
+            self._held = None
+
+    def rows_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows of the flat (blocks * block, D) storage holding the logical `slots` (B, Hkv, n) (held blocks only)."""
+        physical = self.table.gather(2, slots.long() // self.block).long()
+        return physical * self.block + slots.long() % self.block
+
+    # -- data ------------------------------------------------------------------------------------------
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, Hkv, n, D) at the logical `slots` (B, Hkv, n), taking blocks as needed."""
+        self.hold(slots)
+        rows = self.rows_of(slots).flatten()
+        self.keys.view(-1, self.keys.shape[-1]).index_copy_(0, rows, k.reshape(-1, k.shape[-1]).to(self.keys.dtype))
+        self.values.view(-1, self.values.shape[-1]).index_copy_(0, rows, v.reshape(-1, v.shape[-1]).to(self.values.dtype))
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Hkv, S, D) copies of keys and values in the logical layout (zeros where no block is held):
+        for export and tests, never for attention."""
+        B, H, W = self.table.shape
+        physical = self.table.clamp(min=0).flatten().long()
+        held = (self.table >= 0)[..., None, None]
+        keys = (self.keys.index_select(0, physical).view(B, H, W, self.block, -1) * held).view(B, H, W * self.block, -1)
+        values = (self.values.index_select(0, physical).view(B, H, W, self.block, -1) * held).view(B, H, W * self.block, -1)
+        return keys, values
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows b * Hkv + h, logical block, physical block) of every held block, each (N,)."""
+        if self._held is None:
+            b, h, w = (self.table >= 0).nonzero(as_tuple=True)
+            self._held = (b * self.table.shape[1] + h, w, self.table[b, h, w].long())
+        return self._held
+
+    def take_rows(self, rows: torch.Tensor) -> None:
+        """Keep sequences `rows`; the blocks of the others go back to the pool."""
+        kept = torch.zeros(self.table.shape[0], dtype=torch.bool, device=self.table.device)
+        kept[rows] = True
+        gone = self.table[~kept]
+        self.pool.release(gone[gone >= 0].tolist())
+        self.table = self.table.index_select(0, rows)
+        self._held = None
+
+    def append_rows(self, other: "PagedKV") -> None:
+        """Add `other`'s sequences after ours: their blocks are copied into this pool."""
+        width = max(self.table.shape[2], other.table.shape[2])
+        self.resize(width * self.block)
+        theirs = other.table.new_full((*other.table.shape[:2], width), -1)
+        theirs[..., :other.table.shape[2]] = other.table
+        where = (theirs >= 0).nonzero(as_tuple=True)
+        n = where[0].numel()
+        ids, new = self.pool.allocate(n)
+        self._extend(new)
+        target = torch.tensor(ids, dtype=torch.long, device=self.table.device)
+        source = theirs[where].long()
+        self.keys.index_copy_(0, target, other.keys.index_select(0, source))
+        self.values.index_copy_(0, target, other.values.index_select(0, source))
+        theirs[where] = target.to(torch.int32)
+        self.table = torch.cat([self.table, theirs], 0)
+        self._held = None
+
+
+def attend_blocks(kv: PagedKV, q: torch.Tensor, visible: torch.Tensor, scaling: float,
+                  scratch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, Hkv, M, D) (a KV head's query heads, times the queries) over the blocks each row
+    holds. visible: (B, Hkv, M or 1, S) bool, what each query may see. Every row is read for exactly its
+    own blocks: the blocks are gathered into one (N, block, D) buffer, scored per block, and the softmax
+    runs over each row's blocks (max and sum reduced per row). Returns (output (B, Hkv, M, Dv), the
+    attention weights per held block (N, M, block), for policies that score tokens by them)."""
+    B, H, M, D = q.shape
+    rows, logical, physical = kv.held()
+    n, block = rows.numel(), kv.block
+    keys = _gather_blocks(kv.keys, physical, scratch)
+    scores = (q.reshape(B * H, M, D).index_select(0, rows) @ keys.mT).float() * scaling  # (N, M, block)
+    seen = visible.reshape(B * H, visible.shape[2], -1, block)[rows, :, logical]  # (N, M or 1, block)
+    scores = scores.masked_fill(~seen, float("-inf"))
+    top = torch.full((B * H, M), float("-inf"), device=q.device)
+    top.scatter_reduce_(0, rows[:, None].expand(n, M), scores.amax(-1), "amax")
+    top = top.masked_fill(torch.isinf(top), 0.0)  # a row that sees nothing (padding) gets zeros, not NaN
+    weights = torch.exp(scores - top.index_select(0, rows)[..., None])  # (N, M, block)
+    total = torch.zeros(B * H, M, device=q.device).index_add_(0, rows, weights.sum(-1))
+    values = _gather_blocks(kv.values, physical, scratch)
+    out = torch.zeros(B * H, M, values.shape[-1], dtype=torch.float32, device=q.device)
+    out.index_add_(0, rows, (weights.to(values.dtype) @ values).float())
+    weights = weights / total.clamp(min=1e-30).index_select(0, rows)[..., None]
+    out = out / total.clamp(min=1e-30)[..., None]
+    return out.to(q.dtype).view(B, H, M, -1), weights
+
+
+def _gather_blocks(storage: torch.Tensor, physical: torch.Tensor, scratch=None) -> torch.Tensor:
+    """The blocks `physical` of storage (blocks, block, D), into a reusable buffer outside autograd."""
+    if scratch is None or torch.is_grad_enabled():
+        return storage.index_select(0, physical)
+    out = scratch(physical.numel() * storage[0].numel(), storage).view(physical.numel(), *storage.shape[1:])
+    return torch.index_select(storage, 0, physical, out=out)
