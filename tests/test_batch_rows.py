@@ -1,4 +1,4 @@
-"""Continuous batching at the cache level, for every policy: sequences prefilled alone, joined into one
+"""Continuous batching at the cache level, for every policy and both key/value layouts: sequences prefilled alone, joined into one
 batch, decoded together and dropped one by one give the logits each one gets alone, and the tokens a
 left-padded batch of them generates together."""
 
@@ -31,31 +31,32 @@ def model_and_policy(kind: str):
     return model, for_model(model, kind, cr=None if kind == "none" else 3)
 
 
+@pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_join_decode_leave_equals_alone(kind):
+def test_join_decode_leave_equals_alone(kind, paged):
     model, policy = model_and_policy(kind)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (30, 19, 41)]
     steps = torch.randint(3, 128, (3, 8), generator=g).tolist()
 
     def alone(i):
-        cache = KVCache(model, policy)
+        cache = KVCache(model, policy, paged=paged)
         with torch.no_grad():
             model(torch.tensor([prompts[i]]), **cache_arg(cache), use_cache=True)
             return torch.stack([step(model, cache, [steps[i][t]], [len(prompts[i]) + t])[0] for t in range(8)])
 
     expected = [alone(i) for i in range(3)]
-    batch = KVCache(model, policy)
+    batch = KVCache(model, policy, paged=paged)
     got = [[], [], []]
     with torch.no_grad():
         for i in (0, 1):  # 0 and 1 start together (joined after separate prefills)
-            single = KVCache(model, policy)
+            single = KVCache(model, policy, paged=paged)
             model(torch.tensor([prompts[i]]), **cache_arg(single), use_cache=True)
             batch.append_rows(single)
         rows = [0, 1]
         for t in range(8):
             if t == 3:  # 2 joins mid-way, after its own prefill
-                single = KVCache(model, policy)
+                single = KVCache(model, policy, paged=paged)
                 model(torch.tensor([prompts[2]]), **cache_arg(single), use_cache=True)
                 batch.append_rows(single)
                 rows.append(2)
@@ -72,8 +73,9 @@ def test_join_decode_leave_equals_alone(kind):
     assert batch.batch_size == 2
 
 
+@pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_rows_prefilled_one_at_a_time_decode_as_together_and_alone(kind):
+def test_rows_prefilled_one_at_a_time_decode_as_together_and_alone(kind, paged):
     """Rows prefilled one at a time (in the policy's prompt chunks) and appended into one batch: their greedy
     tokens are those of a left-padded batch generating them together and of each generated alone, and
     their logits those alone. Prompt lengths are multiples of 16, so that the padded batch reads each
@@ -82,13 +84,13 @@ def test_rows_prefilled_one_at_a_time_decode_as_together_and_alone(kind):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (64, 16, 48)]
     new = 8
-    together, _, _ = generate_ids(model, prompts, policy, max_new_tokens=new)
-    alone = [generate_ids(model, [p], policy, max_new_tokens=new)[0][0] for p in prompts]
+    together, _, _ = generate_ids(model, prompts, policy, max_new_tokens=new, paged=paged)
+    alone = [generate_ids(model, [p], policy, max_new_tokens=new, paged=paged)[0][0] for p in prompts]
     assert together == alone
 
-    batch, first = KVCache(model, policy), []
+    batch, first = KVCache(model, policy, paged=paged), []
     for p in prompts:
-        single = KVCache(model, policy)
+        single = KVCache(model, policy, paged=paged)
         first.append(prefill_row(model, single, p))
         batch.append_rows(single)
     logits = [torch.stack(first)]
@@ -100,7 +102,7 @@ def test_rows_prefilled_one_at_a_time_decode_as_together_and_alone(kind):
     assert appended.argmax(-1).tolist() == together
 
     for i, p in enumerate(prompts):  # each row alone, fed the same tokens
-        single = KVCache(model, policy)
+        single = KVCache(model, policy, paged=paged)
         expected = [prefill_row(model, single, p)]
         with torch.no_grad():
             for t in range(new - 1):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from kvshrink.blocks import DEFAULT_BLOCK
 from kvshrink.cache import DEFAULT_CHUNK
 from kvshrink.shims import cache_arg
 from kvshrink.attach import attach_dms
@@ -29,24 +30,33 @@ def brute_force_live(t0: int, n_new: int, window: int, keep_every: int, head: in
 
 
 @pytest.mark.exactness
-def test_memory_follows_forced_eviction_and_peak_equals_brute_force():
+@pytest.mark.parametrize("paged", [False, True])
+def test_memory_follows_forced_eviction_and_peak_equals_brute_force(paged):
     w, keep_every, prefill, decode = 32, 8, 1900, 101  # 2,000 tokens cached in all (the last one is never written)
     model = forced_dms(tiny_model("llama", layers=2), window=w, keep_every=keep_every)
     prompt = torch.randint(3, 128, (prefill,), generator=torch.Generator().manual_seed(0)).tolist()
     chunk = 16  # the prefill chunk adds its tokens before the window thins them: keep it below one growth chunk
-    _, stats, per_seq = generate_ids(model, [prompt], DMSPolicy(w), max_new_tokens=decode, prefill_chunk=chunk)
+    _, stats, per_seq = generate_ids(model, [prompt], DMSPolicy(w), max_new_tokens=decode, prefill_chunk=chunk, paged=paged)
     tokens_cached = prefill + decode - 1
     assert tokens_cached == 2000
     L, H, D = 2, 2, 16
-    bytes_per_token_per_head = 2 * D * 4 + 4 + 1 + 1 + 4  # fp32 key + value, fp32 bias, live + flag bools, int32 position
-    bound = (tokens_cached // keep_every + w + DEFAULT_CHUNK) * bytes_per_token_per_head * L * H
-    assert stats["cache_bytes"] <= bound
-    vanilla_bytes = tokens_cached * bytes_per_token_per_head * L * H
-    assert stats["cache_bytes"] < vanilla_bytes / 4
-
     forwards = [(s, min(chunk, prefill - s)) for s in range(0, prefill, chunk)] + [(t, 1) for t in range(prefill, prefill + decode - 1)]
     peak = max(sum(brute_force_live(t0, n, w, keep_every, h) for h in range(H)) / H for t0, n in forwards)
     assert stats["peak_kv_tokens"] == pytest.approx(peak)
+
+    kv_per_slot, meta_per_slot = 2 * D * 4, 4 + 1 + 1 + 4  # fp32 key + value; fp32 bias, live + flag bools, int32 position
+    vanilla_bytes = tokens_cached * (kv_per_slot + meta_per_slot) * L * H
+    assert stats["cache_bytes"] < vanilla_bytes / 4
+    row_peak = max(brute_force_live(t0, n, w, keep_every, h) for t0, n in forwards for h in range(H))
+    capacity = row_peak + DEFAULT_CHUNK  # every row of a layer gets the fullest row's slots, rounded to a chunk
+    if not paged:
+        assert stats["cache_bytes"] <= capacity * (kv_per_slot + meta_per_slot) * L * H
+    else:  # keys and values follow each row's live tokens, in blocks; the slot metadata and one layer's read buffer beside
+        block = DEFAULT_BLOCK
+        blocks = L * H * (-(-row_peak // block) + 1)
+        scratch = H * (-(-row_peak // block) + 1) * block * D * 4  # one layer's keys (then values), gathered for a read
+        tables = L * H * (capacity // block + 1) * 4  # an int32 block id per logical block
+        assert stats["cache_bytes"] <= blocks * block * kv_per_slot + capacity * meta_per_slot * L * H + scratch + tables
 
 
 def test_accounting_hand_worked_example():

@@ -90,13 +90,16 @@ class PagedKV:
         """Make sure every block that holds one of `slots` (B, Hkv, n) has a physical block."""
         logical = slots.long() // self.block
         missing = torch.zeros(self.table.shape, dtype=torch.bool, device=slots.device)
-        missing.scatter_(2, logical, self.table.gather(2, logical) < 0)
-        where = missing.nonzero(as_tuple=True)
+        self.hold_blocks(missing.scatter_(2, logical, self.table.gather(2, logical) < 0))
+
+    def hold_blocks(self, wanted: torch.Tensor) -> None:
+        """Give a physical block to each logical block marked in `wanted` (B, Hkv, W) that has none."""
+        where = (wanted & (self.table < 0)).nonzero(as_tuple=True)
         n = where[0].numel()
         if n:
             ids, new = self.pool.allocate(n)
             self._extend(new)
-            self.table[where] = torch.tensor(ids, dtype=torch.int32, device=slots.device)
+            self.table[where] = torch.tensor(ids, dtype=torch.int32, device=self.table.device)
             self._held = None
 
     def release_empty(self, live: torch.Tensor) -> None:
@@ -110,17 +113,67 @@ class PagedKV:
             self._held = None
 
     def rows_of(self, slots: torch.Tensor) -> torch.Tensor:
-        """Rows of the flat (blocks * block, D) storage holding the logical `slots` (B, Hkv, n) (held blocks only)."""
-        physical = self.table.gather(2, slots.long() // self.block).long()
+        """Rows of the flat (blocks * block, D) storage holding the logical `slots` (B, Hkv, n); a slot of a block not
+        held maps into block 0, to be masked by the reader."""
+        physical = self.table.gather(2, slots.long() // self.block).long().clamp(min=0)
         return physical * self.block + slots.long() % self.block
+
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as flat (blocks * block, D) tensors, the rows `rows_of` names."""
+        return self.keys.view(-1, self.keys.shape[-1]), self.values.view(-1, self.values.shape[-1])
+
+    def compact(self, order: torch.Tensor, kept: torch.Tensor) -> None:
+        """Slot j of each row now holds what slot order[..., j] held, for the `kept` (B, Hkv, n) ones (the others'
+        data go); the table narrows to n slots. Live data is copied out, every block released, and the kept
+        slots written back from block 0 on, so the storage does not grow for it."""
+        B, H, n = order.shape
+        kept = kept & (self.table.gather(2, order.long() // self.block) >= 0)  # a slot whose block went holds nothing
+        b, h, j = kept.nonzero(as_tuple=True)
+        source = self.rows_of(order)[b, h, j]
+        keys, values = (flat.index_select(0, source) for flat in self.storage())
+        self.pool.release(self.table[self.table >= 0].tolist())
+        self.table = self.table.new_full((B, H, n // self.block), -1)
+        self._held = None
+        wanted = torch.zeros(self.table.shape, dtype=torch.bool, device=self.table.device)
+        wanted[b, h, j // self.block] = True
+        self.hold_blocks(wanted)
+        target = self.table[b, h, j // self.block].long() * self.block + j % self.block
+        for flat, data in zip(self.storage(), (keys, values)):
+            flat.index_copy_(0, target, data)
+        self.shrink()
+
+    def shrink(self) -> None:
+        """Renumber the held blocks 0 .. used - 1 and cut the storage there: after rows leave or a compaction,
+        what stays allocated is what is held."""
+        if self.pool.limit is not None or self.pool.used == self.pool.total:
+            return
+        held = self.table >= 0
+        old = self.table[held].long()
+        new = torch.arange(old.numel(), device=old.device)
+        moved = old != new
+        if bool(moved.any()):
+            self.keys[new[moved]] = self.keys[old[moved]]
+            self.values[new[moved]] = self.values[old[moved]]
+        self.table[held] = new.to(torch.int32)
+        self.keys, self.values = self.keys[: old.numel()].clone(), self.values[: old.numel()].clone()
+        self.pool.total, self.pool.free = old.numel(), []
+        self._held = None
+
+    def per_slot(self, weights: torch.Tensor, queries: int) -> torch.Tensor:
+        """`attend_blocks`' weights per held block (N, M, block) laid out per logical slot: (B, Hkv, M, S)."""
+        B, H, W = self.table.shape
+        rows, logical, _ = self.held()
+        out = weights.new_zeros(B * H, W, queries, self.block)
+        out[rows, logical] = weights
+        return out.permute(0, 2, 1, 3).reshape(B, H, queries, W * self.block)
 
     # -- data ------------------------------------------------------------------------------------------
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, Hkv, n, D) at the logical `slots` (B, Hkv, n), taking blocks as needed."""
         self.hold(slots)
         rows = self.rows_of(slots).flatten()
-        self.keys.view(-1, self.keys.shape[-1]).index_copy_(0, rows, k.reshape(-1, k.shape[-1]).to(self.keys.dtype))
-        self.values.view(-1, self.values.shape[-1]).index_copy_(0, rows, v.reshape(-1, v.shape[-1]).to(self.values.dtype))
+        for flat, data in zip(self.storage(), (k, v)):
+            flat.index_copy_(0, rows, data.reshape(-1, data.shape[-1]).to(flat.dtype))
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Hkv, S, D) copies of keys and values in the logical layout (zeros where no block is held):
@@ -147,6 +200,7 @@ class PagedKV:
         self.pool.release(gone[gone >= 0].tolist())
         self.table = self.table.index_select(0, rows)
         self._held = None
+        self.shrink()
 
     def append_rows(self, other: "PagedKV") -> None:
         """Add `other`'s sequences after ours: their blocks are copied into this pool."""

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .accounting import Accounting, Ledger
+from .blocks import DEFAULT_BLOCK, PagedKV, attend_blocks
 from .errors import KVShrinkError
 from .policies import state as declared
 from .policies.base import CachePolicy, sink_slots
@@ -51,6 +52,8 @@ class SlotLayer(CacheLayerMixin):
     LAYOUT: ClassVar[dict[str, Kind]] = {
         "keys": Kind(SLOT), "values": Kind(SLOT), "bias": Kind(SLOT, float("-inf")), "live": Kind(SLOT), "flag": Kind(SLOT),
         "pos": Kind(SLOT), "last_slot": Kind(ROW, slot_index=True), "real": Kind(ROW), "first_pos": Kind(ROW, -1)}
+    # a paged layer keeps keys and values in blocks (`kv`), the rest in the layout above
+    PAGED_LAYOUT: ClassVar[dict[str, Kind]] = {k: v for k, v in LAYOUT.items() if k not in ("keys", "values")}
 
     def __init__(self, cache: "KVCache", layer_idx: int):
         super().__init__()
@@ -59,13 +62,17 @@ class SlotLayer(CacheLayerMixin):
         self.seen = 0  # tokens written so far, padding included: the position of the next token
         self.live_upper = 0  # host-side upper bound on the fullest row, so capacity checks rarely sync
         self.compact_pending = False  # the last write was multi-token: shrink once its evictions are known
+        self.kv: PagedKV | None = None  # keys and values in blocks, when the cache is paged
 
     # -- storage ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
         device = key_states.device
-        self.keys = key_states.new_zeros(B, H, 0, D)
-        self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        if self.cache.paged:
+            self.kv = PagedKV(B, H, D, value_states.shape[-1], key_states.dtype, device, block=self.cache.block)
+        else:
+            self.keys = key_states.new_zeros(B, H, 0, D)
+            self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
         self.bias = key_states.new_zeros(B, H, 0)  # additive attention bias: 0 live, -inf free
         self.live = torch.zeros(B, H, 0, dtype=torch.bool, device=device)
         self.flag = torch.zeros_like(self.live)
@@ -79,18 +86,22 @@ class SlotLayer(CacheLayerMixin):
 
     def _declared(self):
         """(holder, {name: Kind}) of everything the layer allocates: its own layout, then the policy's state."""
-        return (self, self.LAYOUT), (self.state, self.state.kinds)
+        return (self, self.LAYOUT if self.kv is None else self.PAGED_LAYOUT), (self.state, self.state.kinds)
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[2]
+        return self.live.shape[2]
+
+    @property
+    def rows(self) -> int:
+        return self.live.shape[0]
 
     @property
     def nbytes(self) -> int:
         """What the layer allocates: keys, values, slot and row metadata, the policy's state."""
         if not self.is_initialized:
             return 0
-        return sum(declared.nbytes(holder, kinds) for holder, kinds in self._declared())
+        return sum(declared.nbytes(holder, kinds) for holder, kinds in self._declared()) + (self.kv.nbytes if self.kv else 0)
 
     @property
     def slot_bytes(self) -> int:
@@ -99,13 +110,15 @@ class SlotLayer(CacheLayerMixin):
 
     def _note(self) -> None:
         """Tell the cache's ledger (and the accounting's peak) this layer's allocation: after every change of shape."""
-        self.cache.ledger.note(self.layer_idx, self.keys.shape[0], self.capacity, self.live_upper, self.nbytes)
-        self.cache.accounting.note_bytes(self.cache.ledger.allocated_bytes)
+        self.cache.ledger.note(self.layer_idx, self.rows, self.capacity, self.live_upper, self.nbytes)
+        self.cache.accounting.note_bytes(self.cache.allocated_bytes())
 
     def _grow(self, need: int) -> None:
         extra = self._round(need) - self.capacity
         for holder, kinds in self._declared():
             declared.grow(holder, kinds, extra)
+        if self.kv is not None:
+            self.kv.resize(self.capacity)
         self._note()
 
     def grow_state(self, names: tuple[str, ...], dim: int, n: int) -> None:
@@ -131,6 +144,8 @@ class SlotLayer(CacheLayerMixin):
             return
         order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices
         inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        if self.kv is not None:
+            self.kv.compact(order[..., :new_cap], keep.gather(2, order[..., :new_cap]))
         for holder, kinds in self._declared():
             declared.compact(holder, kinds, order[..., :new_cap], inverse)
         self.live_upper = int(self.live.sum(-1).max())
@@ -157,6 +172,36 @@ class SlotLayer(CacheLayerMixin):
     def _free(self, gone: torch.Tensor) -> None:
         self.live.masked_fill_(gone, False)
         self.bias.masked_fill_(gone, float("-inf"))
+        if self.kv is not None:
+            self.kv.release_empty(self.live)  # a block whose last token went is free for any row
+
+    def _store(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys and values of new tokens into their slots (B, Hkv, Q)."""
+        if self.kv is None:
+            self.keys.scatter_(2, slots[..., None].expand(-1, -1, -1, k.shape[-1]), k)
+            self.values.scatter_(2, slots[..., None].expand(-1, -1, -1, v.shape[-1]), v)
+            return
+        blocks = self.kv.pool.total
+        self.kv.write(slots, k, v)
+        if self.kv.pool.total != blocks:  # the storage grew: the ledger and the peak learn of it
+            self._note()
+
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as flat (rows, D) tensors, whose rows `rows_of` names (read kernels index them)."""
+        if self.kv is not None:
+            return self.kv.storage()
+        return self.keys.view(-1, self.keys.shape[-1]), self.values.view(-1, self.values.shape[-1])
+
+    def rows_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows of `storage()` holding the slots (B, Hkv, n) of each (sequence, KV head)."""
+        if self.kv is not None:
+            return self.kv.rows_of(slots)
+        B, H, S = self.live.shape
+        return torch.arange(B * H, device=slots.device).view(B, H, 1) * S + slots
+
+    def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Hkv, S, D) keys and values in slot order (a copy when paged; zeros where no block is held)."""
+        return self.kv.dense() if self.kv is not None else (self.keys, self.values)
 
     def free_expired(self) -> None:
         """Free the slots the policy says are gone for the next query. Runs before each write; tokens that
@@ -202,8 +247,7 @@ class SlotLayer(CacheLayerMixin):
         starts = valid.any(-1) & (self.first_pos < 0)
         self.first_pos = torch.where(starts, t0 + valid.int().argmax(-1).int(), self.first_pos)
         self.real += valid.sum(-1)
-        self.keys.scatter_(2, slots[..., None].expand(-1, -1, -1, k.shape[-1]), k)
-        self.values.scatter_(2, slots[..., None].expand(-1, -1, -1, v.shape[-1]), v)
+        self._store(slots, k, v)
         live_new = valid[:, None, :].expand(B, H, Q)
         self.live.scatter_(2, slots, live_new)
         self.bias.scatter_(2, slots, torch.zeros((), dtype=self.bias.dtype, device=k.device).masked_fill(~live_new, float("-inf")))
@@ -239,6 +283,8 @@ class SlotLayer(CacheLayerMixin):
         follows the longest row left)."""
         for holder, kinds in self._declared():
             declared.take(holder, kinds, rows)
+        if self.kv is not None:
+            self.kv.take_rows(rows)
         self.live_upper = int(self.live.sum(-1).max()) if self.live.numel() else 0
         if self.live.numel():
             self._compact(0)
@@ -249,6 +295,9 @@ class SlotLayer(CacheLayerMixin):
         sinks), so the side that has seen fewer tokens is shifted forward to a common `seen`."""
         if other.cache.policy.describe() != self.cache.policy.describe():
             raise KVShrinkError("these sequences cannot share a batch: their caches run different policies; give them the same one")
+        if (other.cache.paged, other.cache.block) != (self.cache.paged, self.cache.block):
+            raise KVShrinkError("these sequences cannot share a batch: one cache is paged, the other not (or their blocks "
+                                "differ); make both with the same paged= and block=")
         seen = max(self.seen, other.seen)
         for layer in (self, other):
             shift = seen - layer.seen
@@ -256,6 +305,8 @@ class SlotLayer(CacheLayerMixin):
             layer.first_pos = torch.where(layer.first_pos >= 0, layer.first_pos + shift, layer.first_pos)
         for (mine, kinds), (theirs, _) in zip(self._declared(), other._declared()):
             declared.append(mine, theirs, kinds)  # the smaller capacity grows to the larger, with free slots
+        if self.kv is not None:
+            self.kv.append_rows(other.kv)
         self.seen = seen
         self.live_upper = max(self.live_upper, other.live_upper)
         self.compact_pending = self.compact_pending or other.compact_pending
@@ -271,10 +322,10 @@ class SlotLayer(CacheLayerMixin):
         if self.state:
             raise KVShrinkError(f"policy {self.cache.policy.name!r} keeps per-token state ({', '.join(self.state.kinds)}) that "
                                 "stored keys and values do not hold; restore with policy 'none', 'dms' or 'window'")
-        T, device = keys.shape[2], self.keys.device
-        live = torch.ones(keys.shape[1], T, dtype=torch.bool, device=device) if live is None else live.to(device, torch.bool)
+        (B, H, T, _), device = keys.shape, self.live.device
+        live = torch.ones(H, T, dtype=torch.bool, device=device) if live is None else live.to(device, torch.bool)
         self._grow(T)
-        self.keys[:, :, :T], self.values[:, :, :T] = keys, values
+        self._store(torch.arange(T, device=device).expand(B, H, T), keys, values)
         self.live[:, :, :T] = live
         self.bias[:, :, :T] = torch.zeros_like(self.bias[0, :, :T]).masked_fill(~live, float("-inf"))
         self.pos[:, :, :T] = positions.to(self.pos)
@@ -286,6 +337,8 @@ class SlotLayer(CacheLayerMixin):
         self.first_pos.fill_(0)
         self.live_upper = int(live.sum(-1).max())
         self.compact_pending = True  # as after a prefill: the next write moves live slots to the front
+        if self.kv is not None:
+            self.kv.release_empty(self.live)
         self._note()
 
     # -- transformers Cache API --------------------------------------------------------------------
@@ -322,12 +375,19 @@ class KVCache(Cache):
     Works with `model.generate(..., past_key_values=KVCache(model, policy))` and with a plain forward
     loop, on models prepared by `kvshrink.install` (done by `kvshrink.load`).
     reserve: slots preallocated per row (a dense preallocated cache when the policy keeps everything).
+    paged: keys and values in blocks of `block` tokens held per (sequence, KV head) (`kvshrink.blocks`), so memory
+    follows each row's own live tokens; None: paged when the policy frees memory, contiguous otherwise.
     """
 
-    def __init__(self, model, policy: CachePolicy | None = None, reserve: int = 0, chunk: int = DEFAULT_CHUNK):
+    def __init__(self, model, policy: CachePolicy | None = None, reserve: int = 0, chunk: int = DEFAULT_CHUNK,
+                 paged: bool | None = None, block: int = DEFAULT_BLOCK):
         config = text_config(model)
         self.policy = policy or CachePolicy()
         self.reserve, self.chunk = reserve, chunk
+        self.paged = self.policy.frees_memory if paged is None else paged
+        self.block = block
+        if self.paged and (block < 1 or chunk % block):
+            raise KVShrinkError(f"block={block} must divide the cache's growth chunk {chunk}; e.g. block=16")
         self._scratch: torch.Tensor | None = None  # a per-layer temporary reused across layers and steps
         self.accounting = Accounting(config.num_hidden_layers, config.num_key_value_heads)
         self.ledger = Ledger(config.num_hidden_layers)
@@ -343,10 +403,16 @@ class KVCache(Cache):
         have = self._scratch
         if have is None or have.numel() < numel or have.dtype != like.dtype or have.device != like.device:
             have = self._scratch = like.new_empty(numel)
+            self.accounting.note_bytes(self.allocated_bytes())
         return have[:numel]
 
+    @property
+    def scratch_bytes(self) -> int:
+        return self._scratch.nbytes if self._scratch is not None else 0
+
     def allocated_bytes(self) -> int:
-        return self.ledger.allocated_bytes
+        """What the cache holds: every layer's tensors (blocks and their tables when paged) and the scratch buffer."""
+        return self.ledger.allocated_bytes + self.scratch_bytes
 
     def attend(self, layer_idx: int, q, k, v, scaling: float, valid: torch.Tensor, decisions=None) -> torch.Tensor:
         """Write this forward's keys/values for one layer and attend over the layer's live slots.
@@ -373,7 +439,12 @@ class KVCache(Cache):
         if picked is None:  # attend over every visible slot
             if Q > 1:
                 mask = mask[:, :, None].expand(B, Hkv, G, Q, mask.shape[-1]).reshape(B, Hkv, G * Q, -1)
-            if policy.needs_attention:  # the weights are the policy's evidence: compute them, then reuse them
+            if layer.kv is not None:  # read each row's own blocks, no row padded to the longest
+                out, weights = attend_blocks(layer.kv, qg, layer.live[:, :, None, :] if Q == 1 else mask, scaling, self.scratch)
+                if policy.needs_attention:
+                    probs = layer.kv.per_slot(weights, G * Q)
+                    policy.observe(layer, probs.view(B, Hkv, G, Q, -1).mean(2), valid)
+            elif policy.needs_attention:  # the weights are the policy's evidence: compute them, then reuse them
                 if mask.dtype == torch.bool:
                     mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
                 probs = torch.softmax(((qg @ layer.keys.transpose(-1, -2)) * scaling + mask).float(), dim=-1)
@@ -406,11 +477,11 @@ class KVCache(Cache):
     @property
     def batch_size(self) -> int:
         layer = self.layers[0]
-        return layer.keys.shape[0] if layer.is_initialized else 0
+        return layer.rows if layer.is_initialized else 0
 
     def take_rows(self, rows: list[int]) -> None:
         """Keep only these sequences, in this order (the others leave and free their memory)."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.layers[0].keys.device)
+        index = torch.tensor(rows, dtype=torch.long, device=self.layers[0].live.device)
         for layer in self.layers:
             layer.take_rows(index)
         self.accounting = self.accounting.fresh()  # rows changed: per-row counters start over

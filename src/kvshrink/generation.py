@@ -149,8 +149,10 @@ def generate_ids(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     reserve: int = 0,
     group: int = 1,
+    paged: bool | None = None,
 ) -> tuple[list[list[int]], dict, dict]:
     """Generate for token-id prompts. Returns (generated ids per sequence, stats, per-sequence tensors).
+    paged: the cache's key/value layout (`KVCache`; None: blocks when the policy frees memory).
 
     group: consecutive sequences that sample one problem (W = group); per_sequence["group_peak_kv_tokens"]
     then holds each problem's peak of its samples' live tokens summed (SPEC 7).
@@ -173,7 +175,7 @@ def generate_ids(
 
     if group < 1 or B % group:
         raise KVShrinkError(f"{B} sequences do not split into problems of {group} samples")
-    cache = KVCache(model, policy, reserve=reserve)
+    cache = KVCache(model, policy, reserve=reserve, paged=paged)
     cache.accounting = cache.accounting.fresh(torch.arange(B, device=device) // group)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     start = time.perf_counter()

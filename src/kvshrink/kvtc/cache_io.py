@@ -69,8 +69,9 @@ def export_cache(cache: KVCache, row: int = 0) -> CacheState:
     keys, values, live, flags = [], [], [], []
     for layer, a in zip(cache.layers, alive):
         where = torch.where(a, layer.pos[row].long() - start, T)  # slot -> position; T: dropped
-        keys.append(_by_position(layer.keys[row], where, T))
-        values.append(_by_position(layer.values[row], where, T))
+        layer_keys, layer_values = layer.keys_values()
+        keys.append(_by_position(layer_keys[row], where, T))
+        values.append(_by_position(layer_values[row], where, T))
         live.append(_by_position(a, where, T)[0].cpu())
         flags.append(_by_position(a & layer.flag[row], where, T)[0].cpu())
     return CacheState(keys, values, None if all(m.all() for m in live) else live, torch.arange(T),

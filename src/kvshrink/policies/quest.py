@@ -93,21 +93,21 @@ def read_slots(layer, q: torch.Tensor, slots: torch.Tensor, readable: torch.Tens
     one batched product; the values are never copied: `embedding_bag` sums each query head's chosen rows in
     place with its attention weights (on CPUs the copy cost about as much as the read;
     benchmarks/quest_kernels.py)."""
-    B, H, S, _ = layer.keys.shape
-    G, n = q.shape[2], slots.shape[-1]
-    rows = torch.arange(B * H, device=slots.device).view(B, H, 1) * S + slots  # rows of the flat (B*H*S, D) storage
-    keys = pick_rows(layer.cache, layer.keys, rows.flatten()).view(B, H, n, -1)
+    B, H, G, _ = q.shape
+    n = slots.shape[-1]
+    rows = layer.rows_of(slots)  # rows of the layer's flat keys/values storage
+    key_rows, value_rows = layer.storage()
+    keys = pick_rows(layer.cache, key_rows, rows.flatten()).view(B, H, n, -1)
     bias = torch.zeros(slots.shape, dtype=q.dtype, device=q.device).masked_fill(~readable, float("-inf"))
     probs = torch.softmax(((q @ keys.mT) * scaling + bias[:, :, None, :]).float(), dim=-1)  # (B, Hkv, G, n)
     per_head = rows[:, :, None, :].expand(B, H, G, n).reshape(-1)
-    values = layer.values.reshape(B * H * S, -1)
-    out = F.embedding_bag(per_head, values, torch.arange(0, per_head.numel(), n, device=q.device), mode="sum",
-                          per_sample_weights=probs.reshape(-1).to(values.dtype))
+    out = F.embedding_bag(per_head, value_rows, torch.arange(0, per_head.numel(), n, device=q.device), mode="sum",
+                          per_sample_weights=probs.reshape(-1).to(value_rows.dtype))
     return out.view(B, H, G, -1)
 
 
 def pick_rows(cache, storage: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows of the flattened (B * Hkv * S, D) storage: one row copy per slot, far faster than an element-wise
+    """Rows of a flat (rows, D) storage: one row copy per slot, far faster than an element-wise
     gather. Outside autograd they land in the cache's reusable buffer (layers run one at a time), so that
     decode does not allocate and fault in fresh pages every step."""
     flat = storage.reshape(-1, storage.shape[-1])
