@@ -72,8 +72,8 @@ def test_openai_client_completion_chat_stream_and_vote(serve, smollm2):
 
 
 def test_concurrent_clients_all_served_in_order_within_budget(serve):
-    engine, url = serve(budget_tokens=400)  # 6 of these requests at once: a row of 64 slots each
-    order, seen_live, seen_allocated = [], [], []
+    engine, url = serve(budget_tokens=400)  # the bytes of 400 vanilla tokens: 6 of these requests at once, a row of 64 slots each
+    order, seen_live, seen_allocated, seen_bytes = [], [], [], []
 
     def client(i):
         body = json.dumps({"prompt": f"Request number {i} says", "max_tokens": 6, "temperature": 0}).encode()
@@ -89,6 +89,8 @@ def test_concurrent_clients_all_served_in_order_within_budget(serve):
             m = read_metrics(url)
             seen_live.append(m["kvshrink_live_kv_tokens"])
             seen_allocated.append(m["kvshrink_allocated_kv_tokens"])
+            seen_bytes.append(m["kvshrink_allocated_kv_bytes"])
+            assert m["kvshrink_budget_kv_bytes"] == engine.budget and m["kvshrink_budget_kv_tokens"] == 400
             assert 0 <= m["kvshrink_kv_fragmentation"] < 1 and m["kvshrink_allocated_kv_bytes"] >= m["kvshrink_live_kv_bytes"]
             time.sleep(0.02)
 
@@ -106,7 +108,7 @@ def test_concurrent_clients_all_served_in_order_within_budget(serve):
     assert len({r["id"] for r in results}) == 32
     ids = sorted((r["id"] for r in results), key=lambda x: int(x.split("-")[1]))  # ids number requests as they arrive
     assert [i for i in engine.admitted if i in ids] == ids  # admitted first come, first served
-    assert max(seen_live) <= max(seen_allocated) <= engine.budget and max(seen_live) > 0
+    assert max(seen_live) <= max(seen_allocated) <= 400 and max(seen_live) > 0 and max(seen_bytes) <= engine.budget
     assert read_metrics(url)["kvshrink_queued_requests"] == 0
 
 
@@ -205,11 +207,13 @@ def test_admission_follows_the_ratio_sequences_really_reach(smollm2):
     """An engine told to expect CR 8 whose sequences compress at 1 (here: no eviction at all) must admit by
     what the running sequences really hold. Admitting at 8 (three rows of 64 slots) overfills the budget (three
     rows of 128), pauses the newest request and lets it straight back in, re-reading its prompt every step."""
+    from kvshrink.cache import footprint
     from kvshrink.policies import CachePolicy
     from kvshrink.serve.engine import Engine, SamplingParams
 
     model, tok = smollm2
-    engine = Engine(model, tok, CachePolicy(), budget_tokens=300, expected_cr=8.0)  # 2 requests of 128 slots
+    budget = 300 * footprint(model, CachePolicy()).slot  # 300 slots' bytes: 2 requests of 128 slots
+    engine = Engine(model, tok, CachePolicy(), budget_bytes=budget, expected_cr=8.0)
     prefills = []
     real_prefill = engine._prefill_piece
     engine._prefill_piece = lambda cache, ids: prefills.append(len(ids)) or real_prefill(cache, ids)
@@ -217,7 +221,7 @@ def test_admission_follows_the_ratio_sequences_really_reach(smollm2):
     requests = [engine.submit(prompt, SamplingParams(max_tokens=8), lambda event: None) for _ in range(4)]
     for _ in range(60):
         engine.step()
-        assert engine.live_tokens() <= engine.allocated_slots() <= engine.budget
+        assert engine.live_tokens() <= engine.allocated_slots() <= 300 and engine.allocated_bytes() <= engine.budget
         if all(r.done for r in requests):
             break
     assert all(r.done and len(r.sequences[0].tokens) == 8 for r in requests)
@@ -245,7 +249,7 @@ def test_running_sequences_keep_decoding_while_a_long_prompt_is_read(smollm2):
         engine.step()
         steps += 1
         assert len(short.sequences[0].tokens) == before + 1  # the running sequence never waits a step
-        assert engine.live_tokens() <= engine.budget
+        assert engine.live_tokens() <= engine.allocated_slots() and engine.allocated_bytes() <= engine.budget
     assert steps == -(-150 // 32)  # 150 tokens in chunks of 32
     while not long.done:
         engine.step()
@@ -440,55 +444,141 @@ def test_fuzzed_requests_get_json_answers_and_harm_no_one(serve, one_thread):
 
 
 def test_scheduler_reserves_what_a_batch_will_allocate():
-    """Allocations counted by hand: the window is kept whole, the rest compressed (rounded up), the row rounded
-    up to the cache's chunk, every row of the batch as long as the longest, plus a chunk of headroom."""
+    """Allocations counted by hand, in bytes: a request keeps its window whole and the rest compressed (rounded
+    up); every row's slots are as long as the longest request's kept tokens, rounded up to the chunk; a paged
+    cache's keys and values follow each request's own kept tokens, rounded up to blocks; plus each row's own
+    bytes and a prefill chunk of headroom."""
+    from kvshrink.accounting import Footprint
     from kvshrink.errors import KVShrinkError
     from kvshrink.serve.scheduler import Scheduler
 
-    s = Scheduler(budget=200, max_batch=4, expected_cr=4.0, window=8, headroom=5, chunk=16)
-    assert s.row_slots(40, 8) == 32 and s.row_slots(4, 2) == 16 and s.row_slots(40, 8, cr=1.0) == 48  # 8 + 10 = 18 -> 32
-    assert s.allocated([(40, 8, 2)]) == 2 * 32 + 16
-    assert s.allocated([(40, 8, 2), (4, 2, 1)]) == 3 * 32 + 16  # the short request's row is as long as the others
+    contiguous = Scheduler(budget=0, max_batch=4, cost=Footprint(slot=50, row=3), expected_cr=4.0, window=8, headroom=5, chunk=16)
+    assert contiguous.kept(40, 8) == 18 and contiguous.row_slots(40, 8) == 32  # 8 + 40 / 4 = 18 -> 32
+    assert contiguous.row_slots(4, 2) == 16 and contiguous.row_slots(40, 8, cr=1.0) == 48
+    assert contiguous.allocated([(40, 8, 2)]) == 2 * (32 * 50 + 3) + 16 * 50  # the headroom: 5 slots -> 16
+    assert contiguous.allocated([(40, 8, 2), (4, 2, 1)]) == 3 * (32 * 50 + 3) + 16 * 50  # the short row is as long as the others
+
+    # paged: 10 B a slot of capacity, 2 B a block of capacity (table), 100 B a held token + 20 B of read buffer, blocks of 4
+    paged = Footprint(slot=10, row=3, token=100, block=4, table=2, gather=20)
+    assert paged.capacity_bytes(32) == 32 * 10 + 8 * 2 and paged.held_bytes(18) == 20 * 120 and paged.held_bytes(0) == 0
+    s = Scheduler(budget=15_000, max_batch=4, cost=paged, expected_cr=4.0, window=8, headroom=5, chunk=16)
+    headroom = (16 * 10 + 4 * 2) + 8 * 120  # 5 slots -> 16 of capacity, 5 tokens -> 2 blocks
+    assert s.allocated([(40, 8, 2)]) == 2 * (336 + 3) + 2 * 20 * 120 + headroom == 6606
+    # the short request's keys and values are its own 6 tokens (2 blocks), only its slots are the longest's
+    assert s.allocated([(40, 8, 2), (4, 2, 1)]) == 3 * (336 + 3) + 2 * 20 * 120 + 8 * 120 + headroom == 7905
     assert s.achieved_cr([(48, 18.0), (48, 48.0)]) == pytest.approx(80 / 50)  # (40 + 40) seen / (10 + 40) held
     assert s.achieved_cr([(48, 12.0)]) == 4.0  # never above the expected ratio
-    assert s.admits([(40, 8, 2)], (40, 8, 2), running_rows=2, cr=4.0)  # 4 x 32 + 16 <= 200
-    assert not s.admits([(40, 8, 2)], (40, 8, 2), running_rows=2, cr=1.6)  # at the ratio really reached: 4 x (8 + 25 -> 48) + 16
+    assert s.admits([(40, 8, 2)], (40, 8, 2), running_rows=2, cr=4.0)  # 4 x (339 + 2400) + 1128 = 12084 <= 15000
+    # at the ratio really reached, 8 + 25 = 33 kept: 48 slots (504 B) and 9 blocks (4320 B) a row
+    assert s.allocated([(40, 8, 2), (40, 8, 2)], cr=1.6) == 4 * (504 + 3 + 4320) + headroom == 20436
+    assert not s.admits([(40, 8, 2)], (40, 8, 2), running_rows=2, cr=1.6)
     assert not s.admits([], (4, 2, 3), running_rows=2, cr=4.0)  # 2 + 3 rows > max_batch 4
     assert s.admits([(400, 8, 1)], (400, 8, 4), running_rows=0, cr=4.0)  # nothing runs: the head always goes
-    assert s.over_budget(201, 2) and not s.over_budget(201, 1) and not s.over_budget(200, 3)
-    with pytest.raises(KVShrinkError, match="needs about 224 KV slots .* more than the server's budget of 200"):
-        s.check_fits_alone(800, 8, 1)  # 8 + 200 = 208 slots, + 16
+    assert s.over_budget(15_001, 2) and not s.over_budget(15_001, 1) and not s.over_budget(15_000, 3)
+    # 8 + 200 = 208 kept: 208 slots (2184 B) + the row (3 B) + 52 blocks (24960 B) + headroom (1128 B) = 28275 B
+    with pytest.raises(KVShrinkError, match=r"needs about 27\.6 KB of KV cache .* more than the server's budget of 14\.6 KB"):
+        s.check_fits_alone(800, 8, 1)
     with pytest.raises(KVShrinkError, match="exceed the server's --max-batch 4"):
         s.check_fits_alone(4, 2, 5)
 
 
-def test_a_real_batch_allocates_what_the_scheduler_and_its_ledger_say():
-    """Rows of 100 and 20 tokens joined in one batch: each layer gives both 128 slots (the longest, rounded up
-    to a chunk), as the scheduler counts; the ledger's bytes are the tensors' own and the hand count. When the
-    long row leaves, the short one's 64 slots are all that is left."""
+@pytest.mark.parametrize("paged", [False, True])
+def test_a_real_batch_allocates_what_the_scheduler_and_its_ledger_say(paged):
+    """Rows of 100 and 20 tokens joined in one batch, then decoded one step. Every layer gives both rows 128 slots
+    (the longest, rounded up to a chunk); a contiguous cache keeps keys and values in them, a paged one in
+    blocks of 16 held per row and KV head (7 and 2), plus one layer's keys gathered for the read. The bytes
+    counted by hand are the ledger's, the tensors' own, and what the scheduler reserves for these requests.
+    When the long row leaves, the short one's 64 slots and 2 blocks are all that is left."""
+    import torch
     from conftest import tiny_model
 
+    from kvshrink.accounting import Footprint
     from kvshrink.attention import install
-    from kvshrink.cache import DEFAULT_CHUNK, KVCache, slot_bytes
-    from kvshrink.generation import prefill_row
-    from kvshrink.policies import CachePolicy, for_model
+    from kvshrink.blocks import DEFAULT_BLOCK
+    from kvshrink.cache import DEFAULT_CHUNK, KVCache, footprint, slot_bytes
+    from kvshrink.generation import decode_step, prefill_row
+    from kvshrink.policies import CachePolicy
     from kvshrink.serve.scheduler import Scheduler
 
     model = install(tiny_model("llama"))  # fp32, 2 layers, 2 KV heads of 16
-    L, H, D = 2, 2, 16
-    per_slot = H * (2 * D * 4 + 4 + 1 + 1 + 4)  # over a row's KV heads: key + value, fp32 bias, live + flag, int32 position
+    L, H, D, block = 2, 2, 16, DEFAULT_BLOCK
+    meta = H * (4 + 1 + 1 + 4)  # a slot over a row's KV heads: fp32 bias, live + flag bools, int32 position
+    kv = H * 2 * D * 4  # a token's fp32 key and value over a row's KV heads
     per_row = H * 8 + 8 + 4  # last slot per KV head, real tokens, first position
-    assert slot_bytes(model) == L * per_slot and slot_bytes(model, for_model(model, "tova", cr=4)) == L * (per_slot + H * 4)
-    batch = KVCache(model, CachePolicy())
+    if paged:
+        cost = Footprint(slot=L * meta, row=L * per_row, token=L * kv, block=block, table=L * H * 4, gather=H * D * 4)
+    else:
+        cost = Footprint(slot=L * (meta + kv), row=L * per_row)
+    assert footprint(model, CachePolicy(), paged=paged) == cost and slot_bytes(model) == L * (meta + kv)
+
+    def hand(rows: int, capacity: int, blocks: int, gathered: int = 0) -> int:
+        """A layer's bytes: `rows` rows of `capacity` slots, `blocks` blocks held over its rows and KV heads; the
+        cache's: L of them, and a read buffer of `gathered` blocks' keys."""
+        if not paged:
+            return L * (rows * capacity * (meta + kv) + rows * per_row)
+        table = rows * H * capacity // block * 4
+        return L * (rows * capacity * meta + rows * per_row + table + blocks * block * 2 * D * 4) + gathered * block * D * 4
+
+    batch = KVCache(model, CachePolicy(), paged=paged)
     for n in (100, 20):
-        row = KVCache(model, CachePolicy())
+        row = KVCache(model, CachePolicy(), paged=paged)
         prefill_row(model, row, list(range(3, 3 + n)))
         batch.append_rows(row)
-    ledger = batch.ledger
+    ledger, held = batch.ledger, H * (7 + 2)  # 100 and 20 tokens: 7 and 2 blocks per KV head
     assert ledger.rows == [2] * L and ledger.capacity == [2 * DEFAULT_CHUNK] * L and ledger.live_upper == [100] * L
-    assert ledger.allocated_slots == 2 * 128 == Scheduler(budget=1, max_batch=2).allocated([(100, 1, 1), (20, 1, 1)])
-    assert ledger.allocated_bytes == batch.allocated_bytes() == sum(layer.nbytes for layer in batch.layers)
-    assert ledger.allocated_bytes == L * (2 * 128 * per_slot + 2 * per_row)
+    assert ledger.kv_slots == [held * block if paged else 2 * H * 128] * L
+    assert ledger.allocated_slots == (9 * block if paged else 2 * 128)  # per (layer, KV head), over rows
+    assert ledger.allocated_bytes == batch.allocated_bytes() == sum(layer.nbytes for layer in batch.layers) == hand(2, 128, held)
+
+    scheduler = Scheduler(budget=1, max_batch=2, cost=cost)
+    with torch.no_grad():
+        decode_step(model, batch, torch.tensor([5, 6]), None, torch.tensor([100, 20]))  # 101 and 21 tokens: the same blocks
+    assert batch.allocated_bytes() == hand(2, 128, held, gathered=held) == scheduler.allocated([(100, 1, 1), (20, 1, 1)])
+    assert batch.allocated_bytes() == ledger.allocated_bytes + batch.scratch_bytes
+    assert 1 - sum(batch.row_live_tokens()) / ledger.allocated_slots == pytest.approx(1 - 122 / (144 if paged else 256))
+
     batch.take_rows([1])
-    assert (ledger.rows, ledger.capacity, ledger.live_upper) == ([1] * L, [DEFAULT_CHUNK] * L, [20] * L)
-    assert ledger.allocated_bytes == batch.allocated_bytes() == L * (64 * per_slot + per_row)
+    assert (ledger.rows, ledger.capacity, ledger.live_upper) == ([1] * L, [DEFAULT_CHUNK] * L, [21] * L)
+    assert ledger.allocated_bytes == batch.allocated_bytes() == sum(layer.nbytes for layer in batch.layers) == hand(1, 64, 2 * H)
+    with torch.no_grad():
+        decode_step(model, batch, torch.tensor([7]), None, torch.tensor([21]))
+    assert batch.allocated_bytes() == hand(1, 64, 2 * H, gathered=2 * H) == scheduler.allocated([(20, 2, 1)])
+
+
+def test_a_paged_budget_policy_allocates_far_less_and_within_the_reservation():
+    """TOVA at CR 4 keeps a quarter of each row: paged, its rows of 100 and 20 tokens (+ 1 decoded) hold 26 and 6
+    (at least 2 and 1 blocks of 16 per KV head) beside 64 slots of metadata: less than half of what a vanilla
+    batch allocates, and no more than the scheduler reserves for them (a prefill chunk whole, the rest at CR 4)."""
+    import torch
+    from conftest import tiny_model
+
+    from kvshrink.attention import install
+    from kvshrink.cache import KVCache, footprint
+    from kvshrink.generation import decode_step, prefill_row
+    from kvshrink.policies import CachePolicy, for_model
+    from kvshrink.serve.scheduler import Scheduler
+
+    model = install(tiny_model("llama"))
+    L, H, block = 2, 2, 16
+    tova = for_model(model, "tova", cr=4)
+    cost = footprint(model, tova)
+    assert cost.slot == L * H * (4 + 1 + 1 + 4 + 4) and cost.token == L * H * 2 * 16 * 4  # its fp32 score beside the metadata
+    sizes = {}
+    for policy in (CachePolicy(), tova):
+        batch = KVCache(model, policy)
+        for n in (100, 20):
+            row = KVCache(model, policy)
+            prefill_row(model, row, list(range(3, 3 + n)))
+            row.free_expired()
+            batch.append_rows(row)
+        with torch.no_grad():
+            decode_step(model, batch, torch.tensor([5, 6]), None, torch.tensor([100, 20]))
+        sizes[policy.name] = batch.allocated_bytes()
+    assert [layer.kv is not None for layer in batch.layers] == [True] * L
+    assert batch.live_tokens().tolist() == [[[26, 26], [6, 6]]] * L  # ceil(101 / 4), ceil(21 / 4)
+    kv_slots = batch.ledger.kv_slots  # the blocks each layer's storage holds, at least ceil(26 / 16) + ceil(6 / 16) per KV head
+    assert batch.ledger.capacity == [64] * L and all(k >= H * (2 + 1) * block for k in kv_slots)
+    per_layer = [2 * 64 * H * 14 + 2 * (H * 8 + 8 + 4) + 2 * H * (64 // block) * 4 + k * 2 * 16 * 4 for k in kv_slots]
+    assert sizes["tova"] == sum(per_layer) + max(kv_slots) * 16 * 4  # and one layer's keys gathered for the read
+    reserved = Scheduler(budget=1, max_batch=2, cost=cost, expected_cr=4, window=tova.prefill_chunk).allocated([(100, 1, 1), (20, 1, 1)])
+    assert sizes["tova"] <= reserved < sizes["none"] / 2

@@ -1,10 +1,13 @@
 """The one accounting layer every policy is measured with (SPEC sections 3 and 7): KV reads, live tokens and
 their peaks, allocated bytes, and vanilla's reads for the same tokens, which the reads-based CR divides by.
 The cache records into it; generation, evaluation and the server read it. Beside it, each cache's `Ledger`
-of what it allocates now, which the server budgets by.
+of what it allocates now, and the `Footprint` of one sequence (what each slot, row and held token costs),
+which the server budgets by.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -70,19 +73,25 @@ class Ledger:
     """What a cache allocates, per layer, in integers the cache keeps on the host as it grows, compacts,
     takes and appends rows: read at any time without waiting for the device.
 
-    A layer gives every (sequence, KV head) row the same capacity, that of its fullest row, so it allocates
-    rows x capacity slots whatever each row holds; `live_upper` bounds the fullest row's live slots.
+    A layer gives every (sequence, KV head) row the same capacity, that of its fullest row, so its slot
+    metadata (and its keys and values when contiguous) take rows x capacity slots whatever each row holds;
+    `live_upper` bounds the fullest row's live slots. A paged layer's keys and values take `kv_slots`: the
+    blocks of its storage, which follow each row's own live tokens.
     """
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, kv_heads: int = 1):
+        self.kv_heads = kv_heads
         self.rows = [0] * n_layers  # sequences
         self.capacity = [0] * n_layers  # slots per (sequence, KV head)
         self.live_upper = [0] * n_layers
         self.bytes = [0] * n_layers  # keys, values, slot and row metadata, the policy's state
+        self.kv_slots = [0] * n_layers  # key/value token slots allocated, over sequences and KV heads
 
-    def note(self, layer_idx: int, rows: int, capacity: int, live_upper: int, nbytes: int) -> None:
+    def note(self, layer_idx: int, rows: int, capacity: int, live_upper: int, nbytes: int, kv_slots: int | None = None) -> None:
+        """kv_slots: the layer's key/value slots (None: contiguous, rows x KV heads x capacity)."""
         self.rows[layer_idx], self.capacity[layer_idx] = rows, capacity
         self.live_upper[layer_idx], self.bytes[layer_idx] = live_upper, nbytes
+        self.kv_slots[layer_idx] = rows * self.kv_heads * capacity if kv_slots is None else kv_slots
 
     @property
     def allocated_bytes(self) -> int:
@@ -90,5 +99,35 @@ class Ledger:
 
     @property
     def allocated_slots(self) -> float:
-        """Slots allocated per (layer, KV head), summed over sequences: the unit of live tokens."""
-        return sum(r * c for r, c in zip(self.rows, self.capacity)) / len(self.rows)
+        """Key/value slots allocated per (layer, KV head), summed over sequences: the unit of live tokens, so that
+        1 - live / allocated is the share allocated for no live token (contiguous: each row as long as its layer's
+        longest; paged: the blocks in storage, each holding `block` tokens)."""
+        return sum(self.kv_slots) / (len(self.kv_slots) * self.kv_heads)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one sequence of a cache costs, in bytes over every layer and KV head: the prices a memory budget
+    is counted in (`kvshrink.cache.footprint` reads them off a cache's tensors). A contiguous cache keeps keys
+    and values in its slots (`token` 0); a paged one keeps them in blocks of `block` tokens held per
+    (sequence, KV head), beside a block table and one reused read buffer."""
+
+    slot: int  # a slot of capacity: slot metadata and the policy's per-slot state (keys and values too, contiguous)
+    row: int = 0  # the sequence itself: row metadata and the policy's per-row state
+    token: int = 0  # a key/value token held in a block (paged): its keys and values in every layer
+    block: int = 1  # tokens per block (paged)
+    table: int = 0  # a block of capacity: its block table entries (paged)
+    gather: int = 0  # a held token's share of the read buffer: one layer's keys (or values), gathered for attention
+
+    def capacity_bytes(self, slots: int) -> int:
+        """Bytes `slots` slots of capacity (a multiple of the block) cost one sequence."""
+        return slots * self.slot + slots // self.block * self.table
+
+    def held_bytes(self, tokens: int) -> int:
+        """Bytes a sequence's `tokens` kept key/value tokens cost, rounded up to whole blocks (paged; 0 contiguous)."""
+        return -(-tokens // self.block) * self.block * (self.token + self.gather)
+
+    @property
+    def live_token(self) -> int:
+        """Bytes a live token needs: its slot, and its keys and values wherever they are."""
+        return self.slot + self.token

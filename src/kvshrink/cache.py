@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .accounting import Accounting, Ledger
+from .accounting import Accounting, Footprint, Ledger
 from .blocks import DEFAULT_BLOCK, PagedKV, attend_blocks
 from .errors import KVShrinkError
 from .policies import state as declared
@@ -110,7 +110,8 @@ class SlotLayer(CacheLayerMixin):
 
     def _note(self) -> None:
         """Tell the cache's ledger (and the accounting's peak) this layer's allocation: after every change of shape."""
-        self.cache.ledger.note(self.layer_idx, self.rows, self.capacity, self.live_upper, self.nbytes)
+        kv_slots = self.kv.pool.total * self.kv.block if self.kv is not None else None  # None: rows x heads x capacity
+        self.cache.ledger.note(self.layer_idx, self.rows, self.capacity, self.live_upper, self.nbytes, kv_slots)
         self.cache.accounting.note_bytes(self.cache.allocated_bytes())
 
     def _grow(self, need: int) -> None:
@@ -390,13 +391,13 @@ class KVCache(Cache):
             raise KVShrinkError(f"block={block} must divide the cache's growth chunk {chunk}; e.g. block=16")
         self._scratch: torch.Tensor | None = None  # a per-layer temporary reused across layers and steps
         self.accounting = Accounting(config.num_hidden_layers, config.num_key_value_heads)
-        self.ledger = Ledger(config.num_hidden_layers)
+        self.ledger = Ledger(config.num_hidden_layers, config.num_key_value_heads)
         super().__init__(layers=[SlotLayer(self, i) for i in range(config.num_hidden_layers)])
 
     def reset(self) -> None:
         super().reset()
         self.accounting = self.accounting.fresh(self.accounting.groups)
-        self.ledger = Ledger(len(self.layers))
+        self.ledger = Ledger(len(self.layers), self.ledger.kv_heads)
 
     def scratch(self, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A flat reusable buffer with at least `numel` elements of `like`'s dtype and device."""
@@ -484,6 +485,7 @@ class KVCache(Cache):
         index = torch.tensor(rows, dtype=torch.long, device=self.layers[0].live.device)
         for layer in self.layers:
             layer.take_rows(index)
+        self._scratch = None  # the read buffer is made again at the size the rows left need
         self.accounting = self.accounting.fresh()  # rows changed: per-row counters start over
 
     def append_rows(self, other: "KVCache") -> None:
@@ -499,14 +501,30 @@ class KVCache(Cache):
         self.accounting = self.accounting.fresh()  # rows changed: per-row counters start over
 
 
-def slot_bytes(model, policy: CachePolicy | None = None) -> int:
-    """What one more slot of capacity costs a sequence of a `KVCache` for `model`, over every layer and KV head:
-    keys and values in the model's dtype, slot metadata, the policy's per-slot state (the unit memory is budgeted in)."""
-    cache, config = KVCache(model, policy), text_config(model)
+def footprint(model, policy: CachePolicy | None = None, paged: bool | None = None, block: int = DEFAULT_BLOCK) -> Footprint:
+    """What a sequence of a `KVCache(model, policy, paged=paged, block=block)` costs, over every layer and KV head,
+    read off an empty one-row cache's tensors: bytes per slot of capacity, per row, and (paged) per key/value
+    token held in a block, per block of capacity (its table entries) and per held token of the read buffer."""
+    cache, config = KVCache(model, policy, paged=paged, block=block), text_config(model)
     empty = next(model.parameters()).new_zeros(1, config.num_key_value_heads, 0, kv_head_dim(config))
+    slot = row = token = table = gather = 0
     for layer in cache.layers:
         layer.lazy_initialization(empty, empty)
-    return sum(layer.slot_bytes for layer in cache.layers)
+        slot += layer.slot_bytes
+        row += sum(getattr(holder, name).nbytes for holder, kinds in layer._declared() for name, kind in kinds.items() if kind.per == ROW)
+        if layer.kv is not None:
+            keys, values, heads = layer.kv.keys, layer.kv.values, layer.kv.table.shape[1]
+            token += heads * (keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size())
+            table += heads * layer.kv.table.element_size()
+            gather = max(gather, heads * max(keys.shape[-1] * keys.element_size(), values.shape[-1] * values.element_size()))
+    return Footprint(slot, row, token, block if cache.paged else 1, table, gather)
+
+
+def slot_bytes(model, policy: CachePolicy | None = None) -> int:
+    """What one more slot of capacity costs a sequence of a `KVCache` for `model`, over every layer and KV head:
+    slot metadata, the policy's per-slot state, and keys and values in the model's dtype when the cache is
+    contiguous (a paged cache holds them in blocks: `footprint`)."""
+    return footprint(model, policy).slot
 
 
 def text_config(model):

@@ -225,8 +225,10 @@ def serve(
     model: str = typer.Argument(..., help="a shipped name (e.g. smollm2-dms8) or a local model folder"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on"),
     port: int = typer.Option(8000, help="TCP port"),
-    kv_budget_tokens: Optional[int] = typer.Option(None, help="admission budget in KV slots allocated (per layer and KV head, all sequences)"),
-    kv_budget_mb: Optional[float] = typer.Option(None, help="admission budget in MB allocated (keys, values, slot metadata)"),
+    kv_budget_tokens: Optional[int] = typer.Option(None, help="admission budget in tokens of a vanilla cache: the bytes N tokens' "
+                                                   "keys, values and slot metadata take (a DMS model holds about CR x N in them)"),
+    kv_budget_mb: Optional[float] = typer.Option(None, help="admission budget in MB the KV caches may allocate (keys, values, "
+                                                 "slot metadata, policy state; default 512)"),
     policy: Optional[str] = typer.Option(None, help="cache policy (default: dms on a DMS model, else none)"),
     cr: Optional[float] = typer.Option(None, help="compression ratio for tova, h2o or window"),
     max_batch: int = typer.Option(64, help="most sequences decoded together"),
@@ -234,12 +236,13 @@ def serve(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /metrics), continuous batching,
-    admission by allocated KV slots: a DMS model serves more sequences in the same memory."""
+    admission by the bytes the KV caches allocate: a DMS model serves more sequences in the same memory."""
     import uvicorn
 
     from .loading import load
     from .serve import build_engine
     from .serve.app import create_app
+    from .serve.scheduler import size
 
     _check_policy_options(policy, cr, None)
     check_prefill_chunk(prefill_chunk)
@@ -251,7 +254,8 @@ def serve(
         kv_budget_mb = 512.0
     m, tok = load(model, device=device)
     engine = build_engine(m, tok, policy, cr, kv_budget_tokens, kv_budget_mb, max_batch, prefill_chunk)
-    print(f"serving {model} on http://{host}:{port}/v1 (policy {engine.policy.name}, budget {engine.budget:,} KV slots)")
+    print(f"serving {model} on http://{host}:{port}/v1 (policy {engine.policy.name}, KV budget {size(engine.budget)}, "
+          f"{engine.budget_tokens:,.0f} tokens of a vanilla cache)")
     uvicorn.run(create_app(engine, model), host=host, port=port, log_level="warning")
 
 

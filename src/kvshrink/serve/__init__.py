@@ -1,4 +1,5 @@
-"""An OpenAI-compatible server whose batching and admission use the memory DMS frees."""
+"""An OpenAI-compatible server whose batching and admission use the memory DMS frees: its KV budget counts
+the bytes the caches really allocate."""
 
 from .engine import Engine, SamplingParams
 
@@ -7,15 +8,18 @@ __all__ = ["Engine", "SamplingParams", "build_engine"]
 
 def build_engine(model, tokenizer, policy: str | None = None, cr: float | None = None, budget_tokens: int | None = None,
                  budget_mb: float | None = None, max_batch: int = 64, prefill_chunk: int = 256) -> Engine:
-    """An engine for `model` under its default (or the named) policy, with a budget in KV slots the caches may
-    allocate (per layer and KV head, over all sequences) or in MB they may allocate.
+    """An engine for `model` under its default (or the named) policy, with a budget on the bytes its KV caches
+    allocate: `budget_mb` MB (MiB), or `budget_tokens` tokens of a vanilla cache (the bytes that many tokens' keys,
+    values and slot metadata take in a cache that keeps every token; a DMS model holds about CR times more tokens
+    in them).
     prefill_chunk: prompt tokens read per engine step, between the running batch's decode steps (DMS reads
     them in one forward: its output does not depend on the chunk; budget policies keep their 16-token chunks)."""
     import dataclasses
 
-    from ..cache import slot_bytes
+    from ..cache import footprint
     from ..errors import KVShrinkError
-    from ..policies import DMSPolicy, for_model
+    from ..policies import CachePolicy, DMSPolicy, for_model
+    from .scheduler import size
 
     pol = for_model(model, policy, cr=cr)
     if pol.name != "none" and not pol.frees_memory:
@@ -28,8 +32,14 @@ def build_engine(model, tokenizer, policy: str | None = None, cr: float | None =
         window = pol.prefill_chunk or 0  # a prefill chunk is held whole before eviction
     if (budget_tokens is None) == (budget_mb is None):
         raise KVShrinkError("give exactly one of --kv-budget-tokens or --kv-budget-mb")
-    budget = budget_tokens if budget_tokens is not None else int(budget_mb * 2**20 // slot_bytes(model, pol))
-    if budget < 1:
-        raise KVShrinkError(f"the KV budget must hold at least one slot (got {budget}); raise --kv-budget-tokens or --kv-budget-mb")
-    return Engine(model, tokenizer, pol, budget_tokens=budget, max_batch=max_batch, expected_cr=expected, window=window,
-                  prefill_chunk=prefill_chunk)
+    if budget_tokens is not None:
+        budget = budget_tokens * footprint(model, CachePolicy()).slot
+    else:
+        budget = int(budget_mb * 2**20)
+    engine = Engine(model, tokenizer, pol, budget_bytes=budget, max_batch=max_batch, expected_cr=expected, window=window,
+                    prefill_chunk=prefill_chunk)
+    smallest = engine.scheduler.allocated([(1, 1, 1)])
+    if budget < smallest:
+        raise KVShrinkError(f"the KV budget of {size(budget)} holds no request (a one-token one needs {size(smallest)}); "
+                            "raise --kv-budget-tokens or --kv-budget-mb")
+    return engine

@@ -128,13 +128,15 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def metrics():
         s = engine.stats()
         lines = []
-        for key, help_text in (("live_kv_tokens", "live KV cache tokens held, averaged over (layer, KV head)"),
-                               ("live_kv_bytes", "bytes of those live tokens' slots (keys, values, slot metadata)"),
-                               ("allocated_kv_tokens", "KV slots allocated, in that unit: each row as long as its layer's longest"),
-                               ("allocated_kv_bytes", "bytes the KV caches allocate (keys, values, metadata, policy state)"),
-                               ("kv_fragmentation", "share of the allocated slots holding no live token: 1 - live / allocated"),
-                               ("budget_kv_tokens", "the admission budget in allocated KV slots"),
-                               ("budget_kv_bytes", "the admission budget in bytes"),
+        for key, help_text in (("live_kv_tokens", "live KV cache tokens held, averaged over (layer, KV head), summed over sequences"),
+                               ("live_kv_bytes", "bytes those live tokens need: their keys, values and slot metadata"),
+                               ("allocated_kv_tokens", "key/value slots allocated, in that unit: contiguous, each row as long as "
+                                                       "its layer's longest; paged, the blocks in storage"),
+                               ("allocated_kv_bytes", "bytes the KV caches allocate (keys, values, slot and row metadata, policy "
+                                                      "state, block tables, read buffers): what the budget counts"),
+                               ("kv_fragmentation", "share of the allocated key/value slots holding no live token: 1 - live / allocated"),
+                               ("budget_kv_bytes", "the admission budget: bytes the KV caches may allocate"),
+                               ("budget_kv_tokens", "the budget in tokens of a vanilla cache (keys, values, slot metadata)"),
                                ("running_requests", "admitted requests (decoding, or their prompt being read)"),
                                ("running_sequences", "sequences being decoded"),
                                ("queued_requests", "requests waiting for room"),

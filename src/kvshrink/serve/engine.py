@@ -1,20 +1,22 @@
-"""The serving engine: continuous batching over one `KVCache`, admission by allocated cache slots.
+"""The serving engine: continuous batching over one `KVCache`, admission by the bytes the caches allocate.
 
 One loop (`step`) advances every running sequence by one token in a single forward. Waiting requests
 are admitted in FIFO order when the budget has room, one at a time: the admitted request's prompt is
 read `prefill_chunk` tokens per step, between the decode steps of the running batch (chunked prefill),
 so a long prompt delays the others' next token by one chunk, not by the whole prompt. When its prompt
 is read, its rows join the running batch (`KVCache.append_rows`); finished sequences leave at once and
-free their slots (`take_rows`). The budget is counted in the slots the caches allocate, averaged over
-(layer, KV head): every row of a layer is as long as its longest, and the rows hold the tokens DMS keeps,
-so a DMS-8x model admits about 8x the sequences. The caches' ledgers give the count with no device sync.
+free their memory (`take_rows`). The budget is counted in the bytes the caches allocate
+(`KVCache.allocated_bytes`): each layer's slot metadata, rows x its fullest row, and, in the paged caches of
+policies that free memory, keys and values in blocks that follow each row's own live tokens; so a DMS-8x
+model admits about 8x the sequences. The caches' ledgers give the bytes with no device sync.
 
-Admission reserves the batch's expected allocation (`scheduler.Scheduler`: rows sized to the longest
-request's prompt plus `max_tokens`, compressed by the policy's ratio beyond the window, or by the ratio the
-running sequences really reach if that is lower, plus a prefill chunk of headroom). The allocation includes
-the request being read. If it still outgrows the budget (a sequence compressing worse than expected), the
-newest request is paused: the one being read stops, or a running one's rows leave, and it is read again
-(prompt + what it generated) when there is room. Requests that could never fit are refused at submission.
+Admission reserves the batch's expected allocation (`scheduler.Scheduler`: each request keeps its prompt plus
+`max_tokens`, compressed by the policy's ratio beyond the window, or by the ratio the running sequences really
+reach if that is lower; slots are sized to the longest request, keys and values to each one's own, plus a
+prefill chunk of headroom). The allocation includes the request being read. If it still outgrows the budget
+(a sequence compressing worse than expected), the newest request is paused: the one being read stops, or a
+running one's rows leave, and it is read again (prompt + what it generated) when there is room. Requests
+that could never fit are refused at submission.
 
 A failure one request causes (reading its prompt, sampling its token, matching its stop strings) ends that
 request alone, with its error: its rows leave and the batch goes on. Only a failed batched forward, which
@@ -34,9 +36,10 @@ from typing import Callable
 
 import torch
 
-from ..cache import KVCache, slot_bytes
+from ..cache import KVCache, footprint
 from ..errors import KVShrinkError, check_prefill_chunk
 from ..generation import decode_step, prefill_row, sample_next
+from ..policies import CachePolicy
 from ..shapes import check_context
 from .detokenizer import Detokenizer
 from .scheduler import Scheduler
@@ -132,15 +135,17 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, policy, budget_tokens: int, max_batch: int = 64, expected_cr: float = 1.0,
+    def __init__(self, model, tokenizer, policy, budget_bytes: int, max_batch: int = 64, expected_cr: float = 1.0,
                  window: int = 0, prefill_chunk: int = 256):
+        """budget_bytes: what the KV caches may allocate (`KVCache.allocated_bytes`, over every cache the engine holds)."""
         check_prefill_chunk(prefill_chunk)
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
         self.prefill_chunk = prefill_chunk
+        self.cost = footprint(model, policy)  # a sequence's slot, row and held token, over every layer and KV head
+        self.vanilla_slot = footprint(model, CachePolicy()).slot  # a token of a vanilla cache: the budget's token unit
         # an evicting policy holds the chunk it reads at once whole until its evictions apply
-        self.scheduler = Scheduler(budget_tokens, max_batch, expected_cr, window, headroom=policy.prefill_chunk or 0)
+        self.scheduler = Scheduler(budget_bytes, max_batch, self.cost, expected_cr, window, headroom=policy.prefill_chunk or 0)
         self.device = next(model.parameters()).device
-        self.bytes_per_slot = slot_bytes(model, policy)  # a slot over every layer and KV head
         self.eos = tokenizer.eos_token_id
         self.cache = KVCache(model, policy)
         self.rows: list[tuple[Request, Sequence]] = []  # running, in cache row order
@@ -156,7 +161,13 @@ class Engine:
     # -- what the scheduler reads -------------------------------------------------------------------
     @property
     def budget(self) -> int:
+        """Bytes the KV caches may allocate."""
         return self.scheduler.budget
+
+    @property
+    def budget_tokens(self) -> float:
+        """The budget in tokens of a vanilla cache (keys, values and slot metadata): the memory it is worth."""
+        return self.budget / self.vanilla_slot
 
     def achieved_cr(self) -> float:
         if not self.rows:
@@ -173,8 +184,12 @@ class Engine:
         return sum(sum(cache.row_live_tokens()) for cache in self._caches())
 
     def allocated_slots(self) -> float:
-        """Slots allocated, in the same unit: read off the caches' ledgers, with no device sync."""
+        """Key/value slots allocated, in the same unit (per layer and KV head, over sequences): off the caches' ledgers."""
         return sum(cache.ledger.allocated_slots for cache in self._caches())
+
+    def allocated_bytes(self) -> int:
+        """Bytes the caches allocate (tensors, blocks, read buffers): off their ledgers, with no device sync."""
+        return sum(cache.allocated_bytes() for cache in self._caches())
 
     def _admitted_requests(self) -> dict[int, Request]:
         requests = {id(r): r for r, _ in self.rows}
@@ -208,10 +223,9 @@ class Engine:
         recent = [(t, n) for t, n in self.rate_window if now - t < 10]
         rate = sum(n for _, n in recent[1:]) / max(1e-9, recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
         live, allocated = self.live_tokens(), self.allocated_slots()
-        self.snapshot = {"live_kv_tokens": live, "live_kv_bytes": live * self.bytes_per_slot, "allocated_kv_tokens": allocated,
-                         "allocated_kv_bytes": sum(cache.ledger.allocated_bytes for cache in self._caches()),
-                         "kv_fragmentation": 1 - live / allocated if allocated else 0.0,
-                         "budget_kv_tokens": self.budget, "budget_kv_bytes": self.budget * self.bytes_per_slot,
+        self.snapshot = {"live_kv_tokens": live, "live_kv_bytes": live * self.cost.live_token, "allocated_kv_tokens": allocated,
+                         "allocated_kv_bytes": self.allocated_bytes(), "kv_fragmentation": 1 - live / allocated if allocated else 0.0,
+                         "budget_kv_bytes": self.budget, "budget_kv_tokens": self.budget_tokens,
                          "running_requests": len(self._admitted_requests()), "running_sequences": len(self.rows),
                          "generated_tokens_per_second": rate, "generated_tokens_total": self.generated_total,
                          "compression_ratio": self.vanilla_reads_total / self.reads_total if self.reads_total else 1.0}
@@ -328,7 +342,7 @@ class Engine:
     def _pause_if_over_budget(self) -> None:
         """The allocation outgrew the budget: the newest request (the one being read, else the newest running
         one) stops and waits at the queue's head."""
-        while self.scheduler.over_budget(self.allocated_slots(), len(self._admitted_requests())):
+        while self.scheduler.over_budget(self.allocated_bytes(), len(self._admitted_requests())):
             if self.prefill:
                 newest, self.prefill = self.prefill.request, None
             else:
