@@ -4,8 +4,13 @@
     python benchmarks/decode.py --device cuda --dtype bfloat16 --tag cuda
 
 Model: a random-init Llama of ~17M parameters (6 layers, d=512, 8 heads, 2 KV heads, head_dim 64, vocab
-2048). DMS decisions are forced to evict 7 of every 8 tokens (w = 64): this measures the cache, not a
-trained model.
+2048). DMS decisions are not the model's: this measures the cache, not a trained model. Two kinds (`--rates`):
+- forced: 7 of every 8 tokens evicted in every head (w = 64);
+- trained: each (layer, KV head) flags tokens at random at the rate a shipped model's head flags them
+  (`--rates-from`, a `kvshrink inspect` record: its per-head flag rates, drawn for this model's heads),
+  so heads that keep nearly everything sit beside heads that keep only the window, as in a real model.
+Each runs on both key/value layouts (`--stores`): padded (every row of a layer as long as its longest) and
+paged (blocks held per sequence and KV head).
 
 For each context C and batch B the cache is first brought to the state it has after C tokens, by
 writing random keys/values through the cache's own write path (for DMS: the real eviction rule, slot
@@ -32,6 +37,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+import json  # noqa: E402
 
 from kvshrink.attention import install  # noqa: E402
 from kvshrink.cache import KVCache  # noqa: E402
@@ -72,18 +79,44 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def fill_ours(cache: KVCache, model, batch: int, context: int, forced: bool, device, dtype):
-    """Write `context` random tokens into every layer through the cache's own write path."""
+class TrainedLikeCache(KVCache):
+    """A DMS cache whose decisions are drawn per (layer, KV head) at given flag rates (L, Hkv) instead of
+    taken from the model: what a trained model's mix of keep-all and window-only heads does to the cache."""
+
+    def __init__(self, model, policy, rates: torch.Tensor, paged: bool):
+        super().__init__(model, policy, paged=paged)
+        self.rates = rates
+        self.generator = torch.Generator(device=rates.device).manual_seed(0)
+
+    def attend(self, layer_idx, q, k, v, scaling, valid, decisions=None):
+        return super().attend(layer_idx, q, k, v, scaling, valid, self.decide(layer_idx, k.shape[0], k.shape[2]))
+
+    def decide(self, layer_idx: int, batch: int, n: int) -> torch.Tensor:
+        rate = self.rates[layer_idx][None, :, None]
+        return torch.rand(batch, rate.shape[1], n, generator=self.generator, device=rate.device) < rate
+
+
+def head_rates(path: Path, layers: int, heads: int, device) -> torch.Tensor:
+    """Per-(layer, KV head) flag rates for this model, drawn (seeded) from a shipped model's measured heads."""
+    measured = torch.tensor(json.loads(path.read_text())["head_flag_rate"]).flatten()
+    pick = torch.randint(0, measured.numel(), (layers, heads), generator=torch.Generator().manual_seed(0))
+    return measured[pick].to(device)
+
+
+def fill_ours(cache: KVCache, model, batch: int, context: int, rates: str | None, device, dtype):
+    """Write `context` random tokens into every layer through the cache's write path, with the decisions of
+    `rates` (None: vanilla, "forced" or "trained")."""
     cfg = model.config
     hkv, d = cfg.num_key_value_heads, cfg.head_dim
     chunk = 1024
     for s in range(0, context, chunk):  # chunk by chunk, every layer in order, as a forward would
         q = min(chunk, context - s)
-        decisions = None
-        if forced:
-            pos = torch.arange(s, s + q, device=device).expand(batch, q)
-            decisions = forced_logits(pos, hkv, KEEP_EVERY) > 0
-        for layer in cache.layers:
+        for i, layer in enumerate(cache.layers):
+            decisions = None
+            if rates == "forced":
+                decisions = forced_logits(torch.arange(s, s + q, device=device).expand(batch, q), hkv, KEEP_EVERY) > 0
+            elif rates == "trained":
+                decisions = cache.decide(i, batch, q)
             k = torch.randn(batch, hkv, q, d, device=device, dtype=dtype)
             v = torch.randn(batch, hkv, q, d, device=device, dtype=dtype)
             if not layer.is_initialized:
@@ -127,10 +160,9 @@ def time_decode(model, cache, batch, context, steps, device, blocks: int = 3) ->
     return best
 
 
-def live_kv_bytes(cache: KVCache, dtype) -> float:
+def live_kv_bytes(cache: KVCache, model, dtype) -> float:
     """KV bytes a bandwidth-bound decoder must read: live tokens x (key + value) per (layer, row)."""
-    layer = cache.layers[0]
-    per_token = 2 * layer.keys.shape[-1] * torch.tensor([], dtype=dtype).element_size()
+    per_token = 2 * model.config.head_dim * torch.tensor([], dtype=dtype).element_size()
     return float(cache.live_tokens().sum()) * per_token
 
 
@@ -145,47 +177,56 @@ def run(args):
     weight_bytes = sum(p.nbytes for p in model.parameters())
     bw = read_bandwidth(device, dtype)
     print(f"params {sum(p.numel() for p in model.parameters())/1e6:.1f}M, weights {weight_bytes/1e6:.1f} MB, read bandwidth {bw/1e9:.1f} GB/s", flush=True)
+    rates = head_rates(args.rates_from, model.config.num_hidden_layers, model.config.num_key_value_heads, device)
     rows = []
     for context in args.contexts:
         for batch in args.batches:
-            point = {"context": context, "batch": batch}
+            base = {"context": context, "batch": batch}
             hf_cache = fill_hf(hf_model, batch, context, device, dtype)
-            point["hf_s"] = time_decode(hf_model, hf_cache, batch, context, args.steps, device)
-            point["hf_bytes"] = hf_cache_bytes(hf_cache)
+            base["hf_s"] = time_decode(hf_model, hf_cache, batch, context, args.steps, device)
+            base["hf_bytes"] = hf_cache_bytes(hf_cache)
             del hf_cache
             dense = KVCache(ours, CachePolicy(), reserve=context + args.steps + 8)
-            fill_ours(dense, ours, batch, context, False, device, dtype)
-            point["dense_s"] = time_decode(ours, dense, batch, context, args.steps, device)
-            point["dense_bytes"] = dense.allocated_bytes()
-            vanilla_kv = live_kv_bytes(dense, dtype)
+            fill_ours(dense, ours, batch, context, None, device, dtype)
+            base["dense_s"] = time_decode(ours, dense, batch, context, args.steps, device)
+            base["dense_bytes"] = dense.allocated_bytes()
+            vanilla_kv = live_kv_bytes(dense, ours, dtype)
             del dense
-            cache = KVCache(dms, DMSPolicy(WINDOW))
-            fill_ours(cache, dms, batch, context, True, device, dtype)
-            point["dms_s"] = time_decode(dms, cache, batch, context, args.steps, device)
-            point["dms_bytes"] = cache.allocated_bytes()
-            dms_kv = live_kv_bytes(cache, dtype)
-            del cache
-            point["vanilla_s"] = min(point["hf_s"], point["dense_s"])
-            point["ideal"] = (weight_bytes + vanilla_kv) / (weight_bytes + dms_kv)
-            point["speedup"] = point["vanilla_s"] / point["dms_s"]
-            point["roof_vanilla"] = (weight_bytes + vanilla_kv) / bw / point["vanilla_s"]
-            point["roof_dms"] = (weight_bytes + dms_kv) / bw / point["dms_s"]
-            rows.append(point)
-            print(fmt_row(point), flush=True)
+            base["vanilla_s"] = min(base["hf_s"], base["dense_s"])
+            for kind in args.rates:
+                for store in args.stores:
+                    paged = store == "paged"
+                    if kind == "forced":
+                        cache = KVCache(dms, DMSPolicy(WINDOW), paged=paged)
+                    else:
+                        cache = TrainedLikeCache(dms, DMSPolicy(WINDOW), rates, paged=paged)
+                    fill_ours(cache, dms, batch, context, kind, device, dtype)
+                    point = {**base, "rates": kind, "store": store}
+                    point["dms_s"] = time_decode(dms, cache, batch, context, args.steps, device)
+                    point["dms_bytes"] = cache.allocated_bytes()
+                    dms_kv = live_kv_bytes(cache, dms, dtype)
+                    del cache
+                    point["live_bytes"] = dms_kv
+                    point["ideal"] = (weight_bytes + vanilla_kv) / (weight_bytes + dms_kv)
+                    point["speedup"] = point["vanilla_s"] / point["dms_s"]
+                    point["roof_vanilla"] = (weight_bytes + vanilla_kv) / bw / point["vanilla_s"]
+                    point["roof_dms"] = (weight_bytes + dms_kv) / bw / point["dms_s"]
+                    rows.append(point)
+                    print(fmt_row(point), flush=True)
     return rows, {"weight_bytes": weight_bytes, "bandwidth": bw}
 
 
 def fmt_row(p) -> str:
     tps = lambda s: p["batch"] / s  # noqa: E731
-    return (f"| {p['context']:,} | {p['batch']} | {tps(p['hf_s']):,.0f} | {tps(p['dense_s']):,.0f} | {tps(p['dms_s']):,.0f} "
-            f"| {p['speedup']:.2f}x | {p['ideal']:.2f}x | {p['speedup']/p['ideal']:.0%} "
-            f"| {p['hf_bytes']/1e6:,.1f} | {p['dense_bytes']/1e6:,.1f} | {p['dms_bytes']/1e6:,.1f} | {p['dms_bytes']/p['hf_bytes']:.3f} "
-            f"| {p['roof_vanilla']:.0%} | {p['roof_dms']:.0%} |")
+    return (f"| {p['context']:,} | {p['batch']} | {p['rates']} | {p['store']} | {tps(p['hf_s']):,.0f} | {tps(p['dense_s']):,.0f} "
+            f"| {tps(p['dms_s']):,.0f} | {p['speedup']:.2f}x | {p['ideal']:.2f}x | {p['speedup']/p['ideal']:.0%} "
+            f"| {p['hf_bytes']/1e6:,.1f} | {p['dense_bytes']/1e6:,.1f} | {p['dms_bytes']/1e6:,.1f} | {p['live_bytes']/1e6:,.1f} "
+            f"| {p['dms_bytes']/p['live_bytes']:.2f} | {p['dms_bytes']/p['hf_bytes']:.3f} | {p['roof_vanilla']:.0%} | {p['roof_dms']:.0%} |")
 
 
-HEADER = ("| context | batch | HF default tok/s | dense (ours) tok/s | DMS tok/s | DMS speedup | bytes-ideal | share of ideal "
-          "| HF MB | dense MB | DMS MB | DMS/vanilla bytes | roofline vanilla | roofline DMS |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| context | batch | DMS decisions | DMS store | HF default tok/s | dense (ours) tok/s | DMS tok/s | DMS speedup | bytes-ideal "
+          "| share of ideal | HF MB | dense MB | DMS MB | DMS live MB | DMS MB / live | DMS/vanilla bytes | roofline vanilla | roofline DMS |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def write_report(rows, meta, args):
@@ -200,9 +241,13 @@ def write_report(rows, meta, args):
     fig, axes = plt.subplots(1, len(args.batches), figsize=(5 * len(args.batches), 3.5), squeeze=False)
     for ax, batch in zip(axes[0], args.batches):
         pts = [p for p in rows if p["batch"] == batch]
-        ctx = [p["context"] for p in pts]
-        for key, label in (("hf_s", "vanilla, HF default cache"), ("dense_s", "vanilla, our dense cache"), ("dms_s", "DMS 8x (forced), w=64")):
-            ax.plot(ctx, [batch / p[key] for p in pts], marker="o", label=label)
+        first = [p for p in pts if (p["rates"], p["store"]) == (pts[0]["rates"], pts[0]["store"])]
+        for key, label in (("hf_s", "vanilla, HF default cache"), ("dense_s", "vanilla, our dense cache")):
+            ax.plot([p["context"] for p in first], [batch / p[key] for p in first], marker="o", label=label)
+        for kind in args.rates:
+            for store in args.stores:
+                mine = [p for p in pts if (p["rates"], p["store"]) == (kind, store)]
+                ax.plot([p["context"] for p in mine], [batch / p["dms_s"] for p in mine], marker="o", label=f"DMS ({kind}), {store}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("decode tokens/s")
@@ -220,7 +265,8 @@ def write_report(rows, meta, args):
         f"{torch.get_num_threads() if args.device == 'cpu' else torch.cuda.get_device_name()} "
         f"{'threads' if args.device == 'cpu' else ''}; no other job was running.  ",
         f"Model: random-init Llama, 6 layers, d=512, 8 heads / 2 KV heads, head_dim 64 "
-        f"({meta['weight_bytes']/1e6:.1f} MB of weights). DMS: decisions forced to evict 7 of 8 tokens, w = {WINDOW}.  ",
+        f"({meta['weight_bytes']/1e6:.1f} MB of weights). DMS, w = {WINDOW}: forced = 7 of 8 tokens evicted in every head; "
+        f"trained = each head at a flag rate drawn from `{args.rates_from.relative_to(ROOT) if args.rates_from.is_relative_to(ROOT) else args.rates_from.name}`.  ",
         f"Measured read bandwidth: {meta['bandwidth']/1e9:.1f} GB/s. Time per step: best of 3 blocks of {args.steps} decode steps, after 5 warm-up steps; "
         "the cache is brought to its state at the given context through its own write path (see the script's docstring).",
         "",
@@ -247,6 +293,10 @@ def main():
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--rates", nargs="+", choices=["forced", "trained"], default=["forced", "trained"])
+    parser.add_argument("--stores", nargs="+", choices=["padded", "paged"], default=["padded", "paged"])
+    parser.add_argument("--rates-from", type=Path, default=ROOT / "docs" / "results" / "diagnostics" / "smollm2-dms8.json",
+                        help="a `kvshrink inspect` record whose per-head flag rates the trained-like decisions follow")
     args = parser.parse_args()
     rows, meta = run(args)
     write_report(rows, meta, args)

@@ -27,7 +27,7 @@ from kvshrink.corpora import pydoc_split
 from kvshrink.generation import generate_ids
 from kvshrink.jsonl import append_jsonl, read_jsonl
 from kvshrink.policies import for_model
-from kvshrink.shapes import kv_bytes_per_token
+from kvshrink.shapes import kv_head_dim
 
 ROOT = Path(__file__).resolve().parents[1]
 STORES = ("vanilla", "padded", "paged")
@@ -45,8 +45,9 @@ def run_point(model, tok, store: str, context: int, args) -> dict:
     policy = for_model(model, "none" if store == "vanilla" else None)
     ids = prompts(tok, args.batch, context)
     _, stats, _ = generate_ids(model, ids, policy, max_new_tokens=args.new_tokens, eos_token_id=None,
-                               pad_token_id=tok.pad_token_id or 0, paged=store == "paged")
-    per_token = kv_bytes_per_token(model)  # over every layer and KV head; peak_kv_tokens is their mean
+                               pad_token_id=tok.pad_token_id or 0, paged=store != "padded")
+    config = model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * kv_head_dim(config) * next(model.parameters()).element_size()
     return {"store": store, "context": context, "batch": args.batch, "new_tokens": args.new_tokens,
             "cache_bytes": stats["cache_bytes"], "peak_kv_tokens": stats["peak_kv_tokens"],
             "live_bytes": stats["peak_kv_tokens"] * per_token, "tokens_per_second": stats["decode_tokens_per_second"],

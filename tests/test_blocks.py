@@ -33,7 +33,10 @@ def test_attention_over_held_blocks_equals_dense_masked_attention():
     visible = live[:, :, None, :] & (torch.rand(B, H, M, S, generator=g) < 0.8)
     visible[..., 0] |= live[..., 0, None]
     q = torch.randn(B, H, M, 8, generator=g)
-    out, weights = attend_blocks(kv, q, visible, 0.3)
+    out, weights = attend_blocks(kv, q, visible, 0.3, weights=True)
+    one, _ = attend_blocks(kv, q[:, :, :1], live[:, :, None, :], 0.3)  # a decode query reads every live slot
+    some = live.any(-1)
+    assert torch.allclose(one[some], dense_attention(q[:, :, :1], keys, values, live[:, :, None, :], 0.3)[some], atol=1e-5)
     ref = dense_attention(q, keys, values, visible, 0.3)
     seen = visible.any(-1)
     assert torch.allclose(out[seen], ref[seen], atol=1e-5)

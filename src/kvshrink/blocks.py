@@ -89,8 +89,11 @@ class PagedKV:
     def hold(self, slots: torch.Tensor) -> None:
         """Make sure every block that holds one of `slots` (B, Hkv, n) has a physical block."""
         logical = slots.long() // self.block
+        unheld = self.table.gather(2, logical) < 0
+        if not bool(unheld.any()):  # the usual decode step: the new token lands in a block its row holds
+            return
         missing = torch.zeros(self.table.shape, dtype=torch.bool, device=slots.device)
-        self.hold_blocks(missing.scatter_(2, logical, self.table.gather(2, logical) < 0))
+        self.hold_blocks(missing.scatter_(2, logical, unheld))
 
     def hold_blocks(self, wanted: torch.Tensor) -> None:
         """Give a physical block to each logical block marked in `wanted` (B, Hkv, W) that has none."""
@@ -106,6 +109,8 @@ class PagedKV:
         """Return to the pool every held block none of whose slots is live; live: (B, Hkv, S)."""
         B, H, S = live.shape
         empty = (self.table >= 0) & ~live.view(B, H, S // self.block, self.block).any(-1)
+        if not bool(empty.any()):
+            return
         where = empty.nonzero(as_tuple=True)
         if where[0].numel():
             self.pool.release(self.table[where].tolist())
@@ -221,31 +226,33 @@ class PagedKV:
         self._held = None
 
 
-def attend_blocks(kv: PagedKV, q: torch.Tensor, visible: torch.Tensor, scaling: float,
-                  scratch=None) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_blocks(kv: PagedKV, q: torch.Tensor, visible: torch.Tensor, scaling: float, scratch=None,
+                  weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of q (B, Hkv, M, D) (a KV head's query heads, times the queries) over the blocks each row
     holds. visible: (B, Hkv, M or 1, S) bool, what each query may see. Every row is read for exactly its
     own blocks: the blocks are gathered into one (N, block, D) buffer, scored per block, and the softmax
-    runs over each row's blocks (max and sum reduced per row). Returns (output (B, Hkv, M, Dv), the
-    attention weights per held block (N, M, block), for policies that score tokens by them)."""
+    runs over each row's blocks (max and sum reduced per row). Returns the output (B, Hkv, M, Dv) and, if
+    `weights`, the attention weights per held block (N, M, block), for policies that score tokens by them."""
     B, H, M, D = q.shape
     rows, logical, physical = kv.held()
-    n, block = rows.numel(), kv.block
+    n, block, width = rows.numel(), kv.block, kv.table.shape[2]
     keys = _gather_blocks(kv.keys, physical, scratch)
     scores = (q.reshape(B * H, M, D).index_select(0, rows) @ keys.mT).float() * scaling  # (N, M, block)
-    seen = visible.reshape(B * H, visible.shape[2], -1, block)[rows, :, logical]  # (N, M or 1, block)
+    if visible.shape[2] == 1:  # decode: one mask row per (sequence, KV head), picked per block
+        seen = visible.reshape(B * H * width, block).index_select(0, rows * width + logical)[:, None, :]
+    else:
+        seen = visible.reshape(B * H, M, width, block)[rows, :, logical]  # (N, M, block)
     scores = scores.masked_fill(~seen, float("-inf"))
     top = torch.full((B * H, M), float("-inf"), device=q.device)
     top.scatter_reduce_(0, rows[:, None].expand(n, M), scores.amax(-1), "amax")
     top = top.masked_fill(torch.isinf(top), 0.0)  # a row that sees nothing (padding) gets zeros, not NaN
-    weights = torch.exp(scores - top.index_select(0, rows)[..., None])  # (N, M, block)
-    total = torch.zeros(B * H, M, device=q.device).index_add_(0, rows, weights.sum(-1))
+    probs = torch.exp(scores - top.index_select(0, rows)[..., None])  # (N, M, block), unnormalised
+    total = torch.zeros(B * H, M, device=q.device).index_add_(0, rows, probs.sum(-1)).clamp_(min=1e-30)
     values = _gather_blocks(kv.values, physical, scratch)
     out = torch.zeros(B * H, M, values.shape[-1], dtype=torch.float32, device=q.device)
-    out.index_add_(0, rows, (weights.to(values.dtype) @ values).float())
-    weights = weights / total.clamp(min=1e-30).index_select(0, rows)[..., None]
-    out = out / total.clamp(min=1e-30)[..., None]
-    return out.to(q.dtype).view(B, H, M, -1), weights
+    out.index_add_(0, rows, (probs.to(values.dtype) @ values).float())
+    out = (out / total[..., None]).to(q.dtype).view(B, H, M, -1)
+    return out, (probs / total.index_select(0, rows)[..., None] if weights else None)
 
 
 def _gather_blocks(storage: torch.Tensor, physical: torch.Tensor, scratch=None) -> torch.Tensor:

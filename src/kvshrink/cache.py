@@ -142,7 +142,9 @@ class SlotLayer(CacheLayerMixin):
         keep.scatter_(2, self.last_slot[..., None], True)
         new_cap = self._round(max(need, int(keep.sum(-1).max())))
         if new_cap >= self.capacity:
-            return
+            if self.kv is None:
+                return
+            new_cap = self.capacity  # the capacity stays, but each row's live slots pack into as few blocks as they fill
         order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True).indices
         inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         if self.kv is not None:
@@ -441,7 +443,8 @@ class KVCache(Cache):
             if Q > 1:
                 mask = mask[:, :, None].expand(B, Hkv, G, Q, mask.shape[-1]).reshape(B, Hkv, G * Q, -1)
             if layer.kv is not None:  # read each row's own blocks, no row padded to the longest
-                out, weights = attend_blocks(layer.kv, qg, layer.live[:, :, None, :] if Q == 1 else mask, scaling, self.scratch)
+                out, weights = attend_blocks(layer.kv, qg, layer.live[:, :, None, :] if Q == 1 else mask, scaling, self.scratch,
+                                             weights=policy.needs_attention)
                 if policy.needs_attention:
                     probs = layer.kv.per_slot(weights, G * Q)
                     policy.observe(layer, probs.view(B, Hkv, G, Q, -1).mean(2), valid)
