@@ -34,7 +34,8 @@ def test_attention_over_held_blocks_equals_dense_masked_attention():
     visible[..., 0] |= live[..., 0, None]
     q = torch.randn(B, H, M, 8, generator=g)
     out, weights = attend_blocks(kv, q, visible, 0.3, weights=True)
-    one, _ = attend_blocks(kv, q[:, :, :1], live[:, :, None, :], 0.3)  # a decode query reads every live slot
+    bias = torch.zeros(live.shape).masked_fill(~live, float("-inf"))[:, :, None, :]  # decode's additive mask
+    one, _ = attend_blocks(kv, q[:, :, :1], bias, 0.3)  # a decode query reads every live slot
     some = live.any(-1)
     assert torch.allclose(one[some], dense_attention(q[:, :, :1], keys, values, live[:, :, None, :], 0.3)[some], atol=1e-5)
     ref = dense_attention(q, keys, values, visible, 0.3)

@@ -175,8 +175,12 @@ class PagedKV:
     # -- data ------------------------------------------------------------------------------------------
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, Hkv, n, D) at the logical `slots` (B, Hkv, n), taking blocks as needed."""
-        self.hold(slots)
-        rows = self.rows_of(slots).flatten()
+        slots = slots.long()
+        physical = self.table.gather(2, slots // self.block)
+        if bool((physical < 0).any()):
+            self.hold(slots)
+            physical = self.table.gather(2, slots // self.block)
+        rows = (physical.long() * self.block + slots % self.block).flatten()
         for flat, data in zip(self.storage(), (k, v)):
             flat.index_copy_(0, rows, data.reshape(-1, data.shape[-1]).to(flat.dtype))
 
@@ -229,7 +233,7 @@ class PagedKV:
 def attend_blocks(kv: PagedKV, q: torch.Tensor, visible: torch.Tensor, scaling: float, scratch=None,
                   weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of q (B, Hkv, M, D) (a KV head's query heads, times the queries) over the blocks each row
-    holds. visible: (B, Hkv, M or 1, S) bool, what each query may see. Every row is read for exactly its
+    holds. visible: (B, Hkv, M, S) bool, what each query may see, or (B, Hkv, 1, S) additive (0 / -inf) for all. Every row is read for exactly its
     own blocks: the blocks are gathered into one (N, block, D) buffer, scored per block, and the softmax
     runs over each row's blocks (max and sum reduced per row). Returns the output (B, Hkv, M, Dv) and, if
     `weights`, the attention weights per held block (N, M, block), for policies that score tokens by them."""
@@ -237,12 +241,13 @@ def attend_blocks(kv: PagedKV, q: torch.Tensor, visible: torch.Tensor, scaling: 
     rows, logical, physical = kv.held()
     n, block, width = rows.numel(), kv.block, kv.table.shape[2]
     keys = _gather_blocks(kv.keys, physical, scratch)
-    scores = (q.reshape(B * H, M, D).index_select(0, rows) @ keys.mT).float() * scaling  # (N, M, block)
-    if visible.shape[2] == 1:  # decode: one mask row per (sequence, KV head), picked per block
-        seen = visible.reshape(B * H * width, block).index_select(0, rows * width + logical)[:, None, :]
+    queries = q.reshape(B * H, M, D).index_select(0, rows)
+    if visible.dtype != torch.bool:  # decode: an additive (B, Hkv, 1, S) bias, picked per block; one fused product
+        bias = visible.reshape(B * H * width, block).index_select(0, rows * width + logical)[:, None, :]
+        scores = torch.baddbmm(bias.to(queries.dtype), queries, keys.mT, alpha=scaling).float()  # (N, M, block)
     else:
         seen = visible.reshape(B * H, M, width, block)[rows, :, logical]  # (N, M, block)
-    scores = scores.masked_fill(~seen, float("-inf"))
+        scores = ((queries @ keys.mT).float() * scaling).masked_fill(~seen, float("-inf"))
     top = torch.full((B * H, M), float("-inf"), device=q.device)
     top.scatter_reduce_(0, rows[:, None].expand(n, M), scores.amax(-1), "amax")
     top = top.masked_fill(torch.isinf(top), 0.0)  # a row that sees nothing (padding) gets zeros, not NaN

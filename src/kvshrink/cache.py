@@ -443,7 +443,7 @@ class KVCache(Cache):
             if Q > 1:
                 mask = mask[:, :, None].expand(B, Hkv, G, Q, mask.shape[-1]).reshape(B, Hkv, G * Q, -1)
             if layer.kv is not None:  # read each row's own blocks, no row padded to the longest
-                out, weights = attend_blocks(layer.kv, qg, layer.live[:, :, None, :] if Q == 1 else mask, scaling, self.scratch,
+                out, weights = attend_blocks(layer.kv, qg, mask, scaling, self.scratch,
                                              weights=policy.needs_attention)
                 if policy.needs_attention:
                     probs = layer.kv.per_slot(weights, G * Q)
