@@ -83,8 +83,8 @@ class TrainedLikeCache(KVCache):
     """A DMS cache whose decisions are drawn per (layer, KV head) at given flag rates (L, Hkv) instead of
     taken from the model: what a trained model's mix of keep-all and window-only heads does to the cache."""
 
-    def __init__(self, model, policy, rates: torch.Tensor, paged: bool):
-        super().__init__(model, policy, paged=paged)
+    def __init__(self, model, policy, rates: torch.Tensor, paged: bool, block: int = 16):
+        super().__init__(model, policy, paged=paged, block=block)
         self.rates = rates
         self.generator = torch.Generator(device=rates.device).manual_seed(0)
 

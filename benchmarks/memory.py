@@ -9,22 +9,28 @@ through `kvshrink`'s generation, three ways:
 - DMS, padded: the slot store with one capacity per layer for every (sequence, KV head): the fullest sets it;
 - DMS, paged: keys and values in blocks held per (sequence, KV head) (`kvshrink.blocks`).
 Per run: peak allocated cache bytes (`cache_bytes`), peak live tokens, the ideal bytes of those live
-tokens (peak live tokens x bytes per token), decode tokens/s and the reads-based CR. Results are appended
+tokens (peak live tokens x bytes per token), decode tokens/s and the reads-based CR. The two DMS stores run
+side by side, decoding in turns of 16 steps (`run_interleaved`), so their speeds are compared under the same
+conditions. Results are appended
 to WORK/records.jsonl (a rerun skips finished points) and written to docs/results/memory.md + .png.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 import kvshrink
 from kvshrink.corpora import pydoc_split
-from kvshrink.generation import generate_ids
+from kvshrink.accounting import vanilla_reads
+from kvshrink.cache import KVCache
+from kvshrink.generation import decode_step, generate_ids, prefill
 from kvshrink.jsonl import append_jsonl, read_jsonl
 from kvshrink.policies import for_model
 from kvshrink.shapes import kv_head_dim
@@ -58,16 +64,47 @@ def prompts(tok, batch: int, tokens: int) -> list[list[int]]:
 
 
 def run_point(model, tok, store: str, context: int, args) -> dict:
-    policy = for_model(model, "none" if store == "vanilla" else None)
+    """Vanilla alone, through `generate_ids`."""
     ids = prompts(tok, args.batch, context)
-    _, stats, _ = generate_ids(model, ids, policy, max_new_tokens=args.new_tokens, eos_token_id=None,
-                               pad_token_id=tok.pad_token_id or 0, paged=store != "padded")
+    _, stats, _ = generate_ids(model, ids, for_model(model, "none"), max_new_tokens=args.new_tokens, eos_token_id=None,
+                               pad_token_id=tok.pad_token_id or 0)
+    return record(model, store, context, args, stats["cache_bytes"], stats["peak_kv_tokens"],
+                  stats["decode_tokens_per_second"], stats["compression_ratio"])
+
+
+@torch.no_grad()
+def run_interleaved(model, tok, stores: list[str], context: int, args) -> list[dict]:
+    """The DMS stores side by side: each reads the same prompts into its own cache, then they decode in turns of
+    16 steps, so that whatever else the machine runs slows both alike; tokens/s = the store's tokens over its
+    own decode time. Greedy, no early stop: every store writes the same tokens (the layouts are exact)."""
+    ids = torch.tensor(prompts(tok, args.batch, context))
+    attn, positions = torch.ones_like(ids), torch.arange(context).expand_as(ids)
+    runs = {}
+    for store in stores:
+        cache = KVCache(model, for_model(model), paged=store == "paged")
+        logits, _ = prefill(model, cache, ids, attn, positions)
+        runs[store] = {"cache": cache, "token": logits.argmax(-1), "reads": cache.accounting.last_reads[:, -1].clone(),
+                       "seconds": 0.0}
+    for start in range(1, args.new_tokens, 16):
+        for run in runs.values():
+            began = time.perf_counter()
+            for step in range(start, min(start + 16, args.new_tokens)):
+                logits = decode_step(model, run["cache"], run["token"], None, torch.full((args.batch,), context + step - 1))
+                run["reads"] += run["cache"].accounting.last_reads[:, 0]
+                run["token"] = logits.argmax(-1)
+            run["seconds"] += time.perf_counter() - began
+    vanilla = float(vanilla_reads(torch.tensor(float(context)), torch.tensor(float(args.new_tokens)))) * args.batch
+    return [record(model, store, context, args, run["cache"].accounting.peak_bytes, run["cache"].accounting.peak_tokens_total,
+                   args.batch * (args.new_tokens - 1) / run["seconds"], vanilla / float(run["reads"].sum()))
+            for store, run in runs.items()]
+
+
+def record(model, store: str, context: int, args, cache_bytes, peak_kv_tokens, tokens_per_second, cr) -> dict:
     config = model.config
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * kv_head_dim(config) * next(model.parameters()).element_size()
     return {"store": store, "context": context, "batch": args.batch, "new_tokens": args.new_tokens,
-            "cache_bytes": stats["cache_bytes"], "peak_kv_tokens": stats["peak_kv_tokens"],
-            "live_bytes": stats["peak_kv_tokens"] * per_token, "tokens_per_second": stats["decode_tokens_per_second"],
-            "cr": stats["compression_ratio"]}
+            "cache_bytes": int(cache_bytes), "peak_kv_tokens": float(peak_kv_tokens), "live_bytes": float(peak_kv_tokens) * per_token,
+            "tokens_per_second": tokens_per_second, "cr": float(cr)}
 
 
 def report(rows: list[dict], args) -> None:
@@ -117,6 +154,15 @@ def report(rows: list[dict], args) -> None:
     print(f"wrote {out / 'memory.md'}")
 
 
+@functools.cache
+def _load(name: str, dtype: str):
+    return kvshrink.load(name, device="cpu", dtype=dtype)
+
+
+def load(name: str, args):
+    return _load(name, args.dtype)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-dms8")
@@ -134,15 +180,11 @@ def main():
     rows = read_jsonl(records)
     if not args.report_only:
         done = {(r["store"], r["context"], r["batch"], r["new_tokens"]) for r in rows}
-        loaded = {}
         for context in args.contexts:
-            for store in args.stores:
-                if (store, context, args.batch, args.new_tokens) in done:
-                    continue
-                name = args.vanilla if store == "vanilla" else args.model
-                if name not in loaded:
-                    loaded[name] = kvshrink.load(name, device="cpu", dtype=args.dtype)
-                row = run_point(*loaded[name], store, context, args)
+            todo = [store for store in args.stores if (store, context, args.batch, args.new_tokens) not in done]
+            for row in ([run_point(*load(args.vanilla, args), "vanilla", context, args)] if "vanilla" in todo else []) + \
+                    (run_interleaved(*load(args.model, args), [s for s in todo if s != "vanilla"], context, args)
+                     if set(todo) - {"vanilla"} else []):
                 print(row, flush=True)
                 append_jsonl(records, row)
                 rows.append(row)

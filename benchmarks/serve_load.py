@@ -83,13 +83,17 @@ def task_prompts(tok, n: int, tokens: int) -> list[list[dict]]:
     return prompts
 
 
+STORES = {"default": None, "paged": True, "contiguous": False}  # --store: the server's --paged / --contiguous
+
+
 @contextlib.contextmanager
 def serving(name: str, model, tok, args):
     """The server under test, at a loopback URL: by default in its own process (`kvshrink serve`, as deployed,
     so the clients' threads do not compete with the engine for this interpreter's lock), or with
     `--in-process` in a thread of this one (how the earlier points were measured)."""
     if args.in_process:
-        server, thread, url = run_in_thread(build_engine(model, tok, budget_mb=args.kv_budget_mb, max_batch=args.requests), name)
+        server, thread, url = run_in_thread(build_engine(model, tok, budget_mb=args.kv_budget_mb, max_batch=args.requests,
+                                                         paged=STORES[args.store]), name)
         try:
             yield url
         finally:
@@ -98,7 +102,8 @@ def serving(name: str, model, tok, args):
         return
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kvshrink", "serve", name, "--port", str(port), "--kv-budget-mb",
-                             str(args.kv_budget_mb), "--max-batch", str(args.requests)], stdout=subprocess.DEVNULL)
+                             str(args.kv_budget_mb), "--max-batch", str(args.requests),
+                             *({"paged": ["--paged"], "contiguous": ["--contiguous"]}.get(args.store, []))], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -168,6 +173,8 @@ def main():
                         help="prompts: held-out Python documentation, or held-out vt/niah problems as chat requests")
     parser.add_argument("--in-process", action="store_true",
                         help="run the server in a thread of the load test's process (how the earlier points were measured)")
+    parser.add_argument("--store", choices=list(STORES), default="default",
+                        help="the caches' key/value layout: the server's default (paged for an evicting policy), or forced")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "serving.md")
     args = parser.parse_args()
     held = pydoc_split()[1]
@@ -194,7 +201,8 @@ def main():
 
 def point_key(name: str, context: int, max_tokens: int, args) -> dict:
     return {"model": name, "context": context, "kv_budget_mb": args.kv_budget_mb, "requests": args.requests,
-            "max_tokens": max_tokens, "text": args.text, "server": "thread" if args.in_process else "process"}
+            "max_tokens": max_tokens, "text": args.text, "server": "thread" if args.in_process else "process",
+            **({"store": args.store} if args.store != "default" else {})}
 
 
 def write_report(rows: list[dict], out: Path) -> None:
@@ -204,6 +212,7 @@ def write_report(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [{**r, "server": r["server"] + (f", {r['store']}" if r.get("store") else "")} for r in rows]  # a forced layout is named
     load = lambda r: (r["context"], r["max_tokens"], r["requests"], r["kv_budget_mb"], r["text"], r["server"])  # noqa: E731
     rows = sorted(rows, key=lambda r: (r["pair"], load(r), r["pair"].split(":").index(r["model"])))
     lines = ["# Serving under one KV budget: vanilla vs DMS", "", "Commands (127.0.0.1, no other job running):", "",

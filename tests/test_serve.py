@@ -486,9 +486,9 @@ def test_scheduler_reserves_what_a_batch_will_allocate():
 def test_a_real_batch_allocates_what_the_scheduler_and_its_ledger_say(paged):
     """Rows of 100 and 20 tokens joined in one batch, then decoded one step. Every layer gives both rows 128 slots
     (the longest, rounded up to a chunk); a contiguous cache keeps keys and values in them, a paged one in
-    blocks of 16 held per row and KV head (7 and 2), plus one layer's keys gathered for the read. The bytes
+    blocks held per row and KV head (with blocks of 32: 4 and 1), read in place (no read buffer). The bytes
     counted by hand are the ledger's, the tensors' own, and what the scheduler reserves for these requests.
-    When the long row leaves, the short one's 64 slots and 2 blocks are all that is left."""
+    When the long row leaves, the short one's 64 slots and its blocks are all that is left."""
     import torch
     from conftest import tiny_model
 
@@ -506,60 +506,62 @@ def test_a_real_batch_allocates_what_the_scheduler_and_its_ledger_say(paged):
     kv = H * 2 * D * 4  # a token's fp32 key and value over a row's KV heads
     per_row = H * 8 + 8 + 4  # last slot per KV head, real tokens, first position
     if paged:
-        cost = Footprint(slot=L * meta, row=L * per_row, token=L * kv, block=block, table=L * H * 4, gather=H * D * 4)
+        cost = Footprint(slot=L * meta, row=L * per_row, token=L * kv, block=block, table=L * H * 4)
     else:
         cost = Footprint(slot=L * (meta + kv), row=L * per_row)
     assert footprint(model, CachePolicy(), paged=paged) == cost and slot_bytes(model) == L * (meta + kv)
 
-    def hand(rows: int, capacity: int, blocks: int, gathered: int = 0) -> int:
+    def hand(rows: int, capacity: int, blocks: int) -> int:
         """A layer's bytes: `rows` rows of `capacity` slots, `blocks` blocks held over its rows and KV heads; the
-        cache's: L of them, and a read buffer of `gathered` blocks' keys."""
+        cache's: L of them."""
         if not paged:
             return L * (rows * capacity * (meta + kv) + rows * per_row)
         table = rows * H * capacity // block * 4
-        return L * (rows * capacity * meta + rows * per_row + table + blocks * block * 2 * D * 4) + gathered * block * D * 4
+        return L * (rows * capacity * meta + rows * per_row + table + blocks * block * 2 * D * 4)
 
     batch = KVCache(model, CachePolicy(), paged=paged)
     for n in (100, 20):
         row = KVCache(model, CachePolicy(), paged=paged)
         prefill_row(model, row, list(range(3, 3 + n)))
         batch.append_rows(row)
-    ledger, held = batch.ledger, H * (7 + 2)  # 100 and 20 tokens: 7 and 2 blocks per KV head
+    long, short = -(-101 // block), -(-21 // block)  # blocks per KV head for 100 and 20 tokens, and one more each
+    ledger, held = batch.ledger, H * (long + short)
     assert ledger.rows == [2] * L and ledger.capacity == [2 * DEFAULT_CHUNK] * L and ledger.live_upper == [100] * L
     assert ledger.kv_slots == [held * block if paged else 2 * H * 128] * L
-    assert ledger.allocated_slots == (9 * block if paged else 2 * 128)  # per (layer, KV head), over rows
+    assert ledger.allocated_slots == ((long + short) * block if paged else 2 * 128)  # per (layer, KV head), over rows
     assert ledger.allocated_bytes == batch.allocated_bytes() == sum(layer.nbytes for layer in batch.layers) == hand(2, 128, held)
 
     scheduler = Scheduler(budget=1, max_batch=2, cost=cost)
     with torch.no_grad():
         decode_step(model, batch, torch.tensor([5, 6]), None, torch.tensor([100, 20]))  # 101 and 21 tokens: the same blocks
-    assert batch.allocated_bytes() == hand(2, 128, held, gathered=held) == scheduler.allocated([(100, 1, 1), (20, 1, 1)])
+    assert batch.allocated_bytes() == hand(2, 128, held) == scheduler.allocated([(100, 1, 1), (20, 1, 1)])
     assert batch.allocated_bytes() == ledger.allocated_bytes + batch.scratch_bytes
-    assert 1 - sum(batch.row_live_tokens()) / ledger.allocated_slots == pytest.approx(1 - 122 / (144 if paged else 256))
+    assert 1 - sum(batch.row_live_tokens()) / ledger.allocated_slots == pytest.approx(1 - 122 / ((long + short) * block if paged else 256))
 
     batch.take_rows([1])
     assert (ledger.rows, ledger.capacity, ledger.live_upper) == ([1] * L, [DEFAULT_CHUNK] * L, [21] * L)
-    assert ledger.allocated_bytes == batch.allocated_bytes() == sum(layer.nbytes for layer in batch.layers) == hand(1, 64, 2 * H)
+    assert ledger.allocated_bytes == batch.allocated_bytes() == sum(layer.nbytes for layer in batch.layers) == hand(1, 64, short * H)
     with torch.no_grad():
         decode_step(model, batch, torch.tensor([7]), None, torch.tensor([21]))
-    assert batch.allocated_bytes() == hand(1, 64, 2 * H, gathered=2 * H) == scheduler.allocated([(20, 2, 1)])
+    assert batch.allocated_bytes() == hand(1, 64, short * H) == scheduler.allocated([(20, 2, 1)])
 
 
 def test_a_paged_budget_policy_allocates_far_less_and_within_the_reservation():
     """TOVA at CR 4 keeps a quarter of each row: paged, its rows of 100 and 20 tokens (+ 1 decoded) hold 26 and 6
-    (at least 2 and 1 blocks of 16 per KV head) beside 64 slots of metadata: less than half of what a vanilla
+    (at least 1 block each per KV head) beside 64 slots of metadata: less than half of what a vanilla
     batch allocates, and no more than the scheduler reserves for them (a prefill chunk whole, the rest at CR 4)."""
     import torch
     from conftest import tiny_model
 
     from kvshrink.attention import install
+    from kvshrink.blocks import DEFAULT_BLOCK
     from kvshrink.cache import KVCache, footprint
     from kvshrink.generation import decode_step, prefill_row
     from kvshrink.policies import CachePolicy, for_model
     from kvshrink.serve.scheduler import Scheduler
 
     model = install(tiny_model("llama"))
-    L, H, block = 2, 2, 16
+    L, H, block = 2, 2, DEFAULT_BLOCK
     tova = for_model(model, "tova", cr=4)
     cost = footprint(model, tova)
     assert cost.slot == L * H * (4 + 1 + 1 + 4 + 4) and cost.token == L * H * 2 * 16 * 4  # its fp32 score beside the metadata
@@ -576,9 +578,9 @@ def test_a_paged_budget_policy_allocates_far_less_and_within_the_reservation():
         sizes[policy.name] = batch.allocated_bytes()
     assert [layer.kv is not None for layer in batch.layers] == [True] * L
     assert batch.live_tokens().tolist() == [[[26, 26], [6, 6]]] * L  # ceil(101 / 4), ceil(21 / 4)
-    kv_slots = batch.ledger.kv_slots  # the blocks each layer's storage holds, at least ceil(26 / 16) + ceil(6 / 16) per KV head
-    assert batch.ledger.capacity == [64] * L and all(k >= H * (2 + 1) * block for k in kv_slots)
+    kv_slots = batch.ledger.kv_slots  # the blocks each layer's storage holds, at least ceil(26 / block) + ceil(6 / block) per KV head
+    assert batch.ledger.capacity == [64] * L and all(k >= H * (-(-26 // block) + 1) * block for k in kv_slots)
     per_layer = [2 * 64 * H * 14 + 2 * (H * 8 + 8 + 4) + 2 * H * (64 // block) * 4 + k * 2 * 16 * 4 for k in kv_slots]
-    assert sizes["tova"] == sum(per_layer) + max(kv_slots) * 16 * 4  # and one layer's keys gathered for the read
+    assert sizes["tova"] == sum(per_layer)  # the blocks are read in place: no read buffer
     reserved = Scheduler(budget=1, max_batch=2, cost=cost, expected_cr=4, window=tova.prefill_chunk).allocated([(100, 1, 1), (20, 1, 1)])
     assert sizes["tova"] <= reserved < sizes["none"] / 2

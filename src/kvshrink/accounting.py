@@ -40,6 +40,9 @@ class Accounting:
         self.peak_bytes = 0
         self._reads = None
         self._live = None
+        self.trace = False  # keep every forward's reads and live tokens per sequence (a sweep's shorter L, fewer W)
+        self.read_trace: list[torch.Tensor] = []  # (B, Q) per forward
+        self.live_trace: list[torch.Tensor] = []  # (B,) per forward
 
     def record(self, layer_idx: int, reads: torch.Tensor, live: torch.Tensor) -> None:
         """reads: (B, Q) integer counts summed over this layer's KV heads; live: (B,) live slots summed over heads."""
@@ -51,6 +54,9 @@ class Accounting:
         if layer_idx == self.n_layers - 1:
             self.last_reads = self._reads.to(torch.float64) / self.pairs
             live_now = self._live.to(torch.float64) / self.pairs
+            if self.trace:
+                self.read_trace.append(self.last_reads)
+                self.live_trace.append(live_now)
             if self.peak_tokens_per_seq is None:
                 self.peak_tokens_per_seq, self.peak_tokens_total = live_now, live_now.sum()
             else:
@@ -64,6 +70,18 @@ class Accounting:
     def fresh(self, groups: torch.Tensor | None = None) -> "Accounting":
         """Empty counters for the same model (a reset cache, or a batch whose rows changed)."""
         return Accounting(self.n_layers, self.pairs // self.n_layers, groups)
+
+    def repeated(self, times: int) -> "Accounting":
+        """These counters after each sequence became `times` consecutive ones (one problem each: its samples);
+        the peaks so far are the samples' together, the reads so far stay with the first."""
+        rows = self.peak_tokens_per_seq.shape[0]
+        out = Accounting(self.n_layers, self.pairs // self.n_layers, torch.arange(rows * times, device=self.peak_tokens_per_seq.device) // times)
+        out.peak_tokens_per_seq = self.peak_tokens_per_seq.repeat_interleave(times)
+        out.peak_tokens_total = self.peak_tokens_total * times
+        out.peak_tokens_per_group = self.peak_tokens_per_seq * times
+        out.peak_bytes = self.peak_bytes
+        out.last_reads = self.last_reads.repeat_interleave(times, 0)
+        return out
 
     def note_bytes(self, allocated: int) -> None:
         self.peak_bytes = max(self.peak_bytes, allocated)
@@ -110,14 +128,14 @@ class Footprint:
     """What one sequence of a cache costs, in bytes over every layer and KV head: the prices a memory budget
     is counted in (`kvshrink.cache.footprint` reads them off a cache's tensors). A contiguous cache keeps keys
     and values in its slots (`token` 0); a paged one keeps them in blocks of `block` tokens held per
-    (sequence, KV head), beside a block table and one reused read buffer."""
+    (sequence, KV head), beside a block table (and one reused read buffer, for a policy that gathers what it reads)."""
 
     slot: int  # a slot of capacity: slot metadata and the policy's per-slot state (keys and values too, contiguous)
     row: int = 0  # the sequence itself: row metadata and the policy's per-row state
     token: int = 0  # a key/value token held in a block (paged): its keys and values in every layer
     block: int = 1  # tokens per block (paged)
     table: int = 0  # a block of capacity: its block table entries (paged)
-    gather: int = 0  # a held token's share of the read buffer: one layer's keys (or values), gathered for attention
+    gather: int = 0  # a held token's share of the read buffer a read-selection policy gathers into (Quest)
 
     def capacity_bytes(self, slots: int) -> int:
         """Bytes `slots` slots of capacity (a multiple of the block) cost one sequence."""

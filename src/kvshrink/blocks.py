@@ -8,7 +8,8 @@ pool when its last token goes, so the bytes follow each (sequence, head)'s own l
 fullest row's.
 
 The free list is host-side integers, as in nano-vllm's `BlockManager`: `can_allocate` before acting.
-Attention reads only the blocks rows hold (`attend_blocks`): no row is padded to the longest.
+Attention reads the pool in place (`attend_blocks`): each block is scored by the queries of the row that holds it,
+so no row is padded to the longest and no key or value is copied to be read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from .errors import KVShrinkError
 
-DEFAULT_BLOCK = 16
+DEFAULT_BLOCK = 32
 
 
 class BlockPool:
@@ -58,7 +59,7 @@ class PagedKV:
         self.keys = torch.zeros(0, block, key_dim, dtype=dtype, device=device)
         self.values = torch.zeros(0, block, value_dim, dtype=dtype, device=device)
         self.table = torch.full((batch, heads, 0), -1, dtype=torch.int32, device=device)
-        self._held: tuple[torch.Tensor, ...] | None = None  # (rows, logical, physical) of held blocks, until the table changes
+        self._owners: tuple[torch.Tensor, torch.Tensor] | None = None  # who holds each block, until the table changes
         if limit is not None:
             self._extend(limit)
 
@@ -103,7 +104,7 @@ class PagedKV:
             ids, new = self.pool.allocate(n)
             self._extend(new)
             self.table[where] = torch.tensor(ids, dtype=torch.int32, device=self.table.device)
-            self._held = None
+            self._owners = None
 
     def release_empty(self, live: torch.Tensor) -> None:
         """Return to the pool every held block none of whose slots is live; live: (B, Hkv, S)."""
@@ -115,7 +116,7 @@ class PagedKV:
         if where[0].numel():
             self.pool.release(self.table[where].tolist())
             self.table[where] = -1
-            self._held = None
+            self._owners = None
 
     def rows_of(self, slots: torch.Tensor) -> torch.Tensor:
         """Rows of the flat (blocks * block, D) storage holding the logical `slots` (B, Hkv, n); a slot of a block not
@@ -138,7 +139,7 @@ class PagedKV:
         keys, values = (flat.index_select(0, source) for flat in self.storage())
         self.pool.release(self.table[self.table >= 0].tolist())
         self.table = self.table.new_full((B, H, n // self.block), -1)
-        self._held = None
+        self._owners = None
         wanted = torch.zeros(self.table.shape, dtype=torch.bool, device=self.table.device)
         wanted[b, h, j // self.block] = True
         self.hold_blocks(wanted)
@@ -162,15 +163,15 @@ class PagedKV:
         self.table[held] = new.to(torch.int32)
         self.keys, self.values = self.keys[: old.numel()].clone(), self.values[: old.numel()].clone()
         self.pool.total, self.pool.free = old.numel(), []
-        self._held = None
+        self._owners = None
 
     def per_slot(self, weights: torch.Tensor, queries: int) -> torch.Tensor:
-        """`attend_blocks`' weights per held block (N, M, block) laid out per logical slot: (B, Hkv, M, S)."""
+        """`attend_blocks`' weights per block of the storage (n, M, block) laid out per logical slot: (B, Hkv, M, S)."""
         B, H, W = self.table.shape
-        rows, logical, _ = self.held()
-        out = weights.new_zeros(B * H, W, queries, self.block)
+        rows, logical = self.owners()
+        out = weights.new_zeros(B * H + 1, W, queries, self.block)  # the last row takes the free blocks' (zero) weights
         out[rows, logical] = weights
-        return out.permute(0, 2, 1, 3).reshape(B, H, queries, W * self.block)
+        return out[:-1].permute(0, 2, 1, 3).reshape(B, H, queries, W * self.block)
 
     # -- data ------------------------------------------------------------------------------------------
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -194,22 +195,46 @@ class PagedKV:
         values = (self.values.index_select(0, physical).view(B, H, W, self.block, -1) * held).view(B, H, W * self.block, -1)
         return keys, values
 
-    def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows b * Hkv + h, logical block, physical block) of every held block, each (N,)."""
-        if self._held is None:
+    def owners(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row b * Hkv + h, logical block) of each of the storage's first `pool.total` blocks; a free block
+        belongs to row B * Hkv, one past the last, which no query reads."""
+        if self._owners is None:
+            B, H, _ = self.table.shape
             b, h, w = (self.table >= 0).nonzero(as_tuple=True)
-            self._held = (b * self.table.shape[1] + h, w, self.table[b, h, w].long())
-        return self._held
+            physical = self.table[b, h, w].long()
+            rows = torch.full((self.pool.total,), B * H, dtype=torch.long, device=self.table.device)
+            logical = torch.zeros(self.pool.total, dtype=torch.long, device=self.table.device)
+            rows[physical], logical[physical] = b * H + h, w
+            self._owners = (rows, logical)
+        return self._owners
 
     def take_rows(self, rows: torch.Tensor) -> None:
-        """Keep sequences `rows`; the blocks of the others go back to the pool."""
+        """Keep sequences `rows`, in this order; the blocks of the others go back to the pool. A row named more
+        than once (the samples of one prompt) gets its own copy of the blocks, to write into on its own."""
         kept = torch.zeros(self.table.shape[0], dtype=torch.bool, device=self.table.device)
         kept[rows] = True
         gone = self.table[~kept]
         self.pool.release(gone[gone >= 0].tolist())
         self.table = self.table.index_select(0, rows)
-        self._held = None
+        self._unshare()
+        self._owners = None
         self.shrink()
+
+    def _unshare(self) -> None:
+        """Give every table entry that repeats an earlier one's block a copy of that block."""
+        held = self.table >= 0
+        ids = self.table[held].long()
+        order = ids.argsort(stable=True)
+        repeat = torch.zeros_like(held[held])
+        repeat[order[1:]] = ids[order[1:]] == ids[order[:-1]]
+        n = int(repeat.sum())
+        if n:
+            new, grow = self.pool.allocate(n)
+            self._extend(grow)
+            copies = torch.tensor(new, dtype=torch.long, device=ids.device)
+            self.keys[copies], self.values[copies] = self.keys[ids[repeat]], self.values[ids[repeat]]
+            ids[repeat] = copies
+            self.table[held] = ids.to(torch.int32)
 
     def append_rows(self, other: "PagedKV") -> None:
         """Add `other`'s sequences after ours: their blocks are copied into this pool."""
@@ -227,42 +252,37 @@ class PagedKV:
         self.values.index_copy_(0, target, other.values.index_select(0, source))
         theirs[where] = target.to(torch.int32)
         self.table = torch.cat([self.table, theirs], 0)
-        self._held = None
+        self._owners = None
 
 
-def attend_blocks(kv: PagedKV, q: torch.Tensor, visible: torch.Tensor, scaling: float, scratch=None,
+def attend_blocks(kv: PagedKV, q: torch.Tensor, visible: torch.Tensor, scaling: float,
                   weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of q (B, Hkv, M, D) (a KV head's query heads, times the queries) over the blocks each row
-    holds. visible: (B, Hkv, M, S) bool, what each query may see, or (B, Hkv, 1, S) additive (0 / -inf) for all. Every row is read for exactly its
-    own blocks: the blocks are gathered into one (N, block, D) buffer, scored per block, and the softmax
-    runs over each row's blocks (max and sum reduced per row). Returns the output (B, Hkv, M, Dv) and, if
-    `weights`, the attention weights per held block (N, M, block), for policies that score tokens by them."""
+    holds. visible: (B, Hkv, M, S) bool, what each query may see, or (B, Hkv, 1, S) additive (0 / -inf) for all.
+
+    The pool is read in place, block by block: each block is scored by its holder's queries (gathered per
+    block: M x D numbers against the block x D keys it meets), and the softmax runs over each row's blocks
+    (max and sum reduced per row). A free block is scored against nothing and weighs 0. Returns the output
+    (B, Hkv, M, Dv) and, if `weights`, the attention weights per block of the storage (n, M, block), for
+    policies that score tokens by them (`PagedKV.per_slot` lays them out per slot)."""
     B, H, M, D = q.shape
-    rows, logical, physical = kv.held()
+    rows, logical = kv.owners()
     n, block, width = rows.numel(), kv.block, kv.table.shape[2]
-    keys = _gather_blocks(kv.keys, physical, scratch)
-    queries = q.reshape(B * H, M, D).index_select(0, rows)
+    keys, values = kv.keys[:n], kv.values[:n]
+    queries = torch.cat([q.reshape(B * H, M, D), q.new_zeros(1, M, D)]).index_select(0, rows)
     if visible.dtype != torch.bool:  # decode: an additive (B, Hkv, 1, S) bias, picked per block; one fused product
-        bias = visible.reshape(B * H * width, block).index_select(0, rows * width + logical)[:, None, :]
-        scores = torch.baddbmm(bias.to(queries.dtype), queries, keys.mT, alpha=scaling).float()  # (N, M, block)
+        padded = torch.cat([visible.reshape(B * H * width, block), visible.new_full((1, block), float("-inf"))])
+        bias = padded.index_select(0, rows * width + logical)[:, None, :]  # a free block: rows * width is the -inf row
+        scores = torch.baddbmm(bias.to(queries.dtype), queries, keys.mT, alpha=scaling).float()  # (n, M, block)
     else:
-        seen = visible.reshape(B * H, M, width, block)[rows, :, logical]  # (N, M, block)
-        scores = ((queries @ keys.mT).float() * scaling).masked_fill(~seen, float("-inf"))
-    top = torch.full((B * H, M), float("-inf"), device=q.device)
+        padded = torch.cat([visible.reshape(B * H, M, width, block), visible.new_zeros(1, M, width, block)])
+        scores = ((queries @ keys.mT).float() * scaling).masked_fill(~padded[rows, :, logical], float("-inf"))
+    top = torch.full((B * H + 1, M), float("-inf"), device=q.device)
     top.scatter_reduce_(0, rows[:, None].expand(n, M), scores.amax(-1), "amax")
-    top = top.masked_fill(torch.isinf(top), 0.0)  # a row that sees nothing (padding) gets zeros, not NaN
-    probs = torch.exp(scores - top.index_select(0, rows)[..., None])  # (N, M, block), unnormalised
-    total = torch.zeros(B * H, M, device=q.device).index_add_(0, rows, probs.sum(-1)).clamp_(min=1e-30)
-    values = _gather_blocks(kv.values, physical, scratch)
-    out = torch.zeros(B * H, M, values.shape[-1], dtype=torch.float32, device=q.device)
+    top = top.masked_fill(torch.isinf(top), 0.0)  # a row that sees nothing (padding, free blocks) gets zeros, not NaN
+    probs = scores.sub_(top.index_select(0, rows)[..., None]).exp_()  # (n, M, block), unnormalised
+    total = torch.zeros(B * H + 1, M, device=q.device).index_add_(0, rows, probs.sum(-1)).clamp_(min=1e-30)
+    out = torch.zeros(B * H + 1, M, values.shape[-1], dtype=torch.float32, device=q.device)
     out.index_add_(0, rows, (probs.to(values.dtype) @ values).float())
-    out = (out / total[..., None]).to(q.dtype).view(B, H, M, -1)
+    out = (out[:-1] / total[:-1, :, None]).to(q.dtype).view(B, H, M, -1)
     return out, (probs / total.index_select(0, rows)[..., None] if weights else None)
-
-
-def _gather_blocks(storage: torch.Tensor, physical: torch.Tensor, scratch=None) -> torch.Tensor:
-    """The blocks `physical` of storage (blocks, block, D), into a reusable buffer outside autograd."""
-    if scratch is None or torch.is_grad_enabled():
-        return storage.index_select(0, physical)
-    out = scratch(physical.numel() * storage[0].numel(), storage).view(physical.numel(), *storage.shape[1:])
-    return torch.index_select(storage, 0, physical, out=out)

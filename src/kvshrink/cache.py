@@ -443,8 +443,7 @@ class KVCache(Cache):
             if Q > 1:
                 mask = mask[:, :, None].expand(B, Hkv, G, Q, mask.shape[-1]).reshape(B, Hkv, G * Q, -1)
             if layer.kv is not None:  # read each row's own blocks, no row padded to the longest
-                out, weights = attend_blocks(layer.kv, qg, mask, scaling, self.scratch,
-                                             weights=policy.needs_attention)
+                out, weights = attend_blocks(layer.kv, qg, mask, scaling, weights=policy.needs_attention)
                 if policy.needs_attention:
                     probs = layer.kv.per_slot(weights, G * Q)
                     policy.observe(layer, probs.view(B, Hkv, G, Q, -1).mean(2), valid)
@@ -491,6 +490,13 @@ class KVCache(Cache):
         self._scratch = None  # the read buffer is made again at the size the rows left need
         self.accounting = self.accounting.fresh()  # rows changed: per-row counters start over
 
+    def repeat_rows(self, times: int) -> None:
+        """Each sequence becomes `times` consecutive ones holding what it has read (the W samples of a prompt, read
+        once); the peaks counted so far become the samples' together (`Accounting.repeated`)."""
+        before = self.accounting
+        self.take_rows([row for row in range(self.batch_size) for _ in range(times)])
+        self.accounting = before.repeated(times)
+
     def append_rows(self, other: "KVCache") -> None:
         """Add the sequences of `other` (e.g. a request prefilled alone) to this batch."""
         if not self.layers[0].is_initialized:
@@ -507,7 +513,8 @@ class KVCache(Cache):
 def footprint(model, policy: CachePolicy | None = None, paged: bool | None = None, block: int = DEFAULT_BLOCK) -> Footprint:
     """What a sequence of a `KVCache(model, policy, paged=paged, block=block)` costs, over every layer and KV head,
     read off an empty one-row cache's tensors: bytes per slot of capacity, per row, and (paged) per key/value
-    token held in a block, per block of capacity (its table entries) and per held token of the read buffer."""
+    token held in a block, per block of capacity (its table entries) and, for a policy that gathers what it reads
+    (Quest), per held token of the read buffer."""
     cache, config = KVCache(model, policy, paged=paged, block=block), text_config(model)
     empty = next(model.parameters()).new_zeros(1, config.num_key_value_heads, 0, kv_head_dim(config))
     slot = row = token = table = gather = 0
@@ -519,7 +526,8 @@ def footprint(model, policy: CachePolicy | None = None, paged: bool | None = Non
             keys, values, heads = layer.kv.keys, layer.kv.values, layer.kv.table.shape[1]
             token += heads * (keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size())
             table += heads * layer.kv.table.element_size()
-            gather = max(gather, heads * max(keys.shape[-1] * keys.element_size(), values.shape[-1] * values.element_size()))
+            if type(cache.policy).attend is not CachePolicy.attend:  # a read-selection policy gathers what it reads (Quest)
+                gather = max(gather, heads * max(keys.shape[-1] * keys.element_size(), values.shape[-1] * values.element_size()))
     return Footprint(slot, row, token, block if cache.paged else 1, table, gather)
 
 

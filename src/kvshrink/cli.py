@@ -233,6 +233,8 @@ def serve(
     cr: Optional[float] = typer.Option(None, help="compression ratio for tova, h2o or window"),
     max_batch: int = typer.Option(64, help="most sequences decoded together"),
     prefill_chunk: int = typer.Option(256, help="prompt tokens read per step between the running batch's decode steps"),
+    paged: Optional[bool] = typer.Option(None, "--paged/--contiguous", help="keys and values in blocks that follow each "
+                                         "sequence's live tokens, or one row per sequence (default: paged when the policy evicts)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /metrics), continuous batching,
@@ -253,7 +255,7 @@ def serve(
     if kv_budget_tokens is None and kv_budget_mb is None:
         kv_budget_mb = 512.0
     m, tok = load(model, device=device)
-    engine = build_engine(m, tok, policy, cr, kv_budget_tokens, kv_budget_mb, max_batch, prefill_chunk)
+    engine = build_engine(m, tok, policy, cr, kv_budget_tokens, kv_budget_mb, max_batch, prefill_chunk, paged)
     print(f"serving {model} on http://{host}:{port}/v1 (policy {engine.policy.name}, KV budget {size(engine.budget)}, "
           f"{engine.budget_tokens:,.0f} tokens of a vanilla cache)")
     uvicorn.run(create_app(engine, model), host=host, port=port, log_level="warning")

@@ -150,12 +150,18 @@ def generate_ids(
     reserve: int = 0,
     group: int = 1,
     paged: bool | None = None,
+    trace: bool = False,
 ) -> tuple[list[list[int]], dict, dict]:
     """Generate for token-id prompts. Returns (generated ids per sequence, stats, per-sequence tensors).
     paged: the cache's key/value layout (`KVCache`; None: blocks when the policy frees memory).
 
     group: consecutive sequences that sample one problem (W = group); per_sequence["group_peak_kv_tokens"]
-    then holds each problem's peak of its samples' live tokens summed (SPEC 7).
+    then holds each problem's peak of its samples' live tokens summed (SPEC 7). When a group's prompts are
+    the same, the prompt is read once and its cache copied to the W rows: its prefill reads count once, on
+    the group's first sequence.
+    trace: per_sequence also holds every decode step's reads and live tokens, "read_trace" and "live_trace"
+    (B, steps), and the prompt's peak, "prefill_peak_kv_tokens" (B,): what any shorter generation, or any
+    subset of a group's samples, would have cost.
     """
     check_sampling(max_new_tokens, temperature, top_p)
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
@@ -175,12 +181,21 @@ def generate_ids(
 
     if group < 1 or B % group:
         raise KVShrinkError(f"{B} sequences do not split into problems of {group} samples")
+    shared = group > 1 and all(prompt_ids[i] == prompt_ids[i - i % group] for i in range(B))
+    read = slice(None, None, group) if shared else slice(None)  # the rows whose prompts are read
     cache = KVCache(model, policy, reserve=reserve, paged=paged)
-    cache.accounting = cache.accounting.fresh(torch.arange(B, device=device) // group)
+    cache.accounting = cache.accounting.fresh(torch.arange(B, device=device)[read] // group)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     start = time.perf_counter()
-    logits, prefill_reads = prefill(model, cache, input_ids, attn, positions, prefill_chunk)
+    logits, prefill_reads = prefill(model, cache, input_ids[read], attn[read], positions[read], prefill_chunk)
+    prefill_peak = cache.accounting.peak_tokens_per_seq
+    if shared:
+        cache.repeat_rows(group)
+        logits = logits.repeat_interleave(group, 0)
+        prefill_reads = torch.zeros(B, dtype=prefill_reads.dtype, device=device).index_copy_(0, torch.arange(0, B, group, device=device), prefill_reads)
+        prefill_peak = prefill_peak.repeat_interleave(group)
     first_reads = cache.accounting.last_reads[:, -1]
+    cache.accounting.trace = trace
     prefill_seconds = time.perf_counter() - start
 
     first = sample_next(logits, temperature, top_p, generator)
@@ -215,6 +230,12 @@ def generate_ids(
         "generated_tokens": n_generated.cpu(),
         "group_peak_kv_tokens": cache.accounting.peak_tokens_per_group.cpu(),
     }
+    if trace:
+        steps = cache.accounting.read_trace
+        per_sequence["read_trace"] = torch.cat([r[:, :1] for r in steps], 1).cpu() if steps else torch.zeros(B, 0, dtype=torch.float64)
+        per_sequence["live_trace"] = torch.stack(cache.accounting.live_trace, 1).cpu() if steps else torch.zeros(B, 0, dtype=torch.float64)
+        per_sequence["first_kv_reads"] = first_reads.cpu()
+        per_sequence["prefill_peak_kv_tokens"] = prefill_peak.cpu()
     return tokens, stats, per_sequence
 
 

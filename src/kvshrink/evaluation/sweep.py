@@ -3,7 +3,11 @@
 Grid: tasks x policies x CR x L (max new tokens) x W (samples per problem, majority vote). `none` runs
 at CR 1 only; every other policy at CR > 1; `dms` uses the DMS model trained for that CR (the config's
 `dms_models`), `dms-immediate` the w = 0 model, the training-free policies the base model with `--cr`.
-W = 1 is greedy, W > 1 samples at the config's temperature and top-p. Each finished point is appended to
+W = 1 is greedy, W > 1 samples at the config's temperature and top-p. With `nested = true`, each (task,
+policy, CR) runs once, at the largest L and W, every W sampled, and the smaller L and W are read off that run
+(`evaluate.nested_points`: a generation stopped at L tokens is the run's first L tokens; the first W samples
+are W samples), each point keeping its per-problem results for paired intervals. A problem's W samples
+share one read of its prompt. Each finished point is appended to
 `<results>.points.jsonl`, so an interrupted sweep resumes where it stopped. The report has, per task,
 every point and each policy's Pareto frontier (highest accuracy for at most that many reads, or peak
 tokens), plotted as accuracy vs kv_reads and accuracy vs peak_kv_tokens.
@@ -63,6 +67,7 @@ class SweepConfig:
     temperature: float = 0.7
     top_p: float = 0.95
     batch_size: int = 8
+    nested: bool = False
     dms_models: dict = field(default_factory=dict)
     immediate_models: dict = field(default_factory=dict)
 
@@ -98,7 +103,7 @@ class SweepConfig:
 
     def _sampling(self, width: int) -> dict:
         """What else decides a point's result: its problems and, for W > 1, how samples are drawn."""
-        greedy = width == 1
+        greedy = width == 1 and not self.nested
         return {"problems": self.problems, "seed": self.seed, "temperature": 0.0 if greedy else self.temperature,
                 "top_p": 1.0 if greedy else self.top_p}
 
@@ -127,17 +132,35 @@ def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device
     points_file.parent.mkdir(parents=True, exist_ok=True)
     for model_name in dict.fromkeys(p["model"] for p in todo):
         model, tok = load(model_name, device=device)
-        for p in (q for q in todo if q["model"] == model_name):
-            policy = p["policy"]
-            result = evaluate(model, tok, p["task"], policy, cr=p["cr"] if policy in BUDGETED else None,
-                              problems=p["problems"], seed=p["seed"], width=p["W"], max_new_tokens=p["L"],
-                              temperature=p["temperature"], top_p=p["top_p"], batch_size=max(1, cfg.batch_size // p["W"]))
-            row = {**p, **{k: result[k] for k in POINT_FIELDS}, "finished": time.time()}
-            append_jsonl(points_file, row)
-            done[point_key(row)] = row
-            advance(bar, info=f"{p['task']} {p['policy']} CR {p['cr']:g} L {p['L']} W {p['W']}: acc {row['accuracy']:.2f}")
+        runs = [[q] for q in todo if q["model"] == model_name]
+        if cfg.nested:  # one run per (task, policy, CR) covers its every L and W
+            runs = [[q for q in todo if _run_of(q) == key] for key in dict.fromkeys(_run_of(q) for q in todo if q["model"] == model_name)]
+        for run in runs:
+            for row in _measure(model, tok, run, cfg):
+                append_jsonl(points_file, row)
+                done[point_key(row)] = row
+                advance(bar, info=f"{row['task']} {row['policy']} CR {row['cr']:g} L {row['L']} W {row['W']}: acc {row['accuracy']:.2f}")
     stop(bar)
     return [done[point_key(p)] for p in cfg.points()]
+
+
+def _run_of(p: dict) -> tuple:
+    return p["task"], p["policy"], p["cr"], p["model"]
+
+
+def _measure(model, tok, run: list[dict], cfg: SweepConfig) -> list[dict]:
+    """Finished rows for the points of `run`: one evaluation, at its largest L and W (nested) or its one point."""
+    p = run[0]
+    length, width = max(q["L"] for q in run), max(q["W"] for q in run)
+    nested = {"lengths": sorted({q["L"] for q in run}), "widths": sorted({q["W"] for q in run})} if cfg.nested else {}
+    result = evaluate(model, tok, p["task"], p["policy"], cr=p["cr"] if p["policy"] in BUDGETED else None,
+                      problems=p["problems"], seed=p["seed"], width=width, max_new_tokens=length, temperature=p["temperature"],
+                      top_p=p["top_p"], batch_size=max(1, cfg.batch_size // width), **nested)
+    if not cfg.nested:
+        return [{**p, **{k: result[k] for k in POINT_FIELDS}, "finished": time.time()}]
+    grid = {(g["L"], g["W"]): g for g in result["grid"]}
+    return [{**q, **grid[(q["L"], q["W"])], "cache_bytes": result["cache_bytes"], "seconds": result["seconds"],
+             "run": f"L {length}, W {width}", "finished": time.time()} for q in run]
 
 
 def pareto(points: list[dict], cost: str) -> list[dict]:

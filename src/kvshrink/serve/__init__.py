@@ -7,13 +7,15 @@ __all__ = ["Engine", "SamplingParams", "build_engine"]
 
 
 def build_engine(model, tokenizer, policy: str | None = None, cr: float | None = None, budget_tokens: int | None = None,
-                 budget_mb: float | None = None, max_batch: int = 64, prefill_chunk: int = 256) -> Engine:
+                 budget_mb: float | None = None, max_batch: int = 64, prefill_chunk: int = 256,
+                 paged: bool | None = None) -> Engine:
     """An engine for `model` under its default (or the named) policy, with a budget on the bytes its KV caches
     allocate: `budget_mb` MB (MiB), or `budget_tokens` tokens of a vanilla cache (the bytes that many tokens' keys,
     values and slot metadata take in a cache that keeps every token; a DMS model holds about CR times more tokens
     in them).
     prefill_chunk: prompt tokens read per engine step, between the running batch's decode steps (DMS reads
-    them in one forward: its output does not depend on the chunk; budget policies keep their 16-token chunks)."""
+    them in one forward: its output does not depend on the chunk; budget policies keep their 16-token chunks).
+    paged: keys and values in blocks per (sequence, KV head) (None: when the policy frees memory), or contiguous."""
     import dataclasses
 
     from ..cache import footprint
@@ -37,7 +39,7 @@ def build_engine(model, tokenizer, policy: str | None = None, cr: float | None =
     else:
         budget = int(budget_mb * 2**20)
     engine = Engine(model, tokenizer, pol, budget_bytes=budget, max_batch=max_batch, expected_cr=expected, window=window,
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, paged=paged)
     smallest = engine.scheduler.allocated([(1, 1, 1)])
     if budget < smallest:
         raise KVShrinkError(f"the KV budget of {size(budget)} holds no request (a one-token one needs {size(smallest)}); "

@@ -136,18 +136,20 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer, policy, budget_bytes: int, max_batch: int = 64, expected_cr: float = 1.0,
-                 window: int = 0, prefill_chunk: int = 256):
-        """budget_bytes: what the KV caches may allocate (`KVCache.allocated_bytes`, over every cache the engine holds)."""
+                 window: int = 0, prefill_chunk: int = 256, paged: bool | None = None):
+        """budget_bytes: what the KV caches may allocate (`KVCache.allocated_bytes`, over every cache the engine holds);
+        paged: the caches' key/value layout (None: paged when the policy frees memory; `KVCache`)."""
         check_prefill_chunk(prefill_chunk)
         self.model, self.tokenizer, self.policy = model, tokenizer, policy
         self.prefill_chunk = prefill_chunk
-        self.cost = footprint(model, policy)  # a sequence's slot, row and held token, over every layer and KV head
+        self.paged = paged
+        self.cost = footprint(model, policy, paged=paged)  # a sequence's slot, row and held token, over every layer and KV head
         self.vanilla_slot = footprint(model, CachePolicy()).slot  # a token of a vanilla cache: the budget's token unit
         # an evicting policy holds the chunk it reads at once whole until its evictions apply
         self.scheduler = Scheduler(budget_bytes, max_batch, self.cost, expected_cr, window, headroom=policy.prefill_chunk or 0)
         self.device = next(model.parameters()).device
         self.eos = tokenizer.eos_token_id
-        self.cache = KVCache(model, policy)
+        self.cache = KVCache(model, policy, paged=paged)
         self.rows: list[tuple[Request, Sequence]] = []  # running, in cache row order
         self.waiting: deque[Request] = deque()
         self.lock = threading.Condition()
@@ -288,7 +290,7 @@ class Engine:
             jobs = [([s], r.prompt_ids + s.tokens[:-1]) for s in r.sequences if s.finish_reason is None]
         else:
             jobs = [(r.sequences, r.prompt_ids)]
-        self.prefill = Prefill(r, jobs, KVCache(self.model, self.policy))
+        self.prefill = Prefill(r, jobs, KVCache(self.model, self.policy, paged=self.paged))
 
     def _read_chunk(self) -> None:
         """Read the next chunk of the admitted request; when all its rows are read, they join the batch."""
@@ -309,7 +311,7 @@ class Engine:
         p.cache.free_expired()  # a finished row holds no expired tokens, however many samples copy it
         p.ready.append((p.cache, samples, logits[None]))
         p.jobs.pop(0)
-        p.cache, p.read = KVCache(self.model, self.policy), 0
+        p.cache, p.read = KVCache(self.model, self.policy, paged=self.paged), 0
         if not p.jobs:
             self._join(p)
             self.prefill = None  # after joining: a failure while joining still finds the request here
@@ -377,7 +379,7 @@ class Engine:
         self.rows = [self.rows[i] for i in keep]
 
     def _reset_cache(self) -> None:
-        self.cache = KVCache(self.model, self.policy)
+        self.cache = KVCache(self.model, self.policy, paged=self.paged)
 
     def _account(self, reads: torch.Tensor) -> None:
         for (r, s), row_reads, row_live in zip(self.rows, reads.tolist(), self.cache.row_live_tokens()):
