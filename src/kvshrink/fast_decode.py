@@ -247,6 +247,10 @@ class FixedDecoder:
         batch, heads, width = state.layers[0].table.shape
         self.layout = Layout(state.page, state.policy.sinks, state.policy.needs_dms, split_k(batch * heads, width, state.step.device))
         self.layer_step = torch.compile(layer_step, backend=backend, fullgraph=True, dynamic=True) if (cuda if compile is None else compile) else layer_step
+        pool = state.layers[0].keys
+        for layer in self.layers:  # the neuron variant's lazily made channel mask: made here, not guarded on in a graph
+            if layer.self_attn.dms is not None and layer.self_attn.dms.decision == "neuron":
+                layer.self_attn._channel_keep(pool[:0])
         self.graph = cuda if graph is None else graph
         self._graph, self._warm, self._inputs, self._out = None, 0, None, None
 
