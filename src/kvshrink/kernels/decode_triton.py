@@ -18,8 +18,8 @@ PAGES_PER_TILE = 4  # blocks gathered per inner step: 64 tokens at block 16
 
 
 @triton.jit
-def _partial(Q, K, V, VALID, TABLE, NBLOCKS, ACC, M, L, scale,
-             W: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+def _partial(Q, K, V, VALID, TABLE, NBLOCKS, ACC, M, L, scale, W,
+             SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
              D: tl.constexpr, DV: tl.constexpr, PAGE: tl.constexpr, PAGES: tl.constexpr):
     row = tl.program_id(0)  # b * Hkv + h
     split = tl.program_id(1)
@@ -93,7 +93,7 @@ def paged_decode_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     l = torch.empty_like(m)
     _partial[(rows, splits)](
         q.contiguous(), keys, values, valid.view(torch.uint8), table.contiguous(), nblocks.contiguous(), acc, m, l,
-        scale, W=W, SPLITS=splits, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, DV=DV, PAGE=page,
+        scale, W, SPLITS=splits, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, DV=DV, PAGE=page,
         PAGES=PAGES_PER_TILE)
     out = torch.empty(B, H, G, DV, dtype=q.dtype, device=q.device)
     _merge[(rows * G,)](acc, m, l, out, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), G=G, DV=DV)
