@@ -1,7 +1,11 @@
 """Decode speed and memory: vanilla (HF's default cache, and our preallocated dense cache) vs DMS.
 
     python benchmarks/decode.py                         # CPU, fp32 -> docs/results/decode.md + decode.png
-    python benchmarks/decode.py --device cuda --dtype bfloat16 --tag cuda
+    python benchmarks/decode.py --device cuda --models bench --dtype bfloat16 --tag cuda
+    python benchmarks/decode.py --device cuda --out OUT # real shapes, the fixed-shape step: decode_shapes.py
+    python benchmarks/decode.py --smoke --out OUT       # the same in miniature, on the CPU
+
+The rest of this docstring is about the first two (the 17M `bench` model through the slot cache).
 
 Model: a random-init Llama of ~17M parameters (6 layers, d=512, 8 heads, 2 KV heads, head_dim 64, vocab
 2048). DMS decisions are not the model's: this measures the cache, not a trained model. Two kinds (`--rates`):
@@ -287,17 +291,45 @@ def write_report(rows, meta, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--dtype", default=None, help="default: float32 (bench, smoke), bfloat16 (real shapes)")
+    parser.add_argument("--contexts", type=int, nargs="+")
+    parser.add_argument("--batches", type=int, nargs="+")
+    parser.add_argument("--steps", type=int)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="")
     parser.add_argument("--rates", nargs="+", choices=["forced", "trained"], default=["forced", "trained"])
     parser.add_argument("--stores", nargs="+", choices=["padded", "paged"], default=["padded", "paged"])
     parser.add_argument("--rates-from", type=Path, default=ROOT / "docs" / "results" / "diagnostics" / "smollm2-dms8.json",
                         help="a `kvshrink inspect` record whose per-head flag rates the trained-like decisions follow")
+    real = parser.add_argument_group("real shapes (benchmarks/decode_shapes.py; the default on CUDA)")
+    real.add_argument("--models", nargs="+", choices=["bench", "llama-1b", "qwen3-8b"],
+                      help="bench: the 17M model through the slot cache (the default on the CPU); else real shapes")
+    real.add_argument("--smoke", action="store_true", help="the real-shape sweep in miniature on the CPU: a rehearsal")
+    real.add_argument("--out", type=Path, default=ROOT / "decode-output", help="folder for decode.md and decode.jsonl")
+    real.add_argument("--paths", nargs="+", default=["hf-dynamic", "hf-static", "dense", "dms-forced", "dms-trained"])
+    real.add_argument("--blocks", type=int, default=2, help="timed blocks of --steps steps per path (best counts)")
+    real.add_argument("--budget", type=float, default=440, help="seconds for the whole sweep; later paths are skipped")
+    real.add_argument("--per-path", type=float, default=150, help="seconds one path may take (compiles included)")
+    real.add_argument("--min-left", type=float, default=10, help="seconds of budget below which no path starts")
+    real.add_argument("--compile-backend", default="inductor", help="inductor, eager (traces only), or none")
     args = parser.parse_args()
+    args.models = args.models or (["llama-1b", "qwen3-8b"] if args.device == "cuda" or args.smoke else ["bench"])
+    if args.models != ["bench"]:
+        import decode_shapes
+
+        smoke = args.smoke
+        args.device = "cpu" if smoke else args.device
+        args.dtype = args.dtype or ("float32" if smoke else "bfloat16")
+        args.contexts = args.contexts or ([128, 256] if smoke else [8192, 16384, 32768])
+        args.batches = args.batches or ([1, 2] if smoke else [1, 8, 32])
+        args.steps = args.steps or (3 if smoke else 10)
+        torch.set_num_threads(args.threads)
+        decode_shapes.run(args)
+        return
+    args.dtype = args.dtype or "float32"
+    args.contexts = args.contexts or [1024, 4096, 16384, 32768]
+    args.batches = args.batches or [1, 8]
+    args.steps = args.steps or 16
     rows, meta = run(args)
     write_report(rows, meta, args)
 

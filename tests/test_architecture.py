@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "kvshrink"
 
 # method code: what a user's model runs through
-METHOD = {"attention", "cache", "blocks", "accounting", "shapes", "shims", "attach", "policies", "dms", "kvtc", "generation", "loading", "zoo", "tasks", "corpora",
+METHOD = {"attention", "cache", "blocks", "fast_decode", "kernels", "accounting", "shapes", "shims", "attach", "policies", "dms", "kvtc", "generation", "loading", "zoo", "tasks", "corpora",
           "prompts", "errors", "jsonl", "progress"}
 STUDIES_AND_SURFACE = {"cli", "serve", "evaluation", "train", "demo", "compare", "__main__"}
 ALLOWED_EXTRA = {  # imports a part may make beyond the rules below

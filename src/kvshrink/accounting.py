@@ -53,19 +53,23 @@ class Accounting:
             self._live = self._live + live
         if layer_idx == self.n_layers - 1:
             self.last_reads = self._reads.to(torch.float64) / self.pairs
-            live_now = self._live.to(torch.float64) / self.pairs
-            if self.trace:
-                self.read_trace.append(self.last_reads)
-                self.live_trace.append(live_now)
-            if self.peak_tokens_per_seq is None:
-                self.peak_tokens_per_seq, self.peak_tokens_total = live_now, live_now.sum()
-            else:
-                self.peak_tokens_per_seq = torch.maximum(self.peak_tokens_per_seq, live_now)
-                self.peak_tokens_total = torch.maximum(self.peak_tokens_total, live_now.sum())
-            if self.groups is not None:
-                per_group = torch.zeros(self.n_groups, dtype=live_now.dtype, device=live_now.device)
-                per_group.index_add_(0, self.groups.to(live_now.device), live_now)
-                self.peak_tokens_per_group = per_group if self.peak_tokens_per_group is None else torch.maximum(self.peak_tokens_per_group, per_group)
+            self.note_live(self._live.to(torch.float64) / self.pairs, self.last_reads)
+
+    def note_live(self, live_now: torch.Tensor, reads: torch.Tensor) -> None:
+        """live_now: (B,) live tokens per sequence, averaged over (layer, KV head): the peaks follow it; reads:
+        (B, Q) the forward's reads, kept with it when tracing."""
+        if self.trace:
+            self.read_trace.append(reads)
+            self.live_trace.append(live_now)
+        if self.peak_tokens_per_seq is None:
+            self.peak_tokens_per_seq, self.peak_tokens_total = live_now, live_now.sum()
+        else:
+            self.peak_tokens_per_seq = torch.maximum(self.peak_tokens_per_seq, live_now)
+            self.peak_tokens_total = torch.maximum(self.peak_tokens_total, live_now.sum())
+        if self.groups is not None:
+            per_group = torch.zeros(self.n_groups, dtype=live_now.dtype, device=live_now.device)
+            per_group.index_add_(0, self.groups.to(live_now.device), live_now)
+            self.peak_tokens_per_group = per_group if self.peak_tokens_per_group is None else torch.maximum(self.peak_tokens_per_group, per_group)
 
     def fresh(self, groups: torch.Tensor | None = None) -> "Accounting":
         """Empty counters for the same model (a reset cache, or a batch whose rows changed)."""

@@ -83,6 +83,23 @@ class KVAttention(nn.Module):
         signals = dms_signals or TrainSignals()
         past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24 passes `cache`
         B, T, _ = hidden_states.shape
+        dms = None if signals.teacher else self.dms
+        steps = self._positions(past_key_values, B, T, hidden_states.device) if dms and dms.forced_keep_every else None
+        q, k, v, logits = self.project(hidden_states, position_embeddings, dms_residual, dms, steps)
+        if isinstance(past_key_values, KVCache):
+            out = self._cached_attention(q, k, v, logits, attention_mask, past_key_values)
+        elif logits is not None:
+            out = self._dms_full_attention(q, k, v, logits, attention_mask, past_key_values, signals)
+        else:
+            out = self._hf_attention(q, k, v, attention_mask, past_key_values, kwargs)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(out), None
+
+    def project(self, hidden_states, position_embeddings, dms_residual, dms: DMSConfig | None, steps=None):
+        """Queries, keys, values (B, H|Hkv, T, D) after RoPE, and DMS logits (B, Hkv, T) or None: what every
+        path, the fixed-shape decode step included, computes before it reads a cache.
+        steps: (B, T) step indices of the tokens, read only by forced decisions."""
+        B, T, _ = hidden_states.shape
         shape = (B, T, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)
         k = self.k_proj(hidden_states).view(shape)
@@ -91,7 +108,6 @@ class KVAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
 
-        dms = None if signals.teacher else self.dms
         logits = None
         if dms is not None and dms.decision == "neuron":
             logits = neuron_logits(q, self.n_kv_heads, dms)
@@ -108,18 +124,10 @@ class KVAttention(nn.Module):
             logits = None
         elif dms is not None:
             if dms.forced_keep_every:
-                logits = forced_logits(self._positions(past_key_values, B, T, q.device), self.n_kv_heads, dms.forced_keep_every)
+                logits = forced_logits(steps, self.n_kv_heads, dms.forced_keep_every)
             if dms.alpha_per == "layer":
                 logits = logits[:, :1].expand_as(logits)
-
-        if isinstance(past_key_values, KVCache):
-            out = self._cached_attention(q, k, v, logits, attention_mask, past_key_values)
-        elif logits is not None:
-            out = self._dms_full_attention(q, k, v, logits, attention_mask, past_key_values, signals)
-        else:
-            out = self._hf_attention(q, k, v, attention_mask, past_key_values, kwargs)
-        out = out.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(out), None
+        return q, k, v, logits
 
     def _channel_keep(self, q: torch.Tensor) -> torch.Tensor:
         if self._keep is None or self._keep.dtype != q.dtype or self._keep.device != q.device:

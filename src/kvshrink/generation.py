@@ -24,6 +24,7 @@ import torch
 from .accounting import vanilla_reads
 from .cache import KVCache
 from .errors import KVShrinkError, check_prefill_chunk
+from .fast_decode import FixedDecoder, supports
 from .policies import CachePolicy, for_model
 from .prompts import chat_prompt, pad_token_id
 from .shapes import check_context
@@ -106,11 +107,13 @@ def prefill_row(model, cache: KVCache, ids: list[int], chunk: int = DEFAULT_PREF
 @torch.no_grad()
 def decode_rows(model, cache: KVCache, token: torch.Tensor, attn: torch.Tensor, last_pos: torch.Tensor,
                 max_new_tokens: int, eos_token_id: int | list[int] | None = None, temperature: float = 0.0,
-                top_p: float = 1.0, generator: torch.Generator | None = None):
+                top_p: float = 1.0, generator: torch.Generator | None = None, fixed: bool = False):
     """Decode every row of `cache` from its first new token `token` (B,): write it, feed it, sample the
     next, until each row has written an eos token or `max_new_tokens` tokens. attn: (B, S) mask of the
     positions the cache has seen (0 = padding); last_pos: (B,) position of each row's last one. A finished
     row's later tokens are fed as padding and dropped.
+    fixed: decode with the fixed-shape step (`kvshrink.fast_decode`); the cache's tokens move into its state
+    (the cache is left empty), the reads and peaks are counted the same way.
     Returns (new tokens per row, eos included; their count (B,); decode reads per row (B,))."""
     device = token.device
     eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
@@ -119,17 +122,27 @@ def decode_rows(model, cache: KVCache, token: torch.Tensor, attn: torch.Tensor, 
     n_generated = torch.zeros(token.shape[0], dtype=torch.long, device=device)
     reads = torch.zeros(token.shape[0], dtype=torch.float64, device=device)
     generated = []
+    decoder = FixedDecoder.take(model, cache, max_new_tokens) if fixed else None
     for step in range(max_new_tokens):
         generated.append(token)
         n_generated += (~finished).long()
         finished |= torch.isin(token, eos)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
-        attn = torch.cat([attn, (~finished).long()[:, None]], dim=1)
         last_pos = last_pos + 1
-        logits = decode_step(model, cache, token, attn, last_pos)
-        reads += cache.accounting.last_reads[:, 0]
+        if decoder is None:
+            attn = torch.cat([attn, (~finished).long()[:, None]], dim=1)
+            logits = decode_step(model, cache, token, attn, last_pos)
+            reads += cache.accounting.last_reads[:, 0]
+        else:
+            logits = decoder.step(token, last_pos, ~finished)
+            live = decoder.state.live_tokens().sum((0, 2)).double() / cache.accounting.pairs
+            step_reads = live * ~finished  # every live token is read, the new one included; padding reads nothing
+            cache.accounting.note_live(live, step_reads[:, None])
+            reads += step_reads
         token = sample_next(logits, temperature, top_p, generator)
+    if decoder is not None:
+        decoder.check()
     rows = torch.stack(generated, dim=1).tolist()
     return [row[: int(n)] for row, n in zip(rows, n_generated.tolist())], n_generated, reads
 
@@ -151,9 +164,12 @@ def generate_ids(
     group: int = 1,
     paged: bool | None = None,
     trace: bool = False,
+    fixed: bool | None = None,
 ) -> tuple[list[list[int]], dict, dict]:
     """Generate for token-id prompts. Returns (generated ids per sequence, stats, per-sequence tensors).
     paged: the cache's key/value layout (`KVCache`; None: blocks when the policy frees memory).
+    fixed: decode with the fixed-shape step (`kvshrink.fast_decode`, policies none and DMS); None: on CUDA
+    where the policy allows it.
 
     group: consecutive sequences that sample one problem (W = group); per_sequence["group_peak_kv_tokens"]
     then holds each problem's peak of its samples' live tokens summed (SPEC 7). When a group's prompts are
@@ -169,6 +185,9 @@ def generate_ids(
     check_prefill_chunk(prefill_chunk)
     check_context(model.config, max(len(p) for p in prompt_ids), max_new_tokens)
     device = next(model.parameters()).device
+    fixed = device.type == "cuda" and supports(policy) if fixed is None else fixed
+    if fixed and not supports(policy):
+        raise KVShrinkError(f"the fixed-shape decode step runs policies 'none' and DMS, not {policy.name!r}")
     B = len(prompt_ids)
     lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
     P = int(lengths.max())
@@ -200,7 +219,7 @@ def generate_ids(
 
     first = sample_next(logits, temperature, top_p, generator)
     tokens, n_generated, decode_reads = decode_rows(model, cache, first, attn, positions[:, -1], max_new_tokens,
-                                                    eos_token_id, temperature, top_p, generator)
+                                                    eos_token_id, temperature, top_p, generator, fixed)
     reads = first_reads + decode_reads
     seconds = time.perf_counter() - start
 
