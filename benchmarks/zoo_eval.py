@@ -32,7 +32,8 @@ from kvshrink.attach import dms_config  # noqa: E402
 from kvshrink.dms import TrainSignals  # noqa: E402
 from kvshrink.tasks import TASKS, make_problems  # noqa: E402
 from kvshrink.prompts import chat_prompt  # noqa: E402
-from kvshrink.evaluation.evaluate import evaluate  # noqa: E402
+from kvshrink.demo import plot_tasks  # noqa: E402
+from kvshrink.evaluation.evaluate import evaluate, wilson_interval  # noqa: E402
 from shared import Records, binomial_ci, dtype_stamp, load_entries, paired_ci  # noqa: E402
 
 BATCH = 20
@@ -134,11 +135,6 @@ def summaries(rec: Records, args) -> list[dict]:
 
 def report(rec: Records, args, out_md: Path, command: str) -> list[dict]:
     """zoo.md and zoo.png from the records; returns the rows (`summaries`), which `benchmarks/cards.py` puts in the cards."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ref_name = args.models[0]
     rows = summaries(rec, args)
     lines = ["# Task zoo: accuracy, compression and KV-cache cost", "", f"Command: `{command}`", "",
@@ -148,21 +144,9 @@ def report(rec: Records, args, out_md: Path, command: str) -> list[dict]:
              "precision: the dtype the rows ran in (rows can come from runs at different `--dtype`); s/problem: wall time of "
              "the batches, so it includes any time a run was paused.", "",
              *[h.format(ref=ref_name) for h in HEADER], *[r["line"] for r in rows]]
-    fig, axes = plt.subplots(1, len(args.tasks), figsize=(4 * len(args.tasks), 3.6), squeeze=False)
-    for task in args.tasks:
-        points = [r for r in rows if r["task"] == task and r["default"]]
-        if points:
-            ax = axes[0][args.tasks.index(task)]
-            ax.scatter([r["kv_reads"] for r in points], [100 * r["k"] / r["n"] for r in points])
-            for r in points:
-                ax.annotate(r["model"], (r["kv_reads"], 100 * r["k"] / r["n"]), fontsize=7)
-            ax.set_title(f"{task} (difficulty {points[0]['difficulty']})")
-            ax.set_xlabel("KV reads per problem")
-            ax.set_ylabel("accuracy %")
-            ax.set_xscale("log")
-    fig.tight_layout()
-    png = out_md.with_suffix(".png")
-    fig.savefig(png, dpi=110)
+    png = plot_tasks([{"task": r["task"], "model": r["model"], "kv_reads": r["kv_reads"], "accuracy": r["k"] / r["n"],
+                       "accuracy_interval": wilson_interval(r["k"], r["n"]), "problems": r["n"]} for r in rows if r["default"]],
+                     out_md.with_suffix(".png"))  # the demo's plot, at the table's default difficulties
     lines += ["", f"![accuracy vs KV reads]({png.name})", ""]
     out_md.write_text("\n".join(lines))
     print(f"wrote {out_md}")

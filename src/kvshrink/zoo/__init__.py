@@ -4,7 +4,8 @@
 - `models/<name>/`: small adapters on a shipped model, never the base weights. `model.json` says what
   to apply, in order: {"base": a shipped name, "lora": "lora" (a peft LoRA folder, merged at load),
   "dms": DMSConfig fields (with `dms_adapter.safetensors`, the adapter tensors under the release's
-  names), "headline": its headline figure (`kvshrink models`)}; `README.md` is the model card. `base` may itself be a shipped adapter (tiny-dms8 -> tiny).
+  names), "headline": its headline figure (`kvshrink models`)}; `README.md` is the model card. `base`
+  may itself be a shipped adapter (tiny-dms8 -> tiny).
   The runs' logs and settings are not shipped: they are in the repository's `docs/results/zoo/<name>/`.
 
 A registry of manifests only: it imports nothing of kvshrink but its errors, so that loading, training and the CLI can all
