@@ -446,7 +446,8 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-zoo_app = typer.Typer(no_args_is_help=True, help="Build the shipped task model `tiny` (its DMS retrofits: `kvshrink retrofit --profile release-tasks`).")
+zoo_app = typer.Typer(no_args_is_help=True, help="Build the shipped task model `tiny` "
+                                                  "(its DMS retrofits: `kvshrink retrofit --profile release-tasks`).")
 app.add_typer(zoo_app, name="zoo")
 
 
@@ -623,7 +624,8 @@ def _rate_cell(rate: float, evicts_token0: bool) -> str:
 @app.command()
 def demo(
     quick: bool = flag("quick", "a smoke test: 2 vt problems per model, no real-text section (under 2 minutes on 2 CPU cores)"),
-    models: Optional[str] = typer.Option(None, metavar="LIST", help="comma-separated models for the task table (default: tiny, tiny-dms4, tiny-dms8)"),
+    models: Optional[str] = typer.Option(None, metavar="LIST", help="comma-separated models for the task table "
+                                                                   "(default: tiny, tiny-dms4, tiny-dms8)"),
     tasks: Optional[str] = typer.Option(None, metavar="NAMES", help="comma-separated tasks (default: all four)"),
     problems: int = count(8, "held-out problems per task (a demo: the n = 200 table is docs/results/zoo.md)"),
     text_models: Optional[str] = typer.Option(None, metavar="LIST", help="two models for the real-text section (default: smollm2,smollm2-dms8)"),

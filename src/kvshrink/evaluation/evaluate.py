@@ -23,8 +23,9 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
              max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              batch_size: int = 8, first: int = 0, progress: bool = False, sinks: int | None = None) -> dict:
     """Accuracy (majority vote of `width` samples) and cost of `problems` problems. Greedy when
-    temperature == 0 (then width > 1 repeats one answer). Returns `kvshrink eval --json`'s fields plus
-    `pass_at_w` and per-problem `results`. `first` starts at a later problem (to split a run)."""
+    temperature == 0 (then width > 1 repeats one answer). Returns the accuracy and its 95% interval
+    (`accuracy_interval`), `pass_at_w`, the costs (docs/conventions.md) and per-problem `results` (all but these
+    are what `kvshrink eval --json` prints). `first` starts at a later problem (to split a run)."""
     if width < 1:
         raise KVShrinkError(f"--width must be >= 1 (got {width})")
     if batch_size < 1:
@@ -60,7 +61,8 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
         "task": task, "difficulty": items[0].difficulty, "policy": pol.describe()["policy"], "width": width,
         "max_new_tokens": max_new_tokens, "problems": n,
         "accuracy": sum(r["correct"] for r in results) / n, "accuracy_interval": wilson_interval(sum(r["correct"] for r in results), n),
-        "pass_at_w": sum(r["any_correct"] for r in results) / n, "kv_reads": totals["kv_reads"] / n, "prefill_kv_reads": totals["prefill_kv_reads"] / n,
+        "pass_at_w": sum(r["any_correct"] for r in results) / n,
+        "kv_reads": totals["kv_reads"] / n, "prefill_kv_reads": totals["prefill_kv_reads"] / n,
         "peak_kv_tokens": totals["peak_kv_tokens"] / n, "cache_bytes": cache_bytes,
         "compression_ratio": totals["vanilla_kv_reads"] / totals["kv_reads"] if totals["kv_reads"] else 1.0,
         "seconds": time.perf_counter() - start, "results": results,

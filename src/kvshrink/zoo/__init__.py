@@ -62,4 +62,5 @@ def root_base(name: str) -> str:
     return name
 
 
-__all__ = ["BASES", "MANIFEST", "MODELS_DIR", "SMOLLM2", "adapter_names", "adapter_spec", "catalogue", "folder_of", "root_base", "shipped_names", "smollm2_folder"]
+__all__ = ["BASES", "MANIFEST", "MODELS_DIR", "SMOLLM2", "adapter_names", "adapter_spec", "catalogue", "folder_of", "root_base",
+           "shipped_names", "smollm2_folder"]
