@@ -26,7 +26,7 @@ forward and are timed. Per point:
 - bytes-ideal speedup = (weight bytes + vanilla KV bytes read per step) / (weight bytes + DMS KV bytes
   read per step), the gain of a purely bandwidth-bound decoder;
 - share of the bandwidth roofline = (bytes read per step / measured read bandwidth) / measured step time.
-The vanilla baseline of every speed ratio is the faster of the two vanilla caches (SPEC section 7).
+The vanilla baseline of every speed ratio is the faster of the two vanilla caches (docs/conventions.md).
 """
 
 from __future__ import annotations

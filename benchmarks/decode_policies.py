@@ -1,4 +1,4 @@
-"""Decode speed of every cache policy at one compression ratio (SPEC 7: baseline speed bars at batch 8).
+"""Decode speed of every cache policy at one compression ratio (the baseline speed bars at batch 8: docs/conventions.md).
 
     python benchmarks/decode_policies.py                       # CPU, fp32, 4k context, batch 8, CR 4
     python benchmarks/decode_policies.py --device cuda --dtype bfloat16 --tag cuda

@@ -1,4 +1,5 @@
-"""What each shipped DMS model learned (`kvshrink inspect`), into docs/results/diagnostics.md and each model card.
+"""What each shipped DMS model learned (`kvshrink inspect`), into docs/results/diagnostics.md (the model cards take
+the same records: `python benchmarks/cards.py`).
 
     python benchmarks/diagnostics_report.py [--run]     # --run: make the records first (~1 min per record on 2 cores)
 
@@ -18,13 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from kvshrink.dms.diagnostics import summary_rows  # noqa: E402
-from kvshrink.zoo import MODELS_DIR  # noqa: E402
-from kvshrink.train.cards import set_diagnostics  # noqa: E402
 
 RECORDS = ROOT / "docs" / "results" / "diagnostics"
 TASKS = ("vt", "niah", "arith", "hops")
 COMMANDS = {**{m: ["inspect", m, "--json"] for m in ("smollm2-dms4", "smollm2-dms8")},
-            **{f"{m}-{t}": ["inspect", m, "--task", t, "--problems", "6", "--json"] for m in ("tiny-dms4", "tiny-dms8") for t in TASKS}}
+            **{f"{m}-{t}": ["inspect", m, "--tasks", t, "--problems", "6", "--json"] for m in ("tiny-dms4", "tiny-dms8") for t in TASKS}}
 
 
 def main() -> None:
@@ -43,11 +42,7 @@ def main() -> None:
         lines += [f"## `kvshrink {' '.join(COMMANDS[name])}`", "", "| figure | value |", "|---|---|",
                   *[f"| {k.replace('|', chr(92) + '|')} | {v} |" for k, v in summary_rows(fig)], ""]
     (ROOT / "docs" / "results" / "diagnostics.md").write_text("\n".join(lines))
-    for model in sorted({f["model"] for f in figures.values()}):
-        card = MODELS_DIR / model / "README.md"
-        if card.is_file():
-            set_diagnostics(card, *[f for f in figures.values() if f["model"] == model])
-    print(f"wrote docs/results/diagnostics.md and the cards of {len({f['model'] for f in figures.values()})} models")
+    print("wrote docs/results/diagnostics.md")
 
 
 if __name__ == "__main__":

@@ -26,17 +26,18 @@ from pathlib import Path
 import torch
 
 from kvshrink.dms import TrainSignals
-from kvshrink.train.retrofit import RetrofitConfig, retrofit
-from kvshrink.train.pack import pack_adapter
+from kvshrink.train.retrofit import PROFILES, RetrofitConfig, retrofit
+from kvshrink.train.pack import pack_exports
 
-RAMP_TO = 16.0  # the release ramps 1 -> 16 and takes its 8x mid-way
-EXPORTS = (4.0, 8.0)
+RELEASE = PROFILES["release"][1]
+RAMP_TO = RELEASE["target_cr"]  # the release ramps 1 -> 16 and takes its 8x mid-way
+EXPORTS = RELEASE["export_at"]
 STEPS_TO_LAST = (EXPORTS[-1] - 1) / (RAMP_TO - 1)  # share of the ramp spent before the last export
 PROBE_STEPS = 3
-# name: (base, data, seq_len, sequences per step, micro-batches, window, sinks, share of the training time)
+# name: (base, data, profile of `kvshrink retrofit`, share of the training time); the ramp's length is set here
 JOBS = {
-    "smollm2": ("smollm2", "pydoc+stdlib+passkey:512", 2048, 32, 4, 64, 4, 0.55),
-    "tiny": ("tiny", "gold:arith,vt,niah,hops", 1024, 112, 4, 16, 4, 0.45),
+    "smollm2": ("smollm2", "pydoc+stdlib+passkey:512", "release", 0.55),
+    "tiny": ("tiny", "gold:arith,vt,niah,hops", "release-tasks", 0.45),
 }
 # CPU miniature: every code path, a few tokens
 TINY_RUN = {"seq_len": 256, "batch": 2, "accum": 1, "steps": 8, "passkeys": 4}
@@ -68,13 +69,13 @@ def flex_check() -> dict:
 
 
 def job_config(name: str, out: Path, args, ramp_steps: int, minutes: float | None, exports=EXPORTS) -> RetrofitConfig:
-    base, data, seq_len, batch, accum, window, sinks, _ = JOBS[name]
+    base, data, profile, _ = JOBS[name]
+    settings = dict(PROFILES[profile][1])
     if args.tiny_run:
         data = data.replace("passkey:512", f"passkey:{TINY_RUN['passkeys']}")
-        seq_len, batch, accum = TINY_RUN["seq_len"], TINY_RUN["batch"], TINY_RUN["accum"]
-    return RetrofitConfig(model=args.base or base, out=str(out), target_cr=RAMP_TO, window=window, steps=ramp_steps, data=data,
-                          batch_size=batch, grad_accum=accum, seq_len=seq_len, train="adapter", lr=3e-5, sinks=sinks,
-                          cr_loss="one-sided", ramp_steps=ramp_steps, export_at=exports, save_every=25, max_minutes=minutes,
+        settings.update(seq_len=TINY_RUN["seq_len"], batch_size=TINY_RUN["batch"], grad_accum=TINY_RUN["accum"])
+    settings.update(steps=ramp_steps, ramp_steps=ramp_steps, export_at=exports)
+    return RetrofitConfig(model=args.base or base, out=str(out), data=data, **settings, max_minutes=minutes,
                           resume=(out / "checkpoints" / "latest").exists(), data_cache=str(args.out / "data-cache"),
                           device="cpu" if args.tiny_run else "auto", attention=args.attention)
 
@@ -114,18 +115,8 @@ def run_job(name: str, args, deadline: float, later_share: float) -> dict:
 def pack(name: str, args) -> list[str]:
     """Each export as a shipped-style model folder (manifest, adapter tensors, card), its logs up to its step
     under OUT/provenance/<name>/ (the repository keeps them in docs/results/zoo/<name>/)."""
-    run, packed = args.out / name, []
-    for export in sorted(run.glob("cr-*")):
-        if not export.is_dir() or export.name.endswith(".tmp"):
-            continue
-        step = json.loads((export / "export.json").read_text())["step"]
-        rows = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
-        (export / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-        shutil.copy(run / "retrofit.json", export / "retrofit.json")
-        dest = args.out / "models" / f"{JOBS[name][0]}-dms{export.name[3:]}"
-        pack_adapter(export, dest, base=JOBS[name][0], provenance=args.out / "provenance" / dest.name)
-        packed.append(dest.name)
-    return packed
+    base = JOBS[name][0]
+    return [p.name for p in pack_exports(args.out / name, args.out / "models" / base, base, args.out / "provenance" / base)]
 
 
 def main() -> None:

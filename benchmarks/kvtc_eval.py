@@ -7,7 +7,7 @@ restoring a stored prefix against recomputing it by prefill.
 
 FILE is made first if missing (`kvshrink kvtc calibrate MODEL --out FILE`: 100K tokens; it is ~230 MB, so
 it lives outside the repository). `arith` problems are answered after >= 512 tokens of earlier chat turns
-(solved problems: the stored prefix of SPEC 7), so the compressed middle exists; `vt` prompts are long on their own. The same
+(solved problems: the stored prefix the study asks for), so the compressed middle exists; `vt` prompts are long on their own. The same
 problems for every method and model, so differences to the uncompressed cache are paired (95% interval).
 Every batch of problems is appended to WORK/records.jsonl as it finishes; rerun the command to resume.
 Writes docs/results/kvtc.md and kvtc.png.
@@ -36,7 +36,7 @@ from kvshrink.corpora import pydoc_split  # noqa: E402
 from shared import Records, best_of, binomial_ci, dtype_stamp, paired_ci  # noqa: E402
 
 BATCH = 20
-PREFIX_TOKENS = {"arith": 512, "vt": 0}  # SPEC 7: arith's stored prefix is >= 512 tokens of solved problems
+PREFIX_TOKENS = {"arith": 512, "vt": 0}  # arith's stored prefix is >= 512 tokens of solved problems
 RESTORE_TOKENS = (1024, 4096, 8192)
 ERROR_PROBLEMS = 20  # prompts whose middle's reconstruction error is measured, per task
 OUT = ROOT / "docs" / "results" / "kvtc.md"

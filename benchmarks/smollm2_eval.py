@@ -101,7 +101,7 @@ def add_ppl(rec: Records, name: str, w: int, ids: list[int], logp, ref, flags=()
 
 
 def dms_reads_cr(flags: list[dict], window: int) -> float:
-    """Reads-based CR of a teacher-forced DMS window (SPEC 3): query i reads the i + 1 keys up to itself,
+    """Reads-based CR of a teacher-forced DMS window (docs/conventions.md): query i reads the i + 1 keys up to itself,
     less those flagged (by the decision at j + 1) more than `window` behind it; averaged over (layer, KV
     head), against vanilla's T (T + 1) / 2."""
     marked = torch.stack([f["flags"][0] for f in flags]).float()[..., 1:]  # (L, Hkv, T-1): the flag marking key j
@@ -231,7 +231,7 @@ def interpolate(points: list[tuple[float, float]], x: float) -> tuple[float, boo
 
 
 def equal_cost_section(rec: Records, names: list[str]) -> list[str]:
-    """Each DMS model against each training-free family at DMS's own reads-based CR (SPEC 7): perplexity and
+    """Each DMS model against each training-free family at DMS's own reads-based CR (docs/conventions.md): perplexity and
     1k passkey read off the family's curve over its measured CRs (achieved reads-based CRs, not nominal)."""
     ppl_rows, pk_rows = rec.get("ppl"), rec.get("passkey")
     if not ppl_rows:
@@ -427,22 +427,10 @@ def report(rec: Records, names: list[str], out_md: Path):
     return targets
 
 
-def write_cards(rec: Records, names: list[str], targets: list[tuple]) -> None:
-    """Each shipped DMS model's card gets its bars and its equal-cost rows (from the same records)."""
-    from kvshrink.zoo import MODELS_DIR
-    from kvshrink.train.cards import set_accuracy
-
-    cost = equal_cost_section(rec, names)
-    for name in TARGETS:
-        card = MODELS_DIR / name / "README.md"
-        mine = [t for t in targets if t[0] == name]
-        if not card.is_file() or not mine:
-            continue
-        table = ["From `docs/results/smollm2.md` (held-out Python docs, fp32; `python benchmarks/smollm2_eval.py --report-only --cards`):", "",
-                 "| measure | measured | target | met |", "|---|---|---|---|",
-                 *[f"| {what} | {got} | {bar} | {'yes' if ok else '**no**'} |" for _, what, got, bar, ok in mine], "",
-                 *cost[4:6], *[line for line in cost[6:] if line.startswith(f"| {name} |")], ""]
-        set_accuracy(card, "\n".join(table))
+def model_names(rec: Records, models: list[str]) -> list[str]:
+    """Vanilla, the models asked for, then every other model with records: the report covers them all, so runs over
+    different model lists add up."""
+    return list(dict.fromkeys([VANILLA, *models, *(r["model"] for r in rec.rows)]))
 
 
 def main():
@@ -459,14 +447,12 @@ def main():
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new items after this long")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "smollm2.md")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--cards", action="store_true", help="also write each shipped DMS model's bars into its model card")
     parser.add_argument("--limit", type=int, default=None, help="smoke test: at most N windows/batches per part")
     args = parser.parse_args()
     if args.ppl_batch < 1 or args.agree_batch < 1:
         parser.error("--ppl-batch and --agree-batch must be >= 1")
     rec = Records(args.work / "records.jsonl")
-    # the report covers every model with records, so runs over different model lists add up
-    names = list(dict.fromkeys([VANILLA, *args.models, *(r["model"] for r in rec.rows)]))
+    names = model_names(rec, args.models)
     if not args.report_only:
         deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
         entries, tok = load_entries(args.models, args.device, always=(VANILLA,), dtype=args.dtype)
@@ -481,9 +467,7 @@ def main():
             run_passkey(entries, tok, held_ids, rec, args.contexts, deadline, args.limit)
         if "speed" in args.parts:
             run_speed(entries, held_ids, rec, deadline)
-    targets = report(rec, names, args.out)
-    if args.cards:
-        write_cards(rec, names, targets)
+    report(rec, names, args.out)  # the model cards take their bars from the same records: python benchmarks/cards.py
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ retrofit's teacher prompts from seed 1,000,000, so no problem is shared. Greedy,
 the same problems for every model (paired against the first model). Every batch is appended to
 WORK/records.jsonl as it finishes; rerun the command to resume.
 
-Two compression ratios for DMS models (SPEC 7): reads-based (vanilla's KV reads for the same tokens /
+Model cards take their rows from these records: `python benchmarks/cards.py`.
+
+Two compression ratios for DMS models (docs/conventions.md): reads-based (vanilla's KV reads for the same tokens /
 the reads the cache made; short answers and the window w keep it below the trained ratio) and flag-based
 (1 / (1 - the fraction of eviction decisions over every (layer, KV head, token)), teacher-forced on
 prompt + answer: the ratio the cache reaches on long sequences).
@@ -29,16 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 from kvshrink.attach import dms_config  # noqa: E402
 from kvshrink.dms import TrainSignals  # noqa: E402
 from kvshrink.tasks import TASKS, make_problems  # noqa: E402
-from kvshrink.zoo import MODELS_DIR  # noqa: E402
-from kvshrink.train.cards import set_accuracy  # noqa: E402
 from kvshrink.prompts import chat_prompt  # noqa: E402
-from kvshrink.evaluation.evaluate import evaluate  # noqa: E402
+from kvshrink.demo import plot_tasks  # noqa: E402
+from kvshrink.evaluation.evaluate import evaluate, wilson_interval  # noqa: E402
 from shared import Records, binomial_ci, dtype_stamp, load_entries, paired_ci  # noqa: E402
 
 BATCH = 20
 HARD = {"arith": [10], "vt": [6], "niah": [5], "hops": [5]}
 BARS = {"tiny-dms4": 3.0, "tiny-dms8": 6.0}  # points below the reference allowed at default difficulty
-BAR_PROBLEMS = 200  # SPEC 7: a zoo bar is judged on at least this many problems per task
+BAR_PROBLEMS = 200  # a zoo bar is judged on at least this many problems per task
 
 
 @torch.no_grad()
@@ -86,48 +87,36 @@ def run(args, rec: Records, deadline: float) -> None:
                       f"CR {r['compression_ratio']:.2f}  {r['seconds']:.0f} s", flush=True)
 
 
-def report(rec: Records, args, out_md: Path, command: str) -> None:
-    import matplotlib
+HEADER = ["| task | difficulty | model | problems | accuracy | vs {ref} (paired) | bar | reads-based CR | flag-based CR | kv_reads | "
+          "peak KV tokens | s/problem | precision |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    ref_name = args.models[0]
-    lines = ["# Task zoo: accuracy, compression and KV-cache cost", "", f"Command: `{command}`", "",
-             "Greedy, one sample per problem, held-out seeds; the same problems for every model, so differences to "
-             f"`{ref_name}` are paired (95% interval, normal approximation). kv_reads and peak KV tokens are per problem "
-             "(SPEC 7). Bars at default difficulty: " + ", ".join(f"`{m}` within {b:g} points" for m, b in BARS.items()) + ". "
-             "precision: the dtype the rows ran in (rows can come from runs at different `--dtype`); s/problem: wall time of "
-             "the batches, so it includes any time a run was paused.", "",
-             "| task | difficulty | model | problems | accuracy | vs " + ref_name + " (paired) | bar | reads-based CR | "
-             "flag-based CR | kv_reads | peak KV tokens | s/problem | precision |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    header = lines[-2:]
-    card_rows: dict[str, list[str]] = {}
-    fig, axes = plt.subplots(1, len(args.tasks), figsize=(4 * len(args.tasks), 3.6), squeeze=False)
+def summaries(rec: Records, args) -> list[dict]:
+    """One row per (task, difficulty, model) with records: n, accuracy and its interval, the paired difference to
+    the first model, the bar, both CRs and the costs; `line` is the row of the table in zoo.md and the cards."""
+    ref_name, out = args.models[0], []
     for task, difficulty, _ in settings(args):
-        part = f"{task}/{difficulty}"
+        part, default = f"{task}/{difficulty}", difficulty == TASKS[task].DEFAULT_DIFFICULTY
         per_model = {}
         for name in args.models:
             rows = sorted((r for r in rec.get(part) if r["model"] == name), key=lambda r: r["item"])
             if rows:
                 per_model[name] = rows
         ref = {r["item"] + i: ok for r in per_model.get(ref_name, []) for i, ok in enumerate(r["correct"])}
-        xs, ys = [], []
         for name, rows in per_model.items():
             correct = {r["item"] + i: ok for r in rows for i, ok in enumerate(r["correct"])}
             n, k = len(correct), sum(correct.values())
             weights = [len(r["correct"]) for r in rows]
             mean = lambda key: sum(r[key] * w for r, w in zip(rows, weights)) / n  # noqa: E731
-            diff, bar = "-", "-"
+            diff, paired, bar = "-", None, "-"
             common = sorted(set(correct) & set(ref))
             if name != ref_name and common:
-                m, h = paired_ci([ref[i] for i in common], [correct[i] for i in common])
-                diff = f"{m:+.1f} ± {h:.1f}"
-                if name in BARS and difficulty == TASKS[task].DEFAULT_DIFFICULTY:
-                    bar = "met" if m >= -BARS[name] else "**missed**"
+                paired = paired_ci([ref[i] for i in common], [correct[i] for i in common])
+                diff = f"{paired[0]:+.1f} ± {paired[1]:.1f}"
+                if name in BARS and default:
+                    bar = "met" if paired[0] >= -BARS[name] else "**missed**"
                     bar += "" if len(common) >= BAR_PROBLEMS else f" (n < {BAR_PROBLEMS}: not yet judged)"
-            elif name == ref_name and difficulty == TASKS[task].DEFAULT_DIFFICULTY:
+            elif name == ref_name and default:
                 bar = "met (≥ 70%)" if k / n >= 0.7 else "**missed** (< 70%)"
             elif name == ref_name:
                 bar = "met (20-70%)" if 0.2 <= k / n <= 0.7 else "**missed** (not 20-70%)"
@@ -136,37 +125,36 @@ def report(rec: Records, args, out_md: Path, command: str) -> None:
             flags = [r["flag_rate"] for r in rows if r["flag_rate"] is not None]
             flag_cr = f"{1 / (1 - sum(flags) / len(flags)):.2f}" if flags else "-"
             reads_cr = sum(r["reads_cr"] * r["kv_reads"] * w for r, w in zip(rows, weights)) / (n * mean("kv_reads"))
-            lines.append(f"| {task} | {difficulty} | {name} | {n} | {100 * k / n:.1f}% ± {binomial_ci(k, n):.1f} | {diff} | {bar} | "
-                         f"{reads_cr:.2f} | {flag_cr} | {mean('kv_reads'):,.0f} | {mean('peak_kv_tokens'):,.0f} | "
-                         f"{sum(r['seconds'] for r in rows) / n:.2f} | {', '.join(sorted({r.get('dtype', 'not recorded') for r in rows}))} |")
-            card_rows.setdefault(name, []).append(lines[-1])
-            if difficulty == TASKS[task].DEFAULT_DIFFICULTY:
-                xs.append(mean("kv_reads"))
-                ys.append(100 * k / n)
-                axes[0][args.tasks.index(task)].annotate(name, (xs[-1], ys[-1]), fontsize=7)
-        if xs:
-            ax = axes[0][args.tasks.index(task)]
-            ax.scatter(xs, ys)
-            ax.set_title(f"{task} (difficulty {difficulty})")
-            ax.set_xlabel("KV reads per problem")
-            ax.set_ylabel("accuracy %")
-            ax.set_xscale("log")
-    fig.tight_layout()
-    png = out_md.with_suffix(".png")
-    fig.savefig(png, dpi=110)
+            line = (f"| {task} | {difficulty} | {name} | {n} | {100 * k / n:.1f}% ± {binomial_ci(k, n):.1f} | {diff} | {bar} | "
+                    f"{reads_cr:.2f} | {flag_cr} | {mean('kv_reads'):,.0f} | {mean('peak_kv_tokens'):,.0f} | "
+                    f"{sum(r['seconds'] for r in rows) / n:.2f} | {', '.join(sorted({r.get('dtype', 'not recorded') for r in rows}))} |")
+            out.append({"task": task, "difficulty": difficulty, "default": default, "model": name, "n": n, "k": k,
+                        "ci": binomial_ci(k, n), "paired": paired, "reads_cr": reads_cr, "kv_reads": mean("kv_reads"), "line": line})
+    return out
+
+
+def report(rec: Records, args, out_md: Path, command: str) -> list[dict]:
+    """zoo.md and zoo.png from the records; returns the rows (`summaries`), which `benchmarks/cards.py` puts in the cards."""
+    ref_name = args.models[0]
+    rows = summaries(rec, args)
+    lines = ["# Task zoo: accuracy, compression and KV-cache cost", "", f"Command: `{command}`", "",
+             "Greedy, one sample per problem, held-out seeds; the same problems for every model, so differences to "
+             f"`{ref_name}` are paired (95% interval, normal approximation). kv_reads and peak KV tokens are per problem "
+             "(definitions: docs/conventions.md). Bars at default difficulty: " + ", ".join(f"`{m}` within {b:g} points" for m, b in BARS.items()) + ". "
+             "precision: the dtype the rows ran in (rows can come from runs at different `--dtype`); s/problem: wall time of "
+             "the batches, so it includes any time a run was paused.", "",
+             *[h.format(ref=ref_name) for h in HEADER], *[r["line"] for r in rows]]
+    png = plot_tasks([{"task": r["task"], "model": r["model"], "kv_reads": r["kv_reads"], "accuracy": r["k"] / r["n"],
+                       "accuracy_interval": wilson_interval(r["k"], r["n"]), "problems": r["n"]} for r in rows if r["default"]],
+                     out_md.with_suffix(".png"))  # the demo's plot, at the table's default difficulties
     lines += ["", f"![accuracy vs KV reads]({png.name})", ""]
     out_md.write_text("\n".join(lines))
     print(f"wrote {out_md}")
-    if args.cards:  # each shipped model's card gets its own rows
-        for name, rows in card_rows.items():
-            card = MODELS_DIR / name / "README.md"
-            if card.is_file():
-                set_accuracy(card, "\n".join([f"Held-out problems, greedy: `{command}` (full table: docs/results/zoo.md).", "",
-                                               *header, *rows]))
-                print(f"updated {card}")
+    return rows
 
 
-def main():
+def arguments(argv: list[str] | None = None):
+    """The command line, parsed (also how `benchmarks/cards.py` reads the command zoo.md records)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny", "tiny-dms4", "tiny-dms8"],
                         help="the first is the reference of the paired differences")
@@ -184,10 +172,14 @@ def main():
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new batches after this long")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "zoo.md")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--cards", action="store_true", help="also write each shipped model's rows into its model card")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.hard_models = args.models[:1] if args.hard_models is None else args.hard_models
     args.hard = {**HARD, **{k: [int(d) for d in v.split(",")] for k, v in (x.split("=") for x in args.hard)}}
+    return args
+
+
+def main():
+    args = arguments()
     rec = Records(args.work / "records.jsonl")
     hard = " ".join(t + "=" + ",".join(map(str, ds)) for t, ds in args.hard.items() if t in args.tasks)
     command = (f"python benchmarks/zoo_eval.py --models {' '.join(args.models)} --tasks {' '.join(args.tasks)} "

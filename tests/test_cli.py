@@ -122,7 +122,7 @@ def escaping_inputs(model, tmp_path):
         ("not an integer", ["generate", m, "w1", "--max-new-tokens", "abc"], "'--max-new-tokens'"),
         ("option without its value", ["generate", m, "w1", "--policy"], "'--policy' requires an argument"),
         ("unknown option", ["generate", m, "w1", "--bogus"], "No such option: --bogus; see kvshrink generate --help"),
-        ("missing argument", ["generate", m], "Missing argument 'prompt'; see kvshrink generate --help"),
+        ("missing argument", ["generate", m], "Missing argument 'PROMPT'; see kvshrink generate --help"),
         ("missing option", ["kvtc", "eval", m], "Missing option '--calibration'; see kvshrink kvtc eval --help"),
     ]
 
@@ -153,27 +153,116 @@ def test_export_with_force_writes_beside_files_and_quietly(tiny_model_dir, tmp_p
 
 
 def test_training_options_are_the_settings_fields():
-    """The training commands ask every field of their settings dataclass, with its default and help, so a new
-    field is a new option; `zoo retrofit` asks all but those its recipe fixes, with its own defaults."""
+    """The training commands ask every field of their settings dataclass, with its default, help and metavar, so a
+    new field is a new option; the zoo's former retrofit defaults are a --profile, not a second command."""
     import dataclasses
 
     import typer.main
 
     from kvshrink.cli import app
     from kvshrink.train.finetune import FinetuneConfig
-    from kvshrink.train.retrofit import RetrofitConfig
+    from kvshrink.train.retrofit import PROFILES, RetrofitConfig
 
     root = typer.main.get_command(app)
     zoo = root.commands["zoo"].commands
-    for command, cls, fixed in ((root.commands["retrofit"], RetrofitConfig, set()), (zoo["finetune"], FinetuneConfig, set()),
-                                (zoo["retrofit"], RetrofitConfig, {"train", "decision", "neuron_decay"})):
+    for command, cls in ((root.commands["retrofit"], RetrofitConfig), (zoo["finetune"], FinetuneConfig)):
         params = {p.name: p for p in command.params}
         for f in dataclasses.fields(cls):
-            assert (f.name in params) == (f.name not in fixed), (command.name, f.name)
-            if f.name in params and command is not zoo["retrofit"]:
-                p = params[f.name]
-                assert p.help == f.metadata["help"] and p.help, f.name
-                assert p.required == (f.default is dataclasses.MISSING), f.name
-                assert p.required or p.default == (None if f.name == "export_at" else f.default), f.name
-    zoo_params = {p.name: p for p in zoo["retrofit"].params}
-    assert (zoo_params["window"].default, zoo_params["model"].default, "pack" in zoo_params) == (16, "tiny", True)
+            p = params[f.name]
+            assert p.help == f.metadata["help"] and p.help, f.name
+            assert p.required == (f.default is dataclasses.MISSING), f.name
+            assert p.required or p.default == (None if f.name == "export_at" else f.default), f.name
+    assert params["dtype"].metavar == "DTYPE" and zoo["retrofit"].hidden
+    fields = {f.name for f in dataclasses.fields(RetrofitConfig)}
+    assert all(set(settings) <= fields for _, settings in PROFILES.values())
+
+
+@pytest.fixture
+def retrofit_settings(monkeypatch):
+    """The RetrofitConfig `kvshrink retrofit ...` builds, caught before any training."""
+    from kvshrink.train import retrofit as module
+
+    seen = []
+    monkeypatch.setattr(module, "retrofit", lambda cfg: seen.append(cfg) or {})
+    return seen
+
+
+def test_profile_fills_only_the_options_left_at_their_defaults(retrofit_settings, capsys, monkeypatch):
+    code, _, err = run_cli(["retrofit", "smollm2", "--profile", "release", "--out", "o", "--data", "pydoc", "--steps", "10"],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    cfg = retrofit_settings[-1]
+    assert (cfg.steps, cfg.window, cfg.train, cfg.lr, cfg.export_at, cfg.batch_size, cfg.seq_len) == (10, 64, "adapter", 3e-5, (4.0, 8.0), 32, 2048)
+    code, _, err = run_cli(["retrofit", "smollm2", "--out", "o", "--data", "pydoc"], capsys, monkeypatch)
+    assert code == 0 and retrofit_settings[-1].window == 256 and retrofit_settings[-1].train == "all"  # the paper: the defaults
+    code, _, err = run_cli(["retrofit", "smollm2", "--profile", "magic", "--out", "o", "--data", "pydoc"], capsys, monkeypatch)
+    assert code == 2 and "unknown --profile 'magic'" in err and "release" in err
+
+
+def test_renamed_options_still_work_with_a_note(retrofit_settings, capsys, monkeypatch):
+    code, _, err = run_cli(["retrofit", "m", "--out", "o", "--data", "d", "--bf16"], capsys, monkeypatch)
+    assert code == 0 and retrofit_settings[-1].dtype == "bfloat16" and "--bf16 is deprecated: use --dtype bfloat16" in err
+    code, _, err = run_cli(["zoo", "retrofit", "tiny", "--out", "o", "--window", "16"], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "kvshrink retrofit MODEL --profile cpu-tasks" in err
+    code, _, err = run_cli(["retrofit", "m", "--out", "o"], capsys, monkeypatch)
+    assert code == 2 and "Missing option '--data'" in err  # required, and marked so in --help
+
+
+def test_version_and_the_shipped_models(capsys, monkeypatch):
+    from kvshrink.zoo import shipped_names
+
+    code, out, _ = run_cli(["--version"], capsys, monkeypatch)
+    assert code == 0 and out.strip() == f"kvshrink {kvshrink.__version__}"
+    code, out, _ = run_cli(["models", "--json"], capsys, monkeypatch)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["name"] for r in rows] == shipped_names()
+    assert all(r["headline"] for r in rows), [r["name"] for r in rows if not r["headline"]]  # written from the records
+    assert {r["name"]: r["cr"] for r in rows}["smollm2-dms8"] == 8
+
+
+def _cli_commands():
+    from kvshrink.cli import _commands, command
+
+    return [(path, cmd) for path, cmd in _commands(command(), hidden=False) if not getattr(cmd, "commands", None)]
+
+
+def test_one_vocabulary_across_commands():
+    """A model argument is MODEL and takes shipped names, every command that loads one takes --device/--dtype,
+    task options are --tasks and --problems, every boolean has its --no- form, every value a metavar."""
+    for path, cmd in _cli_commands():
+        params = {p.name: p for p in cmd.params}
+        loads = [p for p in cmd.params if p.param_type_name == "argument" and p.metavar == "MODEL"]
+        for p in loads:
+            assert "shipped name" in p.help or "first model" in p.help or "second model" in p.help, path
+        if loads and path != "kvshrink export":  # export always writes from the CPU
+            assert {"device", "dtype"} <= set(params), path
+        assert "task" not in params, path
+        if "problems" in params:
+            assert "tasks" in params and "problems per task" in params["problems"].help, path
+        for p in cmd.params:
+            if p.param_type_name == "option" and p.name != "help":
+                assert p.metavar or (p.is_flag and p.secondary_opts), (path, p.name)  # --x/--no-x
+
+
+def test_readme_synopsis_is_the_help(monkeypatch):
+    """The README's synopsis block is `kvshrink.cli.synopsis()`, and each of its lines lists exactly the options and
+    metavars that `kvshrink COMMAND --help` shows (terminal width fixed, so rich does not wrap them away)."""
+    import re
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from kvshrink.cli import app, synopsis
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- synopsis: .*? -->\n```\n(.*?)```", readme, re.S)
+    assert block and block[1].rstrip("\n") == synopsis(), (
+        "the README's synopsis drifted from the CLI: paste in the output of\n"
+        "    python -c 'from kvshrink.cli import synopsis; print(synopsis())'")
+    blocks = re.split(r"\n(?! )", synopsis())
+    for path, cmd in _cli_commands():
+        line = " ".join(next(b for b in blocks if b == path or b.startswith(path + " ")).split())
+        listed = dict(re.findall(r"(--[a-z][\w-]*)(?: ([A-Z][A-Z_]*))?", line))
+        shown = CliRunner().invoke(app, [*path.split()[1:], "--help"], env={"COLUMNS": "250"}).output
+        rows = re.findall(r"^\W (?:[* ] {0,4})?(--[a-z][\w-]*)(?:\s+--no-[\w-]+)?\s+(\S+)", shown, re.M)  # the options table
+        assert {o: m for o, m in rows if o != "--help"} == {o: m or "<bool>" for o, m in listed.items()}, path

@@ -46,18 +46,18 @@ def test_eval_accounting_matches_generation(smollm2):
 
 
 def test_eval_cli_json_and_errors(smollm2):
-    proc = subprocess.run([sys.executable, "-m", "kvshrink", "eval", "smollm2", "--task", "hops", "--problems", "2",
+    proc = subprocess.run([sys.executable, "-m", "kvshrink", "eval", "smollm2", "--tasks", "hops", "--problems", "2",
                            "--max-new-tokens", "4", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    for key in ("accuracy", "problems", "kv_reads", "peak_kv_tokens", "compression_ratio", "seconds", "pass_at_w",
+    for key in ("accuracy", "accuracy_interval", "problems", "kv_reads", "peak_kv_tokens", "compression_ratio", "seconds", "pass_at_w",
                 "prefill_kv_reads", "cache_bytes"):
         assert key in out
     model, tok = smollm2
     reference = evaluate(model, tok, "hops", "none", problems=2, max_new_tokens=4)  # the library, in this process
     assert out["problems"] == 2 and out["accuracy"] == reference["accuracy"] and out["kv_reads"] == pytest.approx(reference["kv_reads"])
-    for args, message in [(["--task", "chess"], "unknown task 'chess'"), (["--task", "vt", "--width", "0"], "--width must be >= 1"),
-                          (["--task", "vt", "--cr", "0.5"], "--cr must be >= 1")]:
+    for args, message in [(["--tasks", "chess"], "unknown task 'chess'"), (["--tasks", "vt", "--width", "0"], "--width must be >= 1"),
+                          (["--tasks", "vt", "--cr", "0.5"], "--cr must be >= 1")]:
         proc = subprocess.run([sys.executable, "-m", "kvshrink", "eval", "smollm2", *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
@@ -67,7 +67,13 @@ def test_demo_quick_produces_table_png_and_consistent_costs(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out problems" in proc.stdout and (tmp_path / "demo.png").stat().st_size > 10_000
-    rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
+    assert "docs/results/zoo.md" in proc.stdout and "the demo took" in proc.stdout
+    result = json.loads((tmp_path / "demo.json").read_text())
+    rows = result["task_accuracy"]["rows"]
+    assert result["seconds"] < 120, result["seconds"]  # --quick is a smoke test
+    for r in rows:  # every accuracy with its n and interval
+        low, high = r["accuracy_interval"]
+        assert r["problems"] == 2 and low <= r["accuracy"] <= high and r["correct"] == round(r["accuracy"] * 2)
     vanilla = next(r for r in rows if "dms" not in r["model"])
     for r in rows:
         if "dms" in r["model"]:

@@ -105,6 +105,6 @@ def test_gpu_retrofit_tiny_run_exports_each_cr_and_resumes(tiny_model_dir, tmp_p
         assert at["target_cr"] >= cr and (at["step"] == 1 or metrics[at["step"] - 2]["target_cr"] < cr)
         model, _ = kvshrink.load(export)
         assert model.config.dms_cr == cr and model.config.dms_sink_tokens == 4
-        assert abs(at["target_flag_rate"] - (1 - 1 / at["target_cr"])) < 1e-9  # flag-based target (SPEC 7)
+        assert abs(at["target_flag_rate"] - (1 - 1 / at["target_cr"])) < 1e-9  # flag-based target (docs/conventions.md)
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and json.loads((out / "summary.json").read_text())["jobs"]["tiny"]["skipped"]

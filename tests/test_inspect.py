@@ -148,7 +148,7 @@ def test_cli_json_on_text_and_task(dms_dir, tmp_path, capsys, monkeypatch):
     assert 0 <= f["reach"] <= 1 and f["median_abs_logit"] >= 0 and 0 <= f["all_keep_kept_share"] <= 1
     assert f["token0"]["effective"] <= f["token0"]["raw"] <= len(rates) and f["facts"] is None
 
-    code, out, err = run_cli(["inspect", str(dms_dir), "--task", "vt", "--problems", "2", "--json"], capsys, monkeypatch)
+    code, out, err = run_cli(["inspect", str(dms_dir), "--tasks", "vt", "--problems", "2", "--json"], capsys, monkeypatch)
     assert code == 0, err
     f = json.loads(out)
     facts = f["facts"]
@@ -164,9 +164,9 @@ def test_cli_json_on_text_and_task(dms_dir, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["--text", "missing.txt"], "no such file"),
-    (["--text", "x", "--task", "vt"], "not both"),
-    (["--task", "magic"], "unknown task"),
-    (["--task", "vt", "--problems", "0"], "--problems must be >= 1"),
+    (["--text", "x", "--tasks", "vt"], "not both"),
+    (["--tasks", "magic"], "unknown task"),
+    (["--tasks", "vt", "--problems", "0"], "--problems must be >= 1"),
     (["--seq-len", "1"], "--seq-len >= 2"),
 ])
 def test_bad_input_exits_2(dms_dir, capsys, monkeypatch, args, message):
@@ -182,7 +182,7 @@ def test_a_model_without_dms_exits_2(tiny_model_dir, tmp_path, capsys, monkeypat
 
 
 def test_model_card_diagnostics_section(tmp_path):
-    from kvshrink.train.cards import _earlier_card, set_accuracy, set_diagnostics
+    from kvshrink.train.cards import set_accuracy, set_diagnostics, stages
 
     text = {"model": "m-dms8", "source": {"text": "pydoc held-out", "tokens": [21, 21]},
             **decision_figures([planted(0), planted(1)], sinks=1)}
@@ -193,14 +193,14 @@ def test_model_card_diagnostics_section(tmp_path):
     out = card.read_text()
     assert out.index("## Accuracy") < out.index("## Diagnostics") < out.index("## Earlier stage")
     assert "`kvshrink inspect m-dms8 --sequences 2 --seq-len 21`" in out
-    assert "`kvshrink inspect m-dms8 --task vt --problems 2 --difficulty 4`" in out
+    assert "`kvshrink inspect m-dms8 --tasks vt --problems 2 --difficulty 4`" in out
     assert "| heads by flag rate: <.05 / .05-.5 / .5-.95 / >=.95 | 2 / 2 / 1 / 1 |" in out
     assert "| heads evicting token 0, raw flag (of 6) | 2.5 (median; 2-3 by sequence) |" in out
     assert "| 0 | **0.00**\\* | **0.95**\\* | 0.50 |" in out and "| 1 | 0.05 | 0.25 | **0.03** |" in out
     set_diagnostics(card, text)  # replaced, not added
     again = card.read_text()
-    assert again.count("## Diagnostics") == 1 and "--task vt" not in again and again.endswith("## Earlier stage\n\nold\n")
+    assert again.count("## Diagnostics") == 1 and "--tasks vt" not in again and again.endswith("## Earlier stage\n\nold\n")
     set_accuracy(card, "new table")
     assert "new table" in card.read_text() and "## Diagnostics" in card.read_text()
-    earlier = _earlier_card(card.read_text())  # a later stage's card drops both measured sections
-    assert "Diagnostics" not in earlier and "new table" not in earlier and "### How it was made" in earlier
+    listed = stages(card.read_text())  # as a later stage's card lists it: both measured sections dropped
+    assert not any("Diagnostics" in s or "new table" in s for s in listed) and listed[-1].startswith("## How it was made")

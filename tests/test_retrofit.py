@@ -344,7 +344,7 @@ def test_teacher_data_and_plot(base_dir, tmp_path, retrofitted, monkeypatch):
 
 
 def test_bf16_retrofit_follows_fp32(base_dir, tmp_path):
-    """--bf16 (autocast, fp32 master weights) trains like fp32 on the same data: per-step KL and flag rate
+    """--dtype bfloat16 (autocast, fp32 master weights) trains like fp32 on the same data: per-step KL and flag rate
     close to the fp32 run's. It runs as its own process: accelerate keeps one precision per process."""
     runs = {}
     for bf16 in (False, True):
@@ -352,7 +352,7 @@ def test_bf16_retrofit_follows_fp32(base_dir, tmp_path):
         if bf16:
             proc = subprocess.run([sys.executable, "-m", "kvshrink", "retrofit", str(base_dir), "--out", str(out), "--target-cr", "4",
                                    "--window", "8", "--steps", "4", "--data", str(base_dir.parent / "train.txt"), "--batch-size", "4",
-                                   "--seq-len", str(SEQ), "--train", "adapter", "--lr", "1e-3", "--device", "cpu", "--bf16"],
+                                   "--seq-len", str(SEQ), "--train", "adapter", "--lr", "1e-3", "--device", "cpu", "--dtype", "bfloat16"],
                                   capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
             assert proc.returncode == 0, proc.stderr[-3000:]
         else:

@@ -92,7 +92,7 @@ def _assert_unambiguous(task, p):
 
 
 def test_default_difficulty_is_long_enough():
-    """SPEC 7: vt and niah use >= 512 tokens of context, arith >= 4 steps."""
+    """The study's rule: vt and niah use >= 512 tokens of context, arith >= 4 steps."""
     from transformers import AutoTokenizer
 
     from kvshrink.loading import resolve_model

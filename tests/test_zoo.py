@@ -65,7 +65,7 @@ def test_lora_manifest_loads_merged_and_equals_peft(models_dir, tmp_path_factory
 
 def test_second_stage_starts_from_the_shipped_adapter(models_dir, tmp_path):
     """--init-from: the new run's LoRA weights start equal to the shipped adapter's file; a misfit is refused;
-    the packed card keeps the earlier stage's card."""
+    the packed card lists the earlier stages, oldest first, all at one level."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
@@ -104,8 +104,8 @@ def test_second_stage_starts_from_the_shipped_adapter(models_dir, tmp_path):
     pack_lora(run, models_dir / "stage2", base="smollm2")
     card = (models_dir / "stage2" / "README.md").read_text()
     assert "--init-from stage1" in card and "weights arith 3, vt 1" in card
-    assert "## Earlier stage" in card and "### How it was made" in card and "old table" not in card
-    assert "# stage1" not in card  # the earlier title is not repeated
+    assert "## Earlier stages" in card and "### Stage 1\n\n#### How it was made" in card and "old table" not in card
+    assert "# stage1" not in card and "## Licence and intended use" in card  # the earlier title is not repeated
     from kvshrink.train.cards import set_accuracy
 
     set_accuracy(models_dir / "stage2" / "README.md", "new table")
@@ -120,8 +120,9 @@ def test_second_stage_starts_from_the_shipped_adapter(models_dir, tmp_path):
     (run3 / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
     pack_lora(run3, models_dir / "stage3", base="smollm2")
     card = (models_dir / "stage3" / "README.md").read_text()
-    assert "--init-from stage2" in card and "### Earlier stage" in card and "#### How it was made" in card
-    assert "step one" in card and "new table" not in card and "old table" not in card
+    assert "--init-from stage2" in card and "### Stage 2\n\n#### How it was made" in card and "##### " not in card  # one level
+    assert card.index("step one") < card.index("### Stage 2") and "new table" not in card and "old table" not in card
+    assert card.count("## Licence and intended use") == 1  # the model's own, not each stage's
 
 
 def test_lora_pack_refuses_unfinished_run(models_dir, tmp_path):
@@ -169,5 +170,6 @@ def test_finetune_step_equals_one_padded_batch():
         assert (g - p.grad).abs().max() <= 1e-4 * p.grad.abs().max() + 1e-9
     assert 0.0 < acc <= 1.0
     model.zero_grad(set_to_none=True)
-    loss_bf16, _ = accumulate_step(model, examples, "cpu", bf16=True)  # --bf16: the same objective, bf16 matmuls
+    loss_bf16, _ = accumulate_step(model, examples, "cpu", bf16=True)  # --dtype bfloat16: the same objective, bf16 matmuls
     assert abs(loss_bf16 - ref.item()) < 0.03 * ref.item(), (loss_bf16, ref.item())
+

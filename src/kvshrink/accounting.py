@@ -1,4 +1,4 @@
-"""The one accounting layer every policy is measured with (SPEC sections 3 and 7): KV reads, live tokens and
+"""The one accounting layer every policy is measured with (docs/conventions.md): KV reads, live tokens and
 their peaks, allocated bytes, and vanilla's reads for the same tokens, which the reads-based CR divides by.
 The cache records into it; generation, evaluation and the server read it. Beside it, each cache's `Ledger`
 of what it allocates now, and the `Footprint` of one sequence (what each slot, row and held token costs),
@@ -20,7 +20,7 @@ def vanilla_reads(prompt_tokens, generated):
 
 
 class Accounting:
-    """KV reads and live tokens per sequence, averaged over (layer, KV head) pairs (SPEC section 3).
+    """KV reads and live tokens per sequence, averaged over (layer, KV head) pairs (docs/conventions.md).
 
     After every full forward (all layers), `last_reads` (B, Q) holds each query's number of attended
     cached tokens (itself included; 0 for padding) and the peaks are updated. Counts stay on the device.

@@ -19,7 +19,7 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
 
 
 def compare(model_a: str, model_b: str, text_file: Path, prompt_tokens: int = 1024, max_new_tokens: int = 64,
-            device: str = "auto") -> dict:
+            device: str = "auto", dtype: str = "auto") -> dict:
     from .generation import generate_ids
     from .loading import load
     from .policies import for_model
@@ -32,7 +32,7 @@ def compare(model_a: str, model_b: str, text_file: Path, prompt_tokens: int = 10
         raise KVShrinkError(f"--prompt-tokens and --max-new-tokens must be >= 1 (got {prompt_tokens}, {max_new_tokens})")
     vocab = None
     for name in (model_a, model_b):
-        model, tok = load(name, device=device)
+        model, tok = load(name, device=device, dtype=dtype)
         if vocab is not None and tok.get_vocab() != vocab:
             raise KVShrinkError(f"{model_a} and {model_b} use different tokenizers; compare a model with its own DMS retrofit")
         vocab = tok.get_vocab()

@@ -1,109 +1,171 @@
-"""`kvshrink demo`: the main job on the embedded default models.
+"""`kvshrink demo`: the main job on the embedded default models, in sections run one after another.
 
-1. Tasks: a fixed set of held-out problems (seed 0, default difficulty) on the task model and its DMS
-   retrofits (`tiny`, `tiny-dms4`, `tiny-dms8`; until those ship, `smollm2` and `smollm2-dms4/8`, which
-   were not tuned on the tasks: their accuracy says little, their cost columns are real):
-   accuracy, achieved compression ratio, kv_reads, peak_kv_tokens, tokens/s.
+1. Tasks: held-out problems (seed 0, default difficulty) on the task model and its DMS retrofits (`tiny`,
+   `tiny-dms4`, `tiny-dms8`): accuracy with n and its 95% interval, achieved compression ratio, kv_reads,
+   peak_kv_tokens, tokens/s. A demo runs few problems (8 per task): its intervals are wide, and the n = 200
+   paired table is `docs/results/zoo.md`.
 2. Real text: `smollm2` vs `smollm2-dms8` continuing a held-out passage of the Python docs (compression
    ratio, cache bytes, tokens/s, agreement, the two continuations side by side).
-Writes `demo-output/demo.png` (accuracy vs kv_reads per task) and `demo-output/demo.json`.
+
+Writes `demo-output/demo.png` (accuracy vs KV reads, per task) and `demo-output/demo.json` (one key per section).
+A section is one function `(Demo) -> dict | None` in SECTIONS: it prints its tables and returns its part of
+demo.json (None: nothing to report); a new section is one more function there.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import KVShrinkError
 
 TASK_MODELS = ("tiny", "tiny-dms4", "tiny-dms8")
-FALLBACK_MODELS = ("smollm2", "smollm2-dms4", "smollm2-dms8")
 TEXT_MODELS = ("smollm2", "smollm2-dms8")
+FULL_TABLE = "docs/results/zoo.md"
+# measured on 2 CPU cores (docs/results/hyperscaling.md: 2-3 s per problem and model), plus loading and the text section
+RUN_TIME = "about 5 minutes on 2 CPU cores (--quick: about 1)"
 
 
-def default_models() -> tuple[str, ...]:
-    from .zoo import adapter_names
+@dataclass
+class Demo:
+    """What every section reads: the options, where to write, the console; `results` holds the sections' parts."""
 
-    shipped = set(adapter_names())
-    return TASK_MODELS if set(TASK_MODELS[1:]) <= shipped and "tiny" in shipped else FALLBACK_MODELS
+    models: list[str]
+    tasks: list[str]
+    problems: int
+    quick: bool
+    text_models: list[str]
+    out_dir: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    console: object = None
+    results: dict = field(default_factory=dict)
 
 
 def run_demo(models: list[str] | None = None, tasks: list[str] | None = None, problems: int = 8, quick: bool = False,
-             text_models: list[str] | None = None, out_dir: Path = Path("demo-output"), device: str = "auto") -> dict:
+             text_models: list[str] | None = None, out_dir: Path = Path("demo-output"), device: str = "auto",
+             dtype: str = "auto") -> dict:
+    from rich.console import Console
+
+    from .tasks import TASKS
+
+    demo = Demo(models=list(models or TASK_MODELS), tasks=list(tasks or (["vt"] if quick else list(TASKS))),  # vt: long enough to evict
+                problems=2 if quick else problems, quick=quick,
+                text_models=list(text_models if text_models is not None else [] if quick else TEXT_MODELS),
+                out_dir=out_dir, device=device, dtype=dtype, console=Console())
+    if demo.problems < 1:
+        raise KVShrinkError(f"--problems must be >= 1 (got {demo.problems})")
+    demo.out_dir.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    demo.console.print(f"kvshrink demo: {RUN_TIME}; results in {demo.out_dir}/")
+    for section in SECTIONS:
+        part = section(demo)
+        if part is not None:
+            demo.results[section.__name__] = part
+    seconds = time.perf_counter() - began
+    demo.results["seconds"] = seconds
+    (demo.out_dir / "demo.json").write_text(json.dumps(demo.results, indent=1))
+    demo.console.print(f"demo.json and demo.png in {demo.out_dir}/; the demo took {seconds // 60:.0f} min {seconds % 60:.0f} s")
+    return demo.results
+
+
+def task_accuracy(demo: Demo) -> dict:
+    """Each model on each task's held-out problems: accuracy with n and its 95% interval, and the KV cost."""
+    from rich.table import Table
+
+    from .evaluation.evaluate import evaluate
+    from .loading import load
+
+    rows = []
+    for name in demo.models:
+        model, tok = load(name, device=demo.device, dtype=demo.dtype)
+        for task in demo.tasks:
+            demo.console.print(f"[bold]{name}[/bold] on {task} ({demo.problems} held-out problems)")
+            r = evaluate(model, tok, task, problems=demo.problems, seed=0, progress=True)
+            rows.append({"model": name, "task": task, **{k: v for k, v in r.items() if k != "results"},
+                         "correct": sum(x["correct"] for x in r["results"]),
+                         "tokens_per_second": sum(len(tok(x["output"])["input_ids"]) for x in r["results"]) / r["seconds"]})
+    if not rows:
+        raise KVShrinkError("the demo ran no problems")
+    table = Table(title="held-out problems (greedy, one sample each)",
+                  caption=f"accuracy: k of n right [95% interval]; KV reads and peak KV tokens per problem; CR: compression ratio. "
+                          f"n = {demo.problems} per task cannot rank the models: the n = 200 paired table is {FULL_TABLE}")
+    for col in ("model", "task", "accuracy", "CR", "KV reads", "peak KV", "tok/s"):
+        table.add_column(col)
+    for r in rows:
+        low, high = r["accuracy_interval"]
+        table.add_row(r["model"], r["task"], f"{r['correct']}/{r['problems']} [{low:.2f}, {high:.2f}]", f"{r['compression_ratio']:.2f}",
+                      f"{r['kv_reads']:,.0f}", f"{r['peak_kv_tokens']:,.0f}", f"{r['tokens_per_second']:.1f}")
+    demo.console.print(table)
+    png = plot_tasks(rows, demo.out_dir / "demo.png")
+    demo.console.print(f"plot: {png}")
+    return {"problems": demo.problems, "full_table": FULL_TABLE, "rows": rows}
+
+
+def plot_tasks(rows: list[dict], png: Path) -> Path:
+    """Accuracy (with its interval) against KV reads, one panel per task: models told apart by marker and
+    colour in one legend, no text on the points (nothing to overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from rich.console import Console
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    markers = "osD^vP*X"
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks) + 1.8, 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, name in enumerate(models):
+            for r in (r for r in rows if r["task"] == task and r["model"] == name):
+                low, high = r["accuracy_interval"]
+                ax.errorbar(r["kv_reads"], 100 * r["accuracy"], yerr=[[100 * (r["accuracy"] - low)], [100 * (high - r["accuracy"])]],
+                            fmt=markers[i % len(markers)], color=f"C{i}", capsize=3, label=name)
+        n = next(r["problems"] for r in rows if r["task"] == task)
+        ax.set_title(f"{task} (n = {n} per model)")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # few, short labels: 5k 10k 20k
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(-5, 105)
+        ax.set_xlabel("KV reads per problem (tokens, log scale)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (% of problems, 95% interval)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", title="model")
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / fig.get_figwidth(), 1))  # room for the legend
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def real_text(demo: Demo) -> dict | None:
+    """Vanilla vs DMS continuing one held-out passage: cache size and speed, and where the continuations part."""
+    if not demo.text_models:
+        return None
     from rich.table import Table
 
     from .compare import compare
-    from .loading import load
-    from .tasks import TASKS
-    from .evaluation.evaluate import evaluate
     from .corpora import pydoc_split
 
-    console = Console()
-    models = list(models or default_models())
-    tasks = list(tasks or (["vt"] if quick else list(TASKS)))  # vt: long enough for eviction to show
-    problems = 2 if quick else problems
-    if set(models) & set(FALLBACK_MODELS) and not set(models) & set(TASK_MODELS):
-        console.print("[yellow]note: the task-tuned zoo (tiny, tiny-dms4, tiny-dms8) is not shipped in this checkout; "
-                      "running the SmolLM2 models, which were not tuned on these tasks[/yellow]")
-    rows = []
-    for name in models:
-        model, tok = load(name, device=device)
-        for task in tasks:
-            console.print(f"[bold]{name}[/bold] on {task} ({problems} held-out problems)")
-            r = evaluate(model, tok, task, problems=problems, seed=0, progress=True)
-            rows.append({"model": name, "task": task, **{k: v for k, v in r.items() if k != "results"},
-                         "tokens_per_second": sum(len(tok(x["output"])["input_ids"]) for x in r["results"]) / r["seconds"]})
-    table = Table(title="held-out problems (greedy, one sample each)")
-    for col in ("model", "task", "accuracy", "compression ratio", "kv_reads / problem", "peak_kv_tokens / problem", "tokens/s"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["model"], r["task"], f"{r['accuracy']:.2f}", f"{r['compression_ratio']:.2f}", f"{r['kv_reads']:,.0f}",
-                      f"{r['peak_kv_tokens']:,.0f}", f"{r['tokens_per_second']:.1f}")
-    console.print(table)
+    passage = demo.out_dir / "passage.txt"
+    passage.write_text(pydoc_split()[1][:20_000])
+    result = compare(demo.text_models[0], demo.text_models[1], passage, prompt_tokens=1024, max_new_tokens=48,
+                     device=demo.device, dtype=demo.dtype)
+    t = Table(title=f"real text: a held-out passage of {result['prompt_tokens']} tokens; "
+                    f"continuations agree on their first {result['agreement']} tokens")
+    t.add_column("")
+    for name in result["runs"]:
+        t.add_column(name)
+    for label, key, fmt in (("compression ratio", "compression_ratio", "{:.2f}"), ("cache bytes", "cache_bytes", "{:,}"),
+                            ("decode tokens/s", "decode_tokens_per_second", "{:.1f}")):
+        t.add_row(label, *(fmt.format(run["stats"][key]) for run in result["runs"].values()))
+    t.add_row("continuation", *(run["text"] for run in result["runs"].values()))
+    demo.console.print(t)
+    return {k: v for k, v in result.items() if k != "runs"} | {
+        "runs": {n: {"text": r["text"], "stats": r["stats"]} for n, r in result["runs"].items()}}
 
-    text = None
-    if text_models is None:
-        text_models = [] if quick else list(TEXT_MODELS)
-    if text_models:
-        passage = out_dir / "passage.txt"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        passage.write_text(pydoc_split()[1][:20_000])
-        text = compare(text_models[0], text_models[1], passage, prompt_tokens=1024, max_new_tokens=48, device=device)
-        t = Table(title=f"real text: a held-out passage of {text['prompt_tokens']} tokens; "
-                        f"continuations agree on their first {text['agreement']} tokens")
-        t.add_column("")
-        for name in text["runs"]:
-            t.add_column(name)
-        for label, key, fmt in (("compression ratio", "compression_ratio", "{:.2f}"), ("cache bytes", "cache_bytes", "{:,}"),
-                                ("decode tokens/s", "decode_tokens_per_second", "{:.1f}")):
-            t.add_row(label, *(fmt.format(run["stats"][key]) for run in text["runs"].values()))
-        t.add_row("continuation", *(run["text"] for run in text["runs"].values()))
-        console.print(t)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for task in tasks:
-        pts = [r for r in rows if r["task"] == task]
-        ax.plot([r["kv_reads"] for r in pts], [r["accuracy"] for r in pts], marker="o", label=task)
-        for r in pts:
-            ax.annotate(r["model"], (r["kv_reads"], r["accuracy"]), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("KV reads per problem")
-    ax.set_ylabel("accuracy")
-    ax.set_title("accuracy vs KV-cache reads")
-    ax.legend()
-    fig.tight_layout()
-    png = out_dir / "demo.png"
-    fig.savefig(png, dpi=110)
-    result = {"rows": rows, "text": text and {k: v for k, v in text.items() if k != "runs"} | {
-        "runs": {n: {"text": r["text"], "stats": r["stats"]} for n, r in text["runs"].items()}}}
-    (out_dir / "demo.json").write_text(json.dumps(result, indent=1))
-    console.print(f"plot: {png}")
-    if not rows:
-        raise KVShrinkError("the demo ran no problems")
-    return result
+SECTIONS = (task_accuracy, real_text)

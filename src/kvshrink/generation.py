@@ -3,7 +3,7 @@
 Prompts are left-padded; `prefill` reads them in chunks (same eviction rule as decode), then
 `decode_step` feeds one token per row at a time. These two steps are kvshrink's only forwards through a
 `KVCache`: the server, KVTC's prefix reuse and the KVTC study run them too, so every path writes,
-evicts and counts the same way. Stats follow SPEC sections 3 and 7:
+evicts and counts the same way. Stats follow docs/conventions.md:
 - kv_reads: over every generated token (the first comes from the prompt's last position), the cached
   tokens its query attends, itself included, averaged over (layer, KV head), summed over sequences;
 - prefill_kv_reads: the same for the other prompt positions;
@@ -72,7 +72,7 @@ def prefill(model, cache: KVCache, ids: torch.Tensor, attn: torch.Tensor, positi
     B, P = ids.shape
     if P == 0:
         raise KVShrinkError("nothing to prefill: give at least one token")
-    chunk = cache.policy.prefill_chunk or chunk  # evicting policies read prompts in 16-token chunks (SPEC 7)
+    chunk = cache.policy.prefill_chunk or chunk  # evicting policies read prompts in 16-token chunks (docs/conventions.md)
     seen = cache.get_seq_length()
     reads = torch.zeros(B, dtype=torch.float64, device=ids.device)
     for s in range(0, P, chunk):
@@ -172,7 +172,7 @@ def generate_ids(
     where the policy allows it.
 
     group: consecutive sequences that sample one problem (W = group); per_sequence["group_peak_kv_tokens"]
-    then holds each problem's peak of its samples' live tokens summed (SPEC 7). When a group's prompts are
+    then holds each problem's peak of its samples' live tokens summed (docs/conventions.md). When a group's prompts are
     the same, the prompt is read once and its cache copied to the W rows: its prefill reads count once, on
     the group's first sequence.
     trace: per_sequence also holds every decode step's reads and live tokens, "read_trace" and "live_trace"

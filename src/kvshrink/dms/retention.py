@@ -1,6 +1,6 @@
 """DMS eviction decisions: one logit per (token, KV head), flag 1 = evict.
 
-Two predictors (SPEC section 2):
+Two predictors (docs/conventions.md):
 - neuron (the paper): the last channel of the first query head of each KV group, read after q-norm and
   before RoPE, logit = 100 * q - 5. The channel is zeroed so it takes no part in q.k.
 - adapter (the authors' release): logit = 100 * Linear(RMSNorm(h)) - 5 on the residual stream h before

@@ -1,6 +1,6 @@
 """`kvshrink eval`: a task's problems through a cache policy, batched, W samples per problem, graded.
 
-Accounting (SPEC 7): `kv_reads`, `prefill_kv_reads` and `peak_kv_tokens` are per-problem means (a
+Accounting (docs/conventions.md): `kv_reads`, `prefill_kv_reads` and `peak_kv_tokens` are per-problem means (a
 problem's peak is the max over time of its W samples' live tokens summed); `compression_ratio` is the
 reads-based ratio over all generated tokens; `cache_bytes` the largest batch's peak allocation.
 """
@@ -27,8 +27,9 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
              batch_size: int = 8, first: int = 0, progress: bool = False, sinks: int | None = None,
              lengths: list[int] | None = None, widths: list[int] | None = None) -> dict:
     """Accuracy (majority vote of `width` samples) and cost of `problems` problems. Greedy when
-    temperature == 0 (then width > 1 repeats one answer). Returns the JSON of SPEC section 6 plus
-    `pass_at_w` and per-problem `results`. `first` starts at a later problem (to split a run).
+    temperature == 0 (then width > 1 repeats one answer). Returns the accuracy and its 95% interval
+    (`accuracy_interval`), `pass_at_w`, the costs (docs/conventions.md) and per-problem `results` (all but these
+    are what `kvshrink eval --json` prints). `first` starts at a later problem (to split a run).
 
     lengths, widths: also what every shorter L (<= max_new_tokens) and smaller W (<= width) would have given,
     read off this run (`nested_points`): a generation stopped at L tokens is this one's first L tokens, and the
@@ -72,7 +73,8 @@ def evaluate(model, tokenizer, task: str, policy=None, *, cr: float | None = Non
     return {
         "task": task, "difficulty": items[0].difficulty, "policy": pol.describe()["policy"], "width": width,
         "max_new_tokens": max_new_tokens, "problems": n,
-        "accuracy": sum(r["correct"] for r in results) / n, "pass_at_w": sum(r["any_correct"] for r in results) / n,
+        "accuracy": sum(r["correct"] for r in results) / n, "accuracy_interval": wilson_interval(sum(r["correct"] for r in results), n),
+        "pass_at_w": sum(r["any_correct"] for r in results) / n,
         "kv_reads": totals["kv_reads"] / n, "prefill_kv_reads": totals["prefill_kv_reads"] / n,
         "peak_kv_tokens": totals["peak_kv_tokens"] / n, "cache_bytes": cache_bytes,
         "compression_ratio": totals["vanilla_kv_reads"] / totals["kv_reads"] if totals["kv_reads"] else 1.0,
@@ -110,6 +112,14 @@ def nested_points(tokenizer, traces: list, width: int, lengths: list[int], width
                         "kv_reads": reads / n, "prefill_kv_reads": prefill / n, "peak_kv_tokens": peak / n,
                         "compression_ratio": vanilla / reads if reads else 1.0})
     return out
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> list[float]:
+    """The 95% (Wilson score) interval of a proportion k / n: unlike the normal approximation it stays honest at
+    the few problems a quick run has (8 of 8 right is 0.68-1.00, not 1.00 +- 0)."""
+    p, scale = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / scale, z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / scale
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def _jsonable(answer):

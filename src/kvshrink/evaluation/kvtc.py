@@ -53,7 +53,7 @@ def evaluate_model(model, tokenizer, calib: Calibration, ratios, task: str, prob
     `ratio` counts the whole cache, window included, against a vanilla fp16 cache of the same tokens;
     `middle_ratio` only the compressed middle (the paper's headline); KVTC's speeds are fp16-equivalent
     MB per second of compress / decompress; `correct` lists each problem's grade (for paired comparisons).
-    prefix_tokens: prepend solved problems up to this many tokens (SPEC 7: >= 512 for arith)."""
+    prefix_tokens: prepend solved problems up to this many tokens (>= 512 for arith)."""
     policy = for_model(model)
     items = make_problems(task, problems, seed=seed, difficulty=difficulty, first=first)
     prompts = _task_prompts(tokenizer, task, items, prefix_tokens, seed)

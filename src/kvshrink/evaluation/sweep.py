@@ -1,4 +1,4 @@
-"""`kvshrink sweep`: the hyper-scaling grid (SPEC section 4) and its Pareto frontiers.
+"""`kvshrink sweep`: the hyper-scaling grid and its Pareto frontiers.
 
 Grid: tasks x policies x CR x L (max new tokens) x W (samples per problem, majority vote). `none` runs
 at CR 1 only; every other policy at CR > 1; `dms` uses the DMS model trained for that CR (the config's
@@ -124,14 +124,14 @@ def point_key(p: dict) -> str:
     return json.dumps([p.get(k) for k in ("task", "policy", "cr", "model", "L", "W", "problems", "seed", "temperature", "top_p")])
 
 
-def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device: str = "auto") -> list[dict]:
+def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device: str = "auto", dtype: str = "auto") -> list[dict]:
     """Run the missing points (grouped by model, loaded once each); return all points' results."""
     done = {point_key(row): row for row in read_jsonl(points_file)}
     todo = [p for p in cfg.points() if point_key(p) not in done]
     bar = progress_bar(progress, "sweep", len(cfg.points()), len(cfg.points()) - len(todo))
     points_file.parent.mkdir(parents=True, exist_ok=True)
     for model_name in dict.fromkeys(p["model"] for p in todo):
-        model, tok = load(model_name, device=device)
+        model, tok = load(model_name, device=device, dtype=dtype)
         runs = [[q] for q in todo if q["model"] == model_name]
         if cfg.nested:  # one run per (task, policy, CR) covers its every L and W
             runs = [[q for q in todo if _run_of(q) == key] for key in dict.fromkeys(_run_of(q) for q in todo if q["model"] == model_name)]

@@ -2,7 +2,7 @@
 
 A `KVCache` keeps each (sequence, KV head) row's tokens in reusable slots, in any order. KVTC wants,
 per layer, (1, Hkv, T, D) keys and values in position order and, where a DMS cache evicted some
-(layer, head, token) slots, a (Hkv, T) live mask (SPEC 7). `export_cache` flattens one row into that
+(layer, head, token) slots, a (Hkv, T) live mask (docs/conventions.md). `export_cache` flattens one row into that
 layout; `restore_cache` builds a one-row cache in the state a prefill of the same tokens leaves, so
 generation goes on from it as if it had prefilled them.
 

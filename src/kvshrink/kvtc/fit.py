@@ -28,7 +28,7 @@ from .pca import cache_features
 CALIBRATION_SEED = 1_000_000
 
 
-def calibrate(model_name, out_path, tokens: int = 100_000, ratios=(4, 8, 16, 32, 64), device: str = "auto", *,
+def calibrate(model_name, out_path, tokens: int = 100_000, ratios=(4, 8, 16, 32, 64), device: str = "auto", dtype: str = "auto", *,
               seq_len: int = 1024, rank: int | None = None, dp_rows: int = 4096, seed: int = 0) -> Path:
     """Fit a calibration on `tokens` token positions (sinks left out) and save it to `out_path`.
 
@@ -39,7 +39,7 @@ def calibrate(model_name, out_path, tokens: int = 100_000, ratios=(4, 8, 16, 32,
         raise KVShrinkError(f"--tokens must be at least {dp_rows} (got {tokens}); the paper calibrates on ~100K")
     if not Path(out_path).parent.is_dir():
         raise KVShrinkError(f"--out {out_path}: folder {Path(out_path).parent} does not exist; create it first")
-    model, tokenizer = load(model_name, device=device)
+    model, tokenizer = load(model_name, device=device, dtype=dtype)
     identity = ModelIdentity.from_model(model)
     rows = torch.empty(2, tokens, identity.features)  # key features, value features
     filled = 0

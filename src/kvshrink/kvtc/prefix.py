@@ -1,4 +1,4 @@
-"""Generation that restores stored prompt prefixes instead of recomputing them (KVTC's use, SPEC 5).
+"""Generation that restores stored prompt prefixes instead of recomputing them (KVTC's use).
 
 One prompt at a time (batch 1): the longest stored prefix of its tokens is decompressed into a
 `KVCache`, only the rest is prefilled, and after generating, the prompt's own cache is compressed and

@@ -24,7 +24,7 @@ import torch
 from ..errors import KVShrinkError
 from .state import PolicyState
 
-#: prompt chunk length for policies that evict while the prompt goes through (SPEC 7: 16)
+#: prompt chunk length for policies that evict while the prompt goes through (16: docs/conventions.md)
 EVICTION_CHUNK = 16
 
 

@@ -1,7 +1,7 @@
 """Training-free eviction to a token budget: the shared rule of TOVA, H2O and the StreamingLLM window.
 
-SPEC 7: every (sequence, KV head) row keeps at most ceil(t / CR) tokens, t = the sequence's real tokens
-seen so far, enforced after every decode step and after each 16-token prefill chunk (the prompt is
+The baselines' prompt rule (docs/conventions.md): every (sequence, KV head) row keeps at most ceil(t / CR)
+tokens, t = the sequence's real tokens seen so far, enforced after every decode step and after each 16-token prefill chunk (the prompt is
 processed in chunks of 16, evicting between them as in decode). A policy only says which tokens are
 worth keeping (`keep_scores`); the cache frees the lowest-scoring live slots.
 """

@@ -5,7 +5,7 @@ Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inferen
 each page keeps the channel-wise max and min of its keys, so q . k <= sum_c max(q_c max_c, q_c min_c)
 bounds every key in it. A query reads the top pages by that bound (averaged over the KV head's query
 heads) that fit its token budget ceil(t / CR), the current page always included. Memory is not saved;
-reads are, minus the two summary vectors per page that the selection itself reads (SPEC 7 counts them
+reads are, minus the two summary vectors per page that the selection itself reads (docs/conventions.md counts them
 in `kv_reads`, so Quest's achieved ratio sits below the nominal CR). The prompt is read densely, as in
 the paper.
 

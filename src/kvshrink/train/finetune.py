@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import KVShrinkError, out_folder
-from ..loading import device_label, load, warn_if_slow_cpu_bf16
+from ..loading import device_label, load
 from ..prompts import chat_prompt
 from ..tasks import TASKS, task_module
 from ..zoo import folder_of
 from .checkpoints import Checkpoints, restore, write_atomically
-from .loop import Loop, setting, train_loop
+from .loop import DTYPE_HELP, Loop, bf16_autocast, check_training_dtype, setting, train_loop
 
 # difficulty ranges drawn in training: below and above each task's default (4, 4, 2, 3)
 DIFFICULTIES = {"arith": (2, 12), "vt": (1, 8), "niah": (1, 4), "hops": (1, 6)}
@@ -36,9 +36,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class FinetuneConfig:
     """A fine-tune's settings; each field is also an option of `kvshrink zoo finetune` (its help is the field's)."""
 
-    out: str = setting(help="run folder: checkpoints, metrics.jsonl, lora/")
-    base: str = setting("smollm2", "model to adapt (a shipped name or a local folder)")
-    tasks: str = setting("arith,vt,niah,hops", "comma-separated task mixture, each NAME or NAME:WEIGHT (e.g. arith:3,vt:3,niah,hops)")
+    out: str = setting(help="run folder: checkpoints, metrics.jsonl, lora/", metavar="DIR")
+    base: str = setting("smollm2", "model to adapt: a shipped name or a local HF folder", "MODEL")
+    tasks: str = setting("arith,vt,niah,hops", "comma-separated task mixture, each NAME or NAME:WEIGHT (e.g. arith:3,vt:3,niah,hops)", "NAMES")
     steps: int = setting(600, "optimizer steps")
     batch_size: int = setting(4, "problems per step")
     lr: float = setting(5e-4, "AdamW peak learning rate: linear warm-up over --warmup steps, then cosine decay to a tenth")
@@ -50,9 +50,9 @@ class FinetuneConfig:
     seed: int = setting(0, "training problem stream")
     max_minutes: float | None = setting(None, "wall-clock ceiling: checkpoint and stop")
     resume: bool = setting(False, "continue from OUT/checkpoints/latest")
-    device: str = setting("auto", "auto | cpu | cuda")
-    bf16: bool = setting(False, "bf16 autocast, fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16 or AMX, far slower on others (warned)")
-    init_from: str | None = setting(None, "start from this fine-tune's adapter (a shipped name or folder): a second stage")
+    device: str = setting("auto", "auto | cpu | cuda", "DEVICE")
+    dtype: str = setting("auto", DTYPE_HELP, "DTYPE")
+    init_from: str | None = setting(None, "start from this fine-tune's adapter (a shipped name or folder): a second stage", "MODEL")
 
     def __post_init__(self):
         mixture = parse_tasks(self.tasks)
@@ -65,6 +65,7 @@ class FinetuneConfig:
             raise KVShrinkError(f"--lr must be > 0 and --warmup >= 0 (got {self.lr}, {self.warmup})")
         if self.max_context < 128:
             raise KVShrinkError(f"--max-context must be >= 128 (got {self.max_context})")
+        check_training_dtype(self.dtype)
 
 
 def parse_tasks(spec: str) -> dict[str, float]:
@@ -148,8 +149,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     resume_from = checkpoints.resume_point(cfg.resume, "fine-tune")
     model, tokenizer = load(cfg.base, device=cfg.device, dtype="float32")
     device = next(model.parameters()).device
-    if cfg.bf16 and device.type == "cpu":
-        warn_if_slow_cpu_bf16("--bf16", "fp32 (leave out --bf16)")
+    bf16 = bf16_autocast(cfg.dtype, device)
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -168,7 +168,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     def train_step(step: int) -> dict:
         """One AdamW step on `batch_size` fresh problems (a function of the step: nothing else to resume)."""
         examples = [training_example(cfg, step * cfg.batch_size + j, tokenizer) for j in range(cfg.batch_size)]
-        loss, token_acc = accumulate_step(model, examples, device, cfg.bf16)
+        loss, token_acc = accumulate_step(model, examples, device, bf16)
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

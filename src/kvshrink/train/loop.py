@@ -13,14 +13,39 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..errors import KVShrinkError
 from ..jsonl import append_jsonl, keep_jsonl
 from ..progress import advance, progress_bar, stop
 
 
-def setting(default=MISSING, help: str = ""):
-    """A config field that is also a command-line option: `help` is its --help text (the CLI builds the
-    option from the field)."""
-    return field(default=default, metadata={"help": help})
+def setting(default=MISSING, help: str = "", metavar: str | None = None):
+    """A config field that is also a command-line option: `help` is its --help text and `metavar` the name of
+    its value there (the CLI builds the option from the field)."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
+
+
+DTYPE_HELP = "auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 (autocast, fp32 master weights: ~1.5x faster " \
+             "on CPUs with AVX512-BF16 or AMX, far slower on others: warned)"
+
+
+def check_training_dtype(dtype: str) -> None:
+    """Training computes in fp32 or bf16 autocast over fp32 master weights; float16 would need loss scaling."""
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise KVShrinkError(f"--dtype must be auto, float32 or bfloat16 for training (got {dtype!r})")
+
+
+def recorded_dtype(settings: dict) -> str:
+    """A run's --dtype as its settings file records it; files from before --dtype hold `bf16` (true: bfloat16)."""
+    return settings.get("dtype") or ("bfloat16" if settings.get("bf16") else "auto")
+
+
+def bf16_autocast(dtype: str, device) -> bool:
+    """Whether a run computes in bf16 autocast: --dtype bfloat16 (warned on CPUs without native bf16), or auto on CUDA."""
+    import torch
+
+    from ..loading import resolve_dtype
+
+    return resolve_dtype(dtype, torch.device(device)) == torch.bfloat16
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The retrofit's losses: KL(student || teacher) and the compression term, with their weights and noise.
 
-SPEC section 2: loss = KL(student || teacher) averaged over tokens + mean over sequences of
+The paper's objective: loss = KL(student || teacher) averaged over tokens + mean over sequences of
 clamp(target flag rate - mean hard flag, 0), the flag rate aimed at being 1 - 1/CR (`flag_rate_for` keeps
 the older reads-based aim).
 """

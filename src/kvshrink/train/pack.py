@@ -1,7 +1,8 @@
 """Packing a finished run into a model folder that `kvshrink.load` takes by path, or by name once it sits in
 the zoo's `models/` (`kvshrink.zoo`): a manifest, the adapter (never the base weights) and a model card.
 
-The run's logs and settings (metrics.jsonl, retrofit.json / finetune.json, export.json) are not part of a
+The run's logs and settings (metrics.jsonl, retrofit.json / finetune.json, export.json, earlier-stage.md: the
+card of the model a second stage started from) are not part of a
 model: `provenance`, when given, is the folder they are copied to (the repository keeps them in
 `docs/results/zoo/<name>/`), with the run's own folder paths shown as `runs/...`.
 """
@@ -42,8 +43,25 @@ def pack_adapter(run_dir: Path, dest: Path, base: str, provenance: Path | None =
     (dest / MANIFEST).write_text(json.dumps({"base": base, "dms": cfg.as_dict()}, indent=1))
     if (Path(run_dir) / "retrofit.json").is_file():
         (dest / "README.md").write_text(retrofit_card(dest.name, Path(run_dir), base))
-    _copy_provenance(run_dir, provenance, ("metrics.jsonl", "retrofit.json", "export.json"))
+    _copy_provenance(run_dir, provenance, ("metrics.jsonl", "retrofit.json", "export.json", "earlier-stage.md"))
     return dest
+
+
+def pack_exports(run_dir: Path, dest: Path, base: str, provenance: Path | None = None) -> list[Path]:
+    """Each model a ramp saved as it passed a CR (--export-at: RUN/cr-<CR>) packed like a finished run, to
+    `dest`-dms<CR> (logs to `provenance`-dms<CR>): its card states the steps up to its own, not the run's."""
+    run_dir, packed = Path(run_dir), []
+    for export in sorted(run_dir.glob("cr-*")):
+        if not export.is_dir() or export.name.endswith(".tmp"):
+            continue
+        step = json.loads((export / "export.json").read_text())["step"]
+        rows = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+        (export / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+        shutil.copy(run_dir / "retrofit.json", export / "retrofit.json")
+        suffix = f"-dms{export.name[3:]}"
+        target = dest.with_name(dest.name + suffix)
+        packed.append(pack_adapter(export, target, base, provenance and provenance.with_name(provenance.name + suffix)))
+    return packed
 
 
 def pack_lora(run_dir: Path, dest: Path, base: str, provenance: Path | None = None) -> Path:
@@ -59,7 +77,7 @@ def pack_lora(run_dir: Path, dest: Path, base: str, provenance: Path | None = No
     (dest / MANIFEST).write_text(json.dumps({"base": base, "lora": "lora"}, indent=1))
     if (Path(run_dir) / "finetune.json").is_file():
         (dest / "README.md").write_text(finetune_card(dest.name, Path(run_dir)))
-    _copy_provenance(run_dir, provenance, ("metrics.jsonl", "finetune.json"))
+    _copy_provenance(run_dir, provenance, ("metrics.jsonl", "finetune.json", "earlier-stage.md"))
     return dest
 
 

