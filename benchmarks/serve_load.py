@@ -83,7 +83,7 @@ def task_prompts(tok, n: int, tokens: int) -> list[list[dict]]:
     return prompts
 
 
-STORES = {"default": None, "paged": True, "contiguous": False}  # --store: the server's --paged / --contiguous
+STORES = {"default": None, "paged": True, "contiguous": False}  # --store: the server's --paged / --no-paged
 
 
 @contextlib.contextmanager
@@ -103,7 +103,7 @@ def serving(name: str, model, tok, args):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kvshrink", "serve", name, "--port", str(port), "--kv-budget-mb",
                              str(args.kv_budget_mb), "--max-batch", str(args.requests),
-                             *({"paged": ["--paged"], "contiguous": ["--contiguous"]}.get(args.store, []))], stdout=subprocess.DEVNULL)
+                             *({"paged": ["--paged"], "contiguous": ["--no-paged"]}.get(args.store, []))], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+if not torch.cuda.is_available():  # Triton kernels are defined in interpreter mode or not at all: before any import of them
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Studies inside tests (SmolLM2 loads, retrofits of 100+ steps, multi-process launches, building the wheel): marked
 # `slow`, so that `pytest -m "not slow"` is the fast unit suite; `make test` runs both.

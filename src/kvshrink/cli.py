@@ -356,8 +356,8 @@ def serve(
     cr: Optional[float] = number(None, "compression ratio for tova, h2o or window"),
     max_batch: int = count(64, "most sequences decoded together"),
     prefill_chunk: int = count(256, "prompt tokens read per step between the running batch's decode steps"),
-    paged: Optional[bool] = typer.Option(None, "--paged/--contiguous", help="keys and values in blocks that follow each "
-                                         "sequence's live tokens, or one row per sequence (default: paged when the policy evicts)"),
+    paged: Optional[bool] = typer.Option(None, "--paged/--no-paged", help="keys and values in blocks that follow each "
+                                         "sequence's live tokens, or one contiguous row per sequence (default: paged when the policy evicts)"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
 ):
