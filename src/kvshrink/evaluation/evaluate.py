@@ -90,17 +90,20 @@ def nested_points(tokenizer, traces: list, width: int, lengths: list[int], width
     prompt and those steps. The first W samples vote."""
     out = []
     for length in lengths:
+        # each sample's answer at L, read once for every W
+        answers = [[extract_answer(tokenizer.decode(t[:length], skip_special_tokens=True), chunk[j // width].kind)
+                    for j, t in enumerate(tokens)] for chunk, tokens, _ in traces]
         for w in widths:
             correct, hit, reads, vanilla, prefill, peak = [], 0, 0.0, 0.0, 0.0, 0.0
-            for chunk, tokens, per_seq in traces:
+            for (chunk, tokens, per_seq), batch_answers in zip(traces, answers):
                 steps = per_seq["read_trace"][:, :length - 1]
                 row_reads = per_seq["first_kv_reads"] + steps.sum(1)
                 made = torch.tensor([min(len(t), length) for t in tokens], dtype=torch.float64)
                 for i, p in enumerate(chunk):
                     rows = slice(i * width, i * width + w)
-                    answers = [extract_answer(tokenizer.decode(t[:length], skip_special_tokens=True), p.kind) for t in tokens[rows]]
-                    correct.append(majority_vote(answers) == p.answer)
-                    hit += p.answer in answers
+                    voters = batch_answers[rows]
+                    correct.append(majority_vote(voters) == p.answer)
+                    hit += p.answer in voters
                     reads += float(row_reads[rows].sum())
                     vanilla += float(vanilla_reads(per_seq["prompt_tokens"][rows].to(torch.float64), made[rows]).sum())
                     prefill += float(per_seq["prefill_kv_reads"][i * width:(i + 1) * width].sum())  # read once per problem
