@@ -233,6 +233,9 @@ HEADER = ("| context | batch | DMS decisions | DMS store | HF default tok/s | de
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+TRIED = "## Decode attention over blocks: what was tried"
+
+
 def write_report(rows, meta, args):
     import matplotlib
 
@@ -284,7 +287,8 @@ def write_report(rows, meta, args):
         "",
     ]
     md = out / f"decode{tag}.md"
-    md.write_text("\n".join(text))
+    kept = md.read_text().partition(TRIED)[2] if md.exists() else ""  # the hand-written account survives a rerun
+    md.write_text("\n".join(text) + (f"\n{TRIED}{kept}" if kept else ""))
     print(f"wrote {md} and {png}")
 
 

@@ -37,27 +37,12 @@ from kvshrink.shapes import kv_head_dim
 
 ROOT = Path(__file__).resolve().parents[1]
 STORES = ("vanilla", "padded", "paged")
-TRIED = [
-    "## Decode attention over blocks: what was tried",
+NOTES = [
+    "The 3,072-token DMS rows run the two stores side by side, 16 decode steps each in turn, because the machine was "
+    "shared during the run; the vanilla row of that context is from an earlier run with nothing else running.",
     "",
-    "- Padded (the earlier layout): one SDPA call over (B, Hkv, S, D), S the fullest row's capacity. One kernel, "
-    "but every row reads S slots, and memory is rows x S.",
-    "- Paged, gather + per-row softmax (the first version): the blocks rows hold were gathered into one reused "
-    "buffer, scored per block in one batched product, and softmax-reduced per row. Alone it took 0.51 ms per layer "
-    "against SDPA's 1.78 ms over the padded rows (SmolLM2-like shapes, trained-like rates), but in the full model the "
-    "gather copied every live key and value once more per step (12% of the step in a profile) and decode was 15-18% "
-    "slower than padded.",
-    "- Paged, the pool read in place (`kvshrink.blocks.attend_blocks`, kept): each block is scored by the queries of "
-    "the row that holds it (the queries are gathered per block, M x D numbers against the block's block x D keys), "
-    "so no key or value is copied; free blocks belong to a row no query reads. On the random SmolLM2-shaped model "
-    "(trained-like rates, 8 x 3,072): 97.0 ms per step against padded's 100.7 (blocks of 32), 102.3 (blocks of 16), "
-    "97.4 (blocks of 64, 3% more bytes); blocks of 32 are the default. At 1,024 tokens the paged step is still about "
-    "5% slower than padded: there the per-layer bookkeeping outweighs the reads it saves.",
-    "- Fused mask (`baddbmm` of the per-block bias into the score product), in-place exp, fast paths when a step "
-    "takes or frees no block: kept, each within noise.",
-    "- The real-model point above runs the two DMS stores side by side, 16 decode steps each in turn, because the "
-    "machine was shared during the run; the vanilla row of that context is from an earlier run with nothing else running.",
-    "- Not tried: one fused CPU kernel; releasing empty blocks only when a block is needed.",
+    "How decode attention reads the blocks, and what else was tried: "
+    "[decode.md](decode.md#decode-attention-over-blocks-what-was-tried).",
 ]
 
 
@@ -155,7 +140,7 @@ def report(rows: list[dict], args) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=110)
-    lines += ["", "![memory](memory.png)", "", *TRIED, ""]
+    lines += ["", "![memory](memory.png)", "", *NOTES, ""]
     (out / "memory.md").write_text("\n".join(lines))
     print(f"wrote {out / 'memory.md'}")
 

@@ -239,10 +239,22 @@ def write_report(rows: list[dict], out: Path) -> None:
               "tokens/s, whole run (DMS / vanilla) |", "|---|---|---|---|---|---|---|---|"]
     for (pair, key), group in itertools.groupby(rows, key=lambda r: (r["pair"], load(r))):
         by_model = {r["model"]: r for r in group}
-        v, d = (by_model.get(m) for m in pair.split(":"))
+        v, d = (by_model.get(m) for m in pair.split(":")) if ":" in pair else (None, None)  # a lone model: no pair
         if v and d:
             lines.append(f"| {d['model']} / {v['model']} | {key[5]} | {key[4]} | {key[0]} | {key[1]} | {key[2]} | "
                          f"{d['max_concurrent'] / v['max_concurrent']:.1f}x | {d['tokens_per_second'] / v['tokens_per_second']:.2f}x |")
+    forced = [r for r in rows if r.get("store") == "contiguous"]
+    if forced:
+        lines += ["", "The same model and load on its default store (paged, for an evicting policy) and forced contiguous:", "",
+                  "| model | prompts | context | new tokens | clients | max concurrent (default / contiguous) | "
+                  "tokens/s, whole run (default / contiguous) |", "|---|---|---|---|---|---|---|"]
+        for c in forced:
+            same = [r for r in rows if not r.get("store") and r["model"] == c["model"]
+                    and load(r)[:5] == load(c)[:5] and r["server"] == c["server"].split(",")[0]]
+            for r in same:
+                lines.append(f"| {r['model']} | {r['text']} | {r['context']} | {r['max_tokens']} | {r['requests']} | "
+                             f"{r['max_concurrent']:.0f} / {c['max_concurrent']:.0f} | "
+                             f"{r['tokens_per_second']:.1f} / {c['tokens_per_second']:.1f} |")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in zip(axes, ("max_concurrent", "tokens_per_second"), ("sequences decoded together", "aggregate tokens/s")):
         for model, new, text, where in dict.fromkeys((r["model"], r["max_tokens"], r["text"], r["server"]) for r in rows):

@@ -78,3 +78,7 @@ def test_demo_quick_produces_table_png_and_consistent_costs(tmp_path):
     for r in rows:
         if "dms" in r["model"]:
             assert r["kv_reads"] < vanilla["kv_reads"] and r["compression_ratio"] > 1
+    budget = result["memory_budget"]  # each model's best within one memory budget, never above it
+    assert [r["model"] for r in budget["rows"]] == ["tiny", "tiny-dms8"] and (tmp_path / "budget.png").stat().st_size > 10_000
+    for r in budget["rows"]:
+        assert r["peak_kv_tokens"] <= budget["budget_peak_kv_tokens"] and r["interval"][0] <= r["accuracy"] <= r["interval"][1]

@@ -10,15 +10,16 @@ import pytest
 
 import kvshrink
 from kvshrink.errors import KVShrinkError
-from kvshrink.evaluation.sweep import SweepConfig, findings, matched_budgets, pareto, point_key, run_sweep, write_report
+from kvshrink.evaluation.frontiers import budget_view, frontier, paired_difference, precondition_table, verdicts
+from kvshrink.evaluation.sweep import SweepConfig, point_key, run_sweep, write_report
 from kvshrink.evaluation.evaluate import evaluate
 
 
-def test_pareto_equals_brute_force_definition():
+def test_frontier_equals_brute_force_definition():
     rng = random.Random(0)
     for _ in range(50):
         pts = [{"kv_reads": rng.randint(1, 20), "accuracy": rng.randint(0, 10) / 10} for _ in range(12)]
-        front = pareto(pts, "kv_reads")
+        front = frontier(pts, "kv_reads")
         best = {}
         for p in pts:  # brute force: the best accuracy reachable at each cost, kept where it improves
             best[p["kv_reads"]] = max(q["accuracy"] for q in pts if q["kv_reads"] <= p["kv_reads"])
@@ -27,37 +28,44 @@ def test_pareto_equals_brute_force_definition():
         assert not any(q["kv_reads"] <= p["kv_reads"] and q["accuracy"] > p["accuracy"] for p, q in itertools.product(front, pts))
 
 
-def test_findings_on_hand_computed_points():
-    def pt(policy, cr, L, acc, reads, peak, achieved=1.0, cache_bytes=100):
-        return {"task": "vt", "policy": policy, "cr": cr, "L": L, "W": 1, "problems": 16, "accuracy": acc, "kv_reads": reads,
-                "peak_kv_tokens": peak, "compression_ratio": achieved, "cache_bytes": cache_bytes}
+def pt(policy, cr, L, W, correct, reads, peak, achieved=1.0, cache_bytes=100):
+    return {"task": "vt", "policy": policy, "cr": cr, "L": L, "W": W, "problems": len(correct), "correct": correct,
+            "accuracy": sum(correct) / len(correct), "kv_reads": reads, "peak_kv_tokens": peak, "compression_ratio": achieved,
+            "cache_bytes": cache_bytes}
 
-    rows = [pt("none", 1, 96, 0.5, 100, 50), pt("none", 1, 192, 0.6, 200, 100), pt("none", 1, 384, 0.55, 400, 200),
-            pt("dms", 8, 96, 0.55, 20, 10), pt("dms", 8, 192, 0.4, 40, 20),
-            pt("tova", 8, 96, 0.3, 20, 10), pt("tova", 8, 192, 0.2, 40, 20),
-            pt("dms-immediate", 8, 96, 0.5, 20, 10),
-            pt("quest", 8, 96, 0.5, 50, 52, achieved=2.5, cache_bytes=110), pt("quest", 4, 96, 0.4, 60, 52, achieved=1.5)]
-    text = "\n".join(findings(rows))
-    # vanilla's frontier is (100, 0.5), (200, 0.6): its L = 384 point is dominated. DMS's best within 100
-    # reads (0.55) beats 0.5; within 200 it is still 0.55 < 0.6
-    assert ("at equal kv_reads: vanilla's frontier has 2 points; within each one's cost DMS reaches at least its accuracy "
-            "at 1 (mean DMS - vanilla +0.000); 0 cost less than any DMS point") in text
-    # 95% half-width by hand: 1.96 * sqrt(.55 * .45 / 16 + .3 * .7 / 16) = 0.3314...; 1.96 * sqrt(.4 * .6 / 16 + .2 * .8 / 16) = 0.3099...
-    assert ("DMS minus tova: +0.225 accuracy (mean over 2 (L, W) pairs; L 96, W 1: +0.250 \u00b1 0.331; "
-            "L 192, W 1: +0.200 \u00b1 0.310; 95% CI, 16 problems)") in text
-    assert "DMS minus dms-immediate: +0.050 accuracy (mean over 1 (L, W) pairs; L 96, W 1: +0.050 \u00b1 0.346" in text
-    assert "Quest at CR 8 vs vanilla (same L, W): 2.50x fewer reads (achieved CR), 1.10x vanilla's cache bytes, accuracy +0.000" in text
-    assert "Quest at CR 4 vs vanilla (same L, W): 1.50x fewer reads (achieved CR), 1.00x vanilla's cache bytes, accuracy -0.100" in text
-    assert "h2o" not in text  # no points, no claim
-    # at DMS-8's (96, 1) reads of 20: vanilla has nothing that cheap, TOVA-8 0.3, Quest-8 costs 50: nothing
-    table = matched_budgets(rows)
-    assert table[0] == "| task | cost | DMS 8x point (L, W) | its cost | DMS | vanilla | tova 8x | quest 8x |"
-    assert "| vt | kv_reads | (96, 1) | 20 | 0.550 | - | 0.300 | - |" in table
-    assert "| vt | peak_kv_tokens | (192, 1) | 20 | 0.400 | - | 0.300 | - |" in table  # tova's best within 20 tokens
-    assert matched_budgets([r for r in rows if r["policy"] != "dms"]) == []
-    # DMS points all cost more than vanilla's cheapest: nothing to compare there, and the line says so
-    costly = [dict(r, kv_reads=r["kv_reads"] * 50) if r["policy"] == "dms" else r for r in rows]
-    assert "(mean DMS - vanilla n/a); 2 cost less than any DMS point" in "\n".join(findings(costly))
+
+def test_paired_difference_by_hand():
+    a, b = pt("dms", 8, 64, 1, [1, 1, 0, 1], 10, 10), pt("none", 1, 64, 1, [1, 0, 0, 0], 10, 10)
+    diff, low, high = paired_difference(a, b)
+    # per-problem differences 0, 1, 0, 1: mean 0.5, sample sd sqrt(1/3), half-width 1.96 * sqrt(1/3) / 2
+    assert diff == 0.5 and high - diff == pytest.approx(1.96 * (1 / 3) ** 0.5 / 2) and diff - low == pytest.approx(high - diff)
+    with pytest.raises(ValueError):  # not the same problems
+        paired_difference(a, pt("none", 1, 64, 1, [1, 0], 10, 10))
+
+
+def test_verdicts_and_budget_view_on_hand_computed_points():
+    ten = lambda k: [1] * k + [0] * (10 - k)  # noqa: E731  (k of 10 problems right, the first k)
+    rows = [pt("none", 1, 32, 1, ten(0), 100, 50), pt("none", 1, 64, 1, ten(6), 200, 100), pt("none", 1, 64, 4, ten(8), 800, 400),
+            pt("dms", 8, 64, 1, ten(5), 40, 20), pt("dms", 8, 64, 4, ten(9), 150, 60),
+            pt("tova", 8, 64, 1, ten(1), 40, 20), pt("tova", 8, 64, 4, ten(3), 150, 60),
+            pt("dms-immediate", 8, 64, 1, ten(2), 40, 20),
+            pt("quest", 8, 64, 1, ten(6), 50, 110, achieved=4.0, cache_bytes=110)]
+    text = "\n".join(verdicts(rows))
+    # within 60 peak tokens vanilla's best is L 32 (0 right), DMS-8's is (64, 4), 9 right: +0.9; the differences are nine
+    # 1s and one 0, sample variance (9 * 0.1 ** 2 + 0.9 ** 2) / 9 = 0.1
+    half = 1.96 * 0.1 ** 0.5 / 10 ** 0.5
+    assert "DMS-8 0.90 (L 64, W 4) against vanilla's best 0.00 (L 32, W 1): +0.900 (95% paired " in text
+    assert f"+{0.9 - half:.3f} to +{0.9 + half:.3f}); meets the bar" in text
+    assert "DMS-8's frontier matches or beats 2 of 2 TOVA-8 points" in text
+    assert "the delayed model matches or beats 1 of 1 w = 0 points within their cost, strictly 1" in text
+    assert "Quest-8 against vanilla at the same (L, W): 4.00x fewer reads (achieved CR), 1.10x vanilla's cache bytes" in text
+    table = budget_view(rows, "peak_kv_tokens", [20, 100])
+    assert table[0].startswith("| peak KV tokens per problem at most | vanilla | DMS-8 | TOVA-8 | DMS-8 w=0 | Quest-8 |")
+    assert table[2] == "| 20 | - | 0.50 (L 64, W 1) | 0.10 (L 64, W 1) | 0.20 (L 64, W 1) | - | - |"
+    assert table[3].startswith("| 100 | 0.60 (L 64, W 1) | 0.90 (L 64, W 4) | 0.30 (L 64, W 4) | 0.20 (L 64, W 1) | - | +0.300 (")
+    pre = "\n".join(precondition_table(rows))
+    assert "| 32 | 0.00 | - |" in pre and "| 64 | 0.60 | 0.80 |" in pre
+    assert "longer chains: L 64 minus L 32 at W 1: +0.600" in pre and "more votes: W 4 minus W 1 at L 64: +0.200" in pre
 
 
 def test_sweep_none_equals_eval_and_resumes(tmp_path):
@@ -85,6 +93,21 @@ def test_a_finished_point_is_reused_only_under_the_same_settings():
         other = dataclasses.replace(cfg, **change).points()
         assert point_key(other[1]) != point_key(sampled)
     assert point_key(dataclasses.replace(cfg, temperature=0.9).points()[0]) == point_key(greedy)  # greedy ignores it
+    harder = dataclasses.replace(cfg, difficulties={"arith": 9}).points()
+    assert harder[0]["difficulty"] == 9 and "difficulty" not in greedy and point_key(harder[0]) != point_key(greedy)
+
+
+def test_a_sweep_at_a_set_difficulty_equals_eval_at_it(tmp_path):
+    """`difficulties` reaches the problems: the point is what `evaluate(..., difficulty=)` gives."""
+    cfg = SweepConfig(base="smollm2", tasks=["arith"], policies=["none"], crs=[1], lengths=[6], widths=[1], problems=2,
+                      difficulties={"arith": 9})
+    row, = run_sweep(cfg, tmp_path / "d.points.jsonl", progress=False)
+    model, tok = kvshrink.load("smollm2")
+    direct = evaluate(model, tok, "arith", "none", problems=2, max_new_tokens=6, difficulty=9)
+    plain = evaluate(model, tok, "arith", "none", problems=2, max_new_tokens=6)
+    assert row["difficulty"] == 9 and row["prefill_kv_reads"] == direct["prefill_kv_reads"] > plain["prefill_kv_reads"]
+    write_report([row], tmp_path / "d.md", "test")
+    assert "## arith (difficulty 9)" in (tmp_path / "d.md").read_text()
 
 
 def test_bad_sweep_config(tmp_path):

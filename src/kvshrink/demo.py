@@ -4,7 +4,11 @@
    `tiny-dms4`, `tiny-dms8`): accuracy with n and its 95% interval, achieved compression ratio, kv_reads,
    peak_kv_tokens, tokens/s. A demo runs few problems (8 per task): its intervals are wide, and the n = 200
    paired table is `docs/results/zoo.md`.
-2. Real text: `smollm2` vs `smollm2-dms8` continuing a held-out passage of the Python docs (compression
+2. Hyper-scaling at one memory budget: `arith` chains of 12 steps, each model sampled at every L and W (T = 0.7,
+   one run read off at each); the budget is the peak KV memory vanilla needs for one chain of 96 tokens, and each
+   model's best accuracy within it is shown with the (L, W) that reached it (`demo-output/budget.png`). The
+   n = 100 sweep behind it is `docs/results/hyperscaling.md`.
+3. Real text: `smollm2` vs `smollm2-dms8` continuing a held-out passage of the Python docs (compression
    ratio, cache bytes, tokens/s, agreement, the two continuations side by side).
 
 Writes `demo-output/demo.png` (accuracy vs KV reads, per task) and `demo-output/demo.json` (one key per section).
@@ -24,6 +28,10 @@ from .errors import KVShrinkError
 TASK_MODELS = ("tiny", "tiny-dms4", "tiny-dms8")
 TEXT_MODELS = ("smollm2", "smollm2-dms8")
 FULL_TABLE = "docs/results/zoo.md"
+BUDGET_MODELS = ("tiny", "tiny-dms8")
+BUDGET_TASK, BUDGET_DIFFICULTY, BUDGET_AT = "arith", 12, (96, 1)  # the budget: vanilla's peak memory at this (L, W)
+BUDGET_LENGTHS, BUDGET_WIDTHS = [32, 64, 96, 128, 160], [1, 2, 4]
+SWEEP_PAGE = "docs/results/hyperscaling.md"
 # measured on 2 CPU cores (docs/results/hyperscaling.md: 2-3 s per problem and model), plus loading and the text section
 RUN_TIME = "about 5 minutes on 2 CPU cores (--quick: about 1)"
 
@@ -141,6 +149,65 @@ def plot_tasks(rows: list[dict], png: Path) -> Path:
     return png
 
 
+def memory_budget(demo: Demo) -> dict:
+    """Vanilla's best within one peak-memory budget against DMS-8's best within it: what the saved memory buys."""
+    from rich.table import Table
+
+    from .evaluation.evaluate import evaluate, wilson_interval
+    from .evaluation.frontiers import best_within
+    from .loading import load
+
+    problems = max(2, demo.problems // 2)
+    grids = {}
+    for name in BUDGET_MODELS:
+        model, tok = load(name, device=demo.device, dtype=demo.dtype)
+        demo.console.print(f"[bold]{name}[/bold] on {BUDGET_TASK} at {BUDGET_DIFFICULTY} steps ({problems} problems, "
+                           f"L up to {BUDGET_LENGTHS[-1]}, W up to {BUDGET_WIDTHS[-1]})")
+        r = evaluate(model, tok, BUDGET_TASK, problems=problems, seed=0, difficulty=BUDGET_DIFFICULTY, width=BUDGET_WIDTHS[-1],
+                     max_new_tokens=BUDGET_LENGTHS[-1], temperature=0.7, top_p=0.95, batch_size=4 * BUDGET_WIDTHS[-1],
+                     lengths=BUDGET_LENGTHS, widths=BUDGET_WIDTHS, progress=True)
+        grids[name] = r["grid"]
+    budget = next(g["peak_kv_tokens"] for g in grids[BUDGET_MODELS[0]] if (g["L"], g["W"]) == BUDGET_AT)
+    best = {name: best_within(grid, "peak_kv_tokens", budget) for name, grid in grids.items()}
+    table = Table(title=f"{BUDGET_TASK} ({BUDGET_DIFFICULTY} steps): the best each model reaches within {budget:,.0f} peak KV "
+                        f"tokens per problem", caption=f"n = {problems}; the n = 100 sweep is {SWEEP_PAGE}")
+    for col in ("model", "accuracy [95%]", "chain length L", "votes W", "peak KV tokens"):
+        table.add_column(col)
+    rows = []
+    for name, p in best.items():
+        low, high = wilson_interval(sum(p["correct"]), p["problems"])
+        table.add_row(name, f"{sum(p['correct'])}/{p['problems']} [{low:.2f}, {high:.2f}]", str(p["L"]), str(p["W"]),
+                      f"{p['peak_kv_tokens']:,.0f}")
+        rows.append({"model": name, **{k: p[k] for k in ("L", "W", "accuracy", "peak_kv_tokens", "kv_reads")}, "interval": [low, high]})
+    demo.console.print(table)
+    png = plot_budget(rows, budget, demo.out_dir / "budget.png")
+    demo.console.print(f"plot: {png}")
+    return {"task": BUDGET_TASK, "difficulty": BUDGET_DIFFICULTY, "problems": problems, "budget_peak_kv_tokens": budget,
+            "rows": rows, "full_sweep": SWEEP_PAGE}
+
+
+def plot_budget(rows: list[dict], budget: float, png: Path) -> Path:
+    """One bar per model: its best accuracy within the budget, labelled with the (L, W) that reached it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    x = range(len(rows))
+    ax.bar(x, [100 * r["accuracy"] for r in rows], color=[f"C{i}" for i in x],
+           yerr=[[100 * (r["accuracy"] - r["interval"][0]) for r in rows], [100 * (r["interval"][1] - r["accuracy"]) for r in rows]],
+           capsize=4)
+    ax.set_xticks(list(x), [f"{r['model']}\nL = {r['L']}, W = {r['W']}" for r in rows])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (% of problems, 95% interval)")
+    ax.set_title(f"same memory: at most {budget:,.0f} peak KV tokens per problem", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def real_text(demo: Demo) -> dict | None:
     """Vanilla vs DMS continuing one held-out passage: cache size and speed, and where the continuations part."""
     if not demo.text_models:
@@ -168,4 +235,4 @@ def real_text(demo: Demo) -> dict | None:
         "runs": {n: {"text": r["text"], "stats": r["stats"]} for n, r in result["runs"].items()}}
 
 
-SECTIONS = (task_accuracy, real_text)
+SECTIONS = (task_accuracy, memory_budget, real_text)
