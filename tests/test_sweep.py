@@ -73,7 +73,11 @@ def test_sweep_none_equals_eval_and_resumes(tmp_path):
                       problems=2)
     assert [(p["policy"], p["cr"]) for p in cfg.points()] == [("none", 1), ("window", 4)]
     points = tmp_path / "h.points.jsonl"
+    assert run_sweep(cfg, points, progress=False, policies=[]) == []  # --report-only: nothing finished, nothing run
+    first = run_sweep(cfg, points, progress=False, policies=["none"])  # a staged sweep: vanilla first
+    assert [r["policy"] for r in first] == ["none"]
     rows = run_sweep(cfg, points, progress=False)
+    assert rows[0] == first[0]
     model, tok = kvshrink.load("smollm2")
     direct = evaluate(model, tok, "arith", "none", problems=2, max_new_tokens=6)
     for key in ("accuracy", "kv_reads", "prefill_kv_reads", "peak_kv_tokens", "compression_ratio"):

@@ -332,13 +332,18 @@ def sweep(
     out: Path = typer.Option(Path("docs/results/hyperscaling.md"), metavar="FILE", help="report; points are cached beside it (.points.jsonl)"),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    only: list[str] = typer.Option([], "--only", metavar="POLICY",
+                                   help="run only these policies' missing points (repeatable); the report has every finished point"),
+    report_only: bool = typer.Option(False, "--report-only", help="run nothing: write the report from the finished points"),
 ):
     """Hyper-scaling grid: tasks x policies x CR x L x W, resumable, with Pareto plots."""
     from .evaluation.sweep import SweepConfig, run_sweep, write_report
 
     cfg = SweepConfig.from_file(config)
-    rows = run_sweep(cfg, out.with_suffix(".points.jsonl"), device=device, dtype=dtype)
-    for png in write_report(rows, out, f"kvshrink sweep --config {config} --out {out}"):
+    rows = run_sweep(cfg, out.with_suffix(".points.jsonl"), device=device, dtype=dtype,
+                     policies=[] if report_only else (only or None))
+    partial = "" if len(rows) == len(cfg.points()) else f" ({len(rows)} of {len(cfg.points())} points so far)"
+    for png in write_report(rows, out, f"kvshrink sweep --config {config} --out {out}{partial}"):
         print(png)
     print(out)
 

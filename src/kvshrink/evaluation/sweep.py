@@ -131,10 +131,12 @@ def point_key(p: dict) -> str:
     return json.dumps([p.get(k) for k in keys] + ([p["difficulty"]] if p.get("difficulty") is not None else []))
 
 
-def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device: str = "auto", dtype: str = "auto") -> list[dict]:
-    """Run the missing points (grouped by model, loaded once each); return all points' results."""
+def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device: str = "auto", dtype: str = "auto",
+              policies: list[str] | None = None) -> list[dict]:
+    """Run the missing points (grouped by model, loaded once each), or only those of `policies` (a staged sweep:
+    the points that matter most first); return the results of every finished point of the grid, in its order."""
     done = {point_key(row): row for row in read_jsonl(points_file)}
-    todo = [p for p in cfg.points() if point_key(p) not in done]
+    todo = [p for p in cfg.points() if point_key(p) not in done and (policies is None or p["policy"] in policies)]
     bar = progress_bar(progress, "sweep", len(cfg.points()), len(cfg.points()) - len(todo))
     points_file.parent.mkdir(parents=True, exist_ok=True)
     for model_name in dict.fromkeys(p["model"] for p in todo):
@@ -148,7 +150,7 @@ def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device
                 done[point_key(row)] = row
                 advance(bar, info=f"{row['task']} {row['policy']} CR {row['cr']:g} L {row['L']} W {row['W']}: acc {row['accuracy']:.2f}")
     stop(bar)
-    return [done[point_key(p)] for p in cfg.points()]
+    return [done[point_key(p)] for p in cfg.points() if point_key(p) in done]
 
 
 def _run_of(p: dict) -> tuple:
