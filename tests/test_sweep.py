@@ -86,7 +86,7 @@ def test_sweep_none_equals_eval_and_resumes(tmp_path):
     before = points.read_text()
     assert run_sweep(cfg, points, progress=False) == rows and points.read_text() == before  # nothing rerun
     pngs = write_report(rows, tmp_path / "h.md", "test")
-    assert all(p.stat().st_size > 10_000 for p in pngs) and "| window | 4 |" in (tmp_path / "h.md").read_text()
+    assert all(p.stat().st_size > 10_000 for p in pngs) and "| Window-4 | smollm2 | 6 | 1 |" in (tmp_path / "h.md").read_text()
 
 
 def test_a_finished_point_is_reused_only_under_the_same_settings():
