@@ -144,8 +144,10 @@ def verdicts(rows: list[dict]) -> list[str]:
     by = methods(rows)
     lines = []
     dms = {n: pts for n, pts in by.items() if n.startswith("DMS-") and "w=0" not in n}
+    if not dms:
+        lines.append("- No DMS point measured yet.")
     for cost in COSTS:
-        if "vanilla" not in by:
+        if "vanilla" not in by or not dms:
             break
         gains = [(n, largest_gain(pts, by["vanilla"], cost)) for n, pts in dms.items()]
         gains = [(n, g) for n, g in gains if g is not None]
