@@ -33,7 +33,7 @@ BUDGET_TASK, BUDGET_DIFFICULTY, BUDGET_AT = "arith", 12, (96, 1)  # the budget: 
 BUDGET_LENGTHS, BUDGET_WIDTHS = [32, 64, 96, 128, 160], [1, 2, 4]
 SWEEP_PAGE = "docs/results/hyperscaling.md"
 # measured on 2 CPU cores (docs/results/hyperscaling.md: 2-3 s per problem and model), plus loading and the text section
-RUN_TIME = "about 5 minutes on 2 CPU cores (--quick: about 1)"
+RUN_TIME = "about 5 minutes on 2 CPU cores (--quick: under 2)"
 
 
 @dataclass
