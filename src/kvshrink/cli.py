@@ -334,7 +334,8 @@ def sweep(
     dtype: str = DTYPE_OPTION,
     only: list[str] = typer.Option([], "--only", metavar="POLICY",
                                    help="run only these policies' missing points (repeatable); the report has every finished point"),
-    report_only: bool = typer.Option(False, "--report-only", help="run nothing: write the report from the finished points"),
+    report_only: bool = typer.Option(False, "--report-only/--no-report-only",
+                                     help="run nothing: write the report from the finished points"),
 ):
     """Hyper-scaling grid: tasks x policies x CR x L x W, resumable, with Pareto plots."""
     from .evaluation.sweep import SweepConfig, run_sweep, write_report
