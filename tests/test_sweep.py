@@ -10,7 +10,7 @@ import pytest
 
 import kvshrink
 from kvshrink.errors import KVShrinkError
-from kvshrink.evaluation.frontiers import budget_view, frontier, paired_difference, precondition_table, verdicts
+from kvshrink.evaluation.frontiers import budget_ranges, budget_view, frontier, paired_difference, precondition_table, verdicts
 from kvshrink.evaluation.sweep import SweepConfig, point_key, run_sweep, write_report
 from kvshrink.evaluation.evaluate import evaluate
 
@@ -56,9 +56,14 @@ def test_verdicts_and_budget_view_on_hand_computed_points():
     half = 1.96 * 0.1 ** 0.5 / 10 ** 0.5
     assert "DMS-8 0.90 (L 64, W 4) against vanilla's best 0.00 (L 32, W 1): +0.900 (95% paired " in text
     assert f"+{0.9 - half:.3f} to +{0.9 + half:.3f}); meets the bar" in text
+    # at 100 vanilla's best is (64, 1), 6 right, against DMS-8's 9: +0.3 (low +0.0006); at 400, 8 against 9: +0.1 (low < 0)
+    assert "Budgets where it holds: DMS-8: from 50 up to 400 (vanilla's cheapest point: 50)." in text
     assert "DMS-8's frontier matches or beats 2 of 2 TOVA-8 points" in text
     assert "the delayed model matches or beats 1 of 1 w = 0 points within their cost, strictly 1" in text
     assert "Quest-8 against vanilla at the same (L, W): 4.00x fewer reads (achieved CR), 1.10x vanilla's cache bytes" in text
+    steps = [{"budget": b, "ok": ok} for b, ok in [(1, False), (2, True), (3, True), (5, False), (8, True)]]
+    assert budget_ranges(steps, lambda s: s["ok"]) == "from 2 up to 5; from 8 on"
+    assert budget_ranges(steps[:1], lambda s: s["ok"]) == "none"
     table = budget_view(rows, "peak_kv_tokens", [20, 100])
     assert table[0].startswith("| peak KV tokens per problem at most | vanilla | DMS-8 | TOVA-8 | DMS-8 w=0 | Quest-8 |")
     assert table[2] == "| 20 | - | 0.50 (L 64, W 1) | 0.10 (L 64, W 1) | 0.20 (L 64, W 1) | - | - |"
@@ -99,6 +104,8 @@ def test_a_finished_point_is_reused_only_under_the_same_settings():
     assert point_key(dataclasses.replace(cfg, temperature=0.9).points()[0]) == point_key(greedy)  # greedy ignores it
     harder = dataclasses.replace(cfg, difficulties={"arith": 9}).points()
     assert harder[0]["difficulty"] == 9 and "difficulty" not in greedy and point_key(harder[0]) != point_key(greedy)
+    two = dataclasses.replace(cfg, difficulties={"arith": [9, 10]}).points()
+    assert [p["difficulty"] for p in two] == [9, 9, 10, 10] and len({point_key(p) for p in two}) == 4
 
 
 def test_a_sweep_at_a_set_difficulty_equals_eval_at_it(tmp_path):

@@ -64,18 +64,36 @@ def frontier(points: list[dict], cost: str) -> list[dict]:
     return front
 
 
-def largest_gain(mine: list[dict], theirs: list[dict], cost: str) -> dict | None:
-    """Over every budget where both methods have a point (each of `mine`'s costs), the one where `mine`'s best
-    beats `theirs`' best by the most: {budget, mine, theirs, diff, low, high}."""
-    best = None
-    for budget in sorted({p[cost] for p in mine}):
+def gains(mine: list[dict], theirs: list[dict], cost: str) -> list[dict]:
+    """`mine`'s best minus `theirs`' best within every budget where both have a point, the budgets being the
+    costs of either method's points (between two of them neither best changes): [{budget, mine, theirs, diff,
+    low, high}], cheapest first."""
+    out = []
+    for budget in sorted({p[cost] for p in mine + theirs}):
         a, b = best_within(mine, cost, budget), best_within(theirs, cost, budget)
-        if a is None or b is None:
-            continue
-        diff, low, high = paired_difference(a, b)
-        if best is None or (low, diff) > (best["low"], best["diff"]):
-            best = {"budget": budget, "mine": a, "theirs": b, "diff": diff, "low": low, "high": high}
-    return best
+        if a is not None and b is not None:
+            diff, low, high = paired_difference(a, b)
+            out.append({"budget": budget, "mine": a, "theirs": b, "diff": diff, "low": low, "high": high})
+    return out
+
+
+def meets_bar(gain: dict) -> bool:
+    """The issue's bar: at least 5 points above, with the paired 95% interval above 0."""
+    return gain["diff"] >= 0.05 and gain["low"] > 0
+
+
+def budget_ranges(steps: list[dict], holds) -> str:
+    """The budgets where `holds(step)` is true, as ranges: a step's verdict stands until the next step's budget."""
+    ranges, start = [], None
+    for i, step in enumerate(steps):
+        if holds(step) and start is None:
+            start = step["budget"]
+        if start is not None and i + 1 == len(steps):
+            ranges.append(f"from {start:,.0f} on")
+        elif start is not None and not holds(steps[i + 1]):
+            ranges.append(f"from {start:,.0f} up to {steps[i + 1]['budget']:,.0f}")
+            start = None
+    return "; ".join(ranges) if ranges else "none"
 
 
 def dominated_by(mine: list[dict], theirs: list[dict], cost: str) -> tuple[int, int]:
@@ -149,16 +167,17 @@ def verdicts(rows: list[dict]) -> list[str]:
     for cost in COSTS:
         if "vanilla" not in by or not dms:
             break
-        gains = [(n, largest_gain(pts, by["vanilla"], cost)) for n, pts in dms.items()]
-        gains = [(n, g) for n, g in gains if g is not None]
-        if not gains:
-            lines.append(f"- {cost}: vanilla has no point within any DMS point's budget.")
+        steps = {n: gains(pts, by["vanilla"], cost) for n, pts in dms.items()}
+        steps = {n: s for n, s in steps.items() if s}
+        if not steps:
+            lines.append(f"- {COSTS[cost]}: vanilla has no point within any DMS point's budget.")
             continue
-        n, g = max(gains, key=lambda x: (x[1]["low"], x[1]["diff"]))
-        met = g["diff"] >= 0.05 and g["low"] > 0
+        n, g = max(((n, g) for n, s in steps.items() for g in s), key=lambda x: (x[1]["low"], x[1]["diff"]))
         lines.append(f"- DMS vs vanilla, {COSTS[cost]}: largest gain within one budget ({g['budget']:,.0f}): {n} "
                      f"{where(g['mine'])} against vanilla's best {where(g['theirs'])}: {g['diff']:+.3f} (95% paired "
-                     f"{g['low']:+.3f} to {g['high']:+.3f}); {'meets' if met else 'misses'} the bar (+0.05, interval above 0).")
+                     f"{g['low']:+.3f} to {g['high']:+.3f}); {'meets' if meets_bar(g) else 'misses'} the bar (+0.05, interval "
+                     f"above 0). Budgets where it holds: " + "; ".join(f"{m}: {budget_ranges(s, meets_bar)}" for m, s in steps.items())
+                     + f" (vanilla's cheapest point: {min(p[cost] for p in by['vanilla']):,.0f}).")
     vanilla = {(r["L"], r["W"]): r for r in by.get("vanilla", [])}
     for name, pts in by.items():
         matched = [(q, vanilla[(q["L"], q["W"])]) for q in pts if name.startswith("Quest") and (q["L"], q["W"]) in vanilla]

@@ -17,7 +17,7 @@ Config (TOML):
     [sweep]
     base = "tiny"                 # model for none and the training-free policies
     tasks = ["arith", "vt"]
-    difficulties = {arith = 12}   # optional, per task (default: the task's default difficulty)
+    difficulties = {arith = [8, 12]}  # optional, per task: one level or a list (default: the task's own)
     policies = ["none", "dms", "tova", "h2o", "window", "quest"]
     crs = [1, 4, 8]
     lengths = [64, 128]           # L
@@ -91,16 +91,17 @@ class SweepConfig:
         out = []
         for task in self.tasks:
             task_module(task)
-            for policy in self.policies:
-                check_name(policy)
-                for cr in self.crs:
-                    model = self._model(policy, cr)
-                    if model is None:
-                        continue
-                    for length in self.lengths:
-                        for width in self.widths:
-                            out.append({"task": task, "policy": policy, "cr": cr, "model": model, "L": length, "W": width,
-                                        **self._sampling(width), **self._difficulty(task)})
+            for level in self._levels(task):
+                for policy in self.policies:
+                    check_name(policy)
+                    for cr in self.crs:
+                        model = self._model(policy, cr)
+                        if model is None:
+                            continue
+                        for length in self.lengths:
+                            for width in self.widths:
+                                out.append({"task": task, "policy": policy, "cr": cr, "model": model, "L": length, "W": width,
+                                            **self._sampling(width), **level})
         return out
 
     def _sampling(self, width: int) -> dict:
@@ -109,9 +110,12 @@ class SweepConfig:
         return {"problems": self.problems, "seed": self.seed, "temperature": 0.0 if greedy else self.temperature,
                 "top_p": 1.0 if greedy else self.top_p}
 
-    def _difficulty(self, task: str) -> dict:
-        """A task's difficulty when the config sets one (absent otherwise, so earlier points keep their keys)."""
-        return {"difficulty": self.difficulties[task]} if task in self.difficulties else {}
+    def _levels(self, task: str) -> list[dict]:
+        """A task's difficulties when the config sets them (absent otherwise, so earlier points keep their keys)."""
+        if task not in self.difficulties:
+            return [{}]
+        levels = self.difficulties[task]
+        return [{"difficulty": d} for d in (levels if isinstance(levels, list) else [levels])]
 
     def _model(self, policy: str, cr: float) -> str | None:
         if policy == "none":
@@ -182,9 +186,9 @@ def write_report(rows: list[dict], out_md: Path, command: str, note: str = "") -
              "samples' live tokens summed at their peak. A method's frontier: its best accuracy among the points costing at "
              "most that much. Differences are paired over the same problems, with 95% intervals (docs/conventions.md).", ""]
     pngs = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        mine = [r for r in rows if r["task"] == task]
-        level = f" (difficulty {mine[0]['difficulty']})" if mine[0].get("difficulty") is not None else ""
+    for task, difficulty in dict.fromkeys((r["task"], r.get("difficulty")) for r in rows):
+        mine = [r for r in rows if (r["task"], r.get("difficulty")) == (task, difficulty)]
+        level = f" (difficulty {difficulty})" if difficulty is not None else ""
         lines += [f"## {task}{level}", "", "### Does spending more help vanilla?", "", *frontiers.precondition_table(mine), "",
                   "### Verdicts", "", *frontiers.verdicts(mine), ""]
         for cost in frontiers.COSTS:
@@ -198,7 +202,7 @@ def write_report(rows: list[dict], out_md: Path, command: str, note: str = "") -
             lines.append(f"| {frontiers.method(r)} | {r['model']} | {r['L']} | {r['W']} | {r['problems']} | {r['accuracy']:.2f} "
                          f"({low:.2f}-{high:.2f}) | {r['pass_at_w']:.2f} | {r['kv_reads']:,.0f} | {r['peak_kv_tokens']:,.0f} | "
                          f"{r['compression_ratio']:.2f} |")
-        png = out_md.with_name(f"{out_md.stem}-{task}.png")
+        png = out_md.with_name(f"{out_md.stem}-{task}{'' if difficulty is None else f'-{difficulty}'}.png")
         frontiers.plot(mine, f"{task}{level}", png)
         pngs.append(png)
         lines += ["", f"![{task}]({png.name})", ""]
