@@ -113,3 +113,26 @@ def test_cache_reset_clears_accounting():
     with torch.no_grad():
         model(torch.tensor([[5, 6]]), **cache_arg(cache))
     assert float(cache.accounting.peak_tokens_total) == 2 and cache.get_seq_length() == 2
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_a_dropped_cache_frees_its_tensors_without_the_garbage_collector(paged):
+    """A sweep runs batch after batch: each batch's cache must go when its last reference does. A reference cycle
+    (cache -> layer -> cache) would keep every finished batch's gigabytes until the collector happened to run."""
+    import gc
+    import weakref
+
+    from kvshrink.cache import KVCache
+
+    model = forced_dms(tiny_model("llama", layers=2), window=2, keep_every=2)
+    cache = KVCache(model, DMSPolicy(2), paged=paged)
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7, 8, 9, 10]]), **cache_arg(cache))
+    cache.repeat_rows(2)  # what a sweep does to share a prompt's prefill
+    keys = weakref.ref(cache.layers[0].kv.keys if paged else cache.layers[0].keys)
+    gc.disable()
+    try:
+        del cache
+        assert keys() is None
+    finally:
+        gc.enable()

@@ -25,6 +25,7 @@ and keeps its `Ledger` of what each layer allocates, in host-side integers.
 
 from __future__ import annotations
 
+import weakref
 from typing import ClassVar
 
 import torch
@@ -54,6 +55,16 @@ class SlotLayer(CacheLayerMixin):
         "pos": Kind(SLOT), "last_slot": Kind(ROW, slot_index=True), "real": Kind(ROW), "first_pos": Kind(ROW, -1)}
     # a paged layer keeps keys and values in blocks (`kv`), the rest in the layout above
     PAGED_LAYOUT: ClassVar[dict[str, Kind]] = {k: v for k, v in LAYOUT.items() if k not in ("keys", "values")}
+
+    @property
+    def cache(self) -> "KVCache":
+        return self._owner()
+
+    @cache.setter
+    def cache(self, owner: "KVCache") -> None:
+        """A weak reference: a strong one would make every cache a reference cycle, whose gigabytes of tensors wait
+        for the garbage collector instead of going when the last batch using them ends."""
+        self._owner = weakref.ref(owner)
 
     def __init__(self, cache: "KVCache", layer_idx: int):
         super().__init__()
