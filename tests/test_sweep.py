@@ -121,6 +121,16 @@ def test_a_sweep_at_a_set_difficulty_equals_eval_at_it(tmp_path):
     assert "## arith (difficulty 9)" in (tmp_path / "d.md").read_text()
 
 
+def test_report_time_sums_every_run_once_across_difficulties(tmp_path):
+    """Two nested runs that differ only in difficulty are two runs: 30 + 30 minutes, each counted once over its points."""
+    rows = [{**pt("none", 1, L, 1, [1, 0], 10 * L, L), "model": "tiny", "pass_at_w": 0.5, "difficulty": d, "seconds": 1800.0,
+             "run": "L 64, W 1"} for d in (8, 12) for L in (32, 64)]
+    write_report(rows, tmp_path / "t.md", "test")
+    text = (tmp_path / "t.md").read_text()
+    assert "Time: 1.00 h of evaluation" in text and "## vt (difficulty 8)" in text and "## vt (difficulty 12)" in text
+    assert (tmp_path / "t-vt-8.png").exists() and (tmp_path / "t-vt-12.png").exists()
+
+
 def test_bad_sweep_config(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[grid]\nx = 1\n")

@@ -179,7 +179,7 @@ def _measure(model, tok, run: list[dict], cfg: SweepConfig) -> list[dict]:
 
 def write_report(rows: list[dict], out_md: Path, command: str, note: str = "") -> list[Path]:
     """The tables and plots of `frontiers`, per task; returns the plots' paths. `note`: e.g. how much has run."""
-    seconds = sum({(r["task"], r["policy"], r["cr"], r["model"], r.get("run", id(r))): r["seconds"] for r in rows}.values())
+    seconds = sum({(*_run_of(r), r.get("run", id(r))): r["seconds"] for r in rows}.values())
     lines = ["# Hyper-scaling: accuracy against KV-cache reads and peak memory", "", f"Command: `{command}`{note}  ",
              f"Time: {seconds / 3600:.2f} h of evaluation (the sum over runs; each nested run measures all its (L, W)).", "",
              "Per-problem means: `kv_reads` over generated tokens (prompt reads separately), `peak_kv_tokens` = a problem's W "
