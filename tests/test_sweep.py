@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +156,27 @@ def test_results_file_cut_mid_write_keeps_finished_rows(tmp_path):
     assert read_jsonl(path) == [{"i": 0}, {"i": 1}, {"i": 2}]
     append_jsonl(path, {"i": 3})
     assert read_jsonl(path) == [{"i": i} for i in range(4)]
+
+
+def test_precondition_pools_disjoint_problem_ranges_and_refuses_overlaps():
+    """benchmarks/precondition.py adds a second sweep's problems to the grid's: the pooled accuracy and the paired
+    interval are those of the concatenated per-problem results; overlapping ranges would count problems twice."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import precondition
+
+    def pt(seed, w, correct):
+        return {"task": "vt", "policy": "none", "model": "tiny", "L": 160, "W": w, "temperature": 0.7, "top_p": 0.95,
+                "seed": seed, "problems": len(correct), "correct": correct, "accuracy": sum(correct) / len(correct)}
+
+    first = {1: [1, 0, 1, 0], 8: [1, 1, 1, 0]}
+    second = {1: [0, 0, 1], 8: [1, 0, 1]}
+    rows = precondition.pooled([pt(0, w, c) for w, c in first.items()] + [pt(4, w, c) for w, c in second.items()])
+    by_w = {r["W"]: r for r in rows}
+    assert by_w[8]["correct"] == [1, 1, 1, 0, 1, 0, 1] and by_w[8]["problems"] == 7
+    assert by_w[1]["accuracy"] == pytest.approx(3 / 7) and by_w[1]["seeds"] == [(0, 3), (4, 6)]
+    d = [0, 1, 0, 0, 1, 0, 0]  # W 8 minus W 1, problem by problem
+    mean = sum(d) / 7
+    half = 1.96 * math.sqrt(sum((x - mean) ** 2 for x in d) / 6) / math.sqrt(7)
+    assert paired_difference(by_w[8], by_w[1]) == pytest.approx((mean, mean - half, mean + half))
+    with pytest.raises(SystemExit, match="overlap"):
+        precondition.pooled([pt(0, 1, first[1]), pt(2, 1, second[1])])
