@@ -134,6 +134,25 @@ def test_report_time_sums_every_run_once_across_difficulties(tmp_path):
     assert (tmp_path / "t-vt-8.png").exists() and (tmp_path / "t-vt-12.png").exists()
 
 
+def test_cuts_leave_exactly_their_points_out_and_the_report_names_them(tmp_path):
+    """A cut matches on every key it gives (a task cut takes all its levels); the grid is the brute-force product minus them."""
+    cut_hops = {"task": "hops", "why": "too dear"}
+    cut_w0 = {"task": "arith", "difficulty": 12, "policy": "dms-immediate", "why": "nothing to lose"}
+    cfg = SweepConfig(base="tiny", tasks=["arith", "hops"], policies=["none", "dms-immediate", "tova"], crs=[1, 8], lengths=[8],
+                      widths=[1], difficulties={"arith": [8, 12], "hops": 4}, immediate_models={"8": "tiny-dms8-w0"},
+                      cuts=[cut_hops, cut_w0])
+    kept = {(p["task"], p.get("difficulty"), p["policy"]) for p in cfg.points()}
+    every = {(t, d, pol) for t, d in [("arith", 8), ("arith", 12), ("hops", 4)] for pol in ("none", "dms-immediate", "tova")}
+    assert kept == every - {("hops", 4, pol) for pol in ("none", "dms-immediate", "tova")} - {("arith", 12, "dms-immediate")}
+    rows = [{**pt("none", 1, 8, 1, [1, 0], 80, 8), "model": "tiny", "pass_at_w": 0.5, "seconds": 1.0}]
+    write_report(rows, tmp_path / "c.md", "test", cuts=cfg.cuts)
+    text = (tmp_path / "c.md").read_text()
+    assert "- task hops: too dear" in text and "- task arith, difficulty 12, policy dms-immediate: nothing to lose" in text
+    for bad in ({"task": "hops"}, {"why": "no matcher"}, {"tasks": "hops", "why": "typo"}):
+        with pytest.raises(KVShrinkError, match="sweep cut"):
+            dataclasses.replace(cfg, cuts=[bad])
+
+
 def test_bad_sweep_config(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[grid]\nx = 1\n")

@@ -344,7 +344,7 @@ def sweep(
     rows = run_sweep(cfg, out.with_suffix(".points.jsonl"), device=device, dtype=dtype,
                      policies=[] if report_only else (only or None))
     partial = "" if len(rows) == len(cfg.points()) else f" ({len(rows)} of {len(cfg.points())} points so far)"
-    for png in write_report(rows, out, f"kvshrink sweep --config {config} --out {out}", partial):
+    for png in write_report(rows, out, f"kvshrink sweep --config {config} --out {out}", partial, cfg.cuts):
         print(png)
     print(out)
 

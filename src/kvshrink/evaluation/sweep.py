@@ -31,6 +31,11 @@ Config (TOML):
     "8" = "tiny-dms8"
     [sweep.immediate_models]      # CR -> DMS model retrofitted with w = 0
     "8" = "tiny-dms8-w0"
+    [[sweep.cuts]]                # optional, repeatable: points left out of the grid, and why (the report lists them)
+    task = "arith"                # any of task, difficulty, policy, cr: a point matching all given is cut
+    difficulty = 12
+    policy = "dms-immediate"
+    why = "DMS-8 answers no 12-step chain, so w = 0 has nothing to lose"
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from ..tasks import task_module
 from . import frontiers
 from .evaluate import evaluate, wilson_interval
 
+CUT_KEYS = ("task", "difficulty", "policy", "cr")
 POINT_FIELDS = ("accuracy", "pass_at_w", "kv_reads", "prefill_kv_reads", "peak_kv_tokens", "cache_bytes",
                 "compression_ratio", "seconds")
 
@@ -72,6 +78,14 @@ class SweepConfig:
     difficulties: dict = field(default_factory=dict)
     dms_models: dict = field(default_factory=dict)
     immediate_models: dict = field(default_factory=dict)
+    cuts: list = field(default_factory=list)
+
+    def __post_init__(self):
+        for cut in self.cuts:
+            unknown = set(cut) - {*CUT_KEYS, "why"}
+            if unknown or "why" not in cut or not set(cut) & set(CUT_KEYS):
+                raise KVShrinkError(f"sweep cut {cut}: give some of {', '.join(CUT_KEYS)} and a `why` (unknown: "
+                                    f"{', '.join(sorted(unknown)) or 'none'})")
 
     @classmethod
     def from_file(cls, path: Path) -> "SweepConfig":
@@ -98,11 +112,17 @@ class SweepConfig:
                         model = self._model(policy, cr)
                         if model is None:
                             continue
+                        if self.cut_for({"task": task, "policy": policy, "cr": cr, **level}):
+                            continue
                         for length in self.lengths:
                             for width in self.widths:
                                 out.append({"task": task, "policy": policy, "cr": cr, "model": model, "L": length, "W": width,
                                             **self._sampling(width), **level})
         return out
+
+    def cut_for(self, point: dict) -> dict | None:
+        """The config's cut that leaves this point out of the grid, if any."""
+        return next((c for c in self.cuts if all(point.get(k) == c[k] for k in CUT_KEYS if k in c)), None)
 
     def _sampling(self, width: int) -> dict:
         """What else decides a point's result: its problems and, for W > 1, how samples are drawn."""
@@ -177,14 +197,17 @@ def _measure(model, tok, run: list[dict], cfg: SweepConfig) -> list[dict]:
              "run": f"L {length}, W {width}", "finished": time.time()} for q in run]
 
 
-def write_report(rows: list[dict], out_md: Path, command: str, note: str = "") -> list[Path]:
-    """The tables and plots of `frontiers`, per task; returns the plots' paths. `note`: e.g. how much has run."""
+def write_report(rows: list[dict], out_md: Path, command: str, note: str = "", cuts: list[dict] = ()) -> list[Path]:
+    """The tables and plots of `frontiers`, per task; returns the plots' paths. `note`: e.g. how much has run;
+    `cuts`: the config's cuts, listed with their reasons."""
     seconds = sum({(*_run_of(r), r.get("run", id(r))): r["seconds"] for r in rows}.values())
     lines = ["# Hyper-scaling: accuracy against KV-cache reads and peak memory", "", f"Command: `{command}`{note}  ",
              f"Time: {seconds / 3600:.2f} h of evaluation (the sum over runs; each nested run measures all its (L, W)).", "",
              "Per-problem means: `kv_reads` over generated tokens (prompt reads separately), `peak_kv_tokens` = a problem's W "
              "samples' live tokens summed at their peak. A method's frontier: its best accuracy among the points costing at "
              "most that much. Differences are paired over the same problems, with 95% intervals (docs/conventions.md).", ""]
+    if cuts:
+        lines += ["Cut from the grid:", *(f"- {', '.join(f'{k} {c[k]}' for k in CUT_KEYS if k in c)}: {c['why']}" for c in cuts), ""]
     pngs = []
     for task, difficulty in dict.fromkeys((r["task"], r.get("difficulty")) for r in rows):
         mine = [r for r in rows if (r["task"], r.get("difficulty")) == (task, difficulty)]
