@@ -153,6 +153,34 @@ def test_cuts_leave_exactly_their_points_out_and_the_report_names_them(tmp_path)
             dataclasses.replace(cfg, cuts=[bad])
 
 
+def test_points_of_other_weights_are_not_reused(tmp_path):
+    """A cached point is reused only under the weights that made it: a re-shipped model under the same name reruns."""
+    from kvshrink.jsonl import append_jsonl
+    from kvshrink.zoo import weights_id
+
+    cfg = SweepConfig(base="tiny", tasks=["arith"], policies=["none"], crs=[1], lengths=[6], widths=[1], problems=2)
+    point, = cfg.points()
+    made = {**point, "accuracy": 0.5, "correct": [1, 0]}
+    append_jsonl(tmp_path / "p.points.jsonl", {**made, "weights": "0123456789ab"})
+    assert run_sweep(cfg, tmp_path / "p.points.jsonl", progress=False, policies=[]) == []
+    append_jsonl(tmp_path / "p.points.jsonl", {**made, "weights": weights_id("tiny")})
+    row, = run_sweep(cfg, tmp_path / "p.points.jsonl", progress=False, policies=[])
+    assert row["weights"] == weights_id("tiny") != weights_id("tiny-dms8")
+
+
+def test_weights_id_follows_weights_not_cards(tmp_path):
+    from kvshrink.zoo import weights_id
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model.safetensors").write_bytes(bytes(3 << 20))
+    (tmp_path / "README.md").write_text("card")
+    first = weights_id(str(tmp_path))
+    (tmp_path / "README.md").write_text("another card")
+    assert weights_id(str(tmp_path)) == first
+    (tmp_path / "model.safetensors").write_bytes(bytes(3 << 20)[:-1] + b"\x01")  # the last byte of the weights
+    assert weights_id(str(tmp_path)) != first
+
+
 def test_bad_sweep_config(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[grid]\nx = 1\n")

@@ -7,7 +7,7 @@ W = 1 is greedy, W > 1 samples at the config's temperature and top-p. With `nest
 policy, CR) runs once, at the largest L and W, every W sampled, and the smaller L and W are read off that run
 (`evaluate.nested_points`: a generation stopped at L tokens is the run's first L tokens; the first W samples
 are W samples), each point keeping its per-problem results for paired intervals. A problem's W samples
-share one read of its prompt. Each finished point is appended to
+share one read of its prompt. Each finished point, stamped with its model's `zoo.weights_id`, is appended to
 `<results>.points.jsonl`, so an interrupted sweep resumes where it stopped. The report has, per task,
 every point and each policy's Pareto frontier (highest accuracy for at most that many reads, or peak
 tokens), plotted as accuracy vs kv_reads and accuracy vs peak_kv_tokens.
@@ -53,6 +53,7 @@ from ..loading import load
 from ..policies import BUDGETED, check_name
 from ..progress import advance, progress_bar, stop
 from ..tasks import task_module
+from ..zoo import weights_id
 from . import frontiers
 from .evaluate import evaluate, wilson_interval
 
@@ -150,8 +151,8 @@ class SweepConfig:
 
 
 def point_key(p: dict) -> str:
-    """A finished point is reused only if everything that decides its result is the same."""
-    keys = ("task", "policy", "cr", "model", "L", "W", "problems", "seed", "temperature", "top_p")
+    """A finished point is reused only if everything that decides its result is the same, the model's weights included."""
+    keys = ("task", "policy", "cr", "model", "weights", "L", "W", "problems", "seed", "temperature", "top_p")
     return json.dumps([p.get(k) for k in keys] + ([p["difficulty"]] if p.get("difficulty") is not None else []))
 
 
@@ -159,9 +160,11 @@ def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device
               policies: list[str] | None = None) -> list[dict]:
     """Run the missing points (grouped by model, loaded once each), or only those of `policies` (a staged sweep:
     the points that matter most first); return the results of every finished point of the grid, in its order."""
+    ids = {name: weights_id(name) for name in dict.fromkeys(p["model"] for p in cfg.points())}
+    grid = [{**p, "weights": ids[p["model"]]} for p in cfg.points()]
     done = {point_key(row): row for row in read_jsonl(points_file)}
-    todo = [p for p in cfg.points() if point_key(p) not in done and (policies is None or p["policy"] in policies)]
-    bar = progress_bar(progress, "sweep", len(cfg.points()), len(cfg.points()) - len(todo))
+    todo = [p for p in grid if point_key(p) not in done and (policies is None or p["policy"] in policies)]
+    bar = progress_bar(progress, "sweep", len(grid), len(grid) - len(todo))
     points_file.parent.mkdir(parents=True, exist_ok=True)
     for model_name in dict.fromkeys(p["model"] for p in todo):
         model, tok = load(model_name, device=device, dtype=dtype)
@@ -174,7 +177,7 @@ def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device
                 done[point_key(row)] = row
                 advance(bar, info=f"{row['task']} {row['policy']} CR {row['cr']:g} L {row['L']} W {row['W']}: acc {row['accuracy']:.2f}")
     stop(bar)
-    return [done[point_key(p)] for p in cfg.points() if point_key(p) in done]
+    return [done[point_key(p)] for p in grid if point_key(p) in done]
 
 
 def _run_of(p: dict) -> tuple:

