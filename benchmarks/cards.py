@@ -31,7 +31,7 @@ from shared import Records  # noqa: E402
 from kvshrink.evaluation.evaluate import wilson_interval  # noqa: E402
 from kvshrink.jsonl import read_jsonl  # noqa: E402
 from kvshrink.train.cards import ACCURACY, DIAGNOSTICS, diagnostics_section, finetune_card, retrofit_card, with_section  # noqa: E402
-from kvshrink.zoo import MANIFEST, MODELS_DIR, adapter_names, adapter_spec  # noqa: E402
+from kvshrink.zoo import MANIFEST, MODELS_DIR, adapter_names, adapter_spec, weights_id  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 SWEEP = RESULTS / "hyperscaling.points.jsonl"
@@ -86,27 +86,35 @@ def smollm2_accuracy() -> dict[str, tuple[str, str]]:
 
 
 def sweep_accuracy(name: str) -> tuple[str, str]:
-    """A model measured only in the hyper-scaling sweep: each of its points with n and its 95% (Wilson) interval."""
-    points = sorted((p for p in read_jsonl(SWEEP) if p["model"] == name), key=lambda p: (p["task"], p["W"]))
-    lines = ["From the hyper-scaling sweep (`kvshrink sweep --config benchmarks/sweep-full.toml`, docs/results/hyperscaling.md; "
-             "delayed against immediate eviction: docs/results/hyperscaling-analysis.md, section 4). The sweep's `tiny-dms8` "
-             "was the first, CPU-made adapter, not the one shipped now. Held-out problems; W = 1 greedy, W = 3 a majority "
-             "vote of samples at T = 0.7.", "",
+    """A model measured only in the hyper-scaling sweep: its points at the longest chain, made with the weights shipped
+    now, each with n and its 95% (Wilson) interval."""
+    mine = [p for p in read_jsonl(SWEEP) if p["model"] == name and p.get("weights") == weights_id(name)]
+    longest = max(p["L"] for p in mine)
+    points = sorted((p for p in mine if p["L"] == longest), key=lambda p: (p["task"], p.get("difficulty") or 0, p["W"]))
+    lines = ["From the hyper-scaling sweep (`kvshrink sweep --config benchmarks/sweep-hyperscaling.toml`, "
+             "docs/results/hyperscaling.md; delayed against immediate eviction: docs/results/hyperscaling-analysis.md). "
+             f"Held-out problems, the same for every method; chains of at most {longest} tokens; W samples at T = "
+             f"{points[0]['temperature']:g}, top-p {points[0]['top_p']:g}, majority vote.", "",
              "| task | policy | CR | L | W | problems | accuracy [95% interval] | pass@W | reads-based CR | kv_reads | peak KV tokens |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         k = round(p["accuracy"] * p["problems"])
         low, high = wilson_interval(k, p["problems"])
-        lines.append(f"| {p['task']} | {p['policy']} | {p['cr']:g} | {p['L']} | {p['W']} | {p['problems']} | {k}/{p['problems']} "
+        lines.append(f"| {task_label(p)} | {p['policy']} | {p['cr']:g} | {p['L']} | {p['W']} | {p['problems']} | {k}/{p['problems']} "
                      f"[{low:.2f}, {high:.2f}] | {p['pass_at_w']:.3f} | {p['compression_ratio']:.2f} | {p['kv_reads']:,.0f} | "
                      f"{p['peak_kv_tokens']:,.0f} |")
-    greedy = [p for p in points if p["W"] == 1]
-    crs = sorted(p["compression_ratio"] for p in greedy)
+    single = [p for p in points if p["W"] == 1]
+    crs = sorted(p["compression_ratio"] for p in single)
     trained = read_jsonl(RESULTS / "zoo" / name / "metrics.jsonl")[-1]
-    headline = ("sweep, W = 1: " + ", ".join(f"{p['task']} {round(p['accuracy'] * p['problems'])}/{p['problems']}" for p in greedy)
+    headline = (f"sweep, W = 1, L {longest}: " + ", ".join(f"{task_label(p)} {round(p['accuracy'] * p['problems'])}/{p['problems']}"
+                                                           for p in single)
                 + f" right, at reads-based CR {crs[0]:.1f}-{crs[-1]:.1f} (trained for {adapter_spec(name)['dms']['target_cr']:g}, "
                 f"its training ended at a flag-based CR of {trained['flag_cr']:.1f})")
     return "\n".join(lines), headline
+
+
+def task_label(point: dict) -> str:
+    return point["task"] if point.get("difficulty") is None else f"{point['task']} at {point['difficulty']}"
 
 
 def build() -> dict[str, tuple[str, str]]:

@@ -19,7 +19,7 @@ from kvshrink.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 POINTS = [ROOT / "docs/results/hyperscaling.points.jsonl", ROOT / "docs/results/hyperscaling-precondition-vt.points.jsonl"]
-SAME = ("task", "difficulty", "model", "L", "W", "temperature", "top_p")
+SAME = ("task", "difficulty", "model", "weights", "L", "W", "temperature", "top_p")
 
 
 def pooled(rows: list[dict]) -> list[dict]:

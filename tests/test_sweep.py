@@ -148,9 +148,12 @@ def test_cuts_leave_exactly_their_points_out_and_the_report_names_them(tmp_path)
     write_report(rows, tmp_path / "c.md", "test", cuts=cfg.cuts)
     text = (tmp_path / "c.md").read_text()
     assert "- task hops: too dear" in text and "- task arith, difficulty 12, policy dms-immediate: nothing to lose" in text
-    for bad in ({"task": "hops"}, {"why": "no matcher"}, {"tasks": "hops", "why": "typo"}):
+    for bad in ({"task": "hops"}, {"why": "no matcher"}, {"tasks": "hops", "why": "typo"}, "hops"):
         with pytest.raises(KVShrinkError, match="sweep cut"):
             dataclasses.replace(cfg, cuts=[bad])
+    for missed in ({"task": "vt", "why": "not in the grid"}, {"task": "arith", "cr": "8", "why": "cr as a string"}):
+        with pytest.raises(KVShrinkError, match="matches no point"):
+            dataclasses.replace(cfg, cuts=[missed]).points()
 
 
 def test_points_of_other_weights_are_not_reused(tmp_path):
@@ -177,8 +180,12 @@ def test_weights_id_follows_weights_not_cards(tmp_path):
     first = weights_id(str(tmp_path))
     (tmp_path / "README.md").write_text("another card")
     assert weights_id(str(tmp_path)) == first
-    (tmp_path / "model.safetensors").write_bytes(bytes(3 << 20)[:-1] + b"\x01")  # the last byte of the weights
+    weights = bytearray(3 << 20)
+    weights[len(weights) // 2] = 1  # one byte in the middle: a retrain in place changes the tensors, not the size
+    (tmp_path / "model.safetensors").write_bytes(bytes(weights))
     assert weights_id(str(tmp_path)) != first
+    with pytest.raises(KVShrinkError, match="neither a shipped model"):
+        weights_id(str(tmp_path / "absent"))
 
 
 def test_bad_sweep_config(tmp_path):

@@ -83,6 +83,8 @@ class SweepConfig:
 
     def __post_init__(self):
         for cut in self.cuts:
+            if not isinstance(cut, dict):
+                raise KVShrinkError(f"sweep cut {cut!r}: each cut is a table, [[sweep.cuts]]")
             unknown = set(cut) - {*CUT_KEYS, "why"}
             if unknown or "why" not in cut or not set(cut) & set(CUT_KEYS):
                 raise KVShrinkError(f"sweep cut {cut}: give some of {', '.join(CUT_KEYS)} and a `why` (unknown: "
@@ -103,7 +105,7 @@ class SweepConfig:
 
     def points(self) -> list[dict]:
         """Every grid point that can run, in a stable order: (task, policy, cr, model, L, W)."""
-        out = []
+        out, used = [], []
         for task in self.tasks:
             task_module(task)
             for level in self._levels(task):
@@ -113,12 +115,17 @@ class SweepConfig:
                         model = self._model(policy, cr)
                         if model is None:
                             continue
-                        if self.cut_for({"task": task, "policy": policy, "cr": cr, **level}):
+                        cut = self.cut_for({"task": task, "policy": policy, "cr": cr, **level})
+                        if cut is not None:
+                            used.append(cut)
                             continue
                         for length in self.lengths:
                             for width in self.widths:
                                 out.append({"task": task, "policy": policy, "cr": cr, "model": model, "L": length, "W": width,
                                             **self._sampling(width), **level})
+        for cut in self.cuts:
+            if not any(c is cut for c in used):
+                raise KVShrinkError(f"sweep cut {cut}: it matches no point of the grid; check its task, difficulty, policy and cr")
         return out
 
     def cut_for(self, point: dict) -> dict | None:

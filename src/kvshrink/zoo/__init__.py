@@ -18,6 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..errors import KVShrinkError
 from .smollm2 import SMOLLM2, SMOLLM2_ABOUT, smollm2_folder, source_stamp
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -57,30 +58,34 @@ def catalogue() -> list[dict]:
 
 
 def weights_id(name_or_path: str) -> str:
-    """12 hex digits naming what decides a model's outputs: its weights and load settings, down its chain of bases
-    (not its card or headline). Cached results carry it, so a re-shipped or retrained model never inherits another's
-    figures. A local checkpoint is read by its JSON files and each weight file's size, first and last MiB."""
+    """12 hex digits naming the weights a model loads with, down its chain of bases, and its adapters' settings (not
+    its card or headline). Cached results carry it, so a re-shipped or retrained model never inherits another's
+    figures. Resolved as loading resolves: a local folder of that name first, then a shipped name."""
     h = hashlib.sha256()
-    if name_or_path == SMOLLM2:
+    local = Path(name_or_path)
+    if name_or_path in BASES and not local.exists():
         h.update(json.dumps(source_stamp(), sort_keys=True).encode())
-    elif name_or_path in adapter_names():
+    elif name_or_path in adapter_names() and not local.exists():
         spec = adapter_spec(name_or_path)
         h.update(json.dumps({k: v for k, v in spec.items() if k != "headline"}, sort_keys=True).encode())
         h.update(weights_id(spec["base"]).encode())
-        for f in sorted((MODELS_DIR / name_or_path).rglob("*")):
-            if f.suffix in (".safetensors", ".json") and f.name != MANIFEST:
-                h.update(f.relative_to(MODELS_DIR).as_posix().encode() + f.read_bytes())
-    elif Path(name_or_path).is_dir():
-        for f in sorted(Path(name_or_path).iterdir()):
-            if f.suffix == ".json":
-                h.update(f.name.encode() + f.read_bytes())
-            elif f.suffix in (".safetensors", ".bin"):
-                with f.open("rb") as fh:
-                    size = f.stat().st_size
-                    head = fh.read(1 << 20)
-                    fh.seek(max(0, size - (1 << 20)))
-                    h.update(f"{f.name}:{size}".encode() + head + fh.read())
+        _hash_files(h, MODELS_DIR / name_or_path, recursive=True)
+    elif local.is_dir():
+        _hash_files(h, local, recursive=False)
+    else:
+        raise KVShrinkError(f"model {name_or_path!r}: neither a shipped model ({', '.join(shipped_names())}) nor a model "
+                            f"folder; `kvshrink models` lists the shipped ones")
     return h.hexdigest()[:12]
+
+
+def _hash_files(h, folder: Path, recursive: bool) -> None:
+    """Every weight and JSON file of `folder` (a model's manifest excepted: its settings are hashed apart), whole."""
+    for f in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".json") and f.name != MANIFEST and f.is_file():
+            h.update(f.relative_to(folder).as_posix().encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
 
 
 def root_base(name: str) -> str:
