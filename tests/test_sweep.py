@@ -76,6 +76,16 @@ def test_verdicts_and_budget_view_on_hand_computed_points():
     assert "longer chains: L 64 minus L 32 at W 1: +0.600" in pre and "more votes: W 4 minus W 1 at L 64: +0.200" in pre
 
 
+def test_each_dms_model_is_read_against_the_training_free_policies_at_its_own_cr():
+    ten = lambda k: [1] * k + [0] * (10 - k)  # noqa: E731
+    rows = [pt("dms", 4, 64, 1, ten(3), 60, 30), pt("tova", 4, 64, 1, ten(5), 60, 30),
+            pt("dms", 8, 64, 1, ten(2), 30, 15), pt("tova", 8, 64, 1, ten(0), 30, 15)]
+    text = "\n".join(verdicts(rows))
+    assert "DMS-4 vs TOVA-4, peak KV tokens per problem: DMS-4's frontier matches or beats 0 of 1 TOVA-4 points" in text
+    assert "(below at some)" in text and "DMS-8's frontier matches or beats 1 of 1 TOVA-8 points" in text
+    assert "DMS-4 vs TOVA-8" not in text and "DMS-8 vs TOVA-4" not in text
+
+
 def test_sweep_none_equals_eval_and_resumes(tmp_path):
     cfg = SweepConfig(base="smollm2", tasks=["arith"], policies=["none", "window"], crs=[1, 4], lengths=[6], widths=[1],
                       problems=2)

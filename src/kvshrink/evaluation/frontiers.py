@@ -187,14 +187,13 @@ def verdicts(rows: list[dict]) -> list[str]:
             gain = sum(q["accuracy"] - v["accuracy"] for q, v in matched) / len(matched)
             lines.append(f"- {name} against vanilla at the same (L, W): {reads:.2f}x fewer reads (achieved CR), {memory:.2f}x "
                          f"vanilla's cache bytes (it selects what to read and frees nothing), accuracy {gain:+.3f} on average.")
-    eight = by.get("DMS-8", [])
-    for name, pts in by.items():
-        base = name.split("-")[0].lower()
-        if base in TRAINING_FREE and name.endswith("-8") and eight:
-            for cost in COSTS:
-                ok, n = dominated_by(eight, pts, cost)
-                lines.append(f"- DMS-8 vs {name}, {COSTS[cost]}: DMS-8's frontier matches or beats {ok} of {n} {name} points "
-                             f"it has a point within the cost of ({'at or above' if ok == n else 'below at some'}).")
+    for mine, ours in dms.items():  # each DMS model against the training-free policies at its nominal CR, at equal cost
+        for name, pts in by.items():
+            if name.split("-")[0].lower() in TRAINING_FREE and name.endswith(mine[mine.index("-"):]):
+                for cost in COSTS:
+                    ok, n = dominated_by(ours, pts, cost)
+                    lines.append(f"- {mine} vs {name}, {COSTS[cost]}: {mine}'s frontier matches or beats {ok} of {n} {name} "
+                                 f"points it has a point within the cost of ({'at or above' if ok == n else 'below at some'}).")
     for name, pts in by.items():
         if name.endswith("w=0") and name.replace(" w=0", "") in by:
             ref = by[name.replace(" w=0", "")]
