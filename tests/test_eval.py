@@ -82,3 +82,4 @@ def test_demo_quick_produces_table_png_and_consistent_costs(tmp_path):
     assert [r["model"] for r in budget["rows"]] == ["tiny", "tiny-dms8"] and (tmp_path / "budget.png").stat().st_size > 10_000
     for r in budget["rows"]:
         assert r["peak_kv_tokens"] <= budget["budget_peak_kv_tokens"] and r["interval"][0] <= r["accuracy"] <= r["interval"][1]
+    assert budget["at_full_chain"]["peak_kv_tokens"] > budget["budget_peak_kv_tokens"]  # a full chain holds more than 32 tokens
