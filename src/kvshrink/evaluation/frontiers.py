@@ -230,8 +230,10 @@ def plot(rows: list[dict], title: str, png) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), frameon=False)
+    columns = min(len(labels), 8)  # eight fit one row at this width
+    rows_of_legend = -(-len(labels) // columns)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, frameon=False)
     fig.suptitle(f"{title}: each method's frontier (points: every (L, W); bars: 95% intervals)")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.04 + 0.06 * rows_of_legend, 1, 0.95))  # the legend below the axis labels, apart
     fig.savefig(png, dpi=110)
     plt.close(fig)
