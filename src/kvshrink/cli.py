@@ -642,7 +642,7 @@ def demo(
     dtype: str = DTYPE_OPTION,
 ):
     """The main job: task accuracy (with its 95% interval) and KV cost of a model and its DMS retrofits, one memory
-    budget (vanilla against DMS-8 on vt), then vanilla vs DMS on real text. About 7 minutes on 2 CPU cores; --quick about 1.5.
+    budget (vanilla against DMS-8 on vt), then vanilla vs DMS on real text. About 6 to 7 minutes on 2 CPU cores; --quick about 1.5.
 
     On your own model: retrofit it (`kvshrink retrofit MODEL --profile release --data SRC --out DIR`), then
     `kvshrink demo --models MODEL,DIR/cr-8 --text-models MODEL,DIR/cr-8`.

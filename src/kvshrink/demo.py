@@ -35,8 +35,8 @@ BUDGET_MODELS = ("tiny", "tiny-dms8")
 BUDGET_TASK, BUDGET_AT = "vt", (32, 1)  # the budget: vanilla's peak memory at this (L, W)
 BUDGET_LENGTHS, BUDGET_WIDTHS = [32, 64, 96], [1, 2, 4]  # vanilla's vt accuracy stops rising by L 96 (n = 100 sweep)
 SWEEP_PAGE = "docs/results/hyperscaling.md"
-# measured: `kvshrink demo` took 7 min 6 s on 2 CPU cores, `--quick` 1 min 29 s (the vt budget section is the largest part)
-RUN_TIME = "about 7 minutes on 2 CPU cores (--quick: under 2)"
+# measured: `kvshrink demo` took 6 min 0 s to 7 min 6 s on 2 CPU cores, `--quick` 1 min 29 s (the vt budget section is the largest part)
+RUN_TIME = "about 6 to 7 minutes on 2 CPU cores (--quick: under 2)"
 
 
 @dataclass
