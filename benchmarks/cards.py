@@ -88,7 +88,8 @@ def smollm2_accuracy() -> dict[str, tuple[str, str]]:
 def sweep_accuracy(name: str) -> tuple[str, str]:
     """A model measured only in the hyper-scaling sweep: its points at the longest chain, made with the weights shipped
     now, each with n and its 95% (Wilson) interval."""
-    mine = [p for p in read_jsonl(SWEEP) if p["model"] == name and p.get("weights") == weights_id(name)]
+    shipped = weights_id(name)
+    mine = [p for p in read_jsonl(SWEEP) if p["model"] == name and p.get("weights") == shipped]
     longest = max(p["L"] for p in mine)
     points = sorted((p for p in mine if p["L"] == longest), key=lambda p: (p["task"], p.get("difficulty") or 0, p["W"]))
     lines = ["From the hyper-scaling sweep (`kvshrink sweep --config benchmarks/sweep-hyperscaling.toml`, "

@@ -167,8 +167,9 @@ def run_sweep(cfg: SweepConfig, points_file: Path, progress: bool = True, device
               policies: list[str] | None = None) -> list[dict]:
     """Run the missing points (grouped by model, loaded once each), or only those of `policies` (a staged sweep:
     the points that matter most first); return the results of every finished point of the grid, in its order."""
-    ids = {name: weights_id(name) for name in dict.fromkeys(p["model"] for p in cfg.points())}
-    grid = [{**p, "weights": ids[p["model"]]} for p in cfg.points()]
+    points = cfg.points()
+    ids = {name: weights_id(name) for name in dict.fromkeys(p["model"] for p in points)}
+    grid = [{**p, "weights": ids[p["model"]]} for p in points]
     done = {point_key(row): row for row in read_jsonl(points_file)}
     todo = [p for p in grid if point_key(p) not in done and (policies is None or p["policy"] in policies)]
     bar = progress_bar(progress, "sweep", len(grid), len(grid) - len(todo))
